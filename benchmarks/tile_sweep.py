@@ -1,0 +1,58 @@
+"""Decode tile sweep: build one library per (warps, stages, chunk_tokens) on the CPU, then
+time them all in one GPU run at the Llama-3 shape.
+
+    python3 benchmarks/tile_sweep.py build   # here: writes generated/sweep/w4s3c32/ ...
+    python3 benchmarks/tile_sweep.py run     # on the GPU: prints a table
+"""
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+CONFIGS = [(4, 3, 32), (4, 2, 32), (2, 3, 32), (2, 4, 32), (8, 2, 32), (4, 2, 64), (2, 2, 64),
+           (4, 4, 32), (1, 4, 32), (1, 8, 32)]
+OUT = ROOT / "generated" / "sweep"
+
+
+def tag(w, s, c):
+    return f"w{w}s{s}c{c}"
+
+
+def build():
+    from hierasparse_gen.compiler import build as build_spec
+    from hierasparse_gen.spec import parse_spec
+    for w, s, c in CONFIGS:
+        spec = parse_spec({"name": f"sweep-{tag(w, s, c)}", "archs": ["sm_90"], "dtypes": ["float16"],
+                           "shapes": [{"head_dim": 128, "num_qo_heads": 32, "num_kv_heads": 8}],
+                           "decode": {"warps": w, "stages": s, "chunk_tokens": c}})
+        build_spec(spec, OUT / tag(w, s, c), log=None)
+        print("built", tag(w, s, c))
+
+
+def run(batches=(8, 1), lengths=(32768, 131072)):
+    import torch
+    import hierasparse_gen
+    from hierasparse_gen.bench import _median_us
+    print("| tiles | B | L | splits | us | TB/s |")
+    print("|---|---|---|---|---|---|")
+    for B, L in zip(batches, lengths):
+        k = torch.randn(B, 8, L, 128, device="cuda", dtype=torch.float16)
+        q = torch.randn(B, 32, 128, device="cuda", dtype=torch.float16)
+        seqlens = torch.full((B,), L, dtype=torch.int32, device="cuda")
+        for w, s, c in CONFIGS:
+            lib = hierasparse_gen.load(OUT / tag(w, s, c))
+            sets = [(q, lib.compress_k(k), lib.compress_v(k)) for _ in range(2)]
+            us = _median_us(lambda q, kc, vc: lib.decode(q, kc, vc, seqlens, check_seqlens=False), sets)
+            moved = sets[0][1].nbytes() + sets[0][2].nbytes()
+            print(f"| {tag(w, s, c)} | {B} | {L // 1024}K | auto | {us:.1f} | {moved / us / 1e6:.2f} |")
+            for splits in (8, 16, 32):
+                us = _median_us(lambda q, kc, vc: lib.decode(q, kc, vc, seqlens, num_splits=splits,
+                                                             check_seqlens=False), sets)
+                print(f"| {tag(w, s, c)} | {B} | {L // 1024}K | {splits} | {us:.1f} | {moved / us / 1e6:.2f} |")
+            del sets
+        del k
+
+
+if __name__ == "__main__":
+    {"build": build, "run": run}[sys.argv[1]]()

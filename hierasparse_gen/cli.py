@@ -1,0 +1,97 @@
+"""Command line: ``hierasparse-gen build | list | clean | bench``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .spec import SpecError
+
+
+def _err(msg: str) -> int:
+    print(f"hierasparse-gen: error: {msg}", file=sys.stderr)
+    return 2
+
+
+def cmd_build(args) -> int:
+    from .compiler import CompileError, ToolchainError, build
+    from .spec import load_spec
+    try:
+        spec = load_spec(args.spec)
+        out = Path(args.out) if args.out else Path("generated") / spec.name
+        print(f"building {spec.name} ({args.spec}) into {out}")
+        report = build(spec, out_dir=out, jobs=args.jobs)
+    except (SpecError, ToolchainError, CompileError) as e:
+        return _err(str(e))
+    width = max(len(bv.variant.name) for bv in report.variants)
+    print()
+    print(f"{'variant':<{width}}  {'arch':<6} {'dtype':<9} {'hash':<12} status")
+    for bv in report.variants:
+        status = f"compiled {bv.seconds:.1f}s" if bv.compiled else "up to date"
+        print(f"{bv.variant.name:<{width}}  {bv.variant.arch:<6} {bv.variant.dtype:<9} {bv.hash[:12]} {status}")
+    print()
+    print(f"{len(report.compiled)} compiled, {len(report.variants) - len(report.compiled)} up to date; "
+          f"library {report.library} ({'linked' if report.linked else 'unchanged'}); "
+          f"manifest {report.manifest}; {report.seconds:.1f}s")
+    return 0
+
+
+def cmd_list(args) -> int:
+    from .compiler import MANIFEST
+    path = Path(args.dir)
+    manifest = path / MANIFEST if path.is_dir() else path
+    try:
+        data = json.loads(manifest.read_text())
+    except (OSError, ValueError) as e:
+        return _err(f"cannot read {manifest}: {e}. Fix: pass a folder written by `hierasparse-gen build`")
+    print(f"{data['spec']['name']}: {data['library']} (nvcc {data['tools']['nvcc']}, "
+          f"CUTLASS {data['tools']['cutlass']})")
+    for v in data["variants"]:
+        print(f"  {v['name']:<40} {v['arch']:<6} {v['dtype']:<9} {v['hash'][:12]}  "
+              f"{', '.join(v['entry_points'])}")
+    return 0
+
+
+def cmd_clean(args) -> int:
+    from .compiler import clean
+    try:
+        removed = clean(args.dir)
+    except FileNotFoundError as e:
+        return _err(str(e))
+    print(f"removed {len(removed)} entries from {args.dir}")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from .bench import main
+    return main(args.rest)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="hierasparse-gen",
+                                 description="Generate, compile and load 2:4-sparse KV-cache attention kernels.")
+    sub = ap.add_subparsers(dest="command", required=True)
+    b = sub.add_parser("build", help="render and compile every kernel variant of a spec")
+    b.add_argument("spec", help="spec YAML, e.g. specs/llama3.yaml")
+    b.add_argument("--out", help="output folder (default generated/<spec name>)")
+    b.add_argument("--jobs", type=int, help="parallel nvcc jobs (default: from cores and memory)")
+    b.set_defaults(fn=cmd_build)
+    ls = sub.add_parser("list", help="list the variants of a build")
+    ls.add_argument("dir", help="build folder (or its manifest.json)")
+    ls.set_defaults(fn=cmd_list)
+    c = sub.add_parser("clean", help="remove a build folder")
+    c.add_argument("dir")
+    c.set_defaults(fn=cmd_clean)
+    be = sub.add_parser("bench", help="time decode against dense SDPA (needs a GPU)", add_help=False)
+    be.add_argument("rest", nargs=argparse.REMAINDER)
+    be.set_defaults(fn=cmd_bench)
+    args = ap.parse_args(argv)
+    if getattr(args, "jobs", None) is not None and args.jobs < 1:
+        return _err(f"--jobs {args.jobs} must be at least 1")
+    return args.fn(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

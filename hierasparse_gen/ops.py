@@ -1,0 +1,281 @@
+"""Torch operations over a loaded library: input checks, dispatch and custom ops.
+
+Each kernel entry point is wrapped as a ``torch.library.custom_op`` with a fake (meta)
+implementation, so ``torch.compile`` can trace through it; it launches on the current CUDA
+stream and allocates nothing on the host side, so it can be captured in a CUDA graph.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .format import CHUNK, round_capacity
+from .tiles import ctas_per_sm
+
+_DTYPES = {torch.float16: "float16", torch.bfloat16: "bfloat16"}
+_LIBRARIES: dict = {}
+
+#: When True, outputs are filled with NaN (values) / 0x7FFF (metadata) before each launch,
+#: so an element a kernel fails to write cannot pass a test.
+POISON = False
+
+
+def register_library(lib) -> None:
+    _LIBRARIES[lib.key] = lib
+
+
+@dataclass(frozen=True)
+class PackedKV:
+    """One packed 2:4 tensor of the cache (K or V): values + metadata in the kernel layout."""
+    values: torch.Tensor
+    meta: torch.Tensor
+    kind: str          # "k" or "v"
+    length: int        # tokens compressed (the rest of the capacity holds zeros)
+
+    @property
+    def capacity(self) -> int:
+        return self.meta.shape[2] * (1 if self.kind == "k" else 16)
+
+    @property
+    def head_dim(self) -> int:
+        return self.values.shape[3] * (2 if self.kind == "k" else 1)
+
+    def nbytes(self) -> int:
+        return self.values.nbytes + self.meta.nbytes
+
+
+def _alloc(shape, dtype, device) -> torch.Tensor:
+    if not POISON:
+        return torch.empty(shape, dtype=dtype, device=device)
+    fill = 0x7FFF if dtype == torch.int16 else float("nan")
+    return torch.full(shape, fill, dtype=dtype, device=device)
+
+
+def _packed_shapes(kind: str, B: int, H: int, cap: int, D: int):
+    if kind == "k":
+        return (B, H, cap, D // 2), (B, H, cap, D // 16)
+    return (B, H, cap // 2, D), (B, H, cap // 16, D)
+
+
+# --- input checks -------------------------------------------------------------------------
+
+def _fail(what: str, problem: str, fix: str):
+    raise ValueError(f"{what}: {problem}. Fix: {fix}")
+
+
+def _check_cuda(t, what: str) -> None:
+    if not isinstance(t, torch.Tensor):
+        _fail(what, f"expected a torch.Tensor, got {type(t).__name__}", "pass a CUDA tensor")
+    if t.device.type != "cuda":
+        _fail(what, f"tensor is on {t.device}", f"move it to the GPU ({what}.cuda())")
+
+
+def _check_dtype(t, what: str) -> str:
+    if t.dtype not in _DTYPES:
+        _fail(what, f"dtype {t.dtype} is not supported", "use torch.float16 or torch.bfloat16")
+    return _DTYPES[t.dtype]
+
+
+def _check_aligned(t, what: str, nbytes: int) -> None:
+    # inside the custom ops only: torch.compile cannot trace data_ptr()
+    if t.data_ptr() % nbytes:
+        _fail(what, f"data pointer is not {nbytes}-byte aligned",
+              f"pass a tensor whose storage starts on a {nbytes}-byte boundary (.clone())")
+
+
+def _device_cc(device: torch.device) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device)
+
+
+_SM_COUNT: dict[int, int] = {}
+
+
+def _sm_count(index: int) -> int:
+    if index not in _SM_COUNT:
+        _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _SM_COUNT[index]
+
+
+# --- compression --------------------------------------------------------------------------
+
+def compress(lib, x: torch.Tensor, kind: str, capacity: int | None = None) -> PackedKV:
+    what = "k" if kind == "k" else "v"
+    _check_cuda(x, what)
+    dtype = _check_dtype(x, what)
+    if x.dim() != 4:
+        _fail(what, f"expected 4 dims [batch, kv_heads, tokens, head_dim], got shape {tuple(x.shape)}",
+              "reshape to [batch, kv_heads, tokens, head_dim]")
+    B, H, L, D = x.shape
+    if B < 1 or H < 1:
+        _fail(what, f"empty batch or head dimension in shape {tuple(x.shape)}", "pass at least one")
+    if x.stride(3) != 1:
+        _fail(what, f"head_dim must be contiguous (stride 1), got strides {x.stride()}",
+              f"pass {what}.contiguous()")
+    if kind == "k" and (x.stride(0) % 4 or x.stride(1) % 4 or x.stride(2) % 4):
+        _fail(what, f"strides {x.stride()} are not multiples of 4 elements", f"pass {what}.contiguous()")
+    cap = round_capacity(L) if capacity is None else int(capacity)
+    if cap % CHUNK or cap < L or cap < CHUNK:
+        _fail("capacity", f"{cap} cannot hold {L} tokens in whole {CHUNK}-token chunks",
+              f"use a multiple of {CHUNK} that is at least {max(L, CHUNK)} (e.g. {round_capacity(L)})")
+    vals, meta = torch.ops.hierasparse.compress(lib.key, x, cap, kind)
+    return PackedKV(vals, meta, kind, L)
+
+
+# Dispatch happens inside the custom ops: it runs eagerly at launch time, so torch.compile
+# sees only the shape checks above and an opaque op.
+
+@torch.library.custom_op("hierasparse::compress", mutates_args=())
+def _compress_op(lib_key: str, x: torch.Tensor, capacity: int, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+    lib = _LIBRARIES[lib_key]
+    B, H, L, D = x.shape
+    variant = lib.select("compress", head_dim=D, dtype=_DTYPES[x.dtype], cc=_device_cc(x.device))
+    symbol = f"{variant.symbol}_{kind}"
+    _check_aligned(x, kind, 8 if kind == "k" else 2)
+    vshape, mshape = _packed_shapes(kind, B, H, capacity, D)
+    vals = _alloc(vshape, x.dtype, x.device)
+    meta = _alloc(mshape, torch.int16, x.device)
+    with torch.cuda.device(x.device):
+        stream = torch.cuda.current_stream(x.device).cuda_stream
+        code = lib.function(symbol)(x.data_ptr(), x.stride(0), x.stride(1), x.stride(2), B, H, L,
+                                    capacity, vals.data_ptr(), meta.data_ptr(), stream)
+    lib.check(code, symbol)
+    return vals, meta
+
+
+@_compress_op.register_fake
+def _(lib_key, x, capacity, kind):
+    B, H, _, D = x.shape
+    vshape, mshape = _packed_shapes(kind, B, H, capacity, D)
+    return x.new_empty(vshape), x.new_empty(mshape, dtype=torch.int16)
+
+
+# --- decode -------------------------------------------------------------------------------
+
+def choose_splits(batch_heads: int, chunks: int, warps: int, sms: int, resident: int) -> int:
+    """Splits of the sequence per (batch, kv head) for a memory-bound decode.
+
+    Every SM should stream the same number of bytes, so the CTA count should be a multiple
+    of the SM count (at most ``resident`` CTAs an SM at once). Among split counts whose
+    balance is within 5 % of the best, take the smallest (fewer partials to merge); never
+    give a warp less than two chunks on average.
+    """
+    most = max(1, min(256, chunks // (2 * warps)))
+    slots = sms * max(1, resident)
+    balance = []
+    for s in range(1, most + 1):
+        ctas = batch_heads * s
+        rounds = math.ceil(ctas / sms)  # CTAs per SM, rounded up
+        waves = math.ceil(ctas / slots)
+        balance.append(ctas / (rounds * sms) / waves ** 0.25 if ctas >= 1 else 0.0)
+    top = max(balance)
+    return next(s for s, b in enumerate(balance, 1) if b >= 0.95 * top)
+
+
+def _check_packed(t, kind: str, what: str) -> PackedKV:
+    if not isinstance(t, PackedKV) or t.kind != kind:
+        _fail(what, f"expected the PackedKV returned by compress_{kind}(), got {type(t).__name__}"
+              + (f" of kind {t.kind!r}" if isinstance(t, PackedKV) else ""),
+              f"pass lib.compress_{kind}({kind}_dense)")
+    for name, x in (("values", t.values), ("meta", t.meta)):
+        _check_cuda(x, f"{what}.{name}")
+        if not x.is_contiguous():
+            _fail(f"{what}.{name}", "packed tensors must be contiguous", "do not slice or transpose them")
+    return t
+
+
+def decode(lib, q, k: PackedKV, v: PackedKV, seqlens=None, *, scale: float | None = None,
+           num_splits: int | None = None, check_seqlens: bool = True):
+    _check_cuda(q, "q")
+    dtype = _check_dtype(q, "q")
+    if q.dim() != 3:
+        _fail("q", f"expected 3 dims [batch, q_heads, head_dim], got shape {tuple(q.shape)}",
+              "pass one query token per sequence as [batch, q_heads, head_dim]")
+    k = _check_packed(k, "k", "k")
+    v = _check_packed(v, "v", "v")
+    B, Hq, D = q.shape
+    Bk, Hkv = k.values.shape[:2]
+    if (Bk, Hkv) != tuple(v.values.shape[:2]) or k.capacity != v.capacity or k.head_dim != v.head_dim:
+        _fail("k, v", f"K (batch {Bk}, kv_heads {Hkv}, capacity {k.capacity}, head_dim {k.head_dim}) and "
+              f"V (batch {v.values.shape[0]}, kv_heads {v.values.shape[1]}, capacity {v.capacity}, "
+              f"head_dim {v.head_dim}) do not match", "compress K and V of the same cache")
+    if Bk != B:
+        _fail("q", f"batch {B} but the cache has batch {Bk}", "pass one query per cached sequence")
+    if D != k.head_dim:
+        _fail("q", f"head_dim {D} but the cache has head_dim {k.head_dim}", "use the same head_dim")
+    if Hq % Hkv:
+        _fail("q", f"{Hq} query heads are not a multiple of the {Hkv} KV heads",
+              "pass num_kv_heads * group query heads")
+    if k.values.dtype != q.dtype or v.values.dtype != q.dtype:
+        _fail("q", f"dtype {q.dtype} but the cache holds {k.values.dtype}", "use one dtype for Q, K and V")
+    if q.stride(2) != 1 or q.stride(0) % 2 or q.stride(1) % 2:
+        _fail("q", f"strides {q.stride()} not supported (head_dim must be contiguous, other strides even)",
+              "pass q.contiguous()")
+    for t, name in ((k.values, "k"), (v.values, "v")):
+        if t.device != q.device:
+            _fail(name, f"on {t.device} but q is on {q.device}", "keep Q and the cache on one GPU")
+    if seqlens is None:
+        seqlens = torch.full((B,), min(k.length, v.length), dtype=torch.int32, device=q.device)
+    else:
+        _check_cuda(seqlens, "seqlens")
+        if seqlens.dtype != torch.int32 or seqlens.shape != (B,):
+            _fail("seqlens", f"expected int32 of shape ({B},), got {seqlens.dtype} {tuple(seqlens.shape)}",
+                  "pass torch.tensor(lengths, dtype=torch.int32, device='cuda')")
+        if seqlens.device != q.device:
+            _fail("seqlens", f"on {seqlens.device} but q is on {q.device}", "move it to q's device")
+        seqlens = seqlens.contiguous()
+        capturing = torch.cuda.is_current_stream_capturing() or torch.compiler.is_compiling()
+        if check_seqlens and not capturing:
+            lo, hi = int(seqlens.min()), int(seqlens.max())
+            if lo < 0 or hi > k.capacity:
+                _fail("seqlens", f"values in [{lo}, {hi}] exceed the cache capacity {k.capacity}",
+                      f"pass lengths between 0 and {k.capacity}")
+    if scale is None:
+        scale = 1.0 / math.sqrt(D)
+    if num_splits is not None and num_splits < 1:
+        _fail("num_splits", f"{num_splits} is not positive", "pass None (automatic) or a positive count")
+    return torch.ops.hierasparse.decode(lib.key, q, k.values, k.meta, v.values, v.meta, seqlens,
+                                        float(scale), int(num_splits or 0))
+
+
+@torch.library.custom_op("hierasparse::decode", mutates_args=())
+def _decode_op(lib_key: str, q: torch.Tensor, k_vals: torch.Tensor, k_meta: torch.Tensor,
+               v_vals: torch.Tensor, v_meta: torch.Tensor, seqlens: torch.Tensor, scale: float,
+               num_splits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    lib = _LIBRARIES[lib_key]
+    B, Hq, D = q.shape
+    Hkv, cap = k_vals.shape[1], k_vals.shape[2]
+    variant = lib.select("decode", head_dim=D, dtype=_DTYPES[q.dtype], cc=_device_cc(q.device),
+                         group=Hq // Hkv, tier=("sparse24", "sparse24"))
+    _check_aligned(q, "q", 4)
+    for t, name in ((k_vals, "k.values"), (k_meta, "k.meta"), (v_vals, "v.values"), (v_meta, "v.meta")):
+        _check_aligned(t, name, 16)
+    if num_splits == 0:
+        index = q.device.index if q.device.index is not None else torch.cuda.current_device()
+        num_splits = choose_splits(B * Hkv, cap // variant.tiles.get("chunk_tokens", CHUNK),
+                                   variant.tiles.get("warps", 4), _sm_count(index),
+                                   ctas_per_sm(variant.arch, variant.smem_bytes, variant.threads))
+    out = _alloc((B, Hq, D), q.dtype, q.device)
+    lse = _alloc((B, Hq), torch.float32, q.device)
+    if num_splits > 1:
+        o_part = _alloc((B, Hq, num_splits, D), torch.float32, q.device)
+        lse_part = _alloc((B, Hq, num_splits), torch.float32, q.device)
+        o_ptr, l_ptr = o_part.data_ptr(), lse_part.data_ptr()
+    else:
+        o_ptr = l_ptr = None
+    with torch.cuda.device(q.device):
+        stream = torch.cuda.current_stream(q.device).cuda_stream
+        code = lib.function(variant.symbol)(
+            q.data_ptr(), q.stride(0), q.stride(1), k_vals.data_ptr(), k_meta.data_ptr(),
+            v_vals.data_ptr(), v_meta.data_ptr(), seqlens.data_ptr(), B, Hkv, cap, scale, num_splits,
+            o_ptr, l_ptr, out.data_ptr(), out.stride(0), out.stride(1), lse.data_ptr(), stream)
+    lib.check(code, variant.symbol)
+    return out, lse
+
+
+@_decode_op.register_fake
+def _(lib_key, q, k_vals, k_meta, v_vals, v_meta, seqlens, scale, num_splits):
+    B, Hq, D = q.shape
+    return q.new_empty((B, Hq, D)), q.new_empty((B, Hq), dtype=torch.float32)

@@ -1,0 +1,31 @@
+"""Float64 reference attention, for tests and benchmarks (never used by the kernels)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def decode_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seqlens=None,
+                     scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of one query per sequence, in float64.
+
+    q ``[B, Hq, D]``; k, v ``[B, Hkv, L, D]`` (dense, already pruned as the cache holds them);
+    seqlens ``[B]`` keys attended per sequence (default L). Query head ``h`` reads KV head
+    ``h // (Hq // Hkv)``. Returns (out ``[B, Hq, D]`` float64, lse ``[B, Hq]`` float64, natural
+    log); a sequence of length 0 gives zeros and -inf.
+    """
+    B, Hq, D = q.shape
+    Hkv, L = k.shape[1], k.shape[2]
+    group = Hq // Hkv
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    qd = q.double().view(B, Hkv, group, D)
+    s = torch.einsum("bhgd,bhld->bhgl", qd, k.double()) * scale
+    lens = torch.full((B,), L) if seqlens is None else seqlens.detach().long().cpu()
+    mask = torch.arange(L).view(1, L) >= lens.view(B, 1)
+    s = s.masked_fill(mask.view(B, 1, 1, L).to(s.device), float("-inf"))
+    lse = torch.logsumexp(s, -1)
+    p = torch.exp(s - lse.unsqueeze(-1)).nan_to_num(0.0)
+    out = torch.einsum("bhgl,bhld->bhgd", p, v.double())
+    return out.reshape(B, Hq, D), lse.reshape(B, Hq)

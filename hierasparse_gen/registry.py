@@ -1,0 +1,222 @@
+"""Load a built library (manifest + C-ABI .so) and pick the kernel variant for each call.
+
+Dispatch explains itself: when no variant fits a call, the error lists every candidate of
+that kind and why it was rejected, and names the spec entry that would add one.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from .compiler import MANIFEST, build
+
+_c = ctypes
+_i64, _i32, _f32, _p = _c.c_longlong, _c.c_int, _c.c_float, _c.c_void_p
+
+#: C signatures of the entry points, by variant kind and symbol suffix.
+SIGNATURES = {
+    ("decode", ""): [_p, _i64, _i64, _p, _p, _p, _p, _p, _i32, _i32, _i32, _f32, _i32,
+                     _p, _p, _p, _i64, _i64, _p, _p],
+    ("decode", "_smem_bytes"): [],
+    ("decode", "_threads"): [],
+    ("compress", "_k"): [_p, _i64, _i64, _i64, _i32, _i32, _i32, _i32, _p, _p, _p],
+    ("compress", "_v"): [_p, _i64, _i64, _i64, _i32, _i32, _i32, _i32, _p, _p, _p],
+}
+
+
+class DispatchError(LookupError):
+    """No variant of the library fits a call; the message says why for every candidate."""
+
+
+class CudaError(RuntimeError):
+    """A CUDA call made by the library failed; the message names the call and the error."""
+
+
+@dataclass(frozen=True)
+class KernelVariant:
+    """One variant of a built library, as recorded in its manifest."""
+    name: str
+    kind: str
+    arch: str
+    dtype: str
+    head_dim: int
+    group: int | None
+    tier: tuple[str, str] | None
+    tiles: dict
+    symbol: str
+    smem_bytes: int = 0      # decode: dynamic shared memory per CTA (read from the library)
+    threads: int = 0         # decode: threads per CTA
+
+    @property
+    def compute_capability(self) -> tuple[int, int]:
+        n = int(self.arch[3:])
+        return n // 10, n % 10
+
+    def runs_on(self, cc: tuple[int, int]) -> bool:
+        """A cubin for sm_XY runs on devices of major X and minor >= Y."""
+        major, minor = self.compute_capability
+        return cc[0] == major and cc[1] >= minor
+
+
+def _spec_hint(kind: str, **want) -> str:
+    parts = []
+    if "head_dim" in want:
+        if kind == "decode" and "group" in want:
+            parts.append(f"a shape with head_dim {want['head_dim']} and num_qo_heads/num_kv_heads "
+                         f"= {want['group']} under `shapes`")
+        else:
+            parts.append(f"a shape with head_dim {want['head_dim']} under `shapes`")
+    if "dtype" in want:
+        parts.append(f"{want['dtype']} under `dtypes`")
+    if "cc" in want:
+        major, minor = want["cc"]
+        parts.append(f"sm_{major}{minor} under `archs`")
+    if "tier" in want:
+        parts.append(f"{{k: {want['tier'][0]}, v: {want['tier'][1]}}} under `tiers`")
+    return "; ".join(parts)
+
+
+class Library:
+    """A loaded build: the manifest, the ctypes handle and dispatch."""
+
+    def __init__(self, manifest_path: str | Path):
+        manifest_path = Path(manifest_path)
+        self.dir = manifest_path.parent
+        try:
+            self.manifest = json.loads(manifest_path.read_text())
+        except (OSError, ValueError) as e:
+            raise FileNotFoundError(f"cannot read build manifest {manifest_path}: {e}") from None
+        self.path = (self.dir / self.manifest["library"]).resolve()
+        if not self.path.is_file():
+            raise FileNotFoundError(f"{self.path} is missing; rebuild with "
+                                    f"`hierasparse-gen build {self.manifest.get('spec_source', 'SPEC')}`")
+        self._cdll = ctypes.CDLL(str(self.path))
+        self.variants: list[KernelVariant] = []
+        for v in self.manifest["variants"]:
+            tier = v.get("tier")
+            symbol = f"hsg_{v['name']}"
+            for (kind, suffix), argtypes in SIGNATURES.items():
+                if kind == v["kind"]:
+                    fn = getattr(self._cdll, symbol + suffix)
+                    fn.argtypes, fn.restype = argtypes, _i32
+            sizes = {}
+            if v["kind"] == "decode":  # host-only queries, answered without a GPU
+                sizes = dict(smem_bytes=getattr(self._cdll, symbol + "_smem_bytes")(),
+                             threads=getattr(self._cdll, symbol + "_threads")())
+            self.variants.append(KernelVariant(
+                v["name"], v["kind"], v["arch"], v["dtype"], v["head_dim"], v.get("group"),
+                (tier["k"], tier["v"]) if tier else None, v.get("tiles") or {}, symbol, **sizes))
+        self._cdll.hsg_device_count.argtypes = [_c.POINTER(_i32)]
+        self._cdll.hsg_device_count.restype = _i32
+        self._cdll.hsg_error_string.argtypes = [_i32]
+        self._cdll.hsg_error_string.restype = _c.c_char_p
+        from . import ops  # registers the torch custom ops
+        ops.register_library(self)
+
+    # --- introspection -------------------------------------------------------------------
+    @property
+    def key(self) -> str:
+        return str(self.path)
+
+    @property
+    def spec_name(self) -> str:
+        return self.manifest["spec"]["name"]
+
+    def __repr__(self) -> str:
+        return f"Library({self.spec_name!r}, {len(self.variants)} variants, {self.path})"
+
+    def function(self, symbol: str):
+        return getattr(self._cdll, symbol)
+
+    def error_string(self, code: int) -> str:
+        return self._cdll.hsg_error_string(code).decode()
+
+    def device_count(self) -> int:
+        """Visible CUDA devices, or a CudaError that says why there are none."""
+        n = _i32(0)
+        code = self._cdll.hsg_device_count(_c.byref(n))
+        if code != 0:
+            raise CudaError(f"no CUDA device available to {self.path.name}: "
+                            f"{self.error_string(code)} (cudaError {code})")
+        return n.value
+
+    def check(self, code: int, what: str) -> None:
+        if code != 0:
+            raise CudaError(f"{what} failed: {self.error_string(code)} (cudaError {code})")
+
+    # --- dispatch --------------------------------------------------------------------------
+    def select(self, kind: str, *, head_dim: int, dtype: str, cc: tuple[int, int],
+               group: int | None = None, tier: tuple[str, str] | None = None) -> KernelVariant:
+        """The best variant for a call, or a DispatchError listing every rejection."""
+        fits, reasons = [], []
+        for v in self.variants:
+            if v.kind != kind:
+                continue
+            why = []
+            if v.head_dim != head_dim:
+                why.append(f"head_dim {v.head_dim} != {head_dim}")
+            if group is not None and v.group != group:
+                why.append(f"GQA group {v.group} != {group}")
+            if v.dtype != dtype:
+                why.append(f"dtype {v.dtype} != {dtype}")
+            if tier is not None and v.tier != tier:
+                why.append(f"tiers k={v.tier[0]}, v={v.tier[1]} != k={tier[0]}, v={tier[1]}")
+            if not v.runs_on(cc):
+                why.append(f"built for {v.arch}, device is sm_{cc[0]}{cc[1]}")
+            (reasons.append(f"  {v.name}: " + "; ".join(why)) if why else fits.append(v))
+        if fits:
+            return max(fits, key=lambda v: v.compute_capability)
+        want = dict(head_dim=head_dim, dtype=dtype, cc=cc)
+        if group is not None:
+            want["group"] = group
+        if tier is not None:
+            want["tier"] = tier
+        call = ", ".join(f"{k}={v}" for k, v in want.items())
+        listing = "\n".join(reasons) if reasons else f"  (the library has no {kind} kernels)"
+        raise DispatchError(
+            f"no {kind} kernel in {self.path.name} fits this call ({call}). Candidates:\n{listing}\n"
+            f"To add one, put {_spec_hint(kind, **want)} in the spec "
+            f"({self.manifest.get('spec_source', 'its YAML')}) and rebuild.")
+
+    # --- operations (see ops.py) ---------------------------------------------------------------
+    def compress_k(self, k, capacity: int | None = None):
+        """Prune K ``[B, Hkv, L, D]`` 2:4 along head_dim and pack it (GPU). Returns a PackedKV."""
+        from .ops import compress
+        return compress(self, k, "k", capacity)
+
+    def compress_v(self, v, capacity: int | None = None):
+        """Prune V ``[B, Hkv, L, D]`` 2:4 along tokens and pack it (GPU). Returns a PackedKV."""
+        from .ops import compress
+        return compress(self, v, "v", capacity)
+
+    def decode(self, q, k, v, seqlens=None, *, scale: float | None = None,
+               num_splits: int | None = None, check_seqlens: bool = True):
+        """Decode attention of ``q [B, Hq, D]`` over packed K and V. Returns (out, lse)."""
+        from .ops import decode
+        return decode(self, q, k, v, seqlens, scale=scale, num_splits=num_splits,
+                      check_seqlens=check_seqlens)
+
+
+_LOADED: dict[str, Library] = {}
+
+
+def load(path_or_spec: str | Path, *, rebuild: bool = True, out_dir: str | Path | None = None) -> Library:
+    """Load a build folder, a manifest.json, or a spec YAML (built first when needed)."""
+    path = Path(path_or_spec)
+    if path.suffix in (".yaml", ".yml"):
+        report = build(path, out_dir=out_dir, log=None) if rebuild else None
+        manifest = report.manifest if report else Path(out_dir or "generated") / MANIFEST
+    elif path.is_dir():
+        manifest = path / MANIFEST
+    else:
+        manifest = path
+    if not manifest.is_file():
+        raise FileNotFoundError(f"no {MANIFEST} at {manifest}: build it first with "
+                                f"`hierasparse-gen build SPEC --out {manifest.parent}`")
+    key = str(manifest.resolve())
+    if key not in _LOADED:
+        _LOADED[key] = Library(manifest)
+    return _LOADED[key]

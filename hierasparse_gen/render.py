@@ -1,0 +1,41 @@
+"""Render variants into CUDA C++ sources from the Jinja2 templates in ``templates/``."""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+
+import jinja2
+
+from . import __version__
+from .spec import Spec
+from .variants import Variant
+
+
+def templates_dir() -> Path:
+    """The templates folder: $HIERASPARSE_TEMPLATES, else ``templates/`` beside the package."""
+    env = os.environ.get("HIERASPARSE_TEMPLATES")
+    path = Path(env) if env else Path(__file__).resolve().parent.parent / "templates"
+    if not (path / "decode.cu.j2").is_file():
+        raise FileNotFoundError(
+            f"kernel templates not found in {path}; install hierasparse-gen from its source tree "
+            f"(pip install -e .) or set HIERASPARSE_TEMPLATES to the templates folder")
+    return path
+
+
+@lru_cache(maxsize=None)
+def _environment(path: str) -> jinja2.Environment:
+    return jinja2.Environment(
+        loader=jinja2.FileSystemLoader(path), undefined=jinja2.StrictUndefined,
+        keep_trailing_newline=True, trim_blocks=False, lstrip_blocks=False, autoescape=False)
+
+
+def render(variant: Variant, spec: Spec) -> str:
+    """The complete source of one translation unit (deterministic for equal inputs)."""
+    env = _environment(str(templates_dir()))
+    template = env.get_template(variant.template)
+    return template.render(
+        variant=variant, spec=spec, template=variant.template, generator_version=__version__,
+        namespace=f"{variant.name}_impl", symbol=variant.symbol, head_dim=variant.head_dim,
+        group=variant.group, **variant.tiles)

@@ -1,0 +1,104 @@
+"""Expand a validated spec into kernel variants: one translation unit each, readable names.
+
+A variant is everything that changes one compiled kernel family: kind (decode attention or
+compression), head_dim, GQA group, dtype, tier mix, arch and tiles. Kernels depend on the
+group (query heads per KV head), not on the head counts, so shapes that share
+(head_dim, group) share a variant.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .spec import Spec, SpecError, Tier
+from .tiles import TileError, decode_tiles
+
+DTYPE_TAG = {"float16": "f16", "bfloat16": "bf16"}
+TIER_TAG = {"sparse24": "24", "dense": "d", "mixed": "m"}
+
+
+@dataclass(frozen=True)
+class Variant:
+    kind: str                      # "decode" | "compress" | "runtime"
+    template: str                  # file under templates/
+    arch: str                      # "sm_80", "sm_90", ...
+    dtype: str                     # "float16" | "bfloat16"
+    head_dim: int
+    group: int = 0                 # decode: query heads per KV head
+    tier: Tier | None = None       # decode: K and V tiers read
+    tiles: dict = field(default_factory=dict, hash=False, compare=False)
+
+    @property
+    def name(self) -> str:
+        if self.kind == "runtime":
+            return "runtime"
+        d, t, a = f"d{self.head_dim}", DTYPE_TAG[self.dtype], self.arch.replace("_", "")
+        if self.kind == "decode":
+            tier = f"k{TIER_TAG[self.tier.k]}_v{TIER_TAG[self.tier.v]}"
+            return f"decode_{d}_g{self.group}_{t}_{tier}_{a}"
+        return f"{self.kind}_{d}_{t}_{a}"
+
+    @property
+    def symbol(self) -> str:
+        """Prefix of the C entry points of this variant."""
+        return f"hsg_{self.name}"
+
+    @property
+    def compute_capability(self) -> tuple[int, int]:
+        n = int(self.arch[3:])
+        return n // 10, n % 10
+
+    @property
+    def entry_points(self) -> dict[str, str]:
+        """C symbol -> what it does (recorded in the manifest)."""
+        s = self.symbol
+        if self.kind == "runtime":
+            return {"hsg_device_count": "number of CUDA devices (cudaError_t)",
+                    "hsg_error_string": "cudaGetErrorString",
+                    "hsg_runtime_version": "CUDA runtime version linked in"}
+        if self.kind == "decode":
+            return {s: "split-KV decode attention + combine",
+                    f"{s}_smem_bytes": "dynamic shared memory per CTA",
+                    f"{s}_threads": "threads per CTA"}
+        return {f"{s}_k": "compress K (2:4 along head_dim)",
+                f"{s}_v": "compress V (2:4 along tokens)"}
+
+    @property
+    def spec_values(self) -> dict:
+        """The spec values this variant came from (written into the generated header)."""
+        values = {"kind": self.kind, "head_dim": self.head_dim, "dtype": self.dtype, "arch": self.arch}
+        if self.kind == "decode":
+            values.update(group=self.group, k_tier=self.tier.k, v_tier=self.tier.v, **self.tiles)
+        return values
+
+    def describe(self) -> dict:
+        return {"name": self.name, "kind": self.kind, "arch": self.arch, "dtype": self.dtype,
+                "head_dim": self.head_dim, "group": self.group or None,
+                "tier": {"k": self.tier.k, "v": self.tier.v} if self.tier else None,
+                "tiles": dict(self.tiles), "template": self.template,
+                "entry_points": self.entry_points}
+
+
+def expand(spec: Spec) -> list[Variant]:
+    """All variants of a spec, in a stable order, without duplicates."""
+    # host-only helpers (device count, error strings), compiled once for the first arch
+    runtime = Variant("runtime", "runtime.cu.j2", spec.archs[0], spec.dtypes[0], 0)
+    out: dict[str, Variant] = {runtime.name: runtime}
+    head_dims = sorted({s.head_dim for s in spec.shapes})
+    groups = sorted({(s.head_dim, s.group) for s in spec.shapes})
+    for arch in spec.archs:
+        for dtype in spec.dtypes:
+            for d in head_dims:
+                v = Variant("compress", "compress.cu.j2", arch, dtype, d)
+                out.setdefault(v.name, v)
+            if "decode" in spec.phases:
+                for d, g in groups:
+                    try:
+                        tiles = decode_tiles(d, g, arch, spec.decode.warps, spec.decode.stages,
+                                             spec.decode.chunk_tokens)
+                    except TileError as e:
+                        raise SpecError(f"{spec.source}: decode: {e}") from None
+                    for tier in spec.tiers:
+                        v = Variant("decode", "decode.cu.j2", arch, dtype, d, g, tier, tiles.as_dict())
+                        out.setdefault(v.name, v)
+    return list(out.values())

@@ -1,0 +1,55 @@
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped without one)")
+    config.addinivalue_line("markers", "nvcc: compiles CUDA with nvcc (skipped without nvcc)")
+
+
+def pytest_collection_modifyitems(config, items):
+    has_gpu = torch.cuda.is_available()
+    has_nvcc = shutil.which("nvcc") is not None or bool(os.environ.get("CUDA_HOME"))
+    for item in items:
+        if "gpu" in item.keywords and not has_gpu:
+            item.add_marker(pytest.mark.skip(reason="no CUDA device"))
+        if "nvcc" in item.keywords and not has_nvcc:
+            item.add_marker(pytest.mark.skip(reason="nvcc not found"))
+
+
+def _build_or_reuse(spec: str, env_var: str, tmp_path_factory) -> Path:
+    """A build of `spec`: $env_var when set (a prebuilt folder), else a fresh build."""
+    prebuilt = os.environ.get(env_var)
+    if prebuilt:
+        return Path(prebuilt)
+    from hierasparse_gen.compiler import build
+    out = tmp_path_factory.mktemp(Path(spec).stem)
+    build(REPO / spec, out_dir=out, log=None)
+    return out
+
+
+@pytest.fixture(scope="session")
+def llama3_build(tmp_path_factory) -> Path:
+    """specs/llama3.yaml built once per session (or $HIERASPARSE_LLAMA3_BUILD)."""
+    return _build_or_reuse("specs/llama3.yaml", "HIERASPARSE_LLAMA3_BUILD", tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def matrix_build(tmp_path_factory) -> Path:
+    """tests/specs/gpu_matrix.yaml (many head_dims and groups), or $HIERASPARSE_MATRIX_BUILD."""
+    return _build_or_reuse("tests/specs/gpu_matrix.yaml", "HIERASPARSE_MATRIX_BUILD", tmp_path_factory)
+
+
+@pytest.fixture
+def poison():
+    """Outputs of the ops start as NaN / 0x7FFF, so unwritten elements fail the checks."""
+    from hierasparse_gen import ops
+    ops.POISON = True
+    yield
+    ops.POISON = False

@@ -1,0 +1,205 @@
+"""GPU tests: compression bit-exact against the torch packer; decode against the float64
+reference on the same pruned K/V. Fresh random inputs per case, outputs poisoned."""
+
+import math
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import hierasparse_gen
+from hierasparse_gen import format as fmt
+from hierasparse_gen.reference import decode_reference
+
+pytestmark = pytest.mark.gpu
+
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def _rand(*shape, dtype, seed):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    return torch.randn(*shape, generator=g, device="cuda", dtype=torch.float32).to(dtype)
+
+
+def _lowp_reference(q, k, v, seqlens):
+    """The same attention in the inputs' precision (torch math path): the error yardstick."""
+    B, Hq, D = q.shape
+    Hkv, L = k.shape[1], k.shape[2]
+    kk = k.repeat_interleave(Hq // Hkv, 1)
+    vv = v.repeat_interleave(Hq // Hkv, 1)
+    mask = torch.arange(L, device=q.device).view(1, 1, 1, L) < seqlens.view(B, 1, 1, 1)
+    with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
+        out = torch.nn.functional.scaled_dot_product_attention(q.unsqueeze(2), kk, vv, attn_mask=mask)
+    return out.squeeze(2)
+
+
+def _check_decode(lib, B, Hq, Hkv, D, lengths, dtype, seed, num_splits=None):
+    cap_len = max(lengths)
+    k = _rand(B, Hkv, cap_len, D, dtype=dtype, seed=seed)
+    v = _rand(B, Hkv, cap_len, D, dtype=dtype, seed=seed + 1)
+    q = _rand(B, Hq, D, dtype=dtype, seed=seed + 2)
+    seqlens = torch.tensor(lengths, dtype=torch.int32, device="cuda")
+    kc, vc = lib.compress_k(k), lib.compress_v(v)
+    out, lse = lib.decode(q, kc, vc, seqlens, num_splits=num_splits)
+    torch.cuda.synchronize()
+    # the reference attends to exactly what the cache holds
+    kp, vp = fmt.unpack_k(kc.values, kc.meta), fmt.unpack_v(vc.values, vc.meta)
+    assert torch.equal(kp[:, :, :cap_len], fmt.prune_k(k))
+    ref, ref_lse = decode_reference(q, kp, vp, seqlens)
+    lowp = _lowp_reference(q, kp, vp, seqlens)
+    assert out.shape == (B, Hq, D) and lse.shape == (B, Hq)
+    assert not out.isnan().any(), "unwritten or NaN output"
+    err = (out.double() - ref).abs().max().item()
+    err_lowp = (lowp.double() - ref).abs().max().item()
+    assert err <= 4 * err_lowp + 1e-4, f"max error {err:.3g} vs same-precision torch {err_lowp:.3g}"
+    assert torch.allclose(lse.double(), ref_lse, atol=2e-3, rtol=1e-4), \
+        (lse.double() - ref_lse).abs().max().item()
+
+
+@pytest.fixture(scope="module")
+def llama3(llama3_build):
+    return hierasparse_gen.load(llama3_build)
+
+
+@pytest.fixture(scope="module")
+def matrix(matrix_build):
+    return hierasparse_gen.load(matrix_build)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("L", [1, 31, 100, 1000, 4133])
+def test_compress_bit_exact(llama3, poison, dtype, L):
+    k = _rand(3, 8, L, 128, dtype=DTYPES[dtype], seed=L)
+    v = _rand(3, 8, L, 128, dtype=DTYPES[dtype], seed=L + 7)
+    kc, vc = llama3.compress_k(k), llama3.compress_v(v)
+    rk, rkm = fmt.pack_k(k.cpu())
+    rv, rvm = fmt.pack_v(v.cpu())
+    assert torch.equal(kc.values.cpu(), rk) and torch.equal(kc.meta.cpu(), rkm)
+    assert torch.equal(vc.values.cpu(), rv) and torch.equal(vc.meta.cpu(), rvm)
+
+
+def test_compress_strided_input_and_capacity(llama3, poison):
+    big = _rand(2, 16, 300, 256, dtype=torch.float16, seed=3)
+    x = big[:, ::2, :, 64:192]  # head stride 2x, token stride 256, offset start
+    kc = llama3.compress_k(x, capacity=512)
+    rk, rkm = fmt.pack_k(x.cpu(), capacity=512)
+    assert kc.capacity == 512 and torch.equal(kc.values.cpu(), rk) and torch.equal(kc.meta.cpu(), rkm)
+    vc = llama3.compress_v(x, capacity=320)
+    rv, rvm = fmt.pack_v(x.cpu(), capacity=320)
+    assert vc.capacity == 320 and torch.equal(vc.values.cpu(), rv) and torch.equal(vc.meta.cpu(), rvm)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("B,lengths", [
+    (1, [1]), (1, [17]), (1, [32]), (1, [33]), (2, [95, 200]), (4, [1000, 1, 513, 64]),
+    (8, [4097] * 8), (16, [int(x) for x in torch.randint(1, 3000, (16,), generator=torch.Generator().manual_seed(5))]),
+])
+def test_decode_llama3(llama3, poison, dtype, B, lengths):
+    _check_decode(llama3, B, 32, 8, 128, lengths, DTYPES[dtype], seed=sum(lengths) + B)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_decode_long(llama3, poison, dtype):
+    _check_decode(llama3, 1, 32, 8, 128, [128 * 1024 - 5], DTYPES[dtype], seed=11)
+    _check_decode(llama3, 2, 32, 8, 128, [32 * 1024, 20000], DTYPES[dtype], seed=12)
+
+
+@pytest.mark.parametrize("splits", [1, 2, 3, 7, 64])
+def test_decode_forced_splits(llama3, poison, splits):
+    # more splits than chunks leaves empty splits, which must merge as nothing
+    _check_decode(llama3, 3, 32, 8, 128, [700, 33, 1], torch.float16, seed=splits, num_splits=splits)
+
+
+def test_decode_zero_length(llama3, poison):
+    q = _rand(2, 32, 128, dtype=torch.float16, seed=1)
+    k = _rand(2, 8, 64, 128, dtype=torch.float16, seed=2)
+    kc, vc = llama3.compress_k(k), llama3.compress_v(k)
+    out, lse = llama3.decode(q, kc, vc, torch.tensor([0, 64], dtype=torch.int32, device="cuda"))
+    assert torch.equal(out[0], torch.zeros_like(out[0])) and torch.isinf(lse[0]).all() and (lse[0] < 0).all()
+    assert out[1].abs().sum() > 0
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("D,Hq,Hkv", [(64, 4, 4), (96, 10, 2), (128, 32, 8), (256, 16, 1)])
+def test_decode_shapes(matrix, poison, dtype, D, Hq, Hkv):
+    _check_decode(matrix, 3, Hq, Hkv, D, [1, 777, 2048 + 5], DTYPES[dtype], seed=D + Hq)
+
+
+def test_cuda_graph_capture(llama3):
+    q = _rand(4, 32, 128, dtype=torch.float16, seed=21)
+    k = _rand(4, 8, 3000, 128, dtype=torch.float16, seed=22)
+    kc, vc = llama3.compress_k(k), llama3.compress_v(k)
+    seqlens = torch.tensor([3000, 2000, 10, 2999], dtype=torch.int32, device="cuda")
+    eager, _ = llama3.decode(q, kc, vc, seqlens)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        llama3.decode(q, kc, vc, seqlens)  # warm-up on the capture stream
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured, _ = llama3.decode(q, kc, vc, seqlens)
+    q.copy_(_rand(4, 32, 128, dtype=torch.float16, seed=23))
+    graph.replay()
+    torch.cuda.synchronize()
+    fresh, _ = llama3.decode(q, kc, vc, seqlens)
+    assert torch.equal(captured, fresh) and not torch.equal(captured, eager)
+
+
+def test_torch_compile_traces_the_op(llama3):
+    q = _rand(2, 32, 128, dtype=torch.float16, seed=31)
+    k = _rand(2, 8, 500, 128, dtype=torch.float16, seed=32)
+    kc, vc = llama3.compress_k(k), llama3.compress_v(k)
+    seqlens = torch.tensor([500, 250], dtype=torch.int32, device="cuda")
+
+    def f(q):
+        return llama3.decode(q * 1.0, kc, vc, seqlens, num_splits=4)[0] + 0
+
+    compiled = torch.compile(f, fullgraph=True)
+    assert torch.equal(compiled(q), f(q))
+
+
+def test_bad_inputs_on_gpu(llama3):
+    q = _rand(2, 32, 128, dtype=torch.float16, seed=1)
+    k = _rand(2, 8, 64, 128, dtype=torch.float16, seed=2)
+    kc, vc = llama3.compress_k(k), llama3.compress_v(k)
+    with pytest.raises(ValueError, match="seqlens: values in \\[0, 65\\] exceed the cache capacity 64"):
+        llama3.decode(q, kc, vc, torch.tensor([0, 65], dtype=torch.int32, device="cuda"))
+    with pytest.raises(ValueError, match="seqlens: expected int32"):
+        llama3.decode(q, kc, vc, torch.tensor([1, 2], device="cuda"))
+    with pytest.raises(ValueError, match="q: dtype torch.float16 but the cache holds torch.bfloat16"):
+        llama3.decode(q, llama3.compress_k(k.bfloat16()), llama3.compress_v(k.bfloat16()))
+    with pytest.raises(ValueError, match="k: expected the PackedKV returned by compress_k"):
+        llama3.decode(q, vc, vc)
+    with pytest.raises(ValueError, match="q: 30 query heads are not a multiple"):
+        llama3.decode(q[:, :30], kc, vc)
+    with pytest.raises(hierasparse_gen.registry.DispatchError, match="GQA group 4 != 2"):
+        llama3.decode(q[:, :16], kc, vc)
+    with pytest.raises(hierasparse_gen.registry.DispatchError, match="head_dim 128 != 64"):
+        llama3.compress_k(k[..., :64].contiguous())
+    with pytest.raises(ValueError, match="dtype torch.float32 is not supported"):
+        llama3.compress_k(k.float())
+
+
+@pytest.mark.skipif(shutil.which("compute-sanitizer") is None, reason="compute-sanitizer not installed")
+def test_memcheck_clean(llama3_build):
+    script = os.path.join(os.path.dirname(__file__), "gpu_small_case.py")
+    proc = subprocess.run(["compute-sanitizer", "--tool", "memcheck", "--error-exitcode", "3",
+                           sys.executable, script, str(llama3_build)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "ERROR SUMMARY: 0 errors" in proc.stdout
+
+
+def test_torch_compile_default_splits(llama3):
+    q = _rand(2, 32, 128, dtype=torch.bfloat16, seed=41)
+    k = _rand(2, 8, 300, 128, dtype=torch.bfloat16, seed=42)
+    kc, vc = llama3.compress_k(k), llama3.compress_v(k)
+
+    def f(q):
+        return llama3.decode(q, kc, vc)[0]
+
+    assert torch.equal(torch.compile(f, fullgraph=True)(q), f(q))

@@ -1,0 +1,105 @@
+"""Variants, names, tiles, hashes and rendering: no compiler needed."""
+
+import dataclasses
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from hierasparse_gen.compiler import Toolchain, nvcc_flags, variant_hash
+from hierasparse_gen.render import render
+from hierasparse_gen.spec import SpecError, load_spec, parse_spec
+from hierasparse_gen.tiles import TileError, decode_smem_bytes, decode_tiles
+from hierasparse_gen.variants import expand
+
+REPO = Path(__file__).resolve().parent.parent
+TOOLS = Toolchain("nvcc", "13.0.88", "/cutlass", "4.2.0.0", None)
+
+
+@pytest.fixture(scope="module")
+def llama3():
+    return load_spec(REPO / "specs" / "llama3.yaml")
+
+
+def test_llama3_variant_names(llama3):
+    names = [v.name for v in expand(llama3)]
+    assert names == [
+        "runtime",
+        "compress_d128_f16_sm80", "decode_d128_g4_f16_k24_v24_sm80",
+        "compress_d128_bf16_sm80", "decode_d128_g4_bf16_k24_v24_sm80",
+        "compress_d128_f16_sm90", "decode_d128_g4_f16_k24_v24_sm90",
+        "compress_d128_bf16_sm90", "decode_d128_g4_bf16_k24_v24_sm90",
+    ]
+
+
+def test_shapes_sharing_head_dim_and_group_share_a_variant():
+    spec = parse_spec({"name": "x", "archs": ["sm_90"], "shapes": [
+        {"head_dim": 128, "num_qo_heads": 32, "num_kv_heads": 8},
+        {"head_dim": 128, "num_qo_heads": 64, "num_kv_heads": 16},   # same group 4
+        {"head_dim": 64, "num_qo_heads": 12, "num_kv_heads": 4}]})   # group 3
+    names = sorted(v.name for v in expand(spec))
+    assert names == ["compress_d128_f16_sm90", "compress_d64_f16_sm90", "decode_d128_g4_f16_k24_v24_sm90",
+                     "decode_d64_g3_f16_k24_v24_sm90", "runtime"]
+
+
+def test_tile_oracle_and_overrides():
+    assert decode_tiles(128, 4, "sm_90").as_dict() == {"warps": 4, "stages": 3, "chunk_tokens": 32}
+    assert decode_tiles(128, 4, "sm_90", stages=2).stages == 2
+    # every default fits the arch's shared memory
+    for arch in ("sm_80", "sm_86", "sm_89", "sm_90"):
+        for d in range(64, 257, 32):
+            for g in (1, 4, 5, 8, 16):
+                t = decode_tiles(d, g, arch)
+                assert decode_smem_bytes(d, g, t) <= {"sm_80": 163, "sm_86": 99, "sm_89": 99, "sm_90": 227}[arch] * 1024
+    with pytest.raises(TileError, match="need 1179648 bytes of shared memory for head_dim 256, but sm_90 allows 232448"):
+        decode_tiles(256, 4, "sm_90", warps=8, stages=4, chunk_tokens=64)
+
+
+def test_spec_tiles_that_do_not_fit_are_a_spec_error():
+    spec = parse_spec({"name": "x", "archs": ["sm_86"], "shapes": [
+        {"head_dim": 256, "num_qo_heads": 8, "num_kv_heads": 8}], "decode": {"warps": 8, "stages": 8}})
+    with pytest.raises(SpecError, match="decode tiles warps=8, stages=8.*lower decode.stages"):
+        expand(spec)
+
+
+def test_render_is_deterministic_and_documents_its_spec(llama3):
+    for v in expand(llama3):
+        a, b = render(v, llama3), render(v, llama3)
+        assert a == b
+        assert f"variant : {v.name}" in a
+        if v.kind == "decode":
+            assert "head_dim       = 128" in a and "group          = 4" in a and "stages         = 3" in a
+            assert f"{v.symbol}(" in a and "mma_sp(" in a
+
+
+def test_hash_covers_source_flags_tools_and_arch(llama3):
+    v = next(v for v in expand(llama3) if v.kind == "decode")
+    src = render(v, llama3)
+    h = variant_hash(src, nvcc_flags(v.arch), TOOLS, v.arch)
+    assert h == variant_hash(src, nvcc_flags(v.arch), TOOLS, v.arch)
+    assert h != variant_hash(src + " ", nvcc_flags(v.arch), TOOLS, v.arch)
+    assert h != variant_hash(src, nvcc_flags(v.arch) + ["-G"], TOOLS, v.arch)
+    assert h != variant_hash(src, nvcc_flags(v.arch), dataclasses.replace(TOOLS, nvcc_version="13.1.0"), v.arch)
+    assert h != variant_hash(src, nvcc_flags(v.arch), dataclasses.replace(TOOLS, cutlass_version="4.3.0"), v.arch)
+    assert h != variant_hash(src, nvcc_flags(v.arch), TOOLS, "sm_86")
+
+
+def test_changing_a_tile_changes_only_decode_sources(llama3):
+    other = dataclasses.replace(llama3, decode=dataclasses.replace(llama3.decode, stages=2))
+    before = {v.name: render(v, llama3) for v in expand(llama3)}
+    after = {v.name: render(v, other) for v in expand(other)}
+    changed = {n for n in before if before[n] != after[n]}
+    assert changed == {n for n in before if n.startswith("decode_")}
+
+
+def test_gencode_flags_are_explicit_pairs():
+    flags = nvcc_flags("sm_90")
+    assert "-gencode" in flags and "arch=compute_90,code=sm_90" in flags
+    assert "-DNDEBUG" in flags and not any(f.startswith("-arch") for f in flags)
+
+
+def test_build_path_does_not_import_torch():
+    code = ("import sys, hierasparse_gen.compiler, hierasparse_gen.cli; "
+            "sys.exit(1 if 'torch' in sys.modules else 0)")
+    assert subprocess.run([sys.executable, "-c", code], cwd=REPO).returncode == 0
