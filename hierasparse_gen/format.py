@@ -70,7 +70,10 @@ def keep_mask_2to4(x: torch.Tensor) -> torch.Tensor:
     """
     if x.shape[-1] % 4:
         raise ValueError(f"last dimension {x.shape[-1]} is not a multiple of 4")
-    a = x.abs().float().unflatten(-1, (-1, 4))
+    a = x.abs()
+    if a.dtype in (torch.float16, torch.bfloat16):
+        a = a.float()  # exact; keeps float64 inputs at full precision
+    a = a.unflatten(-1, (-1, 4))
     ai, aj = a.unsqueeze(-1), a.unsqueeze(-2)  # [..., 4 (i), 1], [..., 1, 4 (j)]
     idx = torch.arange(4, device=x.device)
     lower = idx.view(1, 4) < idx.view(4, 1)  # [i, j]: j < i

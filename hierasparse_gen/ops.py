@@ -226,7 +226,7 @@ def decode(lib, q, k: PackedKV, v: PackedKV, seqlens=None, *, scale: float | Non
         if seqlens.device != q.device:
             _fail("seqlens", f"on {seqlens.device} but q is on {q.device}", "move it to q's device")
         seqlens = seqlens.contiguous()
-        capturing = torch.cuda.is_current_stream_capturing() or torch.compiler.is_compiling()
+        capturing = torch.compiler.is_compiling() or torch.cuda.is_current_stream_capturing()
         if check_seqlens and not capturing:
             lo, hi = int(seqlens.min()), int(seqlens.max())
             if lo < 0 or hi > k.capacity:

@@ -27,5 +27,7 @@ def decode_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seqlens=
     s = s.masked_fill(mask.view(B, 1, 1, L).to(s.device), float("-inf"))
     lse = torch.logsumexp(s, -1)
     p = torch.exp(s - lse.unsqueeze(-1)).nan_to_num(0.0)
-    out = torch.einsum("bhgl,bhld->bhgd", p, v.double())
+    # values past a sequence's length must not leak in, even as NaN (0 * NaN = NaN)
+    vd = v.double().masked_fill(mask.view(B, 1, L, 1).to(v.device), 0.0)
+    out = torch.einsum("bhgl,bhld->bhgd", p, vd)
     return out.reshape(B, Hq, D), lse.reshape(B, Hq)
