@@ -126,6 +126,67 @@ def format_table(rows, bw) -> str:
     return "\n".join(lines)
 
 
+def bench_cache_ratios(lib, ratios=(0.0, 0.25, 0.5, 0.75, 1.0), B=8, L=32768, hq=32, hkv=8, d=128,
+                       dtype=torch.float16, iters=20):
+    """Mixed-tier decode over a HieraCache across key x value ratios, beside cuDNN dense.
+
+    The byte model: time proportional to the bytes of the blocks read (dense 2 bytes an element,
+    2:4 1.125), so the predicted speedup over dense decode is dense_bytes / cache_bytes."""
+    from torch.nn.attention import SDPBackend
+    from .cache import HieraCache
+    k = torch.randn(B, hkv, L, d, device="cuda", dtype=dtype)
+    v = torch.randn(B, hkv, L, d, device="cuda", dtype=dtype)
+    qs = [torch.randn(B, hq, d, device="cuda", dtype=dtype) for _ in range(2)]
+    cudnn = _median_us(_sdpa(SDPBackend.CUDNN_ATTENTION), [(q.unsqueeze(2), k, v) for q in qs], iters)
+    rows = []
+    for kr in ratios:
+        for vr in ratios:
+            caches = []
+            for _ in range(2):  # two caches so consecutive calls do not hit L2
+                c = HieraCache(lib, batch=B, num_kv_heads=hkv, head_dim=d, max_seq_len=L, key_ratio=kr,
+                               value_ratio=vr, dtype=dtype)
+                c.prefill(k, v)
+                caches.append(c)
+            us = _median_us(lambda q, c: c.attend(q), list(zip(qs, caches)), iters)
+            nb = caches[0].nbytes()
+            data = nb["total"] - nb["table"]
+            rows.append(dict(kr=kr, vr=vr, us=us, speedup=cudnn / us, model=nb["dense_equivalent"] / data,
+                             tbps=data / (us * 1e-6) / 1e12))
+            del caches
+            torch.cuda.empty_cache()
+    return rows, cudnn
+
+
+def prefill_fill_cost(lib, L=32768, hq=32, hkv=8, d=128, dtype=torch.float16, ratio=0.5):
+    """Wall time of HieraCache.prefill (scoring, selection, packing) for one prompt vs the
+    prompt's causal prefill attention (cuDNN SDPA), in ms."""
+    import time
+    from torch.nn.attention import SDPBackend
+    from .cache import HieraCache
+    k = torch.randn(1, hkv, L, d, device="cuda", dtype=dtype)
+    v = torch.randn(1, hkv, L, d, device="cuda", dtype=dtype)
+    q = torch.randn(1, hq, L, d, device="cuda", dtype=dtype)
+    from torch.nn.attention import sdpa_kernel
+    from torch.nn.functional import scaled_dot_product_attention as sdpa
+
+    def attn(q, k, v):
+        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+            return sdpa(q, k, v, is_causal=True, enable_gqa=True)
+    attn_us = _median_us(attn, [(q, k, v)], iters=10)
+    cache = HieraCache(lib, batch=1, num_kv_heads=hkv, head_dim=d, max_seq_len=L, key_ratio=ratio,
+                       value_ratio=ratio, dtype=dtype)
+    times = []
+    for i in range(6):
+        cache.reset()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        cache.prefill(k, v)
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    fill_ms = statistics.median(times[1:]) * 1e3
+    return fill_ms, attn_us / 1e3
+
+
 def main(argv=None) -> int:
     import hierasparse_gen
     ap = argparse.ArgumentParser(prog="hierasparse-gen bench", description=__doc__.splitlines()[0])
@@ -134,15 +195,50 @@ def main(argv=None) -> int:
     ap.add_argument("--length", type=int, nargs="+", default=[8192, 32768, 131072])
     ap.add_argument("--dtype", choices=["float16", "bfloat16"], default="float16")
     ap.add_argument("--iters", type=int, default=30)
+    ap.add_argument("--cache", action="store_true",
+                    help="HieraCache decode across key/value ratios (B=8, L=32K) and the prefill fill cost")
+    ap.add_argument("--plot", help="with --cache: write a PNG of speedup against the ratios")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("hierasparse-gen bench: no CUDA device")
         return 2
     lib = hierasparse_gen.load(args.build)
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, dtype {args.dtype}")
+    if args.cache:
+        rows, cudnn = bench_cache_ratios(lib, dtype=getattr(torch, args.dtype))
+        print(f"HieraCache decode, B=8, L=32K, sink 64, window 256, block 64; cuDNN dense {cudnn:.1f} us")
+        print("| key ratio | value ratio | us | speedup vs cuDNN | byte model | measured / model | TB/s |")
+        print("|---|---|---|---|---|---|---|")
+        for r in rows:
+            print(f"| {r['kr']:.2f} | {r['vr']:.2f} | {r['us']:.1f} | {r['speedup']:.2f}x | {r['model']:.2f}x | "
+                  f"{r['speedup'] / r['model']:.2f} | {r['tbps']:.2f} |")
+        fill_ms, attn_ms = prefill_fill_cost(lib, dtype=getattr(torch, args.dtype))
+        print(f"prefill fill (score + select + pack) of a 32K prompt: {fill_ms:.2f} ms; causal prefill "
+              f"attention (cuDNN): {attn_ms:.2f} ms; ratio {100 * fill_ms / attn_ms:.1f} %")
+        if args.plot:
+            _plot(rows, cudnn, args.plot)
+        return 0
     rows, bw = bench_decode(lib, args.batch, args.length, getattr(torch, args.dtype), iters=args.iters)
     print(format_table(rows, bw))
     return 0
+
+
+def _plot(rows, cudnn, path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for vr in sorted({r["vr"] for r in rows}):
+        sel = [r for r in rows if r["vr"] == vr]
+        line, = ax.plot([r["kr"] for r in sel], [r["speedup"] for r in sel], "o-", label=f"value ratio {vr:.2f}")
+        ax.plot([r["kr"] for r in sel], [r["model"] for r in sel], "--", color=line.get_color(), alpha=0.6)
+    ax.set_xlabel("key ratio (fraction of eligible blocks stored 2:4)")
+    ax.set_ylabel(f"speedup over cuDNN dense decode ({cudnn:.0f} us)")
+    ax.set_title("HieraCache decode, Llama-3 shape, B=8, L=32K, H200 (dashed: byte model)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
 
 
 if __name__ == "__main__":

@@ -223,3 +223,16 @@ def packed_nbytes(batch: int, kv_heads: int, capacity: int, head_dim: int, items
     """Bytes of one packed tensor, values plus metadata (9/16 of dense for 16-bit types)."""
     elems = batch * kv_heads * capacity * head_dim
     return elems // 2 * itemsize + elems // WORD * 2
+
+
+def block_prune_loss(x: torch.Tensor, kind: str, block: int) -> torch.Tensor:
+    """Summed |x| that 2:4 drops, per whole block of tokens: ``[B, H, L // block]`` (float32).
+
+    K ``[B, H, L, D]`` groups along head_dim, V groups of 4 tokens per channel (the GPU
+    scoring kernel computes the same in one pass).
+    """
+    n = x.shape[-2] // block
+    xb = x[..., : n * block, :].float()
+    kept = prune_k(xb) if kind == "k" else prune_v(xb)
+    dropped = (xb.abs() - kept.abs()).unflatten(-2, (n, block))
+    return dropped.sum((-1, -2))

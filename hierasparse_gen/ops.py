@@ -279,3 +279,100 @@ def _decode_op(lib_key: str, q: torch.Tensor, k_vals: torch.Tensor, k_meta: torc
 def _(lib_key, q, k_vals, k_meta, v_vals, v_meta, seqlens, scale, num_splits):
     B, Hq, D = q.shape
     return q.new_empty((B, Hq, D)), q.new_empty((B, Hq), dtype=torch.float32)
+
+
+# --- hierarchical cache -------------------------------------------------------------------
+
+def score_blocks(lib, x: torch.Tensor, kind: str, block_size: int) -> torch.Tensor:
+    """2:4 prune loss of every whole block of ``x [B, H, L, D]``: float32 ``[B, H, L // block]``."""
+    _check_cuda(x, kind)
+    _check_dtype(x, kind)
+    if x.stride(3) != 1 or x.stride(2) % 4 or x.stride(1) % 4 or x.stride(0) % 4:
+        x = x.contiguous()
+    return torch.ops.hierasparse.score(lib.key, x, block_size, kind)
+
+
+@torch.library.custom_op("hierasparse::score", mutates_args=())
+def _score_op(lib_key: str, x: torch.Tensor, block_size: int, kind: str) -> torch.Tensor:
+    lib = _LIBRARIES[lib_key]
+    B, H, L, D = x.shape
+    variant = lib.select("compress", head_dim=D, dtype=_DTYPES[x.dtype], cc=_device_cc(x.device))
+    loss = _alloc((B, H, L // block_size), torch.float32, x.device)
+    if L < block_size:
+        return loss
+    _check_aligned(x, kind, 8)
+    with torch.cuda.device(x.device):
+        stream = torch.cuda.current_stream(x.device).cuda_stream
+        code = lib.function(f"{variant.symbol}_score_{kind}")(
+            x.data_ptr(), x.stride(0), x.stride(1), x.stride(2), B, H, L, block_size, loss.data_ptr(), stream)
+    lib.check(code, f"{variant.symbol}_score_{kind}")
+    return loss
+
+
+@_score_op.register_fake
+def _(lib_key, x, block_size, kind):
+    B, H, L, _ = x.shape
+    return x.new_empty((B, H, L // block_size), dtype=torch.float32)
+
+
+def decode_cache(lib, q: torch.Tensor, cache, *, scale: float | None = None, num_splits: int | None = None):
+    """Decode attention over a :class:`~hierasparse_gen.cache.HieraCache` (mixed-tier kernel)."""
+    _check_cuda(q, "q")
+    _check_dtype(q, "q")
+    if q.dim() != 3 or q.shape[0] != cache.batch or q.shape[2] != cache.head_dim or q.shape[1] % cache.heads:
+        _fail("q", f"shape {tuple(q.shape)} does not fit the cache (batch {cache.batch}, {cache.heads} KV heads, "
+              f"head_dim {cache.head_dim})", f"pass [{cache.batch}, num_kv_heads * group, {cache.head_dim}]")
+    if q.dtype != cache.dtype:
+        _fail("q", f"dtype {q.dtype} but the cache holds {cache.dtype}", "use one dtype for Q and the cache")
+    if q.device != cache.device:
+        _fail("q", f"on {q.device} but the cache is on {cache.device}", "keep Q and the cache on one GPU")
+    if q.stride(2) != 1 or q.stride(0) % 2 or q.stride(1) % 2:
+        _fail("q", f"strides {q.stride()} not supported", "pass q.contiguous()")
+    if num_splits is not None and num_splits < 1:
+        _fail("num_splits", f"{num_splits} is not positive", "pass None (automatic) or a positive count")
+    k, v = cache.k, cache.v
+    return torch.ops.hierasparse.decode_mixed(
+        lib.key, q, k.table, v.table, k.dense, v.dense, k.sparse_vals, k.sparse_meta, v.sparse_vals,
+        v.sparse_meta, cache.seqlens, cache.block, float(scale or 1.0 / math.sqrt(q.shape[2])),
+        int(num_splits or 0))
+
+
+@torch.library.custom_op("hierasparse::decode_mixed", mutates_args=())
+def _decode_mixed_op(lib_key: str, q: torch.Tensor, k_table: torch.Tensor, v_table: torch.Tensor,
+                     k_dense: torch.Tensor, v_dense: torch.Tensor, k_vals: torch.Tensor, k_meta: torch.Tensor,
+                     v_vals: torch.Tensor, v_meta: torch.Tensor, seqlens: torch.Tensor, block_size: int,
+                     scale: float, num_splits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    lib = _LIBRARIES[lib_key]
+    B, Hq, D = q.shape
+    Hkv, max_blocks = k_table.shape[1], k_table.shape[2]
+    variant = lib.select("decode", head_dim=D, dtype=_DTYPES[q.dtype], cc=_device_cc(q.device),
+                         group=Hq // Hkv, tier=("mixed", "mixed"), block_size=block_size)
+    _check_aligned(q, "q", 4)
+    if num_splits == 0:
+        index = q.device.index if q.device.index is not None else torch.cuda.current_device()
+        num_splits = choose_splits(B * Hkv, max_blocks * block_size // CHUNK, variant.tiles.get("warps", 4),
+                                   _sm_count(index), ctas_per_sm(variant.arch, variant.smem_bytes, variant.threads))
+    out = _alloc((B, Hq, D), q.dtype, q.device)
+    lse = _alloc((B, Hq), torch.float32, q.device)
+    o_part = lse_part = None
+    if num_splits > 1:
+        o_part = _alloc((B, Hq, num_splits, D), torch.float32, q.device)
+        lse_part = _alloc((B, Hq, num_splits), torch.float32, q.device)
+    ptr = lambda t: None if t is None else t.data_ptr()
+    with torch.cuda.device(q.device):
+        stream = torch.cuda.current_stream(q.device).cuda_stream
+        code = lib.function(variant.symbol)(
+            q.data_ptr(), q.stride(0), q.stride(1), k_table.data_ptr(), v_table.data_ptr(), max_blocks,
+            k_dense.data_ptr(), v_dense.data_ptr(), k_dense.shape[2], v_dense.shape[2],
+            k_vals.data_ptr(), k_meta.data_ptr(), v_vals.data_ptr(), v_meta.data_ptr(), k_vals.shape[2],
+            v_vals.shape[2], seqlens.data_ptr(), B, Hkv, scale, num_splits, ptr(o_part), ptr(lse_part),
+            out.data_ptr(), out.stride(0), out.stride(1), lse.data_ptr(), stream)
+    lib.check(code, variant.symbol)
+    return out, lse
+
+
+@_decode_mixed_op.register_fake
+def _(lib_key, q, k_table, v_table, k_dense, v_dense, k_vals, k_meta, v_vals, v_meta, seqlens, block_size,
+      scale, num_splits):
+    B, Hq, D = q.shape
+    return q.new_empty((B, Hq, D)), q.new_empty((B, Hq), dtype=torch.float32)

@@ -24,6 +24,12 @@ SIGNATURES = {
     ("decode", "_threads"): [],
     ("compress", "_k"): [_p, _i64, _i64, _i64, _i32, _i32, _i32, _i32, _p, _p, _p],
     ("compress", "_v"): [_p, _i64, _i64, _i64, _i32, _i32, _i32, _i32, _p, _p, _p],
+    ("compress", "_score_k"): [_p, _i64, _i64, _i64, _i32, _i32, _i32, _i32, _p, _p],
+    ("compress", "_score_v"): [_p, _i64, _i64, _i64, _i32, _i32, _i32, _i32, _p, _p],
+    ("decode_mixed", ""): [_p, _i64, _i64, _p, _p, _i32, _p, _p, _i32, _i32, _p, _p, _p, _p, _i32, _i32,
+                           _p, _i32, _i32, _f32, _i32, _p, _p, _p, _i64, _i64, _p, _p],
+    ("decode_mixed", "_smem_bytes"): [],
+    ("decode_mixed", "_threads"): [],
 }
 
 
@@ -47,6 +53,7 @@ class KernelVariant:
     tier: tuple[str, str] | None
     tiles: dict
     symbol: str
+    block_size: int = 0      # decode over mixed tiers: cache block size
     smem_bytes: int = 0      # decode: dynamic shared memory per CTA (read from the library)
     threads: int = 0         # decode: threads per CTA
 
@@ -76,6 +83,8 @@ def _spec_hint(kind: str, **want) -> str:
         parts.append(f"sm_{major}{minor} under `archs`")
     if "tier" in want:
         parts.append(f"{{k: {want['tier'][0]}, v: {want['tier'][1]}}} under `tiers`")
+    if "block_size" in want:
+        parts.append(f"cache.block_size {want['block_size']}")
     return "; ".join(parts)
 
 
@@ -98,8 +107,9 @@ class Library:
         for v in self.manifest["variants"]:
             tier = v.get("tier")
             symbol = f"hsg_{v['name']}"
+            kind_key = "decode_mixed" if v.get("block_size") else v["kind"]
             for (kind, suffix), argtypes in SIGNATURES.items():
-                if kind == v["kind"]:
+                if kind == kind_key:
                     fn = getattr(self._cdll, symbol + suffix)
                     fn.argtypes, fn.restype = argtypes, _i32
             sizes = {}
@@ -108,7 +118,8 @@ class Library:
                              threads=getattr(self._cdll, symbol + "_threads")())
             self.variants.append(KernelVariant(
                 v["name"], v["kind"], v["arch"], v["dtype"], v["head_dim"], v.get("group"),
-                (tier["k"], tier["v"]) if tier else None, v.get("tiles") or {}, symbol, **sizes))
+                (tier["k"], tier["v"]) if tier else None, v.get("tiles") or {}, symbol,
+                v.get("block_size") or 0, **sizes))
         self._cdll.hsg_device_count.argtypes = [_c.POINTER(_i32)]
         self._cdll.hsg_device_count.restype = _i32
         self._cdll.hsg_error_string.argtypes = [_i32]
@@ -149,7 +160,8 @@ class Library:
 
     # --- dispatch --------------------------------------------------------------------------
     def select(self, kind: str, *, head_dim: int, dtype: str, cc: tuple[int, int],
-               group: int | None = None, tier: tuple[str, str] | None = None) -> KernelVariant:
+               group: int | None = None, tier: tuple[str, str] | None = None,
+               block_size: int | None = None) -> KernelVariant:
         """The best variant for a call, or a DispatchError listing every rejection."""
         fits, reasons = [], []
         for v in self.variants:
@@ -164,6 +176,8 @@ class Library:
                 why.append(f"dtype {v.dtype} != {dtype}")
             if tier is not None and v.tier != tier:
                 why.append(f"tiers k={v.tier[0]}, v={v.tier[1]} != k={tier[0]}, v={tier[1]}")
+            if block_size is not None and v.tier == tier and v.block_size != block_size:
+                why.append(f"cache block size {v.block_size} != {block_size}")
             if not v.runs_on(cc):
                 why.append(f"built for {v.arch}, device is sm_{cc[0]}{cc[1]}")
             (reasons.append(f"  {v.name}: " + "; ".join(why)) if why else fits.append(v))
@@ -174,6 +188,8 @@ class Library:
             want["group"] = group
         if tier is not None:
             want["tier"] = tier
+        if block_size is not None:
+            want["block_size"] = block_size
         call = ", ".join(f"{k}={v}" for k, v in want.items())
         listing = "\n".join(reasons) if reasons else f"  (the library has no {kind} kernels)"
         raise DispatchError(

@@ -64,9 +64,13 @@ DTYPE_ALIASES: dict[str, str] = {
 
 ARCHS: tuple[str, ...] = ("sm_80", "sm_86", "sm_89", "sm_90")
 PHASES: tuple[str, ...] = ("decode",)
-TIER_KINDS: tuple[str, ...] = ("sparse24",)
+#: sparse24: every block 2:4 (flat packed tensors); mixed: per-block dense or 2:4, read
+#: through the hierarchical cache's block table.
+TIER_KINDS: tuple[str, ...] = ("sparse24", "mixed")
 #: Tier names that are part of the design but have no kernel template yet.
-PLANNED_TIER_KINDS: tuple[str, ...] = ("dense", "mixed")
+PLANNED_TIER_KINDS: tuple[str, ...] = ("dense",)
+#: (k, v) tier mixes that a decode template exists for.
+TIER_MIXES: tuple[tuple[str, str], ...] = (("sparse24", "sparse24"), ("mixed", "mixed"))
 
 BLOCK_SIZES: tuple[int, ...] = tuple(range(32, 257, 32))
 WARPS_RANGE = (1, 8)
@@ -114,7 +118,7 @@ class Shape:
 
 @dataclass(frozen=True)
 class Tier:
-    k: str  # currently only "sparse24"
+    k: str  # "sparse24" or "mixed"
     v: str
 
 
@@ -530,6 +534,10 @@ class _Checker:
                         _with_suggestion(kind, TIER_KINDS, f"use one of {_join(TIER_KINDS)}"),
                     )
                 kinds[key] = kind
+            if (kinds["k"], kinds["v"]) not in TIER_MIXES:
+                mixes = ", ".join(f"{{k: {k}, v: {v}}}" for k, v in TIER_MIXES)
+                self.fail(path, f"no template supports the tier mix {{k: {kinds['k']}, v: {kinds['v']}}} yet",
+                          f"use one of {mixes} (mixed reads dense and 2:4 blocks through the block table)")
             tier = Tier(**kinds)
             if tier in seen:
                 self.fail(

@@ -29,14 +29,19 @@ class TileError(ValueError):
     """Tiles that no CTA of the target arch can hold."""
 
 
-def decode_stage_bytes(head_dim: int, chunk_tokens: int) -> int:
-    """Bytes of one pipeline stage of one warp: K and V values (D bytes a token) + metadata (D/8)."""
+def decode_stage_bytes(head_dim: int, chunk_tokens: int, mixed: bool = False) -> int:
+    """Bytes of one pipeline stage of one warp.
+
+    All-2:4: K and V values (D bytes a token) + metadata (D/8). Mixed tiers: a 16-byte header
+    and K and V regions sized for dense tokens (2D bytes a token)."""
+    if mixed:
+        return 16 + 2 * chunk_tokens * head_dim * 2
     return 2 * (chunk_tokens * head_dim + chunk_tokens * head_dim // 8)
 
 
-def decode_smem_bytes(head_dim: int, group: int, tiles: DecodeTiles) -> int:
+def decode_smem_bytes(head_dim: int, group: int, tiles: DecodeTiles, mixed: bool = False) -> int:
     """Dynamic shared memory of a decode CTA (the pipeline, or the warp-merge scratch if larger)."""
-    pipeline = tiles.warps * tiles.stages * decode_stage_bytes(head_dim, tiles.chunk_tokens)
+    pipeline = tiles.warps * tiles.stages * decode_stage_bytes(head_dim, tiles.chunk_tokens, mixed)
     n_tiles = -(-group // 8)
     merge = tiles.warps * n_tiles * 8 * (head_dim + 2) * 4
     return max(pipeline, merge)
@@ -48,19 +53,20 @@ def ctas_per_sm(arch: str, smem_bytes: int, threads: int) -> int:
 
 
 def decode_tiles(head_dim: int, group: int, arch: str, warps: int | None = None,
-                 stages: int | None = None, chunk_tokens: int | None = None) -> DecodeTiles:
+                 stages: int | None = None, chunk_tokens: int | None = None,
+                 mixed: bool = False) -> DecodeTiles:
     """Default decode tiles for a shape, with any spec overrides applied and checked.
 
     Preference: 4 warps, 32-token chunks, and the deepest pipeline (up to 4 stages) that
     keeps two CTAs on an SM; failing that, one CTA; fewer warps only when nothing fits.
     """
-    chunk = chunk_tokens or 32
+    chunk = 32 if mixed else (chunk_tokens or 32)  # mixed: a chunk never straddles two blocks
     warp_choices = [warps] if warps else [4, 2, 1]
     stage_choices = [stages] if stages else [4, 3, 2]
     options = [DecodeTiles(w, s, chunk) for w in warp_choices for s in stage_choices]
 
     def residency(t: DecodeTiles) -> int:
-        need = decode_smem_bytes(head_dim, group, t)
+        need = decode_smem_bytes(head_dim, group, t, mixed)
         return 0 if need > SMEM_PER_BLOCK[arch] else ctas_per_sm(arch, need, t.warps * 32)
 
     for t in options:
@@ -72,6 +78,6 @@ def decode_tiles(head_dim: int, group: int, arch: str, warps: int | None = None,
     t = options[-1]
     raise TileError(
         f"decode tiles warps={t.warps}, stages={t.stages}, chunk_tokens={t.chunk_tokens} need "
-        f"{decode_smem_bytes(head_dim, group, t)} bytes of shared memory for head_dim {head_dim}, "
+        f"{decode_smem_bytes(head_dim, group, t, mixed)} bytes of shared memory for head_dim {head_dim}, "
         f"but {arch} allows {SMEM_PER_BLOCK[arch]}; lower decode.stages, decode.warps or "
         f"decode.chunk_tokens in the spec (or leave them out to let the tile oracle choose)")

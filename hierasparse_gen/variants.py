@@ -26,6 +26,7 @@ class Variant:
     head_dim: int
     group: int = 0                 # decode: query heads per KV head
     tier: Tier | None = None       # decode: K and V tiers read
+    block_size: int = 0            # decode over mixed tiers: tokens per cache block
     tiles: dict = field(default_factory=dict, hash=False, compare=False)
 
     @property
@@ -35,6 +36,8 @@ class Variant:
         d, t, a = f"d{self.head_dim}", DTYPE_TAG[self.dtype], self.arch.replace("_", "")
         if self.kind == "decode":
             tier = f"k{TIER_TAG[self.tier.k]}_v{TIER_TAG[self.tier.v]}"
+            if self.block_size:
+                tier += f"_b{self.block_size}"
             return f"decode_{d}_g{self.group}_{t}_{tier}_{a}"
         return f"{self.kind}_{d}_{t}_{a}"
 
@@ -56,12 +59,18 @@ class Variant:
             return {"hsg_device_count": "number of CUDA devices (cudaError_t)",
                     "hsg_error_string": "cudaGetErrorString",
                     "hsg_runtime_version": "CUDA runtime version linked in"}
+        if self.kind == "decode" and self.block_size:
+            return {s: "split-KV decode over the block table (dense and 2:4 blocks) + combine",
+                    f"{s}_smem_bytes": "dynamic shared memory per CTA",
+                    f"{s}_threads": "threads per CTA"}
         if self.kind == "decode":
             return {s: "split-KV decode attention + combine",
                     f"{s}_smem_bytes": "dynamic shared memory per CTA",
                     f"{s}_threads": "threads per CTA"}
         return {f"{s}_k": "compress K (2:4 along head_dim)",
-                f"{s}_v": "compress V (2:4 along tokens)"}
+                f"{s}_v": "compress V (2:4 along tokens)",
+                f"{s}_score_k": "2:4 prune loss of K per cache block",
+                f"{s}_score_v": "2:4 prune loss of V per cache block"}
 
     @property
     def spec_values(self) -> dict:
@@ -69,13 +78,15 @@ class Variant:
         values = {"kind": self.kind, "head_dim": self.head_dim, "dtype": self.dtype, "arch": self.arch}
         if self.kind == "decode":
             values.update(group=self.group, k_tier=self.tier.k, v_tier=self.tier.v, **self.tiles)
+            if self.block_size:
+                values["block_size"] = self.block_size
         return values
 
     def describe(self) -> dict:
         return {"name": self.name, "kind": self.kind, "arch": self.arch, "dtype": self.dtype,
                 "head_dim": self.head_dim, "group": self.group or None,
                 "tier": {"k": self.tier.k, "v": self.tier.v} if self.tier else None,
-                "tiles": dict(self.tiles), "template": self.template,
+                "tiles": dict(self.tiles), "template": self.template, "block_size": self.block_size or None,
                 "entry_points": self.entry_points}
 
 
@@ -93,12 +104,15 @@ def expand(spec: Spec) -> list[Variant]:
                 out.setdefault(v.name, v)
             if "decode" in spec.phases:
                 for d, g in groups:
-                    try:
-                        tiles = decode_tiles(d, g, arch, spec.decode.warps, spec.decode.stages,
-                                             spec.decode.chunk_tokens)
-                    except TileError as e:
-                        raise SpecError(f"{spec.source}: decode: {e}") from None
                     for tier in spec.tiers:
-                        v = Variant("decode", "decode.cu.j2", arch, dtype, d, g, tier, tiles.as_dict())
+                        mixed = tier.k == "mixed"
+                        try:
+                            tiles = decode_tiles(d, g, arch, spec.decode.warps, spec.decode.stages,
+                                                 spec.decode.chunk_tokens, mixed=mixed)
+                        except TileError as e:
+                            raise SpecError(f"{spec.source}: decode: {e}") from None
+                        v = Variant("decode", "decode_mixed.cu.j2" if mixed else "decode.cu.j2", arch, dtype,
+                                    d, g, tier, tiles=tiles.as_dict(),
+                                    block_size=spec.cache.block_size if mixed else 0)
                         out.setdefault(v.name, v)
     return list(out.values())

@@ -16,3 +16,16 @@ for dtype in (torch.float16, torch.bfloat16):
         out, lse = lib.decode(q, kc, vc, seqlens, num_splits=splits)
 torch.cuda.synchronize()
 print("ok", out.float().abs().mean().item())
+
+# the hierarchical cache: prefill, appends through two flushes, mixed-tier decode
+from hierasparse_gen.cache import HieraCache  # noqa: E402
+
+cache = HieraCache(lib, batch=2, num_kv_heads=8, head_dim=128, max_seq_len=640, key_ratio=0.5, value_ratio=1.0)
+kk = torch.randn(2, 8, 640, 128, device="cuda", dtype=torch.float16)
+cache.prefill(kk[:, :, :450], kk[:, :, :450], [450, 300])
+for step in range(130):
+    cache.append(kk[:, :, 450 + step % 100], kk[:, :, 450 + step % 100])
+    if step % 40 == 0:
+        out, lse = cache.attend(torch.randn(2, 32, 128, device="cuda", dtype=torch.float16), num_splits=3)
+torch.cuda.synchronize()
+print("cache ok", cache.lengths, out.float().abs().mean().item())

@@ -63,9 +63,9 @@ def test_llama3_spec_loads_and_normalizes():
     assert spec.dtypes == ("float16", "bfloat16")
     assert spec.archs == ("sm_80", "sm_90")
     assert spec.phases == ("decode",)
-    assert spec.tiers == (Tier(k="sparse24", v="sparse24"),)
+    assert spec.tiers == (Tier(k="sparse24", v="sparse24"), Tier(k="mixed", v="mixed"))
     assert spec.cache == CacheConfig(block_size=64, sink=64, local_window=256)
-    assert spec.decode == DecodeTiles(warps=4, stages=3, chunk_tokens=32)
+    assert spec.decode == DecodeTiles(warps=4, stages=None, chunk_tokens=32)
     assert spec.source == str(LLAMA3)
 
 
@@ -272,7 +272,7 @@ BAD_DICTS = [
     ("phases-empty", _set(("phases",), []), ["phases: the list is empty", "default [decode]"]),
     # --- tiers
     ("tier-dense", _set(("tiers", 0, "k"), "dense"), ["tiers[0].k: 'dense' is recognized but no template supports this tier yet; use sparse24", "Fix: set tiers[0].k to sparse24."]),
-    ("tier-mixed", _set(("tiers",), [{"k": "sparse24", "v": "sparse24"}, {"k": "sparse24", "v": "mixed"}]), ["tiers[1].v: 'mixed' is recognized but no template supports this tier yet; use sparse24"]),
+    ("tier-mix-unsupported", _set(("tiers",), [{"k": "sparse24", "v": "sparse24"}, {"k": "sparse24", "v": "mixed"}]), ["tiers[1]: no template supports the tier mix {k: sparse24, v: mixed} yet", "Fix: use one of {k: sparse24, v: sparse24}, {k: mixed, v: mixed}"]),
     ("tier-unknown", _set(("tiers", 0, "v"), "sparse"), ["tiers[0].v: 'sparse' is not a known tier", "Fix: did you mean 'sparse24'?"]),
     ("tier-missing-v", _drop("tiers", 0, "v"), ["tiers[0].v: required key is missing", "e.g. v: sparse24"]),
     ("tier-duplicate", _set(("tiers",), [{"k": "sparse24", "v": "sparse24"}] * 2), ["tiers[1]: duplicate tier {k: sparse24, v: sparse24} is the same as tiers[0]. Fix: remove tiers[1]."]),

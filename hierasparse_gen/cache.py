@@ -1,0 +1,327 @@
+"""The hierarchical KV cache: preallocated dense and 2:4 pools plus one block table.
+
+Every (batch, kv head) sequence is cut into blocks of ``block_size`` tokens. Each block of K
+and, independently, of V lives either in the dense pool (row-major) or in the 2:4 pool (the
+kernel fragment layout of :mod:`hierasparse_gen.format`); the block table says which, and
+where: entry ``e >= 0`` is dense slot ``e``, ``e < 0`` is 2:4 slot ``-e - 1``.
+
+* The first ``sink`` tokens and the window (the last ``local_window`` tokens in whole blocks,
+  plus the newest, partial block) are always dense.
+* Eligible blocks (between sink and window) are 2:4 in the proportion of each tensor's ratio:
+  ``round(ratio * eligible)`` of them, per (batch, kv head). At prefill the blocks with the
+  smallest prune loss (summed |x| that 2:4 drops) are chosen, per head; when decode pushes a
+  block out of the window it becomes 2:4 exactly when that keeps the count at the ratio, so
+  every head of a sequence holds the same number of dense and 2:4 blocks and pools can be
+  sized up front.
+* Appends write one row of the newest dense block; a flush re-tiers one block in place
+  (compress it into the next 2:4 slot, free its dense slot). Nothing is ever concatenated.
+
+Slot bookkeeping is on the host (per sequence, the same for all heads), so a decode step
+needs no device-to-host synchronisation.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from .format import unpack_k, unpack_v
+
+
+class CacheFullError(RuntimeError):
+    """An append would exceed the cache's capacity; nothing was written."""
+
+
+def ratio_count(ratio: float, eligible: int) -> int:
+    """2:4 blocks among ``eligible`` blocks for a ratio (round half up, never more than all)."""
+    return min(eligible, math.floor(ratio * eligible + 0.5))
+
+
+@dataclass
+class _Tensor:
+    """Pools, table and per-sequence slot bookkeeping of K or of V."""
+    name: str
+    ratio: float
+    dense: torch.Tensor          # [B, H, n_dense, block, D]
+    sparse_vals: torch.Tensor    # [B, H, n_sparse, block * D / 2]
+    sparse_meta: torch.Tensor    # [B, H, n_sparse, block * D / 16] int16
+    table: torch.Tensor          # [B, H, max_blocks] int32
+    n_sparse: list[int] = field(default_factory=list)        # 2:4 blocks, per sequence
+    free: list[list[int]] = field(default_factory=list)      # free dense slots, per sequence
+    uniform: list[dict[int, int]] = field(default_factory=list)  # block -> dense slot, same for all heads
+
+
+class HieraCache:
+    """One layer's hierarchical K/V cache for ``batch`` sequences of up to ``max_seq_len`` tokens."""
+
+    def __init__(self, lib, *, batch: int, num_kv_heads: int, head_dim: int, max_seq_len: int,
+                 key_ratio: float, value_ratio: float, dtype=torch.float16, device="cuda",
+                 block_size: int | None = None, sink: int | None = None, local_window: int | None = None):
+        cfg = lib.manifest["spec"].get("cache", {})
+        self.lib = lib
+        self.block = int(block_size or cfg.get("block_size", 64))
+        self.sink = int(cfg.get("sink", 64) if sink is None else sink)
+        self.window = int(cfg.get("local_window", 256) if local_window is None else local_window)
+        for name, r in (("key_ratio", key_ratio), ("value_ratio", value_ratio)):
+            if not 0.0 <= r <= 1.0:
+                raise ValueError(f"{name}: {r} is outside [0, 1]. Fix: pass the fraction of eligible "
+                                 f"blocks to store 2:4 (0 = all dense, 1 = all 2:4)")
+        if self.block % 32 or self.sink % self.block or self.window % self.block:
+            raise ValueError(f"block_size {self.block} must be a multiple of 32 and sink {self.sink} / "
+                             f"local_window {self.window} multiples of it. Fix: use the spec's cache values")
+        if batch < 1 or num_kv_heads < 1 or max_seq_len < 1:
+            raise ValueError("batch, num_kv_heads and max_seq_len must be positive")
+        if dtype not in (torch.float16, torch.bfloat16):
+            raise ValueError(f"dtype {dtype} is not supported. Fix: use torch.float16 or torch.bfloat16")
+        self.batch, self.heads, self.head_dim = batch, num_kv_heads, head_dim
+        self.dtype, self.device = dtype, torch.device(device)
+        self.max_seq_len = max_seq_len
+        self.max_blocks = -(-max_seq_len // self.block)
+        self.sink_blocks, self.window_blocks = self.sink // self.block, self.window // self.block
+        self.lengths = [0] * batch
+        self.n_eligible = [0] * batch
+        self.seqlens = torch.zeros(batch, dtype=torch.int32, device=self.device)
+        self.k = self._make("k", key_ratio)
+        self.v = self._make("v", value_ratio)
+
+    # --- sizing -------------------------------------------------------------------------------
+    def _eligible(self, full_blocks: int) -> int:
+        return max(0, full_blocks - self.sink_blocks - self.window_blocks)
+
+    def _pool_sizes(self, ratio: float) -> tuple[int, int]:
+        """(dense slots, 2:4 slots) a sequence can ever need: the most blocks dense at once."""
+        most_dense = 0
+        for full in range(self.max_blocks + 1):
+            held = ratio_count(ratio, self._eligible(full))
+            if full * self.block <= self.max_seq_len:         # every block full
+                most_dense = max(most_dense, full - held)
+            if full * self.block + 1 <= self.max_seq_len:     # one more, partial, block
+                most_dense = max(most_dense, full + 1 - held)
+        n_sparse = ratio_count(ratio, self._eligible(self.max_seq_len // self.block))
+        return max(most_dense, 1), max(n_sparse, 1)
+
+    def _make(self, name: str, ratio: float) -> _Tensor:
+        B, H, D, S = self.batch, self.heads, self.head_dim, self.block
+        n_dense, n_sparse = self._pool_sizes(ratio)
+        z = dict(device=self.device)
+        t = _Tensor(name, ratio,
+                    torch.zeros(B, H, n_dense, S, D, dtype=self.dtype, **z),
+                    torch.zeros(B, H, n_sparse, S * D // 2, dtype=self.dtype, **z),
+                    torch.zeros(B, H, n_sparse, S * D // 16, dtype=torch.int16, **z),
+                    torch.zeros(B, H, self.max_blocks, dtype=torch.int32, **z))
+        t.n_sparse = [0] * B
+        t.free = [list(range(n_dense)) for _ in range(B)]
+        t.uniform = [{} for _ in range(B)]
+        return t
+
+    # --- prefill ------------------------------------------------------------------------------
+    def prefill(self, k: torch.Tensor, v: torch.Tensor, lengths=None) -> None:
+        """Fill empty sequences from a prompt's dense K/V ``[B, Hkv, L, D]`` (``lengths[b] <= L``)."""
+        self._check_dense(k, "k", 4)
+        self._check_dense(v, "v", 4)
+        if k.shape != v.shape:
+            raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} differ. Fix: pass K and V of one prompt")
+        L = k.shape[2]
+        lengths = [L] * self.batch if lengths is None else [int(x) for x in lengths]
+        if len(lengths) != self.batch or min(lengths) < 0 or max(lengths) > L:
+            raise ValueError(f"lengths {lengths} must give one value in [0, {L}] per sequence")
+        if max(lengths) > self.max_seq_len:
+            raise CacheFullError(f"a prompt of {max(lengths)} tokens exceeds the cache capacity "
+                                 f"{self.max_seq_len}. Fix: build the cache with a larger max_seq_len")
+        if any(self.lengths):
+            raise RuntimeError("prefill needs an empty cache. Fix: call reset() first")
+        for b in range(self.batch):
+            if lengths[b]:
+                self._prefill_one(b, k[b:b + 1, :, :lengths[b]], v[b:b + 1, :, :lengths[b]])
+        self.seqlens.copy_(torch.tensor(self.lengths, dtype=torch.int32))
+
+    def _prefill_one(self, b: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        L, S = k.shape[2], self.block
+        full, blocks = L // S, -(-L // S)
+        first = self.sink_blocks
+        n_elig = self._eligible(full)
+        window0 = first + n_elig            # first block of the window (or of the tail)
+        uniform = list(range(min(first, blocks))) + list(range(max(window0, min(first, blocks)), blocks))
+        for t, x in ((self.k, k), (self.v, v)):
+            n_s = ratio_count(t.ratio, n_elig)
+            sparse_mask = torch.zeros(self.heads, n_elig, dtype=torch.bool, device=self.device)
+            if n_s:
+                loss = self._score(x, t.name)[0, :, first:first + n_elig]    # [H, n_elig]
+                picks = torch.topk(loss, n_s, dim=-1, largest=False).indices
+                sparse_mask.scatter_(1, picks, True)
+            # per head: 2:4 blocks take 2:4 slots in block order, dense eligible blocks take
+            # dense slots 0.. in block order; sink and window blocks follow, same for every head
+            s_rank = torch.cumsum(sparse_mask.int(), 1) - 1
+            d_rank = torch.cumsum((~sparse_mask).int(), 1) - 1
+            row = torch.zeros(self.heads, blocks, dtype=torch.int32, device=self.device)
+            row[:, first:window0] = torch.where(sparse_mask, -(s_rank + 1), d_rank).int()
+            n_de = n_elig - n_s
+            for i, blk in enumerate(uniform):
+                row[:, blk] = n_de + i
+            t.table[b, :, :blocks] = row
+            t.n_sparse[b] = n_s
+            t.uniform[b] = {blk: n_de + i for i, blk in enumerate(uniform)}
+            t.free[b] = list(range(n_de + len(uniform), t.dense.shape[2]))
+            # fill the pools: dense blocks by gather, 2:4 blocks from one compression pass
+            padded = torch.zeros(1, self.heads, blocks * S, self.head_dim, dtype=self.dtype, device=self.device)
+            padded[:, :, :L] = x
+            dense_blocks = padded.view(self.heads, blocks, S, self.head_dim)
+            if n_de:
+                idx = torch.sort(torch.where(~sparse_mask, torch.arange(n_elig, device=self.device), n_elig),
+                                 dim=1).values[:, :n_de] + first
+                t.dense[b, :, :n_de] = torch.gather(
+                    dense_blocks, 1, idx.view(self.heads, n_de, 1, 1).expand(-1, -1, S, self.head_dim))
+            for i, blk in enumerate(uniform):
+                t.dense[b, :, n_de + i] = dense_blocks[:, blk]
+            if n_s:
+                packed = (self.lib.compress_k if t.name == "k" else self.lib.compress_v)(padded)
+                vals = packed.values.reshape(self.heads, blocks, -1)
+                meta = packed.meta.reshape(self.heads, blocks, -1)
+                idx = torch.sort(torch.where(sparse_mask, torch.arange(n_elig, device=self.device), n_elig),
+                                 dim=1).values[:, :n_s] + first
+                t.sparse_vals[b, :, :n_s] = torch.gather(vals, 1, idx.unsqueeze(-1).expand(-1, -1, vals.shape[-1]))
+                t.sparse_meta[b, :, :n_s] = torch.gather(meta, 1, idx.unsqueeze(-1).expand(-1, -1, meta.shape[-1]))
+        self.lengths[b] = L
+        self.n_eligible[b] = n_elig
+
+    def _score(self, x: torch.Tensor, kind: str) -> torch.Tensor:
+        """Prune loss per whole block ``[1, H, L // block]`` (float32, on the GPU)."""
+        from .ops import score_blocks
+        return score_blocks(self.lib, x, kind, self.block)
+
+    # --- decode -------------------------------------------------------------------------------
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Append one token per sequence (``[B, Hkv, D]`` each); flush a block when the window overflows."""
+        self._check_dense(k, "k", 3)
+        self._check_dense(v, "v", 3)
+        full = [b for b in range(self.batch) if self.lengths[b] >= self.max_seq_len]
+        if full:
+            raise CacheFullError(f"sequences {full} hold {self.max_seq_len} tokens, the cache capacity; "
+                                 f"nothing was written. Fix: build the cache with a larger max_seq_len")
+        S = self.block
+        slots = {"k": [], "v": []}
+        for b in range(self.batch):
+            pos = self.lengths[b]
+            for t in (self.k, self.v):
+                if pos % S == 0:  # a new block starts: it is dense, in a free slot
+                    slot = t.free[b].pop(0)
+                    t.uniform[b][pos // S] = slot
+                    t.table[b, :, pos // S] = slot
+                slots[t.name].append(t.uniform[b][pos // S])
+        bidx = torch.arange(self.batch, device=self.device)
+        rows = torch.tensor([p % S for p in self.lengths], device=self.device)
+        for t, x in ((self.k, k), (self.v, v)):
+            t.dense[bidx, :, torch.tensor(slots[t.name], device=self.device), rows] = x.to(self.dtype)
+        for b in range(self.batch):
+            self.lengths[b] += 1
+            if self.lengths[b] % S == 0:
+                self._maybe_flush(b)
+        self.seqlens.copy_(torch.tensor(self.lengths, dtype=torch.int32))
+
+    def _maybe_flush(self, b: int) -> None:
+        """The block leaving the window becomes eligible; re-tier it by each tensor's ratio."""
+        blk = self.lengths[b] // self.block - self.window_blocks - 1
+        if blk < self.sink_blocks:
+            return
+        self.n_eligible[b] += 1
+        for t in (self.k, self.v):
+            if t.n_sparse[b] >= ratio_count(t.ratio, self.n_eligible[b]):
+                del t.uniform[b][blk]  # stays dense where it is
+                continue
+            slot = t.uniform[b].pop(blk)
+            x = t.dense[b:b + 1, :, slot]  # [1, H, block, D]
+            packed = (self.lib.compress_k if t.name == "k" else self.lib.compress_v)(x)
+            s = t.n_sparse[b]
+            t.sparse_vals[b, :, s] = packed.values.reshape(self.heads, -1)
+            t.sparse_meta[b, :, s] = packed.meta.reshape(self.heads, -1)
+            t.table[b, :, blk] = -(s + 1)
+            t.n_sparse[b] = s + 1
+            t.free[b].append(slot)
+
+    def attend(self, q: torch.Tensor, *, scale: float | None = None, num_splits: int | None = None):
+        """Decode attention of ``q [B, Hq, D]`` over the cache. Returns (out, lse)."""
+        from .ops import decode_cache
+        return decode_cache(self.lib, q, self, scale=scale, num_splits=num_splits)
+
+    def reset(self) -> None:
+        """Forget every sequence (pools are reused; stale data is never read)."""
+        for t in (self.k, self.v):
+            t.n_sparse = [0] * self.batch
+            t.free = [list(range(t.dense.shape[2])) for _ in range(self.batch)]
+            t.uniform = [{} for _ in range(self.batch)]
+        self.lengths = [0] * self.batch
+        self.n_eligible = [0] * self.batch
+        self.seqlens.zero_()
+
+    # --- inspection ---------------------------------------------------------------------------
+    def to_dense(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V ``[B, Hkv, max(lengths), D]`` exactly as the cache holds them (2:4 blocks pruned)."""
+        L = max(self.lengths) if any(self.lengths) else 0
+        out = []
+        for t in (self.k, self.v):
+            x = torch.zeros(self.batch, self.heads, self.max_blocks * self.block, self.head_dim,
+                            dtype=self.dtype, device=self.device)
+            for b in range(self.batch):
+                blocks = -(-self.lengths[b] // self.block)
+                for blk in range(blocks):
+                    e = t.table[b, :, blk]
+                    sl = slice(blk * self.block, (blk + 1) * self.block)
+                    dense_rows = t.dense[b, torch.arange(self.heads), e.clamp(min=0).long()]
+                    sp = (-e - 1).clamp(min=0).long()
+                    vals = t.sparse_vals[b, torch.arange(self.heads), sp]
+                    meta = t.sparse_meta[b, torch.arange(self.heads), sp]
+                    unpack = unpack_k if t.name == "k" else unpack_v
+                    shapes = ((self.heads, 1, self.block, self.head_dim // 2),
+                              (self.heads, 1, self.block, self.head_dim // 16)) if t.name == "k" else \
+                        ((self.heads, 1, self.block // 2, self.head_dim),
+                         (self.heads, 1, self.block // 16, self.head_dim))
+                    sparse_rows = unpack(vals.reshape(shapes[0]), meta.reshape(shapes[1]))[:, 0]
+                    x[b, :, sl] = torch.where((e < 0).view(-1, 1, 1), sparse_rows, dense_rows)
+                x[b, :, self.lengths[b]:] = 0
+            out.append(x[:, :, :L])
+        return out[0], out[1]
+
+    def tiers(self, name: str = "k") -> torch.Tensor:
+        """Per (batch, head, block): True where the block is 2:4 (blocks past a length are False)."""
+        t = self.k if name == "k" else self.v
+        blocks = torch.arange(self.max_blocks, device=self.device).view(1, 1, -1)
+        live = blocks < torch.tensor([-(-n // self.block) for n in self.lengths], device=self.device).view(-1, 1, 1)
+        return (t.table < 0) & live
+
+    def nbytes(self) -> dict:
+        """Bytes held by the live blocks, by tier, and the compression ratio against dense."""
+        S, D, item = self.block, self.head_dim, torch.empty((), dtype=self.dtype).element_size()
+        dense_block, sparse_block = S * D * item, S * D * item // 2 + S * D // 8
+        out = {}
+        blocks_total = 0
+        for t in (self.k, self.v):
+            n_sp = sum(t.n_sparse) * self.heads
+            n_all = sum(-(-n // S) for n in self.lengths) * self.heads
+            blocks_total += n_all
+            out[f"{t.name}_dense"] = (n_all - n_sp) * dense_block
+            out[f"{t.name}_sparse"] = n_sp * sparse_block
+        out["table"] = 2 * self.batch * self.heads * self.max_blocks * 4
+        data = sum(v for k, v in out.items() if k != "table")
+        out["total"] = data + out["table"]
+        out["dense_equivalent"] = blocks_total * dense_block
+        out["compression_ratio"] = out["dense_equivalent"] / data if data else 1.0
+        return out
+
+    def allocated_nbytes(self) -> int:
+        """Bytes of every preallocated pool and table."""
+        return sum(x.nbytes for t in (self.k, self.v)
+                   for x in (t.dense, t.sparse_vals, t.sparse_meta, t.table)) + self.seqlens.nbytes
+
+    def _check_dense(self, x, what: str, dims: int) -> None:
+        shape = (self.batch, self.heads, self.head_dim) if dims == 3 else None
+        if not isinstance(x, torch.Tensor) or x.device.type != "cuda":
+            raise ValueError(f"{what}: expected a CUDA tensor. Fix: move it to the GPU")
+        if x.dim() != dims or (shape and tuple(x.shape) != shape) or \
+                (dims == 4 and (x.shape[0] != self.batch or x.shape[1] != self.heads or x.shape[3] != self.head_dim)):
+            want = f"[{self.batch}, {self.heads}, {self.head_dim}]" if dims == 3 else \
+                f"[{self.batch}, {self.heads}, L, {self.head_dim}]"
+            raise ValueError(f"{what}: shape {tuple(x.shape)} does not match the cache. Fix: pass {want}")
+        if x.dtype != self.dtype:
+            raise ValueError(f"{what}: dtype {x.dtype} but the cache holds {self.dtype}. Fix: cast it")
