@@ -76,13 +76,14 @@ class HieraCache:
         if dtype not in (torch.float16, torch.bfloat16):
             raise ValueError(f"dtype {dtype} is not supported. Fix: use torch.float16 or torch.bfloat16")
         self.batch, self.heads, self.head_dim = batch, num_kv_heads, head_dim
-        self.dtype, self.device = dtype, torch.device(device)
+        self.dtype = dtype
+        self.seqlens = torch.zeros(batch, dtype=torch.int32, device=device)
+        self.device = self.seqlens.device  # "cuda" resolved to "cuda:N"
         self.max_seq_len = max_seq_len
         self.max_blocks = -(-max_seq_len // self.block)
         self.sink_blocks, self.window_blocks = self.sink // self.block, self.window // self.block
         self.lengths = [0] * batch
         self.n_eligible = [0] * batch
-        self.seqlens = torch.zeros(batch, dtype=torch.int32, device=self.device)
         self.k = self._make("k", key_ratio)
         self.v = self._make("v", value_ratio)
 
