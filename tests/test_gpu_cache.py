@@ -115,7 +115,7 @@ def test_decode_with_flushes_matches_reference_every_step(lib, ratios):
 def test_full_cache_raises_before_writing(lib):
     cache = HieraCache(lib, batch=2, num_kv_heads=HKV, head_dim=D, max_seq_len=128, key_ratio=1.0, value_ratio=1.0)
     model = Model(cache, 128, seed=3)
-    cache.prefill(model.k[:, :, :120], model.v[:, :, :120], [120, 127])
+    cache.prefill(model.k[:, :, :127], model.v[:, :, :127], [120, 127])
     cache.append(model.k[:, :, 120], model.v[:, :, 120])  # lengths 121, 128
     before = [t.clone() for t in cache.to_dense()]
     with pytest.raises(CacheFullError, match=r"sequences \[1\] hold 128 tokens, the cache capacity; nothing was written"):
