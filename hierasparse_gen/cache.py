@@ -133,59 +133,50 @@ class HieraCache:
                                  f"{self.max_seq_len}. Fix: build the cache with a larger max_seq_len")
         if any(self.lengths):
             raise RuntimeError("prefill needs an empty cache. Fix: call reset() first")
-        for b in range(self.batch):
-            if lengths[b]:
-                self._prefill_one(b, k[b:b + 1, :, :lengths[b]], v[b:b + 1, :, :lengths[b]])
+        # one batched pass when all prompts have one length; else sequence by sequence
+        groups = [range(self.batch)] if len(set(lengths)) == 1 else [range(b, b + 1) for b in range(self.batch)]
+        for g in groups:
+            n = lengths[g[0]]
+            if n:
+                self._prefill_group(g.start, g.stop, k[g.start:g.stop, :, :n], v[g.start:g.stop, :, :n])
         self.seqlens.copy_(torch.tensor(self.lengths, dtype=torch.int32))
 
-    def _prefill_one(self, b: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        L, S = k.shape[2], self.block
+    def _prefill_group(self, b0: int, b1: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Sequences b0..b1-1, all with the prompt length L: select, fill the table, then one
+        fill kernel per tensor writes every block to its dense or 2:4 slot."""
+        from .ops import fill_blocks
+        L, S, nb = k.shape[2], self.block, b1 - b0
         full, blocks = L // S, -(-L // S)
         first = self.sink_blocks
         n_elig = self._eligible(full)
         window0 = first + n_elig            # first block of the window (or of the tail)
         uniform = list(range(min(first, blocks))) + list(range(max(window0, min(first, blocks)), blocks))
+        uniform_idx = torch.tensor(uniform, dtype=torch.long, device=self.device)
         for t, x in ((self.k, k), (self.v, v)):
             n_s = ratio_count(t.ratio, n_elig)
-            sparse_mask = torch.zeros(self.heads, n_elig, dtype=torch.bool, device=self.device)
-            if n_s:
-                loss = self._score(x, t.name)[0, :, first:first + n_elig]    # [H, n_elig]
-                picks = torch.topk(loss, n_s, dim=-1, largest=False).indices
-                sparse_mask.scatter_(1, picks, True)
-            # per head: 2:4 blocks take 2:4 slots in block order, dense eligible blocks take
-            # dense slots 0.. in block order; sink and window blocks follow, same for every head
-            s_rank = torch.cumsum(sparse_mask.int(), 1) - 1
-            d_rank = torch.cumsum((~sparse_mask).int(), 1) - 1
-            row = torch.zeros(self.heads, blocks, dtype=torch.int32, device=self.device)
-            row[:, first:window0] = torch.where(sparse_mask, -(s_rank + 1), d_rank).int()
             n_de = n_elig - n_s
-            for i, blk in enumerate(uniform):
-                row[:, blk] = n_de + i
-            t.table[b, :, :blocks] = row
-            t.n_sparse[b] = n_s
-            t.uniform[b] = {blk: n_de + i for i, blk in enumerate(uniform)}
-            t.free[b] = list(range(n_de + len(uniform), t.dense.shape[2]))
-            # fill the pools: dense blocks by gather, 2:4 blocks from one compression pass
-            padded = torch.zeros(1, self.heads, blocks * S, self.head_dim, dtype=self.dtype, device=self.device)
-            padded[:, :, :L] = x
-            dense_blocks = padded.view(self.heads, blocks, S, self.head_dim)
-            if n_de:
-                idx = torch.sort(torch.where(~sparse_mask, torch.arange(n_elig, device=self.device), n_elig),
-                                 dim=1).values[:, :n_de] + first
-                t.dense[b, :, :n_de] = torch.gather(
-                    dense_blocks, 1, idx.view(self.heads, n_de, 1, 1).expand(-1, -1, S, self.head_dim))
-            for i, blk in enumerate(uniform):
-                t.dense[b, :, n_de + i] = dense_blocks[:, blk]
-            if n_s:
-                packed = (self.lib.compress_k if t.name == "k" else self.lib.compress_v)(padded)
-                vals = packed.values.reshape(self.heads, blocks, -1)
-                meta = packed.meta.reshape(self.heads, blocks, -1)
-                idx = torch.sort(torch.where(sparse_mask, torch.arange(n_elig, device=self.device), n_elig),
-                                 dim=1).values[:, :n_s] + first
-                t.sparse_vals[b, :, :n_s] = torch.gather(vals, 1, idx.unsqueeze(-1).expand(-1, -1, vals.shape[-1]))
-                t.sparse_meta[b, :, :n_s] = torch.gather(meta, 1, idx.unsqueeze(-1).expand(-1, -1, meta.shape[-1]))
-        self.lengths[b] = L
-        self.n_eligible[b] = n_elig
+            rows = t.table[b0:b1, :, :blocks]
+            if n_elig:
+                sparse = torch.zeros(nb, self.heads, n_elig, dtype=torch.bool, device=self.device)
+                if n_s:  # per head, the n_s eligible blocks of least prune loss become 2:4
+                    loss = self._score(x, t.name)[:, :, first:window0]
+                    sparse.scatter_(2, torch.topk(loss, n_s, dim=-1, largest=False).indices, True)
+                # 2:4 blocks take 2:4 slots in block order; dense eligible blocks dense slots 0..
+                rank = torch.where(sparse, -torch.cumsum(sparse, 2, dtype=torch.int32),
+                                   torch.cumsum(~sparse, 2, dtype=torch.int32) - 1)
+                rows[:, :, first:window0] = rank
+            # sink and window blocks follow, at the same dense slots for every head
+            rows[:, :, uniform_idx] = (n_de + torch.arange(len(uniform), dtype=torch.int32,
+                                                           device=self.device)).expand(nb, self.heads, -1)
+            fill_blocks(self.lib, x, t.name, t.table[b0:b1], S, t.dense[b0:b1], t.sparse_vals[b0:b1],
+                        t.sparse_meta[b0:b1])
+            for b in range(b0, b1):
+                t.n_sparse[b] = n_s
+                t.uniform[b] = {blk: n_de + i for i, blk in enumerate(uniform)}
+                t.free[b] = list(range(n_de + len(uniform), t.dense.shape[2]))
+        for b in range(b0, b1):
+            self.lengths[b] = L
+            self.n_eligible[b] = n_elig
 
     def _score(self, x: torch.Tensor, kind: str) -> torch.Tensor:
         """Prune loss per whole block ``[1, H, L // block]`` (float32, on the GPU)."""

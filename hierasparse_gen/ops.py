@@ -315,6 +315,27 @@ def _(lib_key, x, block_size, kind):
     return x.new_empty((B, H, L // block_size), dtype=torch.float32)
 
 
+def fill_blocks(lib, x: torch.Tensor, kind: str, table: torch.Tensor, block: int, dense: torch.Tensor,
+                vals: torch.Tensor, meta: torch.Tensor) -> None:
+    """Write the blocks of ``x [B, H, L, D]`` into a cache's pools where ``table [B, H, max_blocks]``
+    says: dense slot (copied) or 2:4 slot (compressed). Runs on the current stream."""
+    B, H, L, D = x.shape
+    if x.stride(3) != 1 or x.stride(2) % 8 or x.stride(1) % 8 or x.stride(0) % 8:
+        x = x.contiguous()  # 16-byte row copies
+    for t in (table, dense, vals, meta):
+        if not t.is_contiguous():
+            raise ValueError("fill_blocks: table and pools must be contiguous")
+    variant = lib.select("compress", head_dim=D, dtype=_DTYPES[x.dtype], cc=_device_cc(x.device))
+    _check_aligned(x, kind, 16)
+    symbol = f"{variant.symbol}_fill_{kind}"
+    with torch.cuda.device(x.device):
+        stream = torch.cuda.current_stream(x.device).cuda_stream
+        code = lib.function(symbol)(
+            x.data_ptr(), x.stride(0), x.stride(1), x.stride(2), B, H, L, table.data_ptr(), table.shape[2],
+            block, dense.data_ptr(), dense.shape[2], vals.data_ptr(), meta.data_ptr(), vals.shape[2], stream)
+    lib.check(code, symbol)
+
+
 def decode_cache(lib, q: torch.Tensor, cache, *, scale: float | None = None, num_splits: int | None = None):
     """Decode attention over a :class:`~hierasparse_gen.cache.HieraCache` (mixed-tier kernel)."""
     _check_cuda(q, "q")

@@ -32,16 +32,18 @@ class TileError(ValueError):
 def decode_stage_bytes(head_dim: int, chunk_tokens: int, mixed: bool = False) -> int:
     """Bytes of one pipeline stage of one warp.
 
-    All-2:4: K and V values (D bytes a token) + metadata (D/8). Mixed tiers: a 16-byte header
-    and K and V regions sized for dense tokens (2D bytes a token)."""
+    All-2:4: K and V values (D bytes a token) + metadata (D/8). Mixed tiers: a stage is room
+    for one dense K and V chunk (2D bytes a token each) in the warp's byte ring, plus a share of
+    the ring's 128-byte header (2:4 chunks take 9/16 of that, so more of them fit)."""
     if mixed:
-        return 16 + 2 * chunk_tokens * head_dim * 2
+        return 2 * chunk_tokens * head_dim * 2
     return 2 * (chunk_tokens * head_dim + chunk_tokens * head_dim // 8)
 
 
 def decode_smem_bytes(head_dim: int, group: int, tiles: DecodeTiles, mixed: bool = False) -> int:
     """Dynamic shared memory of a decode CTA (the pipeline, or the warp-merge scratch if larger)."""
-    pipeline = tiles.warps * tiles.stages * decode_stage_bytes(head_dim, tiles.chunk_tokens, mixed)
+    pipeline = tiles.warps * (tiles.stages * decode_stage_bytes(head_dim, tiles.chunk_tokens, mixed)
+                              + (128 if mixed else 0))
     n_tiles = -(-group // 8)
     merge = tiles.warps * n_tiles * 8 * (head_dim + 2) * 4
     return max(pipeline, merge)

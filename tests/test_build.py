@@ -75,8 +75,8 @@ def test_manifest_records_variants_hashes_and_tools(llama3_build):
 
 def test_sass_uses_sparse_tensor_cores_without_traps_or_local_memory(llama3_build):
     kernels = _kernels(_sass(llama3_build / "libhierasparse_llama3.so"))
-    decode = {k: v for k, v in kernels.items() if "decode_kernel" in k}
-    assert len(decode) == 4  # f16/bf16 x sm_80/sm_90
+    decode = {k: v for k, v in kernels.items() if "decode_kernel" in k or "decode_mixed_kernel" in k}
+    assert len(decode) == 8  # f16/bf16 x sm_80/sm_90 x flat/mixed
     for name, text in decode.items():
         assert "HMMA.SP.16832.F32" in text, name
         assert "MOVM" in text, name          # P^T built in registers, not through shared memory
@@ -84,6 +84,9 @@ def test_sass_uses_sparse_tensor_cores_without_traps_or_local_memory(llama3_buil
         for bad in ("BPT.TRAP", "LDL", "STL"):
             assert bad not in text, (name, bad)
     assert any(".BF16" in t for k, t in decode.items() if "bf16" in k)
+    for name, text in decode.items():
+        if "mixed" in name:  # dense blocks: ldmatrix (and its transposed form for V) + mma.sync
+            assert "LDSM.16.M88.4" in text and "LDSM.16.MT88.4" in text and "HMMA.16816.F32" in text, name
     for name, text in kernels.items():
         assert "BPT.TRAP" not in text and "LDL" not in text, name
 
@@ -109,7 +112,8 @@ def test_library_exports_only_the_c_abi(llama3_build):
 def test_load_without_gpu_gives_a_clear_error(llama3_build):
     lib = hierasparse_gen.load(llama3_build)
     assert {v.name for v in lib.variants if v.kind == "decode"} == {
-        f"decode_d128_g4_{t}_k24_v24_{a}" for t in ("f16", "bf16") for a in ("sm80", "sm90")}
+        f"decode_d128_g4_{t}_{tier}_{a}" for t in ("f16", "bf16") for a in ("sm80", "sm90")
+        for tier in ("k24_v24", "km_vm_b64")}
     dec = lib.select("decode", head_dim=128, dtype="float16", cc=(9, 0), group=4, tier=("sparse24", "sparse24"))
     assert dec.smem_bytes == 4 * 3 * 9216 and dec.threads == 128
     try:
@@ -171,7 +175,7 @@ def test_concurrent_builds_of_one_spec_are_safe(tmp_path):
     procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
     logs = [p.communicate(timeout=600)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), logs
-    assert sum("3 compiled" in log for log in logs) == 1 and sum("0 compiled" in log for log in logs) == 1
+    assert sum("3 compiled" in log for log in logs) == 1 and sum("0 compiled" in log for log in logs) == 1, logs
     lib = hierasparse_gen.load(out)
     assert lib.select("decode", head_dim=64, dtype="float16", cc=(9, 0), group=2).name == \
         "decode_d64_g2_f16_k24_v24_sm90"

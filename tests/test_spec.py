@@ -145,9 +145,9 @@ def test_to_dict_round_trips():
         "dtypes": ["float16", "bfloat16"],
         "archs": ["sm_80", "sm_90"],
         "phases": ["decode"],
-        "tiers": [{"k": "sparse24", "v": "sparse24"}],
+        "tiers": [{"k": "sparse24", "v": "sparse24"}, {"k": "mixed", "v": "mixed"}],
         "cache": {"block_size": 64, "sink": 64, "local_window": 256},
-        "decode": {"warps": 4, "stages": 3, "chunk_tokens": 32},
+        "decode": {"warps": 4, "stages": None, "chunk_tokens": 32},
     }
     again = parse_spec(d, source=spec.source)
     assert again == spec

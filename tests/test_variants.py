@@ -26,11 +26,13 @@ def test_llama3_variant_names(llama3):
     names = [v.name for v in expand(llama3)]
     assert names == [
         "runtime",
-        "compress_d128_f16_sm80", "decode_d128_g4_f16_k24_v24_sm80",
-        "compress_d128_bf16_sm80", "decode_d128_g4_bf16_k24_v24_sm80",
-        "compress_d128_f16_sm90", "decode_d128_g4_f16_k24_v24_sm90",
-        "compress_d128_bf16_sm90", "decode_d128_g4_bf16_k24_v24_sm90",
+        "compress_d128_f16_sm80", "decode_d128_g4_f16_k24_v24_sm80", "decode_d128_g4_f16_km_vm_b64_sm80",
+        "compress_d128_bf16_sm80", "decode_d128_g4_bf16_k24_v24_sm80", "decode_d128_g4_bf16_km_vm_b64_sm80",
+        "compress_d128_f16_sm90", "decode_d128_g4_f16_k24_v24_sm90", "decode_d128_g4_f16_km_vm_b64_sm90",
+        "compress_d128_bf16_sm90", "decode_d128_g4_bf16_k24_v24_sm90", "decode_d128_g4_bf16_km_vm_b64_sm90",
     ]
+    mixed = [v for v in expand(llama3) if v.block_size]
+    assert all(v.template == "decode_mixed.cu.j2" and v.tiles["chunk_tokens"] == 32 for v in mixed)
 
 
 def test_shapes_sharing_head_dim_and_group_share_a_variant():
@@ -69,7 +71,8 @@ def test_render_is_deterministic_and_documents_its_spec(llama3):
         assert a == b
         assert f"variant : {v.name}" in a
         if v.kind == "decode":
-            assert "head_dim       = 128" in a and "group          = 4" in a and "stages         = 3" in a
+            assert "head_dim       = 128" in a and "group          = 4" in a
+            assert f"stages         = {v.tiles['stages']}" in a and f"warps          = {v.tiles['warps']}" in a
             assert f"{v.symbol}(" in a and "mma_sp(" in a
 
 
@@ -86,7 +89,7 @@ def test_hash_covers_source_flags_tools_and_arch(llama3):
 
 
 def test_changing_a_tile_changes_only_decode_sources(llama3):
-    other = dataclasses.replace(llama3, decode=dataclasses.replace(llama3.decode, stages=2))
+    other = dataclasses.replace(llama3, decode=dataclasses.replace(llama3.decode, warps=2))
     before = {v.name: render(v, llama3) for v in expand(llama3)}
     after = {v.name: render(v, other) for v in expand(other)}
     changed = {n for n in before if before[n] != after[n]}
