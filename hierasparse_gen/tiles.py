@@ -33,10 +33,7 @@ def decode_stage_bytes(head_dim: int, chunk_tokens: int, mixed: bool = False) ->
     """Bytes of one pipeline stage of one warp.
 
     All-2:4: K and V values (D bytes a token) + metadata (D/8). Mixed tiers: a stage is room
-    for one dense K and V chunk (2D bytes a token each) in the warp's byte ring, plus a share of
-    the ring's 128-byte header (2:4 chunks take 9/16 of that, so more of them fit)."""
-    if mixed:
-        return 2 * chunk_tokens * head_dim * 2
+    for one all-2:4 chunk in the warp's byte ring (a dense chunk takes 16/9 of a stage)."""
     return 2 * (chunk_tokens * head_dim + chunk_tokens * head_dim // 8)
 
 
@@ -59,19 +56,27 @@ def decode_tiles(head_dim: int, group: int, arch: str, warps: int | None = None,
                  mixed: bool = False) -> DecodeTiles:
     """Default decode tiles for a shape, with any spec overrides applied and checked.
 
-    Preference: 4 warps, 32-token chunks, and the deepest pipeline (up to 4 stages) that
-    keeps two CTAs on an SM; failing that, one CTA; fewer warps only when nothing fits.
+    All-2:4: 4 warps, 32-token chunks, and the deepest pipeline (up to 4 stages) that keeps
+    two CTAs on an SM; failing that, one CTA; fewer warps only when nothing fits. Mixed tiers:
+    the most warps (up to 8) whose 2-stage rings fit one CTA.
     """
     chunk = 32 if mixed else (chunk_tokens or 32)  # mixed: a chunk never straddles two blocks
-    warp_choices = [warps] if warps else [4, 2, 1]
-    stage_choices = [stages] if stages else [4, 3, 2]
+    if mixed:
+        # Mixed tiers: many warps with a small byte ring (2 all-2:4 chunks, or one all-dense)
+        # beat few warps with deep rings: measured on the H200 at B=8, L=32K, all-2:4,
+        # 8 warps x 2 stages 148 us, 6 x 4 151 us, 4 x 5 167 us (benchmarks/RESULTS.md).
+        warp_choices = [warps] if warps else [8, 6, 4, 2, 1]
+        stage_choices = [stages] if stages else [2, 3]
+    else:
+        warp_choices = [warps] if warps else [4, 2, 1]
+        stage_choices = [stages] if stages else [4, 3, 2]
     options = [DecodeTiles(w, s, chunk) for w in warp_choices for s in stage_choices]
 
     def residency(t: DecodeTiles) -> int:
         need = decode_smem_bytes(head_dim, group, t, mixed)
         return 0 if need > SMEM_PER_BLOCK[arch] else ctas_per_sm(arch, need, t.warps * 32)
 
-    for t in options:
+    for t in ([] if mixed else options):  # all-2:4: two CTAs an SM when possible
         if residency(t) >= 2:
             return t
     for t in options:

@@ -65,7 +65,7 @@ def test_llama3_spec_loads_and_normalizes():
     assert spec.phases == ("decode",)
     assert spec.tiers == (Tier(k="sparse24", v="sparse24"), Tier(k="mixed", v="mixed"))
     assert spec.cache == CacheConfig(block_size=64, sink=64, local_window=256)
-    assert spec.decode == DecodeTiles(warps=4, stages=None, chunk_tokens=32)
+    assert spec.decode == DecodeTiles(warps=None, stages=None, chunk_tokens=32)
     assert spec.source == str(LLAMA3)
 
 
@@ -147,7 +147,7 @@ def test_to_dict_round_trips():
         "phases": ["decode"],
         "tiers": [{"k": "sparse24", "v": "sparse24"}, {"k": "mixed", "v": "mixed"}],
         "cache": {"block_size": 64, "sink": 64, "local_window": 256},
-        "decode": {"warps": 4, "stages": None, "chunk_tokens": 32},
+        "decode": {"warps": None, "stages": None, "chunk_tokens": 32},
     }
     again = parse_spec(d, source=spec.source)
     assert again == spec
