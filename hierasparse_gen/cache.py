@@ -144,30 +144,20 @@ class HieraCache:
     def _prefill_group(self, b0: int, b1: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Sequences b0..b1-1, all with the prompt length L: select, fill the table, then one
         fill kernel per tensor writes every block to its dense or 2:4 slot."""
-        from .ops import fill_blocks
+        from .ops import fill_blocks, select_blocks
         L, S, nb = k.shape[2], self.block, b1 - b0
         full, blocks = L // S, -(-L // S)
         first = self.sink_blocks
         n_elig = self._eligible(full)
         window0 = first + n_elig            # first block of the window (or of the tail)
         uniform = list(range(min(first, blocks))) + list(range(max(window0, min(first, blocks)), blocks))
-        uniform_idx = torch.tensor(uniform, dtype=torch.long, device=self.device)
         for t, x in ((self.k, k), (self.v, v)):
             n_s = ratio_count(t.ratio, n_elig)
             n_de = n_elig - n_s
-            rows = t.table[b0:b1, :, :blocks]
-            if n_elig:
-                sparse = torch.zeros(nb, self.heads, n_elig, dtype=torch.bool, device=self.device)
-                if n_s:  # per head, the n_s eligible blocks of least prune loss become 2:4
-                    loss = self._score(x, t.name)[:, :, first:window0]
-                    sparse.scatter_(2, torch.topk(loss, n_s, dim=-1, largest=False).indices, True)
-                # 2:4 blocks take 2:4 slots in block order; dense eligible blocks dense slots 0..
-                rank = torch.where(sparse, -torch.cumsum(sparse, 2, dtype=torch.int32),
-                                   torch.cumsum(~sparse, 2, dtype=torch.int32) - 1)
-                rows[:, :, first:window0] = rank
-            # sink and window blocks follow, at the same dense slots for every head
-            rows[:, :, uniform_idx] = (n_de + torch.arange(len(uniform), dtype=torch.int32,
-                                                           device=self.device)).expand(nb, self.heads, -1)
+            # per head: the n_s eligible blocks of least prune loss become 2:4 (slots in block
+            # order), then one fill kernel copies or compresses every block to its slot
+            loss = self._score(x, t.name) if n_s else None
+            select_blocks(self.lib, x, loss, first, n_elig, n_s, blocks, t.table[b0:b1])
             fill_blocks(self.lib, x, t.name, t.table[b0:b1], S, t.dense[b0:b1], t.sparse_vals[b0:b1],
                         t.sparse_meta[b0:b1])
             for b in range(b0, b1):

@@ -283,36 +283,40 @@ def _(lib_key, q, k_vals, k_meta, v_vals, v_meta, seqlens, scale, num_splits):
 
 # --- hierarchical cache -------------------------------------------------------------------
 
+def _launch(lib, symbol: str, device: torch.device, *args) -> None:
+    """Call a C entry point on the current stream of ``device`` (cache maintenance: eager only)."""
+    with torch.cuda.device(device):
+        code = lib.function(symbol)(*args, torch.cuda.current_stream(device).cuda_stream)
+    lib.check(code, symbol)
+
+
+def _compress_variant(lib, x: torch.Tensor):
+    return lib.select("compress", head_dim=x.shape[-1], dtype=_DTYPES[x.dtype], cc=_device_cc(x.device))
+
+
 def score_blocks(lib, x: torch.Tensor, kind: str, block_size: int) -> torch.Tensor:
     """2:4 prune loss of every whole block of ``x [B, H, L, D]``: float32 ``[B, H, L // block]``."""
     _check_cuda(x, kind)
     _check_dtype(x, kind)
     if x.stride(3) != 1 or x.stride(2) % 4 or x.stride(1) % 4 or x.stride(0) % 4:
         x = x.contiguous()
-    return torch.ops.hierasparse.score(lib.key, x, block_size, kind)
-
-
-@torch.library.custom_op("hierasparse::score", mutates_args=())
-def _score_op(lib_key: str, x: torch.Tensor, block_size: int, kind: str) -> torch.Tensor:
-    lib = _LIBRARIES[lib_key]
     B, H, L, D = x.shape
-    variant = lib.select("compress", head_dim=D, dtype=_DTYPES[x.dtype], cc=_device_cc(x.device))
     loss = _alloc((B, H, L // block_size), torch.float32, x.device)
-    if L < block_size:
-        return loss
-    _check_aligned(x, kind, 8)
-    with torch.cuda.device(x.device):
-        stream = torch.cuda.current_stream(x.device).cuda_stream
-        code = lib.function(f"{variant.symbol}_score_{kind}")(
-            x.data_ptr(), x.stride(0), x.stride(1), x.stride(2), B, H, L, block_size, loss.data_ptr(), stream)
-    lib.check(code, f"{variant.symbol}_score_{kind}")
+    if L >= block_size:
+        _check_aligned(x, kind, 8)
+        _launch(lib, f"{_compress_variant(lib, x).symbol}_score_{kind}", x.device, x.data_ptr(), x.stride(0),
+                x.stride(1), x.stride(2), B, H, L, block_size, loss.data_ptr())
     return loss
 
 
-@_score_op.register_fake
-def _(lib_key, x, block_size, kind):
-    B, H, L, _ = x.shape
-    return x.new_empty((B, H, L // block_size), dtype=torch.float32)
+def select_blocks(lib, x: torch.Tensor, loss: torch.Tensor | None, first: int, n_elig: int, n_sparse: int,
+                  blocks: int, table: torch.Tensor) -> None:
+    """Per (batch, head) of ``table [B, H, max_blocks]``: the ``n_sparse`` eligible blocks of least
+    loss become 2:4, the rest dense, sink and window after them (see select_kernel)."""
+    rows = table.shape[0] * table.shape[1]
+    _launch(lib, f"{_compress_variant(lib, x).symbol}_select", table.device,
+            None if loss is None else loss.data_ptr(), rows, first + n_elig if loss is None else loss.shape[2],
+            first, n_elig, n_sparse, blocks, table.data_ptr(), table.shape[2])
 
 
 def fill_blocks(lib, x: torch.Tensor, kind: str, table: torch.Tensor, block: int, dense: torch.Tensor,
@@ -325,15 +329,10 @@ def fill_blocks(lib, x: torch.Tensor, kind: str, table: torch.Tensor, block: int
     for t in (table, dense, vals, meta):
         if not t.is_contiguous():
             raise ValueError("fill_blocks: table and pools must be contiguous")
-    variant = lib.select("compress", head_dim=D, dtype=_DTYPES[x.dtype], cc=_device_cc(x.device))
     _check_aligned(x, kind, 16)
-    symbol = f"{variant.symbol}_fill_{kind}"
-    with torch.cuda.device(x.device):
-        stream = torch.cuda.current_stream(x.device).cuda_stream
-        code = lib.function(symbol)(
-            x.data_ptr(), x.stride(0), x.stride(1), x.stride(2), B, H, L, table.data_ptr(), table.shape[2],
-            block, dense.data_ptr(), dense.shape[2], vals.data_ptr(), meta.data_ptr(), vals.shape[2], stream)
-    lib.check(code, symbol)
+    _launch(lib, f"{_compress_variant(lib, x).symbol}_fill_{kind}", x.device, x.data_ptr(), x.stride(0),
+            x.stride(1), x.stride(2), B, H, L, table.data_ptr(), table.shape[2], block, dense.data_ptr(),
+            dense.shape[2], vals.data_ptr(), meta.data_ptr(), vals.shape[2])
 
 
 def decode_cache(lib, q: torch.Tensor, cache, *, scale: float | None = None, num_splits: int | None = None):

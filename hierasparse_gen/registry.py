@@ -26,6 +26,7 @@ SIGNATURES = {
     ("compress", "_v"): [_p, _i64, _i64, _i64, _i32, _i32, _i32, _i32, _p, _p, _p],
     ("compress", "_fill_k"): [_p, _i64, _i64, _i64, _i32, _i32, _i32, _p, _i32, _i32, _p, _i32, _p, _p, _i32, _p],
     ("compress", "_fill_v"): [_p, _i64, _i64, _i64, _i32, _i32, _i32, _p, _i32, _i32, _p, _i32, _p, _p, _i32, _p],
+    ("compress", "_select"): [_p, _i32, _i32, _i32, _i32, _i32, _i32, _p, _i32, _p],
     ("compress", "_score_k"): [_p, _i64, _i64, _i64, _i32, _i32, _i32, _i32, _p, _p],
     ("compress", "_score_v"): [_p, _i64, _i64, _i64, _i32, _i32, _i32, _i32, _p, _p],
     ("decode_mixed", ""): [_p, _i64, _i64, _p, _p, _i32, _p, _p, _i32, _i32, _p, _p, _p, _p, _i32, _i32,
@@ -106,6 +107,7 @@ class Library:
                                     f"`hierasparse-gen build {self.manifest.get('spec_source', 'SPEC')}`")
         self._cdll = ctypes.CDLL(str(self.path))
         self.variants: list[KernelVariant] = []
+        self._picked: dict[tuple, KernelVariant] = {}  # dispatch memo: the manifest never changes
         for v in self.manifest["variants"]:
             tier = v.get("tier")
             symbol = f"hsg_{v['name']}"
@@ -165,6 +167,9 @@ class Library:
                group: int | None = None, tier: tuple[str, str] | None = None,
                block_size: int | None = None) -> KernelVariant:
         """The best variant for a call, or a DispatchError listing every rejection."""
+        key = (kind, head_dim, dtype, cc, group, tier, block_size)
+        if key in self._picked:
+            return self._picked[key]
         fits, reasons = [], []
         for v in self.variants:
             if v.kind != kind:
@@ -184,7 +189,8 @@ class Library:
                 why.append(f"built for {v.arch}, device is sm_{cc[0]}{cc[1]}")
             (reasons.append(f"  {v.name}: " + "; ".join(why)) if why else fits.append(v))
         if fits:
-            return max(fits, key=lambda v: v.compute_capability)
+            self._picked[key] = max(fits, key=lambda v: v.compute_capability)
+            return self._picked[key]
         want = dict(head_dim=head_dim, dtype=dtype, cc=cc)
         if group is not None:
             want["group"] = group

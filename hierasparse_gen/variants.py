@@ -71,6 +71,7 @@ class Variant:
                 f"{s}_v": "compress V (2:4 along tokens)",
                 f"{s}_fill_k": "write K blocks into the cache pools by the block table",
                 f"{s}_fill_v": "write V blocks into the cache pools by the block table",
+                f"{s}_select": "choose each head's 2:4 blocks and fill the block table",
                 f"{s}_score_k": "2:4 prune loss of K per cache block",
                 f"{s}_score_v": "2:4 prune loss of V per cache block"}
 
