@@ -86,8 +86,14 @@ def _check_aligned(t, what: str, nbytes: int) -> None:
               f"pass a tensor whose storage starts on a {nbytes}-byte boundary (.clone())")
 
 
+_CC: dict[int, tuple[int, int]] = {}
+
+
 def _device_cc(device: torch.device) -> tuple[int, int]:
-    return torch.cuda.get_device_capability(device)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _CC:
+        _CC[index] = torch.cuda.get_device_capability(index)
+    return _CC[index]
 
 
 _SM_COUNT: dict[int, int] = {}
