@@ -156,11 +156,13 @@ def test_incremental_rebuild(tmp_path):
     assert {bv.variant.name for bv in first.compiled} == {"runtime", "compress_d64_f16_sm90",
                                                          "decode_d64_g2_f16_k24_v24_sm90"}
     lib_stat = (out / "libhierasparse_tiny.so").stat()
+    src_mtimes = {p.name: p.stat().st_mtime_ns for p in (out / "src").iterdir()}
     t0 = time.monotonic()
     again = build(spec, out_dir=out, log=None)
     assert time.monotonic() - t0 < 2.0
     assert not again.compiled and not again.linked
     assert (out / "libhierasparse_tiny.so").stat().st_mtime_ns == lib_stat.st_mtime_ns
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "src").iterdir()} == src_mtimes  # not rewritten
     # one tile changes: only the decode variant recompiles, and its old object goes away
     spec = _write_spec(tmp_path, dict(TINY, decode={"stages": 2}))
     third = build(spec, out_dir=out, log=None)
