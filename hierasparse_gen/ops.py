@@ -402,3 +402,64 @@ def _(lib_key, q, k_table, v_table, k_dense, v_dense, k_vals, k_meta, v_vals, v_
       scale, num_splits):
     B, Hq, D = q.shape
     return q.new_empty((B, Hq, D)), q.new_empty((B, Hq), dtype=torch.float32)
+
+
+# --- prefill ------------------------------------------------------------------------------
+
+def prefill(lib, q: torch.Tensor, k: PackedKV, v: PackedKV, seqlens=None, *, scale: float | None = None):
+    """Causal attention of a chunk of queries ``q [B, Hq, Lq, D]`` over packed K and V.
+
+    The queries are the last Lq of each sequence's ``seqlens[b]`` tokens (bottom-right causal
+    alignment): a chunk at offset o = seqlens[b] - Lq attends to all tokens before it and
+    causally to itself. Returns (out ``[B, Hq, Lq, D]``, lse ``[B, Hq, Lq]`` fp32).
+    """
+    _check_cuda(q, "q")
+    _check_dtype(q, "q")
+    if q.dim() != 4:
+        _fail("q", f"expected 4 dims [batch, q_heads, queries, head_dim], got shape {tuple(q.shape)}",
+              "pass the chunk's queries as [batch, q_heads, queries, head_dim]")
+    k = _check_packed(k, "k", "k")
+    v = _check_packed(v, "v", "v")
+    B, Hq, Lq, D = q.shape
+    Hkv = k.values.shape[1]
+    if tuple(k.values.shape[:2]) != (B, Hkv) or tuple(v.values.shape[:2]) != (B, Hkv) or k.capacity != v.capacity:
+        _fail("k, v", "K and V do not match each other or q's batch", "compress K and V of the same cache")
+    if D != k.head_dim or Hq % Hkv or Lq < 1:
+        _fail("q", f"shape {tuple(q.shape)} does not fit the cache ({Hkv} KV heads, head_dim {k.head_dim})",
+              f"pass [batch, a multiple of {Hkv} heads, >= 1 queries, {k.head_dim}]")
+    if k.values.dtype != q.dtype:
+        _fail("q", f"dtype {q.dtype} but the cache holds {k.values.dtype}", "use one dtype for Q, K and V")
+    if q.stride(3) != 1 or any(x % 2 for x in q.stride()[:3]):
+        _fail("q", f"strides {q.stride()} not supported", "pass q.contiguous()")
+    if seqlens is None:
+        seqlens = torch.full((B,), min(k.length, v.length), dtype=torch.int32, device=q.device)
+    elif seqlens.dtype != torch.int32 or tuple(seqlens.shape) != (B,) or seqlens.device != q.device:
+        _fail("seqlens", f"expected int32 of shape ({B},) on {q.device}", "pass torch.tensor(lengths, "
+              "dtype=torch.int32, device=q.device)")
+    return torch.ops.hierasparse.prefill(lib.key, q, k.values, k.meta, v.values, v.meta, seqlens.contiguous(),
+                                         float(scale or 1.0 / math.sqrt(D)))
+
+
+@torch.library.custom_op("hierasparse::prefill", mutates_args=())
+def _prefill_op(lib_key: str, q: torch.Tensor, k_vals: torch.Tensor, k_meta: torch.Tensor, v_vals: torch.Tensor,
+                v_meta: torch.Tensor, seqlens: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    lib = _LIBRARIES[lib_key]
+    B, Hq, Lq, D = q.shape
+    Hkv, cap = k_vals.shape[1], k_vals.shape[2]
+    variant = lib.select("prefill", head_dim=D, dtype=_DTYPES[q.dtype], cc=_device_cc(q.device),
+                         tier=("sparse24", "sparse24"))
+    _check_aligned(q, "q", 4)
+    for t, name in ((k_vals, "k.values"), (k_meta, "k.meta"), (v_vals, "v.values"), (v_meta, "v.meta")):
+        _check_aligned(t, name, 16)
+    out = _alloc((B, Hq, Lq, D), q.dtype, q.device)
+    lse = _alloc((B, Hq, Lq), torch.float32, q.device)
+    _launch(lib, variant.symbol, q.device, q.data_ptr(), q.stride(0), q.stride(1), q.stride(2), k_vals.data_ptr(),
+            k_meta.data_ptr(), v_vals.data_ptr(), v_meta.data_ptr(), seqlens.data_ptr(), B, Hq, Hkv, Lq, cap,
+            scale, out.data_ptr(), out.stride(0), out.stride(1), out.stride(2), lse.data_ptr())
+    return out, lse
+
+
+@_prefill_op.register_fake
+def _(lib_key, q, k_vals, k_meta, v_vals, v_meta, seqlens, scale):
+    B, Hq, Lq, D = q.shape
+    return q.new_empty((B, Hq, Lq, D)), q.new_empty((B, Hq, Lq), dtype=torch.float32)

@@ -31,3 +31,27 @@ def decode_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seqlens=
     vd = v.double().masked_fill(mask.view(B, 1, L, 1).to(v.device), 0.0)
     out = torch.einsum("bhgl,bhld->bhgd", p, vd)
     return out.reshape(B, Hq, D), lse.reshape(B, Hq)
+
+
+def prefill_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seqlens=None,
+                      scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal attention of ``q [B, Hq, Lq, D]``, the last Lq of ``seqlens[b]`` tokens, in float64.
+
+    Query i of sequence b sits at position seqlens[b] - Lq + i and attends to keys
+    0..that position (none if it is negative: zeros and -inf). Returns (out, lse).
+    """
+    B, Hq, Lq, D = q.shape
+    Hkv, L = k.shape[1], k.shape[2]
+    group = Hq // Hkv
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    lens = torch.full((B,), L) if seqlens is None else seqlens.detach().long().cpu()
+    s = torch.einsum("bhgqd,bhld->bhgql", q.double().view(B, Hkv, group, Lq, D), k.double()) * scale
+    pos = (lens.view(B, 1) - Lq + torch.arange(Lq).view(1, Lq))            # [B, Lq]
+    keys = torch.arange(L).view(1, 1, L)
+    mask = (keys > pos.unsqueeze(-1)) | (keys >= lens.view(B, 1, 1))          # [B, Lq, L]
+    s = s.masked_fill(mask.view(B, 1, 1, Lq, L).to(s.device), float("-inf"))
+    lse = torch.logsumexp(s, -1)
+    p = torch.exp(s - lse.unsqueeze(-1)).nan_to_num(0.0)
+    vd = v.double().masked_fill((torch.arange(L).view(1, L) >= lens.view(B, 1)).view(B, 1, L, 1).to(v.device), 0.0)
+    out = torch.einsum("bhgql,bhld->bhgqd", p, vd)
+    return out.reshape(B, Hq, Lq, D), lse.reshape(B, Hq, Lq)

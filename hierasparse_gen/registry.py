@@ -31,6 +31,9 @@ SIGNATURES = {
     ("compress", "_score_v"): [_p, _i64, _i64, _i64, _i32, _i32, _i32, _i32, _p, _p],
     ("decode_mixed", ""): [_p, _i64, _i64, _p, _p, _i32, _p, _p, _i32, _i32, _p, _p, _p, _p, _i32, _i32,
                            _p, _i32, _i32, _f32, _i32, _p, _p, _p, _i64, _i64, _p, _p],
+    ("prefill", ""): [_p, _i64, _i64, _i64, _p, _p, _p, _p, _p, _i32, _i32, _i32, _i32, _i32, _f32, _p, _i64,
+                      _i64, _i64, _p, _p],
+    ("prefill", "_smem_bytes"): [],
     ("decode_mixed", "_smem_bytes"): [],
     ("decode_mixed", "_threads"): [],
 }
@@ -215,6 +218,12 @@ class Library:
         """Prune V ``[B, Hkv, L, D]`` 2:4 along tokens and pack it (GPU). Returns a PackedKV."""
         from .ops import compress
         return compress(self, v, "v", capacity)
+
+    def prefill(self, q, k, v, seqlens=None, *, scale: float | None = None):
+        """Causal attention of a query chunk ``q [B, Hq, Lq, D]`` (the last Lq of ``seqlens``
+        tokens) over packed K and V. Returns (out, lse)."""
+        from .ops import prefill
+        return prefill(self, q, k, v, seqlens, scale=scale)
 
     def decode(self, q, k, v, seqlens=None, *, scale: float | None = None,
                num_splits: int | None = None, check_seqlens: bool = True):

@@ -19,7 +19,7 @@ TIER_TAG = {"sparse24": "24", "dense": "d", "mixed": "m"}
 
 @dataclass(frozen=True)
 class Variant:
-    kind: str                      # "decode" | "compress" | "runtime"
+    kind: str                      # "decode" | "prefill" | "compress" | "runtime"
     template: str                  # file under templates/
     arch: str                      # "sm_80", "sm_90", ...
     dtype: str                     # "float16" | "bfloat16"
@@ -34,12 +34,19 @@ class Variant:
         if self.kind == "runtime":
             return "runtime"
         d, t, a = f"d{self.head_dim}", DTYPE_TAG[self.dtype], self.arch.replace("_", "")
+        if self.kind == "prefill":
+            return f"prefill_{d}_{t}_k{TIER_TAG[self.tier.k]}_v{TIER_TAG[self.tier.v]}_{a}"
         if self.kind == "decode":
             tier = f"k{TIER_TAG[self.tier.k]}_v{TIER_TAG[self.tier.v]}"
             if self.block_size:
                 tier += f"_b{self.block_size}"
             return f"decode_{d}_g{self.group}_{t}_{tier}_{a}"
         return f"{self.kind}_{d}_{t}_{a}"
+
+    @property
+    def n_tiles(self) -> int:
+        """MMA N tiles (8 columns each): the GQA group for decode, 16 queries a warp for prefill."""
+        return 2 if self.kind == "prefill" else -(-self.group // 8)
 
     @property
     def symbol(self) -> str:
@@ -59,6 +66,9 @@ class Variant:
             return {"hsg_device_count": "number of CUDA devices (cudaError_t)",
                     "hsg_error_string": "cudaGetErrorString",
                     "hsg_runtime_version": "CUDA runtime version linked in"}
+        if self.kind == "prefill":
+            return {s: "causal prefill of a query chunk (bottom-right aligned)",
+                    f"{s}_smem_bytes": "dynamic shared memory per CTA"}
         if self.kind == "decode" and self.block_size:
             return {s: "split-KV decode over the block table (dense and 2:4 blocks) + combine",
                     f"{s}_smem_bytes": "dynamic shared memory per CTA",
@@ -79,6 +89,8 @@ class Variant:
     def spec_values(self) -> dict:
         """The spec values this variant came from (written into the generated header)."""
         values = {"kind": self.kind, "head_dim": self.head_dim, "dtype": self.dtype, "arch": self.arch}
+        if self.kind == "prefill":
+            values.update(k_tier=self.tier.k, v_tier=self.tier.v, **self.tiles)
         if self.kind == "decode":
             values.update(group=self.group, k_tier=self.tier.k, v_tier=self.tier.v, **self.tiles)
             if self.block_size:
@@ -118,4 +130,13 @@ def expand(spec: Spec) -> list[Variant]:
                                     d, g, tier, tiles=tiles.as_dict(),
                                     block_size=spec.cache.block_size if mixed else 0)
                         out.setdefault(v.name, v)
+            if "prefill" in spec.phases:
+                # all-2:4 prefill (mixed-tier prefill is not generated yet); the query head's KV
+                # head is a run-time argument, so one kernel serves every GQA group
+                for d in head_dims:
+                    for tier in spec.tiers:
+                        if tier.k == tier.v == "sparse24":
+                            v = Variant("prefill", "prefill.cu.j2", arch, dtype, d, 0, tier,
+                                        tiles={"warps": 4, "stages": 2, "chunk_tokens": 64})
+                            out.setdefault(v.name, v)
     return list(out.values())

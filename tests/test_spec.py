@@ -62,7 +62,7 @@ def test_llama3_spec_loads_and_normalizes():
     assert spec.shapes[0].group == 4
     assert spec.dtypes == ("float16", "bfloat16")
     assert spec.archs == ("sm_80", "sm_90")
-    assert spec.phases == ("decode",)
+    assert spec.phases == ("decode", "prefill")
     assert spec.tiers == (Tier(k="sparse24", v="sparse24"), Tier(k="mixed", v="mixed"))
     assert spec.cache == CacheConfig(block_size=64, sink=64, local_window=256)
     assert spec.decode == DecodeTiles(warps=None, stages=None, chunk_tokens=32)
@@ -144,7 +144,7 @@ def test_to_dict_round_trips():
         "shapes": [{"head_dim": 128, "num_qo_heads": 32, "num_kv_heads": 8}],
         "dtypes": ["float16", "bfloat16"],
         "archs": ["sm_80", "sm_90"],
-        "phases": ["decode"],
+        "phases": ["decode", "prefill"],
         "tiers": [{"k": "sparse24", "v": "sparse24"}, {"k": "mixed", "v": "mixed"}],
         "cache": {"block_size": 64, "sink": 64, "local_window": 256},
         "decode": {"warps": None, "stages": None, "chunk_tokens": 32},
@@ -267,7 +267,7 @@ BAD_DICTS = [
     ("arch-int", _set(("archs",), [80]), ["archs[0]: expected a string, found an integer (80)", "Fix: use one of sm_80, sm_86, sm_89, sm_90"]),
     ("arch-duplicate", _set(("archs",), ["sm_90", "sm_80", "sm_90"]), ["archs[2]: 'sm_90' is a duplicate of archs[0]. Fix: remove archs[2]."]),
     # --- phases
-    ("phase-prefill", _set(("phases",), ["decode", "prefill"]), ["phases[1]: 'prefill' is not available yet", "Fix: use decode."]),
+    ("phase-unknown", _set(("phases",), ["decode", "prefil"]), ["phases[1]: 'prefil' is not a known phase", "did you mean 'prefill'?"]),
     ("phase-unknown", _set(("phases",), ["decoding"]), ["phases[0]: 'decoding' is not a known phase", "did you mean 'decode'?"]),
     ("phases-empty", _set(("phases",), []), ["phases: the list is empty", "default [decode]"]),
     # --- tiers
