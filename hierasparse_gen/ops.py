@@ -447,7 +447,7 @@ def _prefill_op(lib_key: str, q: torch.Tensor, k_vals: torch.Tensor, k_meta: tor
     B, Hq, Lq, D = q.shape
     Hkv, cap = k_vals.shape[1], k_vals.shape[2]
     variant = lib.select("prefill", head_dim=D, dtype=_DTYPES[q.dtype], cc=_device_cc(q.device),
-                         tier=("sparse24", "sparse24"))
+                         group=Hq // Hkv, tier=("sparse24", "sparse24"))
     _check_aligned(q, "q", 4)
     for t, name in ((k_vals, "k.values"), (k_meta, "k.meta"), (v_vals, "v.values"), (v_meta, "v.meta")):
         _check_aligned(t, name, 16)

@@ -35,7 +35,7 @@ class Variant:
             return "runtime"
         d, t, a = f"d{self.head_dim}", DTYPE_TAG[self.dtype], self.arch.replace("_", "")
         if self.kind == "prefill":
-            return f"prefill_{d}_{t}_k{TIER_TAG[self.tier.k]}_v{TIER_TAG[self.tier.v]}_{a}"
+            return f"prefill_{d}_g{self.group}_{t}_k{TIER_TAG[self.tier.k]}_v{TIER_TAG[self.tier.v]}_{a}"
         if self.kind == "decode":
             tier = f"k{TIER_TAG[self.tier.k]}_v{TIER_TAG[self.tier.v]}"
             if self.block_size:
@@ -90,7 +90,7 @@ class Variant:
         """The spec values this variant came from (written into the generated header)."""
         values = {"kind": self.kind, "head_dim": self.head_dim, "dtype": self.dtype, "arch": self.arch}
         if self.kind == "prefill":
-            values.update(k_tier=self.tier.k, v_tier=self.tier.v, **self.tiles)
+            values.update(group=self.group, k_tier=self.tier.k, v_tier=self.tier.v, **self.tiles)
         if self.kind == "decode":
             values.update(group=self.group, k_tier=self.tier.k, v_tier=self.tier.v, **self.tiles)
             if self.block_size:
@@ -131,12 +131,15 @@ def expand(spec: Spec) -> list[Variant]:
                                     block_size=spec.cache.block_size if mixed else 0)
                         out.setdefault(v.name, v)
             if "prefill" in spec.phases:
-                # all-2:4 prefill (mixed-tier prefill is not generated yet); the query head's KV
-                # head is a run-time argument, so one kernel serves every GQA group
-                for d in head_dims:
+                # all-2:4 prefill (mixed-tier prefill is not generated yet)
+                for d, g in groups:
                     for tier in spec.tiers:
                         if tier.k == tier.v == "sparse24":
-                            v = Variant("prefill", "prefill.cu.j2", arch, dtype, d, 0, tier,
-                                        tiles={"warps": 4, "stages": 2, "chunk_tokens": 64})
+                            # a CTA packs query heads of the group (the most that divide it, up to
+                            # 8) so each K/V tile serves them all; whole warps per head, <= 8 warps
+                            hpc = max(n for n in range(1, 9) if g % n == 0)
+                            v = Variant("prefill", "prefill.cu.j2", arch, dtype, d, g, tier,
+                                        tiles={"warps": hpc * max(1, 8 // hpc), "stages": 2,
+                                               "chunk_tokens": 64, "heads_per_cta": hpc})
                             out.setdefault(v.name, v)
     return list(out.values())

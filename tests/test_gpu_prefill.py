@@ -30,11 +30,11 @@ def _lowp(q, k, v, seqlens):
     return out.nan_to_num(0.0)
 
 
-def _check(lib, B, Lq, lengths, dtype, seed, L=None):
+def _check(lib, B, Lq, lengths, dtype, seed, L=None, hq=32, hkv=8, d=128):
     L = L or max(lengths)
-    k = rand(B, 8, L, 128, seed=seed, dtype=dtype)
-    v = rand(B, 8, L, 128, seed=seed + 1, dtype=dtype)
-    q = rand(B, 32, Lq, 128, seed=seed + 2, dtype=dtype)
+    k = rand(B, hkv, L, d, seed=seed, dtype=dtype)
+    v = rand(B, hkv, L, d, seed=seed + 1, dtype=dtype)
+    q = rand(B, hq, Lq, d, seed=seed + 2, dtype=dtype)
     kc, vc = lib.compress_k(k), lib.compress_v(v)
     seqlens = torch.tensor(lengths, dtype=torch.int32, device="cuda")
     out, lse = lib.prefill(q, kc, vc, seqlens)
@@ -59,6 +59,18 @@ def _check(lib, B, Lq, lengths, dtype, seed, L=None):
 ])
 def test_prefill_matches_reference(lib, poison, dtype, B, Lq, lengths):
     _check(lib, B, Lq, lengths, dtype, seed=B * 1000 + Lq)
+
+
+@pytest.fixture(scope="module")
+def matrix(matrix_build):
+    return hierasparse_gen.load(matrix_build)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("D,Hq,Hkv", [(64, 4, 4), (96, 10, 2), (128, 32, 8), (256, 16, 1)])
+def test_prefill_shapes(matrix, poison, dtype, D, Hq, Hkv):
+    # groups 1, 5, 4 and 16 (16: two CTAs of 8 heads each per KV head)
+    _check(matrix, 2, 150, [150, 700], dtype, seed=D + Hq, hq=Hq, hkv=Hkv, d=D)
 
 
 def test_prefill_long(lib, poison):

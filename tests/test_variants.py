@@ -25,7 +25,7 @@ def llama3():
 def test_llama3_variant_names(llama3):
     names = [v.name for v in expand(llama3)]
     assert [n for n in names if n.startswith("prefill")] == [
-        f"prefill_d128_{t}_k24_v24_{a}" for a in ("sm80", "sm90") for t in ("f16", "bf16")]
+        f"prefill_d128_g4_{t}_k24_v24_{a}" for a in ("sm80", "sm90") for t in ("f16", "bf16")]
     names = [n for n in names if not n.startswith("prefill")]
     assert names == [
         "runtime",
