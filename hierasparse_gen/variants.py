@@ -135,11 +135,11 @@ def expand(spec: Spec) -> list[Variant]:
                 for d, g in groups:
                     for tier in spec.tiers:
                         if tier.k == tier.v == "sparse24":
-                            # a CTA packs query heads of the group (the most that divide it, up to
-                            # 8) so each K/V tile serves them all; whole warps per head, <= 8 warps
-                            hpc = max(n for n in range(1, 9) if g % n == 0)
+                            # One query head a CTA, 4 warps of 16 queries. The template can also
+                            # pack heads of the group into a CTA (heads_per_cta), but 4 heads x 2
+                            # warps measured 248 against 315 TFLOP/s on the H200 (8 warps of
+                            # 176 registers leave one CTA an SM): see benchmarks/RESULTS.md.
                             v = Variant("prefill", "prefill.cu.j2", arch, dtype, d, g, tier,
-                                        tiles={"warps": hpc * max(1, 8 // hpc), "stages": 2,
-                                               "chunk_tokens": 64, "heads_per_cta": hpc})
+                                        tiles={"warps": 4, "stages": 2, "chunk_tokens": 64, "heads_per_cta": 1})
                             out.setdefault(v.name, v)
     return list(out.values())
