@@ -89,6 +89,13 @@ def _check_aligned(t, what: str, nbytes: int) -> None:
 _CC: dict[int, tuple[int, int]] = {}
 
 
+def _check_pointers(q, k_vals, k_meta, v_vals, v_meta) -> None:
+    """Q loads 4 bytes at a time, the packed K/V 16 (inside the custom ops only)."""
+    _check_aligned(q, "q", 4)
+    for t, name in ((k_vals, "k.values"), (k_meta, "k.meta"), (v_vals, "v.values"), (v_meta, "v.meta")):
+        _check_aligned(t, name, 16)
+
+
 def _device_cc(device: torch.device) -> tuple[int, int]:
     index = device.index if device.index is not None else torch.cuda.current_device()
     if index not in _CC:
@@ -255,9 +262,7 @@ def _decode_op(lib_key: str, q: torch.Tensor, k_vals: torch.Tensor, k_meta: torc
     Hkv, cap = k_vals.shape[1], k_vals.shape[2]
     variant = lib.select("decode", head_dim=D, dtype=_DTYPES[q.dtype], cc=_device_cc(q.device),
                          group=Hq // Hkv, tier=("sparse24", "sparse24"))
-    _check_aligned(q, "q", 4)
-    for t, name in ((k_vals, "k.values"), (k_meta, "k.meta"), (v_vals, "v.values"), (v_meta, "v.meta")):
-        _check_aligned(t, name, 16)
+    _check_pointers(q, k_vals, k_meta, v_vals, v_meta)
     if num_splits == 0:
         index = q.device.index if q.device.index is not None else torch.cuda.current_device()
         num_splits = choose_splits(B * Hkv, cap // variant.tiles.get("chunk_tokens", CHUNK),
@@ -448,9 +453,7 @@ def _prefill_op(lib_key: str, q: torch.Tensor, k_vals: torch.Tensor, k_meta: tor
     Hkv, cap = k_vals.shape[1], k_vals.shape[2]
     variant = lib.select("prefill", head_dim=D, dtype=_DTYPES[q.dtype], cc=_device_cc(q.device),
                          group=Hq // Hkv, tier=("sparse24", "sparse24"))
-    _check_aligned(q, "q", 4)
-    for t, name in ((k_vals, "k.values"), (k_meta, "k.meta"), (v_vals, "v.values"), (v_meta, "v.meta")):
-        _check_aligned(t, name, 16)
+    _check_pointers(q, k_vals, k_meta, v_vals, v_meta)
     out = _alloc((B, Hq, Lq, D), q.dtype, q.device)
     lse = _alloc((B, Hq, Lq), torch.float32, q.device)
     _launch(lib, variant.symbol, q.device, q.data_ptr(), q.stride(0), q.stride(1), q.stride(2), k_vals.data_ptr(),
