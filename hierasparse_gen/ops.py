@@ -89,11 +89,27 @@ def _check_aligned(t, what: str, nbytes: int) -> None:
 _CC: dict[int, tuple[int, int]] = {}
 
 
+def _rows16(x: torch.Tensor) -> torch.Tensor:
+    """x [B, H, L, D] whose rows start on 16-byte boundaries (the compression, scoring and fill
+    kernels load 16 bytes at a time); other layouts are copied once (inside the ops only)."""
+    if x.stride(3) != 1 or x.data_ptr() % 16 or any(st % 8 for st in x.stride()[:3]):
+        return x.clone(memory_format=torch.contiguous_format)  # a fresh, aligned allocation
+    return x
+
+
 def _check_pointers(q, k_vals, k_meta, v_vals, v_meta) -> None:
     """Q loads 4 bytes at a time, the packed K/V 16 (inside the custom ops only)."""
     _check_aligned(q, "q", 4)
     for t, name in ((k_vals, "k.values"), (k_meta, "k.meta"), (v_vals, "v.values"), (v_meta, "v.meta")):
         _check_aligned(t, name, 16)
+
+
+def _launch(lib, symbol: str, device: torch.device, *args) -> None:
+    """Call a C entry point (its last argument, the stream, is the current stream of ``device``)
+    and raise a CudaError naming it when it fails."""
+    with torch.cuda.device(device):
+        code = lib.function(symbol)(*args, torch.cuda.current_stream(device).cuda_stream)
+    lib.check(code, symbol)
 
 
 def _device_cc(device: torch.device) -> tuple[int, int]:
@@ -127,8 +143,6 @@ def compress(lib, x: torch.Tensor, kind: str, capacity: int | None = None) -> Pa
     if x.stride(3) != 1:
         _fail(what, f"head_dim must be contiguous (stride 1), got strides {x.stride()}",
               f"pass {what}.contiguous()")
-    if kind == "k" and (x.stride(0) % 4 or x.stride(1) % 4 or x.stride(2) % 4):
-        _fail(what, f"strides {x.stride()} are not multiples of 4 elements", f"pass {what}.contiguous()")
     cap = round_capacity(L) if capacity is None else int(capacity)
     if cap % CHUNK or cap < L or cap < CHUNK:
         _fail("capacity", f"{cap} cannot hold {L} tokens in whole {CHUNK}-token chunks",
@@ -146,7 +160,7 @@ def _compress_op(lib_key: str, x: torch.Tensor, capacity: int, kind: str) -> tup
     B, H, L, D = x.shape
     variant = lib.select("compress", head_dim=D, dtype=_DTYPES[x.dtype], cc=_device_cc(x.device))
     symbol = f"{variant.symbol}_{kind}"
-    _check_aligned(x, kind, 8 if kind == "k" else 2)
+    x = _rows16(x)
     vshape, mshape = _packed_shapes(kind, B, H, capacity, D)
     vals = _alloc(vshape, x.dtype, x.device)
     meta = _alloc(mshape, torch.int16, x.device)
@@ -185,6 +199,32 @@ def choose_splits(batch_heads: int, chunks: int, warps: int, sms: int, resident:
         balance.append(ctas / (rounds * sms) / waves ** 0.25 if ctas >= 1 else 0.0)
     top = max(balance)
     return next(s for s, b in enumerate(balance, 1) if b >= 0.95 * top)
+
+
+def _decode_outputs(lib, variant, q: torch.Tensor, batch_heads: int, tokens: int, num_splits: int):
+    """Split count (0: automatic, from the variant's tiles and the GPU) and the decode outputs:
+    (num_splits, out, lse, o_part, lse_part); the partials are None for a single split."""
+    B, Hq, D = q.shape
+    if num_splits == 0:
+        index = q.device.index if q.device.index is not None else torch.cuda.current_device()
+        num_splits = choose_splits(batch_heads, tokens // variant.tiles.get("chunk_tokens", CHUNK),
+                                   variant.tiles.get("warps", 4), _sm_count(index),
+                                   ctas_per_sm(variant.arch, variant.smem_bytes, variant.threads))
+    out = _alloc((B, Hq, D), q.dtype, q.device)
+    lse = _alloc((B, Hq), torch.float32, q.device)
+    if num_splits == 1:
+        return num_splits, out, lse, None, None
+    return (num_splits, out, lse, _alloc((B, Hq, num_splits, D), torch.float32, q.device),
+            _alloc((B, Hq, num_splits), torch.float32, q.device))
+
+
+def _scale(scale: float | None, head_dim: int) -> float:
+    """The softmax scale: 1/sqrt(head_dim) unless given (0.0 is a valid scale)."""
+    return 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
+
+
+def _ptr(t: torch.Tensor | None):
+    return None if t is None else t.data_ptr()
 
 
 def _check_packed(t, kind: str, what: str) -> PackedKV:
@@ -245,12 +285,10 @@ def decode(lib, q, k: PackedKV, v: PackedKV, seqlens=None, *, scale: float | Non
             if lo < 0 or hi > k.capacity:
                 _fail("seqlens", f"values in [{lo}, {hi}] exceed the cache capacity {k.capacity}",
                       f"pass lengths between 0 and {k.capacity}")
-    if scale is None:
-        scale = 1.0 / math.sqrt(D)
     if num_splits is not None and num_splits < 1:
         _fail("num_splits", f"{num_splits} is not positive", "pass None (automatic) or a positive count")
     return torch.ops.hierasparse.decode(lib.key, q, k.values, k.meta, v.values, v.meta, seqlens,
-                                        float(scale), int(num_splits or 0))
+                                        _scale(scale, D), int(num_splits or 0))
 
 
 @torch.library.custom_op("hierasparse::decode", mutates_args=())
@@ -263,26 +301,10 @@ def _decode_op(lib_key: str, q: torch.Tensor, k_vals: torch.Tensor, k_meta: torc
     variant = lib.select("decode", head_dim=D, dtype=_DTYPES[q.dtype], cc=_device_cc(q.device),
                          group=Hq // Hkv, tier=("sparse24", "sparse24"))
     _check_pointers(q, k_vals, k_meta, v_vals, v_meta)
-    if num_splits == 0:
-        index = q.device.index if q.device.index is not None else torch.cuda.current_device()
-        num_splits = choose_splits(B * Hkv, cap // variant.tiles.get("chunk_tokens", CHUNK),
-                                   variant.tiles.get("warps", 4), _sm_count(index),
-                                   ctas_per_sm(variant.arch, variant.smem_bytes, variant.threads))
-    out = _alloc((B, Hq, D), q.dtype, q.device)
-    lse = _alloc((B, Hq), torch.float32, q.device)
-    if num_splits > 1:
-        o_part = _alloc((B, Hq, num_splits, D), torch.float32, q.device)
-        lse_part = _alloc((B, Hq, num_splits), torch.float32, q.device)
-        o_ptr, l_ptr = o_part.data_ptr(), lse_part.data_ptr()
-    else:
-        o_ptr = l_ptr = None
-    with torch.cuda.device(q.device):
-        stream = torch.cuda.current_stream(q.device).cuda_stream
-        code = lib.function(variant.symbol)(
-            q.data_ptr(), q.stride(0), q.stride(1), k_vals.data_ptr(), k_meta.data_ptr(),
-            v_vals.data_ptr(), v_meta.data_ptr(), seqlens.data_ptr(), B, Hkv, cap, scale, num_splits,
-            o_ptr, l_ptr, out.data_ptr(), out.stride(0), out.stride(1), lse.data_ptr(), stream)
-    lib.check(code, variant.symbol)
+    num_splits, out, lse, o_part, lse_part = _decode_outputs(lib, variant, q, B * Hkv, cap, num_splits)
+    _launch(lib, variant.symbol, q.device, q.data_ptr(), q.stride(0), q.stride(1), k_vals.data_ptr(),
+            k_meta.data_ptr(), v_vals.data_ptr(), v_meta.data_ptr(), seqlens.data_ptr(), B, Hkv, cap, scale,
+            num_splits, _ptr(o_part), _ptr(lse_part), out.data_ptr(), out.stride(0), out.stride(1), lse.data_ptr())
     return out, lse
 
 
@@ -294,13 +316,6 @@ def _(lib_key, q, k_vals, k_meta, v_vals, v_meta, seqlens, scale, num_splits):
 
 # --- hierarchical cache -------------------------------------------------------------------
 
-def _launch(lib, symbol: str, device: torch.device, *args) -> None:
-    """Call a C entry point on the current stream of ``device`` (cache maintenance: eager only)."""
-    with torch.cuda.device(device):
-        code = lib.function(symbol)(*args, torch.cuda.current_stream(device).cuda_stream)
-    lib.check(code, symbol)
-
-
 def _compress_variant(lib, x: torch.Tensor):
     return lib.select("compress", head_dim=x.shape[-1], dtype=_DTYPES[x.dtype], cc=_device_cc(x.device))
 
@@ -309,12 +324,10 @@ def score_blocks(lib, x: torch.Tensor, kind: str, block_size: int) -> torch.Tens
     """2:4 prune loss of every whole block of ``x [B, H, L, D]``: float32 ``[B, H, L // block]``."""
     _check_cuda(x, kind)
     _check_dtype(x, kind)
-    if x.stride(3) != 1 or x.stride(2) % 4 or x.stride(1) % 4 or x.stride(0) % 4:
-        x = x.contiguous()
+    x = _rows16(x)
     B, H, L, D = x.shape
     loss = _alloc((B, H, L // block_size), torch.float32, x.device)
     if L >= block_size:
-        _check_aligned(x, kind, 8)
         _launch(lib, f"{_compress_variant(lib, x).symbol}_score_{kind}", x.device, x.data_ptr(), x.stride(0),
                 x.stride(1), x.stride(2), B, H, L, block_size, loss.data_ptr())
     return loss
@@ -335,12 +348,10 @@ def fill_blocks(lib, x: torch.Tensor, kind: str, table: torch.Tensor, block: int
     """Write the blocks of ``x [B, H, L, D]`` into a cache's pools where ``table [B, H, max_blocks]``
     says: dense slot (copied) or 2:4 slot (compressed). Runs on the current stream."""
     B, H, L, D = x.shape
-    if x.stride(3) != 1 or x.stride(2) % 8 or x.stride(1) % 8 or x.stride(0) % 8:
-        x = x.contiguous()  # 16-byte row copies
+    x = _rows16(x)
     for t in (table, dense, vals, meta):
         if not t.is_contiguous():
             raise ValueError("fill_blocks: table and pools must be contiguous")
-    _check_aligned(x, kind, 16)
     _launch(lib, f"{_compress_variant(lib, x).symbol}_fill_{kind}", x.device, x.data_ptr(), x.stride(0),
             x.stride(1), x.stride(2), B, H, L, table.data_ptr(), table.shape[2], block, dense.data_ptr(),
             dense.shape[2], vals.data_ptr(), meta.data_ptr(), vals.shape[2])
@@ -364,7 +375,7 @@ def decode_cache(lib, q: torch.Tensor, cache, *, scale: float | None = None, num
     k, v = cache.k, cache.v
     return torch.ops.hierasparse.decode_mixed(
         lib.key, q, k.table, v.table, k.dense, v.dense, k.sparse_vals, k.sparse_meta, v.sparse_vals,
-        v.sparse_meta, cache.seqlens, cache.block, float(scale or 1.0 / math.sqrt(q.shape[2])),
+        v.sparse_meta, cache.seqlens, cache.block, _scale(scale, q.shape[2]),
         int(num_splits or 0))
 
 
@@ -379,26 +390,13 @@ def _decode_mixed_op(lib_key: str, q: torch.Tensor, k_table: torch.Tensor, v_tab
     variant = lib.select("decode", head_dim=D, dtype=_DTYPES[q.dtype], cc=_device_cc(q.device),
                          group=Hq // Hkv, tier=("mixed", "mixed"), block_size=block_size)
     _check_aligned(q, "q", 4)
-    if num_splits == 0:
-        index = q.device.index if q.device.index is not None else torch.cuda.current_device()
-        num_splits = choose_splits(B * Hkv, max_blocks * block_size // CHUNK, variant.tiles.get("warps", 4),
-                                   _sm_count(index), ctas_per_sm(variant.arch, variant.smem_bytes, variant.threads))
-    out = _alloc((B, Hq, D), q.dtype, q.device)
-    lse = _alloc((B, Hq), torch.float32, q.device)
-    o_part = lse_part = None
-    if num_splits > 1:
-        o_part = _alloc((B, Hq, num_splits, D), torch.float32, q.device)
-        lse_part = _alloc((B, Hq, num_splits), torch.float32, q.device)
-    ptr = lambda t: None if t is None else t.data_ptr()
-    with torch.cuda.device(q.device):
-        stream = torch.cuda.current_stream(q.device).cuda_stream
-        code = lib.function(variant.symbol)(
-            q.data_ptr(), q.stride(0), q.stride(1), k_table.data_ptr(), v_table.data_ptr(), max_blocks,
-            k_dense.data_ptr(), v_dense.data_ptr(), k_dense.shape[2], v_dense.shape[2],
-            k_vals.data_ptr(), k_meta.data_ptr(), v_vals.data_ptr(), v_meta.data_ptr(), k_vals.shape[2],
-            v_vals.shape[2], seqlens.data_ptr(), B, Hkv, scale, num_splits, ptr(o_part), ptr(lse_part),
-            out.data_ptr(), out.stride(0), out.stride(1), lse.data_ptr(), stream)
-    lib.check(code, variant.symbol)
+    num_splits, out, lse, o_part, lse_part = _decode_outputs(lib, variant, q, B * Hkv, max_blocks * block_size,
+                                                             num_splits)
+    _launch(lib, variant.symbol, q.device, q.data_ptr(), q.stride(0), q.stride(1), k_table.data_ptr(),
+            v_table.data_ptr(), max_blocks, k_dense.data_ptr(), v_dense.data_ptr(), k_dense.shape[2],
+            v_dense.shape[2], k_vals.data_ptr(), k_meta.data_ptr(), v_vals.data_ptr(), v_meta.data_ptr(),
+            k_vals.shape[2], v_vals.shape[2], seqlens.data_ptr(), B, Hkv, scale, num_splits, _ptr(o_part),
+            _ptr(lse_part), out.data_ptr(), out.stride(0), out.stride(1), lse.data_ptr())
     return out, lse
 
 
@@ -442,7 +440,7 @@ def prefill(lib, q: torch.Tensor, k: PackedKV, v: PackedKV, seqlens=None, *, sca
         _fail("seqlens", f"expected int32 of shape ({B},) on {q.device}", "pass torch.tensor(lengths, "
               "dtype=torch.int32, device=q.device)")
     return torch.ops.hierasparse.prefill(lib.key, q, k.values, k.meta, v.values, v.meta, seqlens.contiguous(),
-                                         float(scale or 1.0 / math.sqrt(D)))
+                                         _scale(scale, D))
 
 
 @torch.library.custom_op("hierasparse::prefill", mutates_args=())

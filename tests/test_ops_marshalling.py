@@ -1,0 +1,135 @@
+"""The custom ops' calls into the C ABI, checked on the CPU: a stand-in library records each
+call, and every argument must convert to the ctypes type the entry point declares."""
+
+import ctypes
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from hierasparse_gen import ops
+from hierasparse_gen.registry import SIGNATURES
+
+B, HQ, HKV, D, CAP = 2, 8, 2, 64, 128
+
+
+class FakeLib:
+    key = "fake-library"
+
+    def __init__(self):
+        self.calls = []
+
+    def select(self, kind, **want):
+        tiles = {"warps": 4, "stages": 2, "chunk_tokens": 32}
+        mixed = want.get("tier") == ("mixed", "mixed")
+        return SimpleNamespace(symbol=f"hsg_{kind}{'_mixed' if mixed else ''}", arch="sm_90", tiles=tiles,
+                               smem_bytes=100_000, threads=128, kind="decode_mixed" if mixed else kind)
+
+
+@pytest.fixture
+def lib(monkeypatch):
+    fake = FakeLib()
+    monkeypatch.setitem(ops._LIBRARIES, fake.key, fake)
+    monkeypatch.setattr(ops, "_device_cc", lambda device: (9, 0))
+    monkeypatch.setattr(ops, "_sm_count", lambda index: 132)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(ops, "_check_cuda", lambda t, what: None)  # CPU tensors stand in for GPU ones
+    monkeypatch.setattr(ops, "_launch", lambda lib, symbol, device, *args: lib.calls.append((symbol, args)))
+    return fake
+
+
+def _assert_matches_signature(kind: str, suffix: str, args) -> None:
+    argtypes = SIGNATURES[(kind, suffix)]
+    assert len(args) + 1 == len(argtypes)  # + the stream, appended by _launch
+    for value, ctype in zip(args, argtypes):
+        if value is None:
+            assert ctype is ctypes.c_void_p
+        elif ctype is ctypes.c_void_p:
+            assert isinstance(value, int) and value > 0
+        else:
+            ctype(value)  # raises TypeError when the value does not fit the declared type
+
+
+def _packed(dtype=torch.float16):
+    return (torch.zeros(B, HKV, CAP, D // 2, dtype=dtype), torch.zeros(B, HKV, CAP, D // 16, dtype=torch.int16),
+            torch.zeros(B, HKV, CAP // 2, D, dtype=dtype), torch.zeros(B, HKV, CAP // 16, D, dtype=torch.int16))
+
+
+@pytest.mark.parametrize("splits", [0, 1, 3])
+def test_decode_op_arguments(lib, splits):
+    q = torch.randn(B, HQ, D, dtype=torch.float16)
+    seqlens = torch.tensor([CAP, 5], dtype=torch.int32)
+    out, lse = ops._decode_op(lib.key, q, *_packed(), seqlens, 0.125, splits)
+    assert out.shape == (B, HQ, D) and lse.shape == (B, HQ)
+    (symbol, args), = lib.calls
+    assert symbol == "hsg_decode"
+    _assert_matches_signature("decode", "", args)
+    assert args[8:13] == (B, HKV, CAP, 0.125, args[12]) and args[12] >= 1
+    assert (args[13] is None) == (args[12] == 1)  # partials only with several splits
+
+
+def test_decode_mixed_op_arguments(lib):
+    q = torch.randn(B, HQ, D, dtype=torch.float16)
+    table = torch.zeros(B, HKV, 4, dtype=torch.int32)
+    dense = torch.zeros(B, HKV, 3, 64, D, dtype=torch.float16)
+    vals = torch.zeros(B, HKV, 2, 64 * D // 2, dtype=torch.float16)
+    meta = torch.zeros(B, HKV, 2, 64 * D // 16, dtype=torch.int16)
+    ops._decode_mixed_op(lib.key, q, table, table, dense, dense, vals, meta, vals, meta,
+                         torch.tensor([100, 7], dtype=torch.int32), 64, 0.0, 2)
+    (symbol, args), = lib.calls
+    _assert_matches_signature("decode_mixed", "", args)
+    assert args[5] == 4 and args[8:10] == (3, 3) and args[14:16] == (2, 2) and args[19] == 0.0
+
+
+def test_prefill_op_arguments(lib):
+    q = torch.randn(B, HQ, 10, D, dtype=torch.bfloat16)
+    out, lse = ops._prefill_op(lib.key, q, *_packed(torch.bfloat16), torch.tensor([CAP, 12], dtype=torch.int32), 0.5)
+    assert out.shape == q.shape and lse.shape == (B, HQ, 10)
+    (symbol, args), = lib.calls
+    _assert_matches_signature("prefill", "", args)
+    assert args[9:14] == (B, HQ, HKV, 10, CAP)
+
+
+def test_compress_and_cache_maintenance_arguments(lib):
+    x = torch.randn(B, HKV, 100, D, dtype=torch.float16)
+    ops.score_blocks(lib, x, "k", 32)
+    ops.select_blocks(lib, x, torch.zeros(B, HKV, 3), 1, 1, 1, 4, torch.zeros(B, HKV, 4, dtype=torch.int32))
+    ops.fill_blocks(lib, x, "v", torch.zeros(B, HKV, 4, dtype=torch.int32), 32,
+                    torch.zeros(B, HKV, 2, 32, D, dtype=torch.float16), torch.zeros(B, HKV, 2, 32 * D // 2),
+                    torch.zeros(B, HKV, 2, 32 * D // 16, dtype=torch.int16))
+    (s1, a1), (s2, a2), (s3, a3) = lib.calls
+    _assert_matches_signature("compress", "_score_k", a1)
+    _assert_matches_signature("compress", "_select", a2)
+    _assert_matches_signature("compress", "_fill_v", a3)
+    assert s1.endswith("_score_k") and s2.endswith("_select") and s3.endswith("_fill_v")
+
+
+@pytest.mark.parametrize("kind", ["k", "v"])
+def test_compress_op_arguments(lib, monkeypatch, kind):
+    calls = []
+
+    class Fn:
+        def __call__(self, *args):
+            calls.append(args)
+            return 0
+    monkeypatch.setattr(lib, "function", lambda symbol: Fn(), raising=False)
+    monkeypatch.setattr(lib, "check", lambda code, what: None, raising=False)
+    monkeypatch.setattr(torch.cuda, "device", lambda device: __import__("contextlib").nullcontext())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: SimpleNamespace(cuda_stream=0))
+    x = torch.randn(B, HKV, 100, D, dtype=torch.float16)[:, :, :, :]
+    vals, meta = ops._compress_op(lib.key, x, CAP, kind)
+    (args,) = calls
+    _assert_matches_signature("compress", f"_{kind}", args[:-1])
+    assert args[4:8] == (B, HKV, 100, CAP)
+    assert vals.shape == ((B, HKV, CAP, D // 2) if kind == "k" else (B, HKV, CAP // 2, D))
+
+
+def test_misaligned_rows_are_copied_once():
+    base = torch.randn(2 * 8 * 100 * 64 + 1, dtype=torch.float16)
+    x = base[1:].view(2, 8, 100, 64)           # contiguous, but 2 bytes off a 16-byte boundary
+    y = ops._rows16(x)
+    assert y.data_ptr() % 16 == 0 and torch.equal(x, y)
+    strided = torch.randn(2, 8, 100, 70, dtype=torch.float16)[..., :64]  # row stride 70: not 16-byte rows
+    assert ops._rows16(strided).stride(2) == 64
+    aligned = torch.randn(2, 8, 100, 64, dtype=torch.float16)
+    assert ops._rows16(aligned) is aligned
