@@ -187,10 +187,16 @@ def prefill_fill_cost(lib, L=32768, hq=32, hkv=8, d=128, dtype=torch.float16, ra
     return fill_ms, attn_us / 1e3
 
 
-def bench_prefill(lib, batches=(1,), lengths=(8192, 32768), hq=32, hkv=8, d=128, dtype=torch.float16, iters=10):
-    """Causal prefill of the whole prompt: all-2:4 K and V against dense cuDNN and flash SDPA."""
+def bench_prefill(lib, batches=(1, 8), lengths=(8192, 32768), hq=32, hkv=8, d=128, dtype=torch.float16,
+                  iters=10):
+    """Causal prefill of whole prompts against dense cuDNN and flash SDPA, same inputs, same run:
+    all-2:4 K and V, balanced (dense K, 2:4 V), and the block-table kernel of HieraCache
+    (compress_then_attend at ratio 1: every block 2:4 but the dense sink and window)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.nn.functional import scaled_dot_product_attention as sdpa
+
+    from .cache import HieraCache
+    from .ops import prefill_cache
     rows = []
     for B in batches:
         for L in lengths:
@@ -200,18 +206,35 @@ def bench_prefill(lib, batches=(1,), lengths=(8192, 32768), hq=32, hkv=8, d=128,
             kc, vc = lib.compress_k(k), lib.compress_v(v)
             seqlens = torch.full((B,), L, dtype=torch.int32, device="cuda")
             flops = 4 * B * hq * L * L * d / 2  # causal, dense-equivalent
-            ours = _median_us(lambda q: lib.prefill(q, kc, vc, seqlens), [(q,)], iters)
-            base = {}
+            row = dict(B=B, L=L, flops=flops)
+            row["all-2:4"] = _median_us(lambda q: lib.prefill(q, kc, vc, seqlens), [(q,)], iters)
+            row["balanced"] = _median_us(lambda q: lib.prefill(q, k, vc, seqlens), [(q,)], iters)
+            del kc
+            cache = HieraCache(lib, batch=B, num_kv_heads=hkv, head_dim=d, max_seq_len=L, key_ratio=1.0,
+                               value_ratio=1.0, dtype=dtype)
+            cache.prefill(k, v)
+            row["table"] = _median_us(lambda q: prefill_cache(lib, q, cache, cache.seqlens, seqlens), [(q,)], iters)
+            del cache
             for name, backend in (("cudnn", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION)):
                 def run(q, backend=backend):
                     with sdpa_kernel(backend):
                         return sdpa(q, k, v, is_causal=True, enable_gqa=True)
-                base[name] = _median_us(run, [(q,)], iters)
-            rows.append(dict(B=B, L=L, us=ours, tflops=flops / ours / 1e6, cudnn=base["cudnn"],
-                             flash=base["flash"]))
-            del q, k, v, kc, vc
+                row[name] = _median_us(run, [(q,)], iters)
+            rows.append(row)
+            del q, k, v, vc
             torch.cuda.empty_cache()
     return rows
+
+
+def format_prefill(rows) -> str:
+    out = ["| B | S | kernel | us | dense-eq TFLOP/s | of 961 mma.sp ceiling | vs cuDNN | vs flash |",
+           "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        for name in ("all-2:4", "balanced", "table", "cudnn", "flash"):
+            tflops = r["flops"] / r[name] / 1e6
+            out.append(f"| {r['B']} | {r['L'] // 1024}K | {name} | {r[name]:.0f} | {tflops:.0f} | "
+                       f"{100 * tflops / 961:.0f} % | {r['cudnn'] / r[name]:.2f}x | {r['flash'] / r[name]:.2f}x |")
+    return "\n".join(out)
 
 
 def main(argv=None) -> int:
@@ -225,7 +248,7 @@ def main(argv=None) -> int:
     ap.add_argument("--cache", action="store_true",
                     help="HieraCache decode across key/value ratios (B=8, L=32K) and the prefill fill cost")
     ap.add_argument("--plot", help="with --cache: write a PNG of speedup against the ratios")
-    ap.add_argument("--prefill", action="store_true", help="causal prefill (all-2:4) against dense SDPA")
+    ap.add_argument("--prefill", action="store_true", help="causal prefill (all-2:4, balanced, block table) against dense SDPA")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("hierasparse-gen bench: no CUDA device")
@@ -234,12 +257,7 @@ def main(argv=None) -> int:
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, dtype {args.dtype}")
     if args.prefill:
         rows = bench_prefill(lib, dtype=getattr(torch, args.dtype))
-        print("| B | S | 2:4 prefill (us) | dense-eq TFLOP/s | of 961 mma.sp ceiling | cuDNN (us) | flash (us) "
-              "| vs cuDNN | vs flash |")
-        print("|---|---|---|---|---|---|---|---|---|")
-        for r in rows:
-            print(f"| {r['B']} | {r['L'] // 1024}K | {r['us']:.0f} | {r['tflops']:.0f} | {100 * r['tflops'] / 961:.0f} % | "
-                  f"{r['cudnn']:.0f} | {r['flash']:.0f} | {r['cudnn'] / r['us']:.2f}x | {r['flash'] / r['us']:.2f}x |")
+        print(format_prefill(rows))
         return 0
     if args.cache:
         rows, cudnn = bench_cache_ratios(lib, dtype=getattr(torch, args.dtype))

@@ -30,6 +30,10 @@ import torch
 from .format import unpack_k, unpack_v
 
 
+#: How a prompt chunk attends during HieraCache.prefill (see its docstring).
+PREFILL_MODES = ("compress_then_attend", "attend_then_compress", "balanced")
+
+
 class CacheFullError(RuntimeError):
     """An append would exceed the cache's capacity; nothing was written."""
 
@@ -118,28 +122,110 @@ class HieraCache:
         return t
 
     # --- prefill ------------------------------------------------------------------------------
-    def prefill(self, k: torch.Tensor, v: torch.Tensor, lengths=None) -> None:
-        """Fill empty sequences from a prompt's dense K/V ``[B, Hkv, L, D]`` (``lengths[b] <= L``)."""
+    def prefill(self, k: torch.Tensor, v: torch.Tensor, lengths=None, *, q: torch.Tensor | None = None,
+                mode: str = "compress_then_attend", scale: float | None = None):
+        """Add a prompt chunk's dense K/V ``[B, Hkv, L, D]`` after what each sequence holds
+        (sequence b takes the first ``lengths[b] <= L`` rows; default all L).
+
+        Empty sequences are filled in one pass, their 2:4 blocks chosen by prune loss; the
+        chunks of a sequence that already holds tokens enter block by block, re-tiered as
+        decode would. With ``q [B, Hq, L, D]`` (rows as for K) also returns the chunk's causal
+        attention (out ``[B, Hq, L, D]``, lse ``[B, Hq, L]``; padding rows get 0 and -inf) under
+        ``mode`` (see PREFILL_MODES):
+
+        * ``attend_then_compress``: the chunk attends to the cache as it was and to its own
+          dense K/V (exact for the prompt), which then enter the cache;
+        * ``compress_then_attend``: K/V enter the cache first; the chunk attends to them as stored;
+        * ``balanced``: as compress_then_attend, but the chunk's own keys are read dense (dense
+          K + 2:4 V during prefill, K compressed afterwards).
+        """
         self._check_dense(k, "k", 4)
         self._check_dense(v, "v", 4)
         if k.shape != v.shape:
             raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} differ. Fix: pass K and V of one prompt")
+        if mode not in PREFILL_MODES:
+            raise ValueError(f"mode {mode!r} is not a prefill mode. Fix: use one of {', '.join(PREFILL_MODES)}")
         L = k.shape[2]
         lengths = [L] * self.batch if lengths is None else [int(x) for x in lengths]
         if len(lengths) != self.batch or min(lengths) < 0 or max(lengths) > L:
             raise ValueError(f"lengths {lengths} must give one value in [0, {L}] per sequence")
-        if max(lengths) > self.max_seq_len:
-            raise CacheFullError(f"a prompt of {max(lengths)} tokens exceeds the cache capacity "
-                                 f"{self.max_seq_len}. Fix: build the cache with a larger max_seq_len")
-        if any(self.lengths):
-            raise RuntimeError("prefill needs an empty cache. Fix: call reset() first")
-        # one batched pass when all prompts have one length; else sequence by sequence
-        groups = [range(self.batch)] if len(set(lengths)) == 1 else [range(b, b + 1) for b in range(self.batch)]
-        for g in groups:
-            n = lengths[g[0]]
-            if n:
-                self._prefill_group(g.start, g.stop, k[g.start:g.stop, :, :n], v[g.start:g.stop, :, :n])
+        after = [n0 + n for n0, n in zip(self.lengths, lengths)]
+        if max(after) > self.max_seq_len:
+            raise CacheFullError(f"sequences would hold up to {max(after)} tokens, more than the cache capacity "
+                                 f"{self.max_seq_len}; nothing was written. Fix: build the cache with a larger "
+                                 f"max_seq_len")
+        if q is not None:
+            self._check_queries(q, L)
+        if q is None:
+            self._extend(k, v, lengths)
+            return None
+        from .ops import prefill_cache
+        old = list(self.lengths)
+        qlens = torch.tensor(lengths, dtype=torch.int32, device=self.device)
+        if mode == "attend_then_compress":
+            seqlens = torch.tensor(after, dtype=torch.int32, device=self.device)
+            out = prefill_cache(self.lib, q, self, seqlens, qlens, k_tail=k, v_tail=v,
+                                tail_start=torch.tensor(old, dtype=torch.int32, device=self.device), scale=scale)
+            self._extend(k, v, lengths)
+            return out
+        if mode == "balanced":
+            # The chunk's keys, dense, from the last 32-token boundary before it: the rows of
+            # the partial block before the chunk are copied now, while still dense, so no
+            # kernel piece straddles cache and tail after the chunk's blocks are re-tiered.
+            k_tail, start = self._aligned_tail(k, lengths)
+        self._extend(k, v, lengths)
+        if mode == "compress_then_attend":
+            return prefill_cache(self.lib, q, self, self.seqlens, qlens, scale=scale)
+        return prefill_cache(self.lib, q, self, self.seqlens, qlens, k_tail=k_tail, tail_start=start, scale=scale)
+
+    def _aligned_tail(self, k: torch.Tensor, lengths: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Dense K rows from each sequence's last 32-token boundary: [B, Hkv, 31 + L, D], and
+        the token of row 0 per sequence."""
+        heads = [n0 % 32 for n0 in self.lengths]
+        if not any(heads):
+            return k, torch.tensor(self.lengths, dtype=torch.int32, device=self.device)
+        L = k.shape[2]
+        tail = torch.zeros(self.batch, self.heads, 31 + L, self.head_dim, dtype=self.dtype, device=self.device)
+        for b, r in enumerate(heads):
+            n0 = self.lengths[b]
+            if r:
+                slot = self.k.uniform[b][n0 // self.block]  # the partial block is dense
+                tail[b, :, :r] = self.k.dense[b, :, slot, n0 % self.block - r:n0 % self.block]
+            tail[b, :, r:r + lengths[b]] = k[b, :, :lengths[b]]
+        start = torch.tensor([n0 - r for n0, r in zip(self.lengths, heads)], dtype=torch.int32, device=self.device)
+        return tail, start
+
+    def _extend(self, k: torch.Tensor, v: torch.Tensor, lengths: list[int]) -> None:
+        fresh = [b for b in range(self.batch) if self.lengths[b] == 0 and lengths[b] > 0]
+        # one batched pass when every sequence is empty with one length; else sequence by sequence
+        if len(fresh) == self.batch and len(set(lengths)) == 1:
+            self._prefill_group(0, self.batch, k[:, :, :lengths[0]], v[:, :, :lengths[0]])
+        else:
+            for b in fresh:
+                self._prefill_group(b, b + 1, k[b:b + 1, :, :lengths[b]], v[b:b + 1, :, :lengths[b]])
+        for b in range(self.batch):
+            if b not in fresh and lengths[b]:
+                self._extend_sequence(b, k[b], v[b], lengths[b])
         self.seqlens.copy_(torch.tensor(self.lengths, dtype=torch.int32))
+
+    def _extend_sequence(self, b: int, k: torch.Tensor, v: torch.Tensor, n: int) -> None:
+        """Append n rows (``[Hkv, >= n, D]``) to a non-empty sequence, block by block, flushing
+        each block that leaves the window as decode does (so the dense pools never overflow)."""
+        S, i = self.block, 0
+        while i < n:
+            pos = self.lengths[b]
+            blk, r = divmod(pos, S)
+            take = min(S - r, n - i)
+            for t, x in ((self.k, k), (self.v, v)):
+                if r == 0:  # a new block starts: it is dense, in a free slot
+                    slot = t.free[b].pop(0)
+                    t.uniform[b][blk] = slot
+                    t.table[b, :, blk] = slot
+                t.dense[b, :, t.uniform[b][blk], r:r + take] = x[:, i:i + take]
+            i += take
+            self.lengths[b] = pos + take
+            if self.lengths[b] % S == 0:
+                self._maybe_flush(b)
 
     def _prefill_group(self, b0: int, b1: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Sequences b0..b1-1, all with the prompt length L: select, fill the table, then one
@@ -295,6 +381,16 @@ class HieraCache:
         """Bytes of every preallocated pool and table."""
         return sum(x.nbytes for t in (self.k, self.v)
                    for x in (t.dense, t.sparse_vals, t.sparse_meta, t.table)) + self.seqlens.nbytes
+
+    def _check_queries(self, q, L: int) -> None:
+        if not isinstance(q, torch.Tensor) or q.device != self.device:
+            raise ValueError(f"q: expected a tensor on {self.device}. Fix: move it to the cache's GPU")
+        if q.dim() != 4 or q.shape[0] != self.batch or q.shape[2] != L or q.shape[3] != self.head_dim or \
+                q.shape[1] % self.heads:
+            raise ValueError(f"q: shape {tuple(q.shape)} does not match the chunk. Fix: pass "
+                             f"[{self.batch}, a multiple of {self.heads} heads, {L}, {self.head_dim}]")
+        if q.dtype != self.dtype:
+            raise ValueError(f"q: dtype {q.dtype} but the cache holds {self.dtype}. Fix: cast it")
 
     def _check_dense(self, x, what: str, dims: int) -> None:
         shape = (self.batch, self.heads, self.head_dim) if dims == 3 else None

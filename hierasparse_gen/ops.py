@@ -409,58 +409,144 @@ def _(lib_key, q, k_table, v_table, k_dense, v_dense, k_vals, k_meta, v_vals, v_
 
 # --- prefill ------------------------------------------------------------------------------
 
-def prefill(lib, q: torch.Tensor, k: PackedKV, v: PackedKV, seqlens=None, *, scale: float | None = None):
-    """Causal attention of a chunk of queries ``q [B, Hq, Lq, D]`` over packed K and V.
+@dataclass(frozen=True)
+class _Source:
+    """Where the prefill kernel reads K or V (see templates/prefill.cu.j2): a block table over
+    dense and 2:4 pools (no table: the identity over a flat tensor), and dense tail rows."""
+    table: torch.Tensor | None = None       # [B, Hkv, max_blocks] int32
+    block: int = 32
+    dense: torch.Tensor | None = None       # [B, Hkv, n_dense, block, D]
+    vals: torch.Tensor | None = None
+    meta: torch.Tensor | None = None
+    n_sparse: int = 0
+    tail: torch.Tensor | None = None        # [B, Hkv, rows, D], last dim contiguous
+    tail_start: torch.Tensor | None = None  # [B] int32: token of tail row 0 (None: 0)
 
-    The queries are the last Lq of each sequence's ``seqlens[b]`` tokens (bottom-right causal
-    alignment): a chunk at offset o = seqlens[b] - Lq attends to all tokens before it and
-    causally to itself. Returns (out ``[B, Hq, Lq, D]``, lse ``[B, Hq, Lq]`` fp32).
-    """
+
+def _check_queries(q: torch.Tensor, B: int, Hkv: int, D: int, dtype) -> None:
     _check_cuda(q, "q")
     _check_dtype(q, "q")
     if q.dim() != 4:
         _fail("q", f"expected 4 dims [batch, q_heads, queries, head_dim], got shape {tuple(q.shape)}",
               "pass the chunk's queries as [batch, q_heads, queries, head_dim]")
-    k = _check_packed(k, "k", "k")
-    v = _check_packed(v, "v", "v")
-    B, Hq, Lq, D = q.shape
-    Hkv = k.values.shape[1]
-    if tuple(k.values.shape[:2]) != (B, Hkv) or tuple(v.values.shape[:2]) != (B, Hkv) or k.capacity != v.capacity:
-        _fail("k, v", "K and V do not match each other or q's batch", "compress K and V of the same cache")
-    if D != k.head_dim or Hq % Hkv or Lq < 1:
-        _fail("q", f"shape {tuple(q.shape)} does not fit the cache ({Hkv} KV heads, head_dim {k.head_dim})",
-              f"pass [batch, a multiple of {Hkv} heads, >= 1 queries, {k.head_dim}]")
-    if k.values.dtype != q.dtype:
-        _fail("q", f"dtype {q.dtype} but the cache holds {k.values.dtype}", "use one dtype for Q, K and V")
+    if q.shape[0] != B or q.shape[3] != D or q.shape[1] % Hkv or q.shape[2] < 1:
+        _fail("q", f"shape {tuple(q.shape)} does not fit the keys ({B} sequences, {Hkv} KV heads, head_dim {D})",
+              f"pass [{B}, a multiple of {Hkv} heads, >= 1 queries, {D}]")
+    if q.dtype != dtype:
+        _fail("q", f"dtype {q.dtype} but the keys are {dtype}", "use one dtype for Q, K and V")
     if q.stride(3) != 1 or any(x % 2 for x in q.stride()[:3]):
         _fail("q", f"strides {q.stride()} not supported", "pass q.contiguous()")
+
+
+def _check_lengths(x, what: str, B: int, device, fix: str) -> torch.Tensor | None:
+    if x is None:
+        return None
+    if not isinstance(x, torch.Tensor) or x.dtype != torch.int32 or tuple(x.shape) != (B,) or x.device != device:
+        _fail(what, f"expected an int32 tensor of shape ({B},) on {device}", fix)
+    return x.contiguous()
+
+
+def prefill(lib, q: torch.Tensor, k, v: PackedKV, seqlens=None, *, qlens=None, scale: float | None = None):
+    """Causal attention of a chunk of queries ``q [B, Hq, Lq, D]`` over 2:4 V and K that is
+    2:4 (a PackedKV: all-2:4) or dense (``[B, Hkv, L, D]``: the balanced kernel).
+
+    Sequence b has ``seqlens[b]`` keys and ``qlens[b]`` queries (default: Lq; rows past it,
+    right padding, get zeros and lse -inf), its last ``qlens[b]`` positions (bottom-right
+    causal alignment): a chunk at offset o attends to all tokens before it and causally to
+    itself. Returns (out ``[B, Hq, Lq, D]``, lse ``[B, Hq, Lq]`` fp32, natural log).
+    """
+    v = _check_packed(v, "v", "v")
+    B, Hkv = v.values.shape[:2]
+    if isinstance(k, PackedKV):
+        k = _check_packed(k, "k", "k")
+        if tuple(k.values.shape[:2]) != (B, Hkv) or k.capacity != v.capacity or k.values.dtype != v.values.dtype:
+            _fail("k, v", "K and V do not match each other", "compress K and V of the same cache")
+        tier, length, D = ("sparse24", "sparse24"), min(k.length, v.length), k.head_dim
+        ksrc = _Source(vals=k.values, meta=k.meta, n_sparse=k.capacity // 32)
+    else:
+        _check_cuda(k, "k")
+        _check_dtype(k, "k")
+        if k.dim() != 4 or tuple(k.shape[:2]) != (B, Hkv) or k.shape[3] != v.head_dim or k.dtype != v.values.dtype:
+            _fail("k", f"dense K of shape {tuple(k.shape)} and dtype {k.dtype} does not match V "
+                  f"({B} sequences, {Hkv} KV heads, head_dim {v.head_dim}, {v.values.dtype})",
+                  "pass K as [batch, kv_heads, tokens, head_dim] of V's dtype, or lib.compress_k(k)")
+        tier, length, D = ("dense", "sparse24"), min(k.shape[2], v.length), v.head_dim
+        ksrc = _Source(tail=k)
+    _check_queries(q, B, Hkv, D, v.values.dtype)
+    vsrc = _Source(vals=v.values, meta=v.meta, n_sparse=v.capacity // 32)
+    fix = "pass torch.tensor(lengths, dtype=torch.int32, device=q.device)"
+    seqlens = _check_lengths(seqlens, "seqlens", B, q.device, fix)
     if seqlens is None:
-        seqlens = torch.full((B,), min(k.length, v.length), dtype=torch.int32, device=q.device)
-    elif seqlens.dtype != torch.int32 or tuple(seqlens.shape) != (B,) or seqlens.device != q.device:
-        _fail("seqlens", f"expected int32 of shape ({B},) on {q.device}", "pass torch.tensor(lengths, "
-              "dtype=torch.int32, device=q.device)")
-    return torch.ops.hierasparse.prefill(lib.key, q, k.values, k.meta, v.values, v.meta, seqlens.contiguous(),
-                                         _scale(scale, D))
+        seqlens = torch.full((B,), length, dtype=torch.int32, device=q.device)
+    return _prefill(lib, q, tier, None, ksrc, vsrc, seqlens, _check_lengths(qlens, "qlens", B, q.device, fix),
+                    length, _scale(scale, D))
+
+
+def prefill_cache(lib, q: torch.Tensor, cache, seqlens: torch.Tensor, qlens: torch.Tensor, *,
+                  k_tail: torch.Tensor | None = None, v_tail: torch.Tensor | None = None,
+                  tail_start: torch.Tensor | None = None, scale: float | None = None):
+    """Causal attention of a query chunk over a HieraCache's block tables (the mixed-tier
+    kernel); keys from ``tail_start[b]`` on come from the dense ``k_tail``/``v_tail`` rows
+    instead, when given. Used by :meth:`HieraCache.prefill`, which checks the arguments."""
+    ks, vs = cache.k, cache.v
+    ksrc = _Source(ks.table, cache.block, ks.dense, ks.sparse_vals, ks.sparse_meta, ks.sparse_vals.shape[2],
+                   k_tail, tail_start if k_tail is not None else None)
+    vsrc = _Source(vs.table, cache.block, vs.dense, vs.sparse_vals, vs.sparse_meta, vs.sparse_vals.shape[2],
+                   v_tail, tail_start if v_tail is not None else None)
+    return _prefill(lib, q, ("mixed", "mixed"), cache.block, ksrc, vsrc, seqlens, qlens, cache.max_seq_len,
+                    _scale(scale, cache.head_dim))
+
+
+def _prefill(lib, q, tier, block_size, k: _Source, v: _Source, seqlens, qlens, max_len: int, scale: float):
+    return torch.ops.hierasparse.prefill(
+        lib.key, q, tier[0], tier[1], block_size or 0,
+        k.table, k.block, k.dense, k.vals, k.meta, k.n_sparse, k.tail, k.tail_start,
+        v.table, v.block, v.dense, v.vals, v.meta, v.n_sparse, v.tail, v.tail_start,
+        seqlens, qlens, max_len, scale)
+
+
+def _source_args(table, block, dense, vals, meta, n_sparse, tail, tail_start) -> list:
+    return [_ptr(table), 0 if table is None else table.shape[2], block,
+            _ptr(dense), 0 if dense is None else dense.shape[2], _ptr(vals), _ptr(meta), n_sparse,
+            _ptr(tail), *(tail.stride()[:3] if tail is not None else (0, 0, 0)), _ptr(tail_start)]
 
 
 @torch.library.custom_op("hierasparse::prefill", mutates_args=())
-def _prefill_op(lib_key: str, q: torch.Tensor, k_vals: torch.Tensor, k_meta: torch.Tensor, v_vals: torch.Tensor,
-                v_meta: torch.Tensor, seqlens: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _prefill_op(lib_key: str, q: torch.Tensor, k_tier: str, v_tier: str, block_size: int,
+                k_table: torch.Tensor | None, k_block: int, k_dense: torch.Tensor | None, k_vals: torch.Tensor | None,
+                k_meta: torch.Tensor | None, k_n_sparse: int, k_tail: torch.Tensor | None,
+                k_tail_start: torch.Tensor | None,
+                v_table: torch.Tensor | None, v_block: int, v_dense: torch.Tensor | None, v_vals: torch.Tensor | None,
+                v_meta: torch.Tensor | None, v_n_sparse: int, v_tail: torch.Tensor | None,
+                v_tail_start: torch.Tensor | None,
+                seqlens: torch.Tensor, qlens: torch.Tensor | None, max_len: int,
+                scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     lib = _LIBRARIES[lib_key]
     B, Hq, Lq, D = q.shape
-    Hkv, cap = k_vals.shape[1], k_vals.shape[2]
-    variant = lib.select("prefill", head_dim=D, dtype=_DTYPES[q.dtype], cc=_device_cc(q.device),
-                         group=Hq // Hkv, tier=("sparse24", "sparse24"))
-    _check_pointers(q, k_vals, k_meta, v_vals, v_meta)
+    Hkv = next(t for t in (k_table, k_vals, k_tail) if t is not None).shape[1]
+    variant = lib.select("prefill", head_dim=D, dtype=_DTYPES[q.dtype], cc=_device_cc(q.device), group=Hq // Hkv,
+                         tier=(k_tier, v_tier), block_size=block_size or None)
+    _check_aligned(q, "q", 4)
+    # tails are caller tensors: copy them once if their rows are not 16-byte aligned
+    k_tail = None if k_tail is None else _rows16(k_tail)
+    v_tail = None if v_tail is None else _rows16(v_tail)
+    for t, name in ((k_vals, "k.values"), (k_meta, "k.meta"), (v_vals, "v.values"), (v_meta, "v.meta"),
+                    (k_dense, "k dense pool"), (v_dense, "v dense pool")):
+        if t is not None:
+            _check_aligned(t, name, 16)
     out = _alloc((B, Hq, Lq, D), q.dtype, q.device)
     lse = _alloc((B, Hq, Lq), torch.float32, q.device)
-    _launch(lib, variant.symbol, q.device, q.data_ptr(), q.stride(0), q.stride(1), q.stride(2), k_vals.data_ptr(),
-            k_meta.data_ptr(), v_vals.data_ptr(), v_meta.data_ptr(), seqlens.data_ptr(), B, Hq, Hkv, Lq, cap,
-            scale, out.data_ptr(), out.stride(0), out.stride(1), out.stride(2), lse.data_ptr())
+    _launch(lib, variant.symbol, q.device, q.data_ptr(), *q.stride()[:3],
+            *_source_args(k_table, k_block, k_dense, k_vals, k_meta, k_n_sparse, k_tail, k_tail_start),
+            *_source_args(v_table, v_block, v_dense, v_vals, v_meta, v_n_sparse, v_tail, v_tail_start),
+            seqlens.data_ptr(), _ptr(qlens), max_len, B, Hq, Hkv, Lq, scale,
+            out.data_ptr(), *out.stride()[:3], lse.data_ptr())
     return out, lse
 
 
 @_prefill_op.register_fake
-def _(lib_key, q, k_vals, k_meta, v_vals, v_meta, seqlens, scale):
+def _(lib_key, q, k_tier, v_tier, block_size, k_table, k_block, k_dense, k_vals, k_meta, k_n_sparse, k_tail,
+      k_tail_start, v_table, v_block, v_dense, v_vals, v_meta, v_n_sparse, v_tail, v_tail_start, seqlens, qlens,
+      max_len, scale):
     B, Hq, Lq, D = q.shape
     return q.new_empty((B, Hq, Lq, D)), q.new_empty((B, Hq, Lq), dtype=torch.float32)

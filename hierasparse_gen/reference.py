@@ -34,10 +34,11 @@ def decode_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seqlens=
 
 
 def prefill_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seqlens=None,
-                      scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Causal attention of ``q [B, Hq, Lq, D]``, the last Lq of ``seqlens[b]`` tokens, in float64.
+                      scale: float | None = None, qlens=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal attention of ``q [B, Hq, Lq, D]`` in float64: sequence b has ``qlens[b]`` queries
+    (default Lq; rows past it give zeros and -inf), the last of its ``seqlens[b]`` tokens.
 
-    Query i of sequence b sits at position seqlens[b] - Lq + i and attends to keys
+    Query i of sequence b sits at position seqlens[b] - qlens[b] + i and attends to keys
     0..that position (none if it is negative: zeros and -inf). Returns (out, lse).
     """
     B, Hq, Lq, D = q.shape
@@ -45,10 +46,12 @@ def prefill_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seqlens
     group = Hq // Hkv
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     lens = torch.full((B,), L) if seqlens is None else seqlens.detach().long().cpu()
+    n = torch.full((B,), Lq) if qlens is None else qlens.detach().long().cpu().clamp(0, Lq)
     s = torch.einsum("bhgqd,bhld->bhgql", q.double().view(B, Hkv, group, Lq, D), k.double()) * scale
-    pos = (lens.view(B, 1) - Lq + torch.arange(Lq).view(1, Lq))            # [B, Lq]
+    rows = torch.arange(Lq).view(1, Lq)
+    pos = lens.view(B, 1) - n.view(B, 1) + rows                                # [B, Lq]
     keys = torch.arange(L).view(1, 1, L)
-    mask = (keys > pos.unsqueeze(-1)) | (keys >= lens.view(B, 1, 1))          # [B, Lq, L]
+    mask = (keys > pos.unsqueeze(-1)) | (keys >= lens.view(B, 1, 1)) | (rows >= n.view(B, 1)).unsqueeze(-1)
     s = s.masked_fill(mask.view(B, 1, 1, Lq, L).to(s.device), float("-inf"))
     lse = torch.logsumexp(s, -1)
     p = torch.exp(s - lse.unsqueeze(-1)).nan_to_num(0.0)

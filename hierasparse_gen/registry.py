@@ -31,8 +31,12 @@ SIGNATURES = {
     ("compress", "_score_v"): [_p, _i64, _i64, _i64, _i32, _i32, _i32, _i32, _p, _p],
     ("decode_mixed", ""): [_p, _i64, _i64, _p, _p, _i32, _p, _p, _i32, _i32, _p, _p, _p, _p, _i32, _i32,
                            _p, _i32, _i32, _f32, _i32, _p, _p, _p, _i64, _i64, _p, _p],
-    ("prefill", ""): [_p, _i64, _i64, _i64, _p, _p, _p, _p, _p, _i32, _i32, _i32, _i32, _i32, _f32, _p, _i64,
-                      _i64, _i64, _p, _p],
+    # q, its strides; K then V source (table, max_blocks, block, dense, n_dense, vals, meta,
+    # n_sparse, tail, tail strides x3, tail_start); seqlens, qlens, max_len, batch, Hq, Hkv, Lq,
+    # scale, out, its strides, lse, stream
+    ("prefill", ""): [_p, _i64, _i64, _i64,
+                      *[_p, _i32, _i32, _p, _i32, _p, _p, _i32, _p, _i64, _i64, _i64, _p] * 2,
+                      _p, _p, _i32, _i32, _i32, _i32, _i32, _f32, _p, _i64, _i64, _i64, _p, _p],
     ("prefill", "_smem_bytes"): [],
     ("decode_mixed", "_smem_bytes"): [],
     ("decode_mixed", "_threads"): [],
@@ -59,7 +63,7 @@ class KernelVariant:
     tier: tuple[str, str] | None
     tiles: dict
     symbol: str
-    block_size: int = 0      # decode over mixed tiers: cache block size
+    block_size: int = 0      # kernels over the block table (mixed tiers): cache block size
     smem_bytes: int = 0      # decode: dynamic shared memory per CTA (read from the library)
     threads: int = 0         # decode: threads per CTA
 
@@ -114,7 +118,7 @@ class Library:
         for v in self.manifest["variants"]:
             tier = v.get("tier")
             symbol = f"hsg_{v['name']}"
-            kind_key = "decode_mixed" if v.get("block_size") else v["kind"]
+            kind_key = "decode_mixed" if v["kind"] == "decode" and v.get("block_size") else v["kind"]
             for (kind, suffix), argtypes in SIGNATURES.items():
                 if kind == kind_key:
                     fn = getattr(self._cdll, symbol + suffix)
@@ -219,11 +223,12 @@ class Library:
         from .ops import compress
         return compress(self, v, "v", capacity)
 
-    def prefill(self, q, k, v, seqlens=None, *, scale: float | None = None):
-        """Causal attention of a query chunk ``q [B, Hq, Lq, D]`` (the last Lq of ``seqlens``
-        tokens) over packed K and V. Returns (out, lse)."""
+    def prefill(self, q, k, v, seqlens=None, *, qlens=None, scale: float | None = None):
+        """Causal attention of a query chunk ``q [B, Hq, Lq, D]`` (the last ``qlens[b]`` of
+        ``seqlens[b]`` tokens) over packed 2:4 V and K packed (all-2:4) or dense (balanced).
+        Returns (out, lse)."""
         from .ops import prefill
-        return prefill(self, q, k, v, seqlens, scale=scale)
+        return prefill(self, q, k, v, seqlens, qlens=qlens, scale=scale)
 
     def decode(self, q, k, v, seqlens=None, *, scale: float | None = None,
                num_splits: int | None = None, check_seqlens: bool = True):

@@ -38,4 +38,6 @@ def render(variant: Variant, spec: Spec) -> str:
     return template.render(
         variant=variant, spec=spec, template=variant.template, generator_version=__version__,
         namespace=f"{variant.name}_impl", symbol=variant.symbol, head_dim=variant.head_dim,
-        group=variant.group, block_size=variant.block_size, n_tiles=variant.n_tiles, **variant.tiles)
+        group=variant.group, block_size=variant.block_size, n_tiles=variant.n_tiles,
+        k_tier=variant.tier.k if variant.tier else None, v_tier=variant.tier.v if variant.tier else None,
+        **variant.tiles)

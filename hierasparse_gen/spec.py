@@ -77,12 +77,16 @@ WARPS_RANGE = (1, 8)
 STAGES_RANGE = (2, 8)
 CHUNK_TOKENS: tuple[int, ...] = (32, 64)
 
-TOP_KEYS = ("name", "shapes", "dtypes", "archs", "phases", "tiers", "cache", "decode")
+TOP_KEYS = ("name", "shapes", "dtypes", "archs", "phases", "tiers", "cache", "decode", "prefill")
 REQUIRED_TOP_KEYS = ("name", "shapes", "archs")
 SHAPE_KEYS = ("head_dim", "num_qo_heads", "num_kv_heads")
 TIER_KEYS = ("k", "v")
 CACHE_KEYS = ("block_size", "sink", "local_window")
 DECODE_KEYS = ("warps", "stages", "chunk_tokens")
+PREFILL_KEYS = ("warp_queries", "stages", "chunk_tokens", "step_keys")
+WARP_QUERIES: tuple[int, ...] = (16, 24, 32)
+STEP_KEYS: tuple[int, ...] = (32, 64)
+PREFILL_CHUNK_TOKENS: tuple[int, ...] = (32, 64, 128)
 
 ROOT = "<top level>"
 
@@ -139,6 +143,16 @@ class DecodeTiles:
 
 
 @dataclass(frozen=True)
+class PrefillTiles:
+    """Prefill tile parameters; ``None`` means the tile oracle decides."""
+
+    warp_queries: int | None = None
+    stages: int | None = None
+    chunk_tokens: int | None = None
+    step_keys: int | None = None
+
+
+@dataclass(frozen=True)
 class Spec:
     name: str
     shapes: tuple[Shape, ...]
@@ -148,6 +162,7 @@ class Spec:
     tiers: tuple[Tier, ...]
     cache: CacheConfig
     decode: DecodeTiles
+    prefill: PrefillTiles = PrefillTiles()
     source: str = "<spec>"
 
     def to_dict(self) -> dict:
@@ -164,6 +179,7 @@ class Spec:
             "tiers": [dataclasses.asdict(t) for t in self.tiers],
             "cache": dataclasses.asdict(self.cache),
             "decode": dataclasses.asdict(self.decode),
+            "prefill": dataclasses.asdict(self.prefill),
         }
 
 
@@ -616,6 +632,28 @@ class _Checker:
         out["chunk_tokens"] = v
         return DecodeTiles(**out)
 
+    def prefill(self, value: Any) -> PrefillTiles:
+        if value is None:  # an empty `prefill:` section
+            value = {}
+        item = self.mapping(value, "prefill", PREFILL_KEYS,
+                            example="{warp_queries: 24, stages: 3, chunk_tokens: 64, step_keys: 32}")
+        oracle = "or omit it to let the tile oracle decide"
+        out: dict[str, int | None] = {}
+        for key, allowed in (("warp_queries", WARP_QUERIES), ("stages", tuple(range(2, 5))),
+                             ("chunk_tokens", PREFILL_CHUNK_TOKENS), ("step_keys", STEP_KEYS)):
+            path, v = f"prefill.{key}", item.get(key)
+            text = ", ".join(str(a) for a in allowed)
+            if v is not None:
+                self.integer(v, path, f"use one of {text}, {oracle}")
+                if v not in allowed:
+                    self.fail(path, f"{v} is not supported ({key} must be one of {text})", f"use one of {text}, {oracle}")
+            out[key] = v
+        if out["step_keys"] and out["chunk_tokens"] and out["step_keys"] > out["chunk_tokens"]:
+            self.fail("prefill.step_keys", f"{out['step_keys']} keys a softmax step exceed the "
+                      f"{out['chunk_tokens']}-token stage (prefill.chunk_tokens)",
+                      "use step_keys <= chunk_tokens")
+        return PrefillTiles(**out)
+
     # -- whole spec ----------------------------------------------------------
 
     def spec(self, data: Any) -> Spec:
@@ -645,6 +683,7 @@ class _Checker:
         tiers = self.tiers(optional("tiers", [{"k": "sparse24", "v": "sparse24"}]))
         cache = self.cache(optional("cache", {}))
         decode = self.decode(optional("decode", {}))
+        prefill = self.prefill(optional("prefill", {}))
         return Spec(
             name=name,
             shapes=shapes,
@@ -654,6 +693,7 @@ class _Checker:
             tiers=tiers,
             cache=cache,
             decode=decode,
+            prefill=prefill,
             source=self.source,
         )
 

@@ -1,6 +1,8 @@
 """The one tile-size oracle: maps a kernel shape to default tiles; specs may override.
 
-Decode is memory-bound, so the tiles are chosen for bytes in flight, not for FLOPs: each
+Prefill is compute-bound: each warp keeps as many queries as its registers allow (Q^T
+fragments, the O^T accumulators and one 32-key score tile), so that every K/V byte it reads
+from shared memory feeds more MMAs. Decode is memory-bound, so the tiles are chosen for bytes in flight, not for FLOPs: each
 warp keeps ``stages - 1`` chunks of ``chunk_tokens`` tokens (K and V values plus
 metadata) in flight through cp.async. On sm_90 the defaults let two CTAs share an SM.
 """
@@ -88,3 +90,68 @@ def decode_tiles(head_dim: int, group: int, arch: str, warps: int | None = None,
         f"{decode_smem_bytes(head_dim, group, t, mixed)} bytes of shared memory for head_dim {head_dim}, "
         f"but {arch} allows {SMEM_PER_BLOCK[arch]}; lower decode.stages, decode.warps or "
         f"decode.chunk_tokens in the spec (or leave them out to let the tile oracle choose)")
+
+
+@dataclass(frozen=True)
+class PrefillTiles:
+    warps: int
+    stages: int
+    chunk_tokens: int
+    warp_queries: int
+    step_keys: int
+    min_ctas: int
+
+    def as_dict(self) -> dict:
+        return {"warps": self.warps, "stages": self.stages, "chunk_tokens": self.chunk_tokens,
+                "warp_queries": self.warp_queries, "step_keys": self.step_keys, "min_ctas": self.min_ctas}
+
+
+def prefill_piece_bytes(head_dim: int, tier: str) -> int:
+    """Shared memory of one 32-token piece of K or V: dense rows, or 2:4 values + metadata."""
+    return 32 * head_dim * 2 if tier != "sparse24" else 32 * head_dim + 32 * head_dim // 8
+
+
+def prefill_smem_bytes(head_dim: int, k_tier: str, v_tier: str, t: PrefillTiles) -> int:
+    pipeline = t.stages * (t.chunk_tokens // 32) * (prefill_piece_bytes(head_dim, k_tier)
+                                                     + prefill_piece_bytes(head_dim, v_tier))
+    staged_out = t.warps * t.warp_queries * (head_dim + 8) * 2
+    return max(pipeline, staged_out)
+
+
+def _prefill_registers(head_dim: int, warp_queries: int) -> int:
+    """Estimated registers a thread: per 8 queries, 3D/8 of Q^T fragments and O^T accumulators
+    plus about 14 of scores and softmax state; about 40 of addresses and loop state."""
+    return warp_queries // 8 * (3 * head_dim // 8 + 14) + 40
+
+
+def prefill_warp_queries(head_dim: int) -> int:
+    """Queries a warp: the most (32, 24 or 16) whose registers fit (the estimate above). At
+    head_dim 128, 32 queries spilled (376 bytes) and 24 compiled to 234-254 registers."""
+    for q in (32, 24):
+        if _prefill_registers(head_dim, q) <= 240:
+            return q
+    return 16
+
+
+def prefill_tiles(head_dim: int, arch: str, k_tier: str, v_tier: str, warp_queries: int | None = None,
+                  stages: int | None = None, chunk_tokens: int | None = None,
+                  step_keys: int | None = None) -> PrefillTiles:
+    """Default prefill tiles: 4 warps of as many queries as fit the registers, and the first of
+    64-key stages x 3, x 2, 32-key stages x 3, x 2 that leaves two CTAs on an SM (each CTA then
+    gets up to 255 registers a thread), else one CTA."""
+    warp_queries = warp_queries or prefill_warp_queries(head_dim)
+    # 64-key stages when they fit, else 32 (a 2-stage pipeline of dense 64-key pieces at
+    # head_dim 256 takes 128 KiB, more than sm_86/89 give a CTA)
+    shapes = [(c, s) for c in ([chunk_tokens] if chunk_tokens else [64, 32])
+              for s in ([stages] if stages else [3, 2])]
+    # three CTAs an SM (168 registers a thread) when the estimate leaves room, else two (255)
+    ctas = (3, 2, 1) if _prefill_registers(head_dim, warp_queries) <= 168 else (2, 1)
+    for min_ctas in ctas:
+        for chunk, n in shapes:
+            step = min(step_keys or 32, chunk)
+            t = PrefillTiles(4, n, chunk, warp_queries, step, min_ctas)
+            need = prefill_smem_bytes(head_dim, k_tier, v_tier, t)
+            if need <= SMEM_PER_BLOCK[arch] and ctas_per_sm(arch, need, 128) >= min_ctas:
+                return t
+    raise TileError(f"prefill tiles for head_dim {head_dim} ({k_tier} K, {v_tier} V) need {need} bytes of "
+                    f"shared memory, but {arch} allows {SMEM_PER_BLOCK[arch]}")

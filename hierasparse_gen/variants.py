@@ -8,10 +8,11 @@ group (query heads per KV head), not on the head counts, so shapes that share
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 from .spec import Spec, SpecError, Tier
-from .tiles import TileError, decode_tiles
+from .tiles import TileError, decode_tiles, prefill_tiles
 
 DTYPE_TAG = {"float16": "f16", "bfloat16": "bf16"}
 TIER_TAG = {"sparse24": "24", "dense": "d", "mixed": "m"}
@@ -35,7 +36,10 @@ class Variant:
             return "runtime"
         d, t, a = f"d{self.head_dim}", DTYPE_TAG[self.dtype], self.arch.replace("_", "")
         if self.kind == "prefill":
-            return f"prefill_{d}_g{self.group}_{t}_k{TIER_TAG[self.tier.k]}_v{TIER_TAG[self.tier.v]}_{a}"
+            tier = f"k{TIER_TAG[self.tier.k]}_v{TIER_TAG[self.tier.v]}"
+            if self.block_size:
+                tier += f"_b{self.block_size}"
+            return f"prefill_{d}_g{self.group}_{t}_{tier}_{a}"
         if self.kind == "decode":
             tier = f"k{TIER_TAG[self.tier.k]}_v{TIER_TAG[self.tier.v]}"
             if self.block_size:
@@ -45,8 +49,8 @@ class Variant:
 
     @property
     def n_tiles(self) -> int:
-        """MMA N tiles (8 columns each): the GQA group for decode, 16 queries a warp for prefill."""
-        return 2 if self.kind == "prefill" else -(-self.group // 8)
+        """MMA N tiles (8 columns each): the GQA group for decode, a warp's queries for prefill."""
+        return self.tiles["warp_queries"] // 8 if self.kind == "prefill" else -(-self.group // 8)
 
     @property
     def symbol(self) -> str:
@@ -67,7 +71,7 @@ class Variant:
                     "hsg_error_string": "cudaGetErrorString",
                     "hsg_runtime_version": "CUDA runtime version linked in"}
         if self.kind == "prefill":
-            return {s: "causal prefill of a query chunk (bottom-right aligned)",
+            return {s: "causal prefill of a query chunk (bottom-right aligned) over block tables",
                     f"{s}_smem_bytes": "dynamic shared memory per CTA"}
         if self.kind == "decode" and self.block_size:
             return {s: "split-KV decode over the block table (dense and 2:4 blocks) + combine",
@@ -91,6 +95,8 @@ class Variant:
         values = {"kind": self.kind, "head_dim": self.head_dim, "dtype": self.dtype, "arch": self.arch}
         if self.kind == "prefill":
             values.update(group=self.group, k_tier=self.tier.k, v_tier=self.tier.v, **self.tiles)
+            if self.block_size:
+                values["block_size"] = self.block_size
         if self.kind == "decode":
             values.update(group=self.group, k_tier=self.tier.k, v_tier=self.tier.v, **self.tiles)
             if self.block_size:
@@ -131,15 +137,26 @@ def expand(spec: Spec) -> list[Variant]:
                                     block_size=spec.cache.block_size if mixed else 0)
                         out.setdefault(v.name, v)
             if "prefill" in spec.phases:
-                # all-2:4 prefill (mixed-tier prefill is not generated yet)
                 for d, g in groups:
-                    for tier in spec.tiers:
-                        if tier.k == tier.v == "sparse24":
-                            # One query head a CTA, 4 warps of 16 queries. The template can also
-                            # pack heads of the group into a CTA (heads_per_cta), but 4 heads x 2
-                            # warps measured 248 against 315 TFLOP/s on the H200 (8 warps of
-                            # 176 registers leave one CTA an SM): see benchmarks/RESULTS.md.
-                            v = Variant("prefill", "prefill.cu.j2", arch, dtype, d, g, tier,
-                                        tiles={"warps": 4, "stages": 2, "chunk_tokens": 64, "heads_per_cta": 1})
-                            out.setdefault(v.name, v)
+                    for tier in _prefill_tiers(spec.tiers):
+                        mixed = tier.k == "mixed"
+                        try:
+                            tiles = prefill_tiles(d, arch, tier.k, tier.v, **dataclasses.asdict(spec.prefill))
+                        except TileError as e:
+                            raise SpecError(f"{spec.source}: prefill: {e}") from None
+                        v = Variant("prefill", "prefill.cu.j2", arch, dtype, d, g, tier, tiles=tiles.as_dict(),
+                                    block_size=spec.cache.block_size if mixed else 0)
+                        out.setdefault(v.name, v)
     return list(out.values())
+
+
+def _prefill_tiers(tiers) -> list[Tier]:
+    """Prefill kernels per spec tier: all-2:4 flat tensors also get the balanced kernel (dense K,
+    2:4 V); the cache's mixed tiers get one table kernel (which also reads dense chunk rows)."""
+    out: list[Tier] = []
+    for tier in tiers:
+        if tier.k == tier.v == "sparse24":
+            out += [tier, Tier("dense", "sparse24")]
+        else:
+            out.append(tier)
+    return out

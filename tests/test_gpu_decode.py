@@ -160,13 +160,16 @@ def test_bad_inputs_on_gpu(llama3):
 
 
 @pytest.mark.skipif(shutil.which("compute-sanitizer") is None, reason="compute-sanitizer not installed")
-def test_memcheck_clean(llama3_build):
+@pytest.mark.parametrize("tool,clean", [("memcheck", "ERROR SUMMARY: 0 errors"),
+                                        ("racecheck", "RACECHECK SUMMARY: 0 hazards displayed")])
+def test_sanitizer_clean(llama3_build, tool, clean):
+    # decode, the cache and prefill (gpu_small_case.py) under compute-sanitizer
     script = os.path.join(os.path.dirname(__file__), "gpu_small_case.py")
-    proc = subprocess.run(["compute-sanitizer", "--tool", "memcheck", "--error-exitcode", "3",
+    proc = subprocess.run(["compute-sanitizer", "--tool", tool, "--error-exitcode", "3",
                            sys.executable, script, str(llama3_build)],
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "ERROR SUMMARY: 0 errors" in proc.stdout
+    assert clean in proc.stdout and "prefill ok" in proc.stdout
 
 
 def test_torch_compile_default_splits(llama3):

@@ -21,7 +21,7 @@ class FakeLib:
 
     def select(self, kind, **want):
         tiles = {"warps": 4, "stages": 2, "chunk_tokens": 32}
-        mixed = want.get("tier") == ("mixed", "mixed")
+        mixed = want.get("tier") == ("mixed", "mixed") and kind == "decode"
         return SimpleNamespace(symbol=f"hsg_{kind}{'_mixed' if mixed else ''}", arch="sm_90", tiles=tiles,
                                smem_bytes=100_000, threads=128, kind="decode_mixed" if mixed else kind)
 
@@ -81,13 +81,58 @@ def test_decode_mixed_op_arguments(lib):
     assert args[5] == 4 and args[8:10] == (3, 3) and args[14:16] == (2, 2) and args[19] == 0.0
 
 
-def test_prefill_op_arguments(lib):
+# positions in the prefill C call: K source at 4..16, V source at 17..29 (table, max_blocks,
+# block, dense, n_dense, vals, meta, n_sparse, tail, 3 tail strides, tail_start), then seqlens,
+# qlens, max_len, batch, Hq, Hkv, Lq, scale, out, 3 out strides, lse
+K_SRC, V_SRC, REST = 4, 17, 30
+
+
+def _pk(dtype=torch.float16):
+    kv, km, vv, vm = _packed(dtype)
+    return ops.PackedKV(kv, km, "k", CAP - 3), ops.PackedKV(vv, vm, "v", CAP - 3)
+
+
+@pytest.mark.parametrize("balanced", [False, True])
+def test_prefill_op_arguments(lib, balanced):
     q = torch.randn(B, HQ, 10, D, dtype=torch.bfloat16)
-    out, lse = ops._prefill_op(lib.key, q, *_packed(torch.bfloat16), torch.tensor([CAP, 12], dtype=torch.int32), 0.5)
+    k, v = _pk(torch.bfloat16)
+    kd = torch.randn(B, HKV, CAP - 3, D, dtype=torch.bfloat16)
+    out, lse = ops.prefill(lib, q, kd if balanced else k, v, torch.tensor([CAP, 12], dtype=torch.int32),
+                           qlens=torch.tensor([10, 3], dtype=torch.int32), scale=0.5)
     assert out.shape == q.shape and lse.shape == (B, HQ, 10)
     (symbol, args), = lib.calls
     _assert_matches_signature("prefill", "", args)
-    assert args[9:14] == (B, HQ, HKV, 10, CAP)
+    assert args[REST + 2:REST + 8] == (CAP - 3, B, HQ, HKV, 10, 0.5)  # max_len = the shorter of K and V
+    assert args[REST + 1] is not None
+    ksrc, vsrc = args[K_SRC:V_SRC], args[V_SRC:REST]
+    assert vsrc[0] is None and vsrc[7] == CAP // 32 and vsrc[8] is None  # identity table over flat 2:4 V
+    if balanced:  # dense K: every row from the tail, from token 0
+        assert ksrc[5] is None and ksrc[8] == kd.data_ptr() and ksrc[9:12] == kd.stride()[:3] and ksrc[12] is None
+    else:
+        assert ksrc[5] == k.values.data_ptr() and ksrc[7] == CAP // 32 and ksrc[8] is None
+
+
+def test_prefill_cache_op_arguments(lib):
+    from hierasparse_gen.cache import _Tensor
+    q = torch.randn(B, HQ, 10, D, dtype=torch.float16)
+
+    def tensor(n_dense, n_sparse):
+        return _Tensor("k", 0.5, torch.zeros(B, HKV, n_dense, 64, D, dtype=torch.float16),
+                       torch.zeros(B, HKV, n_sparse, 64 * D // 2, dtype=torch.float16),
+                       torch.zeros(B, HKV, n_sparse, 64 * D // 16, dtype=torch.int16),
+                       torch.zeros(B, HKV, 8, dtype=torch.int32))
+    cache = SimpleNamespace(k=tensor(3, 2), v=tensor(4, 1), block=64, max_seq_len=500, head_dim=D)
+    tail = torch.randn(B, HKV, 10, D, dtype=torch.float16)
+    start = torch.tensor([40, 0], dtype=torch.int32)
+    ops.prefill_cache(lib, q, cache, torch.tensor([50, 10], dtype=torch.int32),
+                      torch.tensor([10, 10], dtype=torch.int32), k_tail=tail, tail_start=start)
+    (symbol, args), = lib.calls
+    _assert_matches_signature("prefill", "", args)
+    ksrc, vsrc = args[K_SRC:V_SRC], args[V_SRC:REST]
+    assert ksrc[:3] == (cache.k.table.data_ptr(), 8, 64) and ksrc[4] == 3 and ksrc[7] == 2
+    assert ksrc[8] == tail.data_ptr() and ksrc[12] == start.data_ptr()
+    assert vsrc[4] == 4 and vsrc[7] == 1 and vsrc[8] is None and vsrc[12] is None
+    assert args[REST + 2] == 500
 
 
 def test_compress_and_cache_maintenance_arguments(lib):

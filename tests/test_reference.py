@@ -1,4 +1,4 @@
-"""Tests for hierasparse_gen.reference.decode_reference (float64 decode attention)."""
+"""Tests for hierasparse_gen.reference: float64 decode and causal prefill attention."""
 
 from __future__ import annotations
 
@@ -210,3 +210,37 @@ def test_low_precision_inputs_computed_in_float64(dtype):
     assert out.dtype == torch.float64 and lse.dtype == torch.float64
     o64, l64 = decode_reference(q.double(), k.double(), v.double(), seqlens=torch.tensor([12, 5]))
     assert torch.equal(out, o64) and torch.equal(lse, l64)
+
+
+def _prefill_brute(q, k, v, seqlens, qlens, scale):
+    """Row by row: query i of sequence b at position seqlens[b] - qlens[b] + i."""
+    B, Hq, Lq, D = q.shape
+    group = Hq // k.shape[1]
+    out = torch.zeros(B, Hq, Lq, D, dtype=torch.float64)
+    lse = torch.full((B, Hq, Lq), float("-inf"), dtype=torch.float64)
+    for b in range(B):
+        for h in range(Hq):
+            for i in range(min(Lq, qlens[b])):
+                pos = seqlens[b] - qlens[b] + i
+                if pos < 0:
+                    continue
+                s = (k[b, h // group, :pos + 1].double() @ q[b, h, i].double()) * scale
+                lse[b, h, i] = torch.logsumexp(s, 0)
+                out[b, h, i] = torch.softmax(s, 0) @ v[b, h // group, :pos + 1].double()
+    return out, lse
+
+
+@pytest.mark.parametrize("qlens", [None, [5, 2, 0]])
+def test_prefill_reference_matches_row_by_row(qlens):
+    from hierasparse_gen.reference import prefill_reference
+    q, k, v = _qkv(3, 4, 2, 9, 8, seed=5)
+    q = torch.randn(3, 4, 5, 8, generator=_gen(6), dtype=torch.float64)
+    seqlens = [9, 3, 6]  # sequence 1: 5 queries over 3 keys, so its first two queries see nothing
+    ql = None if qlens is None else torch.tensor(qlens)
+    out, lse = prefill_reference(q, k, v, torch.tensor(seqlens), scale=0.3, qlens=ql)
+    ref, ref_lse = _prefill_brute(q, k, v, seqlens, qlens or [5, 5, 5], 0.3)
+    assert torch.allclose(out, ref, atol=1e-12) and torch.equal(torch.isinf(lse), torch.isinf(ref_lse))
+    finite = torch.isfinite(ref_lse)
+    assert torch.allclose(lse[finite], ref_lse[finite], atol=1e-12)
+    if qlens is not None:  # rows past qlens are padding: zeros and -inf
+        assert (out[0, :, 5:] == 0).all() and (out[2] == 0).all() and torch.isneginf(lse[2]).all()

@@ -148,6 +148,7 @@ def test_to_dict_round_trips():
         "tiers": [{"k": "sparse24", "v": "sparse24"}, {"k": "mixed", "v": "mixed"}],
         "cache": {"block_size": 64, "sink": 64, "local_window": 256},
         "decode": {"warps": None, "stages": None, "chunk_tokens": 32},
+        "prefill": {"warp_queries": None, "stages": None, "chunk_tokens": None, "step_keys": None},
     }
     again = parse_spec(d, source=spec.source)
     assert again == spec
@@ -445,3 +446,17 @@ def test_non_utf8_file(tmp_path):
     with pytest.raises(SpecError) as info:
         load_spec(path)
     assert "not valid UTF-8" in str(info.value)
+
+
+def test_prefill_tile_overrides():
+    base = {"name": "x", "archs": ["sm_90"], "phases": ["prefill"],
+            "shapes": [{"head_dim": 128, "num_qo_heads": 32, "num_kv_heads": 8}]}
+    spec = parse_spec({**base, "prefill": {"warp_queries": 16, "step_keys": 64}})
+    assert (spec.prefill.warp_queries, spec.prefill.step_keys, spec.prefill.stages) == (16, 64, None)
+    with pytest.raises(SpecError, match=r"prefill.warp_queries: 20 is not supported \(warp_queries must be one of "
+                                        r"16, 24, 32\)\. Fix: use one of 16, 24, 32, or omit it"):
+        parse_spec({**base, "prefill": {"warp_queries": 20}})
+    with pytest.raises(SpecError, match="prefill.step_keys: 64 keys a softmax step exceed the 32-token stage"):
+        parse_spec({**base, "prefill": {"chunk_tokens": 32, "step_keys": 64}})
+    with pytest.raises(SpecError, match="prefill.warps_queries: unknown key 'warps_queries'. Fix: did you mean 'warp_queries'"):
+        parse_spec({**base, "prefill": {"warps_queries": 16}})

@@ -24,8 +24,11 @@ def llama3():
 
 def test_llama3_variant_names(llama3):
     names = [v.name for v in expand(llama3)]
+    # per spec tier: all-2:4 flat tensors get the all-2:4 and balanced (dense K) kernels, the
+    # cache's mixed tiers one block-table kernel
     assert [n for n in names if n.startswith("prefill")] == [
-        f"prefill_d128_g4_{t}_k24_v24_{a}" for a in ("sm80", "sm90") for t in ("f16", "bf16")]
+        f"prefill_d128_g4_{t}_{tier}_{a}" for a in ("sm80", "sm90") for t in ("f16", "bf16")
+        for tier in ("k24_v24", "kd_v24", "km_vm_b64")]
     names = [n for n in names if not n.startswith("prefill")]
     assert names == [
         "runtime",
@@ -34,8 +37,27 @@ def test_llama3_variant_names(llama3):
         "compress_d128_f16_sm90", "decode_d128_g4_f16_k24_v24_sm90", "decode_d128_g4_f16_km_vm_b64_sm90",
         "compress_d128_bf16_sm90", "decode_d128_g4_bf16_k24_v24_sm90", "decode_d128_g4_bf16_km_vm_b64_sm90",
     ]
-    mixed = [v for v in expand(llama3) if v.block_size]
-    assert all(v.template == "decode_mixed.cu.j2" and v.tiles["chunk_tokens"] == 32 for v in mixed)
+    mixed = [v for v in expand(llama3) if v.block_size and v.kind == "decode"]
+    assert mixed and all(v.template == "decode_mixed.cu.j2" and v.tiles["chunk_tokens"] == 32 for v in mixed)
+    prefill = [v for v in expand(llama3) if v.kind == "prefill"]
+    assert all(v.tiles["warp_queries"] == 24 and v.n_tiles == 3 for v in prefill)
+
+
+def test_prefill_tile_oracle():
+    from hierasparse_gen.tiles import prefill_smem_bytes, prefill_tiles
+    # queries a warp: as many as its registers hold (Q^T and O^T grow with head_dim)
+    assert {d: prefill_tiles(d, "sm_90", "sparse24", "sparse24").warp_queries for d in (64, 96, 128, 256)} == \
+        {64: 32, 96: 32, 128: 24, 256: 16}
+    for arch in ("sm_80", "sm_86", "sm_89", "sm_90"):
+        for d in range(64, 257, 32):
+            for tiers in (("sparse24", "sparse24"), ("dense", "sparse24"), ("mixed", "mixed")):
+                t = prefill_tiles(d, arch, *tiers)
+                assert prefill_smem_bytes(d, *tiers, t) <= {"sm_80": 163, "sm_86": 99, "sm_89": 99,
+                                                            "sm_90": 227}[arch] * 1024
+    # Hopper keeps two CTAs of three stages; dense pieces take more room than 2:4 ones
+    t = prefill_tiles(128, "sm_90", "mixed", "mixed")
+    assert (t.stages, t.min_ctas) == (3, 2)
+    assert prefill_smem_bytes(128, "mixed", "mixed", t) > prefill_smem_bytes(128, "sparse24", "sparse24", t)
 
 
 def test_shapes_sharing_head_dim_and_group_share_a_variant():
