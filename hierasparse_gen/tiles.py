@@ -140,15 +140,21 @@ def prefill_tiles(head_dim: int, arch: str, k_tier: str, v_tier: str, warp_queri
     64-key stages x 3, x 2, 32-key stages x 3, x 2 that leaves two CTAs on an SM (each CTA then
     gets up to 255 registers a thread), else one CTA."""
     warp_queries = warp_queries or prefill_warp_queries(head_dim)
-    # 64-key stages when they fit, else 32 (a 2-stage pipeline of dense 64-key pieces at
-    # head_dim 256 takes 128 KiB, more than sm_86/89 give a CTA)
-    shapes = [(c, s) for c in ([chunk_tokens] if chunk_tokens else [64, 32])
-              for s in ([stages] if stages else [3, 2])]
+    # Measured on the H200 (benchmarks/RESULTS.md, head_dim 128, 24 queries a warp): 128-key
+    # stages x 2 with 64-key softmax steps beat 64-key stages x 3 (438 against 397
+    # TFLOP/s all-2:4): fewer barriers and more independent MMAs between them. Smaller stages
+    # only where the shared memory asks for them (dense pieces take 16 KiB a piece).
+    shapes = [(c, n) for c, n in ((128, 2), (64, 3), (64, 2), (32, 3), (32, 2))
+              if (chunk_tokens or c) == c and (stages or n) == n]
+    if not shapes:
+        shapes = [(chunk_tokens or 64, stages or 2)]
     # three CTAs an SM (168 registers a thread) when the estimate leaves room, else two (255)
     ctas = (3, 2, 1) if _prefill_registers(head_dim, warp_queries) <= 168 else (2, 1)
     for min_ctas in ctas:
         for chunk, n in shapes:
-            step = min(step_keys or 32, chunk)
+            # 64-key softmax steps when their scores (8 more registers per 8 queries) still fit
+            wide = _prefill_registers(head_dim, warp_queries) + warp_queries <= 255
+            step = min(step_keys or (64 if wide else 32), chunk)
             t = PrefillTiles(4, n, chunk, warp_queries, step, min_ctas)
             need = prefill_smem_bytes(head_dim, k_tier, v_tier, t)
             if need <= SMEM_PER_BLOCK[arch] and ctas_per_sm(arch, need, 128) >= min_ctas:

@@ -125,7 +125,8 @@ def test_full_cache_raises_before_writing(lib):
     assert torch.equal(before[0], after[0]) and torch.equal(before[1], after[1])
     big = _rand(1, HKV, 129, D, seed=4)
     small = HieraCache(lib, batch=1, num_kv_heads=HKV, head_dim=D, max_seq_len=128, key_ratio=0, value_ratio=0)
-    with pytest.raises(CacheFullError, match="a prompt of 129 tokens exceeds the cache capacity 128"):
+    with pytest.raises(CacheFullError, match="sequences would hold up to 129 tokens, more than the cache capacity 128; "
+                                             "nothing was written"):
         small.prefill(big, big)
 
 

@@ -218,11 +218,18 @@ def test_cache_chunked_prefill(lib, poison, mode):
 
 @pytest.mark.parametrize("D,Hq,Hkv", [(64, 4, 4), (96, 10, 2), (256, 16, 1)])
 def test_cache_prefill_shapes(matrix, poison, D, Hq, Hkv):
+    # the block-table prefill, then the mixed-tier decode over the same dense and 2:4 blocks
+    from helpers import check_against_reference
     cache = _cache(matrix, 2, 2048, 0.5, 0.75, hq=Hq, hkv=Hkv, d=D)
     for mode, lengths in (("balanced", [600, 300]), ("attend_then_compress", [77, 400])):
         L = max(lengths)
         q, k, v = _inputs(2, L, L, torch.float16, D + L, Hq, Hkv, D)
         _cache_chunk(cache, mode, q, k, v, lengths)
+    assert cache.tiers("k").any() and (~cache.tiers("k")).any()
+    qd = rand(2, Hq, D, seed=D)
+    out, lse = cache.attend(qd)
+    kd, vd = cache.to_dense()
+    check_against_reference(out, lse, qd, kd, vd, cache.seqlens)
 
 
 def test_cache_prefill_then_decode(lib, poison):
