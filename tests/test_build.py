@@ -106,7 +106,7 @@ def test_ptxas_reports_no_spills(llama3_build):
     # steps) fills all 255 registers; ptxas parks a few loop-invariant addresses in local
     # memory (16-24 bytes, read back about twice a 128-key stage and in the epilogue), which
     # measured faster than 32-key steps without spills (438 against 404 TFLOP/s on the H200).
-    logs = list((llama3_build / "obj").glob("*.log"))
+    logs = [p for p in (llama3_build / "obj").glob("*.log") if not p.name.startswith("runtime")]  # no kernels
     assert logs
     for log in logs:
         spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log.read_text())
