@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 # (warp_queries, stages, chunk_tokens, step_keys)
-CONFIGS = [(24, 2, 128, 64), (24, 2, 64, 64), (16, 2, 128, 64), (24, 3, 64, 32)]
+CONFIGS = [(24, 3, 64, 32), (24, 3, 128, 32), (24, 2, 128, 32), (16, 3, 128, 32), (24, 2, 128, 64)]
 OUT = ROOT / "generated" / "prefill-sweep"
 
 
