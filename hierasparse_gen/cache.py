@@ -389,8 +389,8 @@ class HieraCache:
                 q.shape[1] % self.heads:
             raise ValueError(f"q: shape {tuple(q.shape)} does not match the chunk. Fix: pass "
                              f"[{self.batch}, a multiple of {self.heads} heads, {L}, {self.head_dim}]")
-        if q.dtype != self.dtype:
-            raise ValueError(f"q: dtype {q.dtype} but the cache holds {self.dtype}. Fix: cast it")
+        from .ops import _check_queries  # dtype and strides, as for lib.prefill
+        _check_queries(q, self.batch, self.heads, self.head_dim, self.dtype)
 
     def _check_dense(self, x, what: str, dims: int) -> None:
         shape = (self.batch, self.heads, self.head_dim) if dims == 3 else None

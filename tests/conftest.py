@@ -46,6 +46,20 @@ def matrix_build(tmp_path_factory) -> Path:
     return _build_or_reuse("tests/specs/gpu_matrix.yaml", "HIERASPARSE_MATRIX_BUILD", tmp_path_factory)
 
 
+@pytest.fixture(scope="session")
+def llama3(llama3_build):
+    """The loaded llama3 library (GPU tests)."""
+    import hierasparse_gen
+    return hierasparse_gen.load(llama3_build)
+
+
+@pytest.fixture(scope="session")
+def matrix(matrix_build):
+    """The loaded gpu-matrix library (GPU tests)."""
+    import hierasparse_gen
+    return hierasparse_gen.load(matrix_build)
+
+
 @pytest.fixture
 def poison():
     """Outputs of the ops start as NaN / 0x7FFF, so unwritten elements fail the checks."""

@@ -4,7 +4,6 @@ flushes, mixed-tier decode against the float64 reference on exactly what the cac
 import pytest
 import torch
 
-import hierasparse_gen
 from hierasparse_gen import format as fmt
 from hierasparse_gen.cache import CacheFullError, HieraCache, ratio_count
 from helpers import check_against_reference, rand as _rand
@@ -14,8 +13,8 @@ D, HKV, HQ = 128, 8, 32
 
 
 @pytest.fixture(scope="module")
-def lib(llama3_build):
-    return hierasparse_gen.load(llama3_build)
+def lib(llama3):
+    return llama3
 
 
 class Model:

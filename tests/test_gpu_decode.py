@@ -34,16 +34,6 @@ def _check_decode(lib, B, Hq, Hkv, D, lengths, dtype, seed, num_splits=None):
     check_against_reference(out, lse, q, kp, vp, seqlens)
 
 
-@pytest.fixture(scope="module")
-def llama3(llama3_build):
-    return hierasparse_gen.load(llama3_build)
-
-
-@pytest.fixture(scope="module")
-def matrix(matrix_build):
-    return hierasparse_gen.load(matrix_build)
-
-
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 @pytest.mark.parametrize("L", [1, 31, 100, 1000, 4133])
 def test_compress_bit_exact(llama3, poison, dtype, L):

@@ -6,7 +6,6 @@ behind HieraCache.prefill in its three modes. Chunked prefill equals single-shot
 import pytest
 import torch
 
-import hierasparse_gen
 from hierasparse_gen import format as fmt
 from hierasparse_gen.cache import HieraCache
 from hierasparse_gen.reference import prefill_reference
@@ -16,13 +15,8 @@ pytestmark = pytest.mark.gpu
 
 
 @pytest.fixture(scope="module")
-def lib(llama3_build):
-    return hierasparse_gen.load(llama3_build)
-
-
-@pytest.fixture(scope="module")
-def matrix(matrix_build):
-    return hierasparse_gen.load(matrix_build)
+def lib(llama3):
+    return llama3
 
 
 def _lowp(q, k, v, seqlens, qlens=None):
@@ -252,6 +246,11 @@ def test_cache_prefill_errors(lib):
         cache.prefill(k, k, q=q, mode="dense")
     with pytest.raises(ValueError, match=r"q: shape \(1, 32, 100, 128\) does not match the chunk"):
         cache.prefill(k, k, q=q[:, :, :100])
+    with pytest.raises(ValueError, match=r"q: dtype torch.bfloat16 but the keys are torch.float16"):
+        cache.prefill(k, k, q=q.bfloat16())
+    with pytest.raises(ValueError, match=r"q: strides \(819200, 25600, 1, 200\) not supported. Fix: pass q.contiguous"):
+        cache.prefill(k, k, q=q.transpose(2, 3).contiguous().transpose(2, 3))
+    assert cache.lengths == [0]  # refused before anything entered the cache
     cache.prefill(k, k, q=q)
     from hierasparse_gen.cache import CacheFullError
     with pytest.raises(CacheFullError, match="nothing was written"):
