@@ -178,3 +178,18 @@ def test_misaligned_rows_are_copied_once():
     assert ops._rows16(strided).stride(2) == 64
     aligned = torch.randn(2, 8, 100, 64, dtype=torch.float16)
     assert ops._rows16(aligned) is aligned
+
+
+def test_prefill_refuses_bad_inputs_before_any_call(lib):
+    q = torch.randn(B, HQ, 10, D, dtype=torch.float16)
+    k, v = _pk()
+    with pytest.raises(ValueError, match=r"k: dense K of shape \(2, 2, 50, 32\) and dtype torch.float16 does not "
+                                         r"match V .*Fix: pass K as \[batch, kv_heads, tokens, head_dim\]"):
+        ops.prefill(lib, q, torch.randn(B, HKV, 50, D // 2, dtype=torch.float16), v)
+    with pytest.raises(ValueError, match=r"qlens: expected an int32 tensor of shape \(2,\)"):
+        ops.prefill(lib, q, k, v, qlens=torch.tensor([10, 3]))
+    with pytest.raises(ValueError, match=r"q: shape \(2, 8, 10, 32\) does not fit the keys"):
+        ops.prefill(lib, q[..., :32], k, v)
+    with pytest.raises(ValueError, match="expected the PackedKV returned by compress_v"):
+        ops.prefill(lib, q, k, k)
+    assert lib.calls == []
