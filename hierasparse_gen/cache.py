@@ -16,8 +16,11 @@ where: entry ``e >= 0`` is dense slot ``e``, ``e < 0`` is 2:4 slot ``-e - 1``.
 * Appends write one row of the newest dense block; a flush re-tiers one block in place
   (compress it into the next 2:4 slot, free its dense slot). Nothing is ever concatenated.
 
-Slot bookkeeping is on the host (per sequence, the same for all heads), so a decode step
-needs no device-to-host synchronisation.
+Slot bookkeeping (per sequence, the same for all heads) lives twice: on the host, for prefill
+and inspection, and on the device (``ctrl``), where the decode-step append kernel reads and
+advances it, so a decode step needs no synchronisation and can be captured in a CUDA graph.
+Eager appends keep both in step; after captured or compiled steps the host copy is marked
+stale and :meth:`HieraCache.sync` (called by every host-side method) pulls it back.
 """
 
 from __future__ import annotations
@@ -32,6 +35,10 @@ from .format import unpack_k, unpack_v
 
 #: How a prompt chunk attends during HieraCache.prefill (see its docstring).
 PREFILL_MODES = ("compress_then_attend", "attend_then_compress", "balanced")
+
+
+_CTRL_STACK = 6  # ctrl columns before the free-slot stacks
+_STATUS = 5      # ctrl column: 1 = a captured append found the sequence full, 2 = no free dense slot
 
 
 class CacheFullError(RuntimeError):
@@ -90,6 +97,12 @@ class HieraCache:
         self.n_eligible = [0] * batch
         self.k = self._make("k", key_ratio)
         self.v = self._make("v", value_ratio)
+        # device bookkeeping, one row a sequence (columns: see append_kernel in compress.cu.j2):
+        # eligible blocks, K 2:4 count, K free-stack height, V's two, status, K stack, V stack
+        self.ctrl = torch.zeros(batch, _CTRL_STACK + self.k.dense.shape[2] + self.v.dense.shape[2],
+                                dtype=torch.int32, device=self.device)
+        self._stale = False
+        self._push_ctrl()
 
     # --- sizing -------------------------------------------------------------------------------
     def _eligible(self, full_blocks: int) -> int:
@@ -139,6 +152,7 @@ class HieraCache:
         * ``balanced``: as compress_then_attend, but the chunk's own keys are read dense (dense
           K + 2:4 V during prefill, K compressed afterwards).
         """
+        self.sync()
         self._check_dense(k, "k", 4)
         self._check_dense(v, "v", 4)
         if k.shape != v.shape:
@@ -207,6 +221,7 @@ class HieraCache:
             if b not in fresh and lengths[b]:
                 self._extend_sequence(b, k[b], v[b], lengths[b])
         self.seqlens.copy_(torch.tensor(self.lengths, dtype=torch.int32))
+        self._push_ctrl()
 
     def _extend_sequence(self, b: int, k: torch.Tensor, v: torch.Tensor, n: int) -> None:
         """Append n rows (``[Hkv, >= n, D]``) to a non-empty sequence, block by block, flushing
@@ -218,7 +233,7 @@ class HieraCache:
             take = min(S - r, n - i)
             for t, x in ((self.k, k), (self.v, v)):
                 if r == 0:  # a new block starts: it is dense, in a free slot
-                    slot = t.free[b].pop(0)
+                    slot = t.free[b].pop()
                     t.uniform[b][blk] = slot
                     t.table[b, :, blk] = slot
                 t.dense[b, :, t.uniform[b][blk], r:r + take] = x[:, i:i + take]
@@ -261,35 +276,40 @@ class HieraCache:
 
     # --- decode -------------------------------------------------------------------------------
     def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Append one token per sequence (``[B, Hkv, D]`` each); flush a block when the window overflows."""
+        """Append one token per sequence (``[B, Hkv, D]`` each); a block leaving the window is
+        re-tiered by each tensor's ratio. One kernel pair on the current stream, no host sync:
+        safe to capture in a CUDA graph (see :meth:`sync` for what replays leave to do)."""
         self._check_dense(k, "k", 3)
         self._check_dense(v, "v", 3)
-        full = [b for b in range(self.batch) if self.lengths[b] >= self.max_seq_len]
-        if full:
-            raise CacheFullError(f"sequences {full} hold {self.max_seq_len} tokens, the cache capacity; "
-                                 f"nothing was written. Fix: build the cache with a larger max_seq_len")
+        for x, what in ((k, "k"), (v, "v")):
+            if x.stride(2) != 1 or x.stride(0) % 8 or x.stride(1) % 8 or x.data_ptr() % 16:
+                raise ValueError(f"{what}: strides {x.stride()} not supported (rows are read 16 bytes at a "
+                                 f"time). Fix: pass {what}.contiguous()")
+        traced = torch.cuda.is_current_stream_capturing() or torch.compiler.is_compiling()
+        if not traced:
+            self.sync()
+            full = [b for b in range(self.batch) if self.lengths[b] >= self.max_seq_len]
+            if full:
+                raise CacheFullError(f"sequences {full} hold {self.max_seq_len} tokens, the cache capacity; "
+                                     f"nothing was written. Fix: build the cache with a larger max_seq_len")
+        from .ops import append_cache
+        append_cache(self.lib, self, k, v)
+        if traced:  # replays advance the device state only
+            self._stale = True
+            return
         S = self.block
-        slots = {"k": [], "v": []}
-        for b in range(self.batch):
+        for b in range(self.batch):  # the host copy of what the kernels just decided
             pos = self.lengths[b]
-            for t in (self.k, self.v):
-                if pos % S == 0:  # a new block starts: it is dense, in a free slot
-                    slot = t.free[b].pop(0)
-                    t.uniform[b][pos // S] = slot
-                    t.table[b, :, pos // S] = slot
-                slots[t.name].append(t.uniform[b][pos // S])
-        bidx = torch.arange(self.batch, device=self.device)
-        rows = torch.tensor([p % S for p in self.lengths], device=self.device)
-        for t, x in ((self.k, k), (self.v, v)):
-            t.dense[bidx, :, torch.tensor(slots[t.name], device=self.device), rows] = x.to(self.dtype)
-        for b in range(self.batch):
+            if pos % S == 0:
+                for t in (self.k, self.v):
+                    t.uniform[b][pos // S] = t.free[b].pop()
             self.lengths[b] += 1
             if self.lengths[b] % S == 0:
-                self._maybe_flush(b)
-        self.seqlens.copy_(torch.tensor(self.lengths, dtype=torch.int32))
+                self._maybe_flush(b, on_device=False)
 
-    def _maybe_flush(self, b: int) -> None:
-        """The block leaving the window becomes eligible; re-tier it by each tensor's ratio."""
+    def _maybe_flush(self, b: int, on_device: bool = True) -> None:
+        """The block leaving the window becomes eligible; re-tier it by each tensor's ratio
+        (``on_device=False``: the append kernel did it, update only the host bookkeeping)."""
         blk = self.lengths[b] // self.block - self.window_blocks - 1
         if blk < self.sink_blocks:
             return
@@ -299,14 +319,59 @@ class HieraCache:
                 del t.uniform[b][blk]  # stays dense where it is
                 continue
             slot = t.uniform[b].pop(blk)
-            x = t.dense[b:b + 1, :, slot]  # [1, H, block, D]
-            packed = (self.lib.compress_k if t.name == "k" else self.lib.compress_v)(x)
             s = t.n_sparse[b]
-            t.sparse_vals[b, :, s] = packed.values.reshape(self.heads, -1)
-            t.sparse_meta[b, :, s] = packed.meta.reshape(self.heads, -1)
-            t.table[b, :, blk] = -(s + 1)
+            if on_device:
+                x = t.dense[b:b + 1, :, slot]  # [1, H, block, D]
+                packed = (self.lib.compress_k if t.name == "k" else self.lib.compress_v)(x)
+                t.sparse_vals[b, :, s] = packed.values.reshape(self.heads, -1)
+                t.sparse_meta[b, :, s] = packed.meta.reshape(self.heads, -1)
+                t.table[b, :, blk] = -(s + 1)
             t.n_sparse[b] = s + 1
             t.free[b].append(slot)
+
+    # --- host and device bookkeeping ----------------------------------------------------------
+    def _push_ctrl(self) -> None:
+        """Write the host bookkeeping into the device's ``ctrl`` (after host-side changes)."""
+        ctrl = torch.zeros(self.ctrl.shape, dtype=torch.int32)
+        nd_k = self.k.dense.shape[2]
+        for b in range(self.batch):
+            ctrl[b, 0] = self.n_eligible[b]
+            for z, t in enumerate((self.k, self.v)):
+                ctrl[b, 1 + 2 * z] = t.n_sparse[b]
+                ctrl[b, 2 + 2 * z] = len(t.free[b])
+                at = _CTRL_STACK + (nd_k if z else 0)
+                ctrl[b, at:at + len(t.free[b])] = torch.tensor(t.free[b], dtype=torch.int32)
+        self.ctrl.copy_(ctrl)
+
+    def sync(self) -> None:
+        """Bring the host bookkeeping up to date after decode steps it did not see (replays of
+        a captured step, compiled steps). Raises CacheFullError if such a step found a sequence
+        full (its token was not stored; the sequence accepts no more until :meth:`reset`)."""
+        if not self._stale:
+            return
+        ctrl = self.ctrl.cpu()
+        lengths = self.seqlens.cpu().tolist()
+        tables = [t.table[:, 0].cpu() for t in (self.k, self.v)]
+        nd_k = self.k.dense.shape[2]
+        for b in range(self.batch):
+            self.lengths[b] = lengths[b]
+            self.n_eligible[b] = int(ctrl[b, 0])
+            blocks = -(-lengths[b] // self.block)
+            for z, (t, table) in enumerate(zip((self.k, self.v), tables)):
+                t.n_sparse[b] = int(ctrl[b, 1 + 2 * z])
+                at = _CTRL_STACK + (nd_k if z else 0)
+                t.free[b] = ctrl[b, at:at + int(ctrl[b, 2 + 2 * z])].tolist()
+                t.uniform[b] = {blk: int(e) for blk, e in enumerate(table[b, :blocks].tolist()) if e >= 0}
+        self._stale = False
+        status = ctrl[:, _STATUS]
+        if (status == 2).any():
+            raise RuntimeError(f"cache bookkeeping found no free dense slot for sequences "
+                               f"{torch.nonzero(status == 2).flatten().tolist()}; this is a bug")
+        full = torch.nonzero(status == 1).flatten().tolist()
+        if full:
+            raise CacheFullError(f"sequences {full} reached the cache capacity {self.max_seq_len} during captured "
+                                 f"decode steps; the tokens of the later steps were not stored. Fix: build the "
+                                 f"cache with a larger max_seq_len, and reset() it")
 
     def attend(self, q: torch.Tensor, *, scale: float | None = None, num_splits: int | None = None):
         """Decode attention of ``q [B, Hq, D]`` over the cache. Returns (out, lse)."""
@@ -315,6 +380,7 @@ class HieraCache:
 
     def reset(self) -> None:
         """Forget every sequence (pools are reused; stale data is never read)."""
+        self._stale = False
         for t in (self.k, self.v):
             t.n_sparse = [0] * self.batch
             t.free = [list(range(t.dense.shape[2])) for _ in range(self.batch)]
@@ -322,10 +388,12 @@ class HieraCache:
         self.lengths = [0] * self.batch
         self.n_eligible = [0] * self.batch
         self.seqlens.zero_()
+        self._push_ctrl()
 
     # --- inspection ---------------------------------------------------------------------------
     def to_dense(self) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V ``[B, Hkv, max(lengths), D]`` exactly as the cache holds them (2:4 blocks pruned)."""
+        self.sync()
         L = max(self.lengths) if any(self.lengths) else 0
         out = []
         for t in (self.k, self.v):
@@ -353,6 +421,7 @@ class HieraCache:
 
     def tiers(self, name: str = "k") -> torch.Tensor:
         """Per (batch, head, block): True where the block is 2:4 (blocks past a length are False)."""
+        self.sync()
         t = self.k if name == "k" else self.v
         blocks = torch.arange(self.max_blocks, device=self.device).view(1, 1, -1)
         live = blocks < torch.tensor([-(-n // self.block) for n in self.lengths], device=self.device).view(-1, 1, 1)
@@ -360,6 +429,7 @@ class HieraCache:
 
     def nbytes(self) -> dict:
         """Bytes held by the live blocks, by tier, and the compression ratio against dense."""
+        self.sync()
         S, D, item = self.block, self.head_dim, torch.empty((), dtype=self.dtype).element_size()
         dense_block, sparse_block = S * D * item, S * D * item // 2 + S * D // 8
         out = {}

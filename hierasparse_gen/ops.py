@@ -357,6 +357,41 @@ def fill_blocks(lib, x: torch.Tensor, kind: str, table: torch.Tensor, block: int
             dense.shape[2], vals.data_ptr(), meta.data_ptr(), vals.shape[2])
 
 
+def append_cache(lib, cache, k: torch.Tensor, v: torch.Tensor) -> None:
+    """One decode step into a HieraCache (its append checks the arguments): the append kernel
+    pair, through a custom op so that torch.compile keeps it in the graph."""
+    kt, vt = cache.k, cache.v
+    torch.ops.hierasparse.cache_append(
+        lib.key, k, v, cache.seqlens, cache.ctrl, kt.table, kt.dense, kt.sparse_vals, kt.sparse_meta,
+        vt.table, vt.dense, vt.sparse_vals, vt.sparse_meta, cache.block, cache.sink_blocks, cache.window_blocks,
+        cache.max_seq_len, kt.ratio, vt.ratio)
+
+
+@torch.library.custom_op("hierasparse::cache_append",
+                         mutates_args=("seqlens", "ctrl", "k_table", "k_dense", "k_vals", "k_meta",
+                                       "v_table", "v_dense", "v_vals", "v_meta"))
+def _cache_append_op(lib_key: str, k: torch.Tensor, v: torch.Tensor, seqlens: torch.Tensor, ctrl: torch.Tensor,
+                     k_table: torch.Tensor, k_dense: torch.Tensor, k_vals: torch.Tensor, k_meta: torch.Tensor,
+                     v_table: torch.Tensor, v_dense: torch.Tensor, v_vals: torch.Tensor, v_meta: torch.Tensor,
+                     block: int, sink_blocks: int, window_blocks: int, max_len: int,
+                     k_ratio: float, v_ratio: float) -> None:
+    lib = _LIBRARIES[lib_key]
+    B, H, D = k.shape
+    variant = _compress_variant(lib, k)
+    _launch(lib, f"{variant.symbol}_append", k.device, k.data_ptr(), k.stride(0), k.stride(1),
+            v.data_ptr(), v.stride(0), v.stride(1), seqlens.data_ptr(), ctrl.data_ptr(), ctrl.shape[1], B, H,
+            k_table.shape[2], block, sink_blocks, window_blocks, max_len,
+            k_table.data_ptr(), k_dense.data_ptr(), k_vals.data_ptr(), k_meta.data_ptr(), k_dense.shape[2],
+            k_vals.shape[2], k_ratio, v_table.data_ptr(), v_dense.data_ptr(), v_vals.data_ptr(), v_meta.data_ptr(),
+            v_dense.shape[2], v_vals.shape[2], v_ratio)
+
+
+@_cache_append_op.register_fake
+def _(lib_key, k, v, seqlens, ctrl, k_table, k_dense, k_vals, k_meta, v_table, v_dense, v_vals, v_meta,
+      block, sink_blocks, window_blocks, max_len, k_ratio, v_ratio):
+    return None
+
+
 def decode_cache(lib, q: torch.Tensor, cache, *, scale: float | None = None, num_splits: int | None = None):
     """Decode attention over a :class:`~hierasparse_gen.cache.HieraCache` (mixed-tier kernel)."""
     _check_cuda(q, "q")

@@ -14,7 +14,7 @@ from pathlib import Path
 from .compiler import MANIFEST, build
 
 _c = ctypes
-_i64, _i32, _f32, _p = _c.c_longlong, _c.c_int, _c.c_float, _c.c_void_p
+_i64, _i32, _f32, _f64, _p = _c.c_longlong, _c.c_int, _c.c_float, _c.c_double, _c.c_void_p
 
 #: C signatures of the entry points, by variant kind and symbol suffix.
 SIGNATURES = {
@@ -29,6 +29,10 @@ SIGNATURES = {
     ("compress", "_select"): [_p, _i32, _i32, _i32, _i32, _i32, _i32, _p, _i32, _p],
     ("compress", "_score_k"): [_p, _i64, _i64, _i64, _i32, _i32, _i32, _i32, _p, _p],
     ("compress", "_score_v"): [_p, _i64, _i64, _i64, _i32, _i32, _i32, _i32, _p, _p],
+    # k, its strides, v, its strides, seqlens, ctrl, ctrl_width, batch, heads, max_blocks, block,
+    # sink/window blocks, max_len; K then V pools (table, dense, vals, meta, n_dense, n_sparse, ratio)
+    ("compress", "_append"): [_p, _i64, _i64, _p, _i64, _i64, _p, _p, *[_i32] * 8,
+                              *[_p, _p, _p, _p, _i32, _i32, _f64] * 2, _p],
     ("decode_mixed", ""): [_p, _i64, _i64, _p, _p, _i32, _p, _p, _i32, _i32, _p, _p, _p, _p, _i32, _i32,
                            _p, _i32, _i32, _f32, _i32, _p, _p, _p, _i64, _i64, _p, _p],
     # q, its strides; K then V source (table, max_blocks, block, dense, n_dense, vals, meta,

@@ -87,7 +87,8 @@ class Variant:
                 f"{s}_fill_v": "write V blocks into the cache pools by the block table",
                 f"{s}_select": "choose each head's 2:4 blocks and fill the block table",
                 f"{s}_score_k": "2:4 prune loss of K per cache block",
-                f"{s}_score_v": "2:4 prune loss of V per cache block"}
+                f"{s}_score_v": "2:4 prune loss of V per cache block",
+                f"{s}_append": "one decode step into the cache: append K/V rows, re-tier a block leaving the window"}
 
     @property
     def spec_values(self) -> dict:

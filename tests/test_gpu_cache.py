@@ -181,3 +181,91 @@ def test_attend_in_a_cuda_graph_follows_appends(lib):
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(out, cache.attend(q, num_splits=4)[0])
+
+
+def _warm_then_capture(step):
+    """Run ``step`` once on a side stream (allocator warm-up), then capture it in a graph."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        step()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        result = step()
+    return graph, result
+
+
+@pytest.mark.parametrize("ratios", [(0.5, 0.25), (1.0, 1.0)])
+def test_captured_decode_step_replays_like_eager_steps(lib, ratios):
+    """append + attend captured once, replayed across block starts and flushes, equals the
+    same steps run eagerly on a twin cache: outputs, pools, tables and (after sync) the host
+    bookkeeping."""
+    kr, vr = ratios
+    caches = [HieraCache(lib, batch=2, num_kv_heads=HKV, head_dim=D, max_seq_len=2048, key_ratio=kr,
+                         value_ratio=vr) for _ in range(2)]
+    model = Model(caches[0], 2048, seed=21)
+    for c in caches:
+        c.prefill(model.k[:, :, :700], model.v[:, :, :700], [300, 700])
+    k_in = torch.empty(2, HKV, D, dtype=torch.float16, device="cuda")
+    v_in, q_in = torch.empty_like(k_in), torch.empty(2, HQ, D, dtype=torch.float16, device="cuda")
+    graphed, eager = caches
+
+    def step():
+        graphed.append(k_in, v_in)
+        return graphed.attend(q_in, num_splits=3)
+
+    pos = list(graphed.lengths)
+    k_in.copy_(model.k[torch.arange(2), :, pos])  # the warm-up run is a real first step
+    v_in.copy_(model.v[torch.arange(2), :, pos])
+    q_in.copy_(_rand(2, HQ, D, seed=22))
+    graph, (out, lse) = _warm_then_capture(step)
+    eager.append(k_in.clone(), v_in.clone())
+    pos = [p + 1 for p in pos]
+    for i in range(300):  # 300 steps cross 4-5 block boundaries per sequence
+        q = _rand(2, HQ, D, seed=100 + i)
+        k, v = model.k[torch.arange(2), :, pos], model.v[torch.arange(2), :, pos]
+        k_in.copy_(k), v_in.copy_(v), q_in.copy_(q)
+        graph.replay()
+        eager.append(k, v)
+        want, want_lse = eager.attend(q, num_splits=3)
+        assert torch.equal(out, want) and torch.equal(lse, want_lse), f"step {i}"
+        pos = [p + 1 for p in pos]
+    assert graphed._stale
+    graphed.sync()
+    assert graphed.lengths == eager.lengths == pos
+    for name in ("k", "v"):
+        g, e = getattr(graphed, name), getattr(eager, name)
+        assert torch.equal(g.table, e.table) and g.n_sparse == e.n_sparse and g.free == e.free
+        assert g.uniform[0][pos[0] // 64] == e.uniform[0][pos[0] // 64]
+    assert graphed.n_eligible == eager.n_eligible
+    for a, b in zip(graphed.to_dense(), eager.to_dense()):
+        assert torch.equal(a, b)
+    assert torch.equal(graphed.ctrl, eager.ctrl)
+    # the host copy, pulled back, drives later host-side work: one more eager step agrees
+    k, v = model.k[torch.arange(2), :, pos], model.v[torch.arange(2), :, pos]
+    graphed.append(k, v), eager.append(k, v)
+    assert torch.equal(graphed.ctrl, eager.ctrl) and graphed.lengths == eager.lengths
+
+
+def test_captured_steps_past_capacity_store_nothing_and_sync_raises(lib):
+    cache = HieraCache(lib, batch=2, num_kv_heads=HKV, head_dim=D, max_seq_len=192, key_ratio=1.0, value_ratio=1.0,
+                       sink=0, local_window=64)
+    model = Model(cache, 192, seed=31)
+    cache.prefill(model.k[:, :, :190], model.v[:, :, :190], [150, 190])
+    before = [x.clone() for x in cache.to_dense()]
+    k_in = _rand(2, HKV, D, seed=32)
+    graph, _ = _warm_then_capture(lambda: cache.append(k_in, k_in))
+    for _ in range(5):
+        graph.replay()
+    torch.cuda.synchronize()
+    assert cache.seqlens.tolist() == [156, 192]  # warm-up + 5 replays; sequence 1 stopped at capacity
+    with pytest.raises(CacheFullError, match=r"sequences \[1\] reached the cache capacity 192 during captured"):
+        cache.sync()
+    hk, _ = cache.to_dense()
+    assert torch.equal(hk[1, :, :64], before[0][1, :, :64])  # nothing overwritten; block 1 left the window
+    assert torch.equal(hk[1, :, 64:128], fmt.prune_k(before[0][1:2, :, 64:128])[0])
+    assert torch.equal(hk[1, :, 128:190], before[0][1, :, 128:190])
+    assert torch.equal(hk[1, :, 190:192], k_in[1].unsqueeze(1).expand(-1, 2, -1))
+    cache.reset()
+    assert cache.lengths == [0, 0] and int(cache.ctrl[:, 5].abs().sum()) == 0
