@@ -13,4 +13,10 @@ def load(path_or_spec, **kwargs):
     return _load(path_or_spec, **kwargs)
 
 
-__all__ = ["load", "__version__"]
+def enable(model, lib=None, **kwargs):
+    """Turn a transformers model to sparse-KV attention (see :func:`hierasparse_gen.hf.enable`)."""
+    from .hf import enable as _enable  # transformers is needed only here
+    return _enable(model, lib, **kwargs)
+
+
+__all__ = ["enable", "load", "__version__"]

@@ -1,0 +1,287 @@
+"""Hugging Face transformers integration: sparse-KV attention for Llama, Mistral, Qwen3 and
+other models whose attention layers call ``cache.update`` and the attention-function registry.
+
+``enable(model, lib, key_ratio=..., value_ratio=...)`` registers the ``"hierasparse"``
+attention function (and a mask function: the kernels are causal by construction and need
+only the padding), switches the model to it, and makes ``generate()`` build a
+:class:`HieraSparseCache` (one :class:`~hierasparse_gen.cache.HieraCache` per layer) unless one
+is passed. No model code is edited.
+
+How a layer runs: the model calls ``cache.update(k, v, layer_idx)``; the cache layer only
+records that it is next and hands K/V back; the attention function then inserts them and
+attends in one place, because the order depends on the prefill mode (attend-then-compress
+attends before inserting). A one-token call is a decode step (append, then attend); longer
+calls are prefill chunks. Padded positions (from the 2D attention mask) are dropped: every
+sequence of a batch holds only its own tokens.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.masking_utils import AttentionMaskInterface
+
+from .cache import PREFILL_MODES, HieraCache
+from .simulate import SimulatedCache
+
+ATTENTION = "hierasparse"
+
+# The cache layer that the next attention call of each layer index belongs to (set by update).
+_PENDING: dict[int, "HieraLayer"] = {}
+
+
+@dataclass(frozen=True)
+class SparseKV:
+    """The sparse-KV settings that ``enable`` puts on a model."""
+    lib: object                 # a loaded library, or None with backend "simulate"
+    key_ratio: float
+    value_ratio: float
+    sink: int
+    window: int
+    block_size: int
+    prefill_mode: str
+    backend: str                # "kernels" | "simulate"
+
+    def make_store(self, *, batch: int, heads: int, head_dim: int, max_len: int, dtype, device):
+        cls = HieraCache if self.backend == "kernels" else SimulatedCache
+        return cls(self.lib, batch=batch, num_kv_heads=heads, head_dim=head_dim, max_seq_len=max_len,
+                   key_ratio=self.key_ratio, value_ratio=self.value_ratio, dtype=dtype, device=device,
+                   block_size=self.block_size, sink=self.sink, local_window=self.window)
+
+
+class HieraLayer(CacheLayerMixin):
+    """One layer: a HieraCache (or its torch simulation), created at the first update."""
+    is_compileable = False
+    is_sliding = False
+    is_croppable = False
+
+    def __init__(self, owner: "HieraSparseCache", layer_idx: int):
+        super().__init__()
+        self.owner, self.layer_idx = owner, layer_idx
+        self.store = None
+        self.seen = 0  # positions processed, padding included (what the model's masks count)
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        B, H, _, D = key_states.shape
+        if B != self.owner.batch:
+            raise ValueError(f"the cache was built for batch {self.owner.batch}, the model runs batch {B}. "
+                             f"Fix: build the HieraSparseCache with batch_size={B}")
+        self.store = self.owner.settings.make_store(batch=B, heads=H, head_dim=D, max_len=self.owner.capacity,
+                                                    dtype=key_states.dtype, device=key_states.device)
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if self.store is None:
+            self.lazy_initialization(key_states, value_states)
+        _PENDING[self.layer_idx] = self
+        self.seen += key_states.shape[-2]
+        return key_states, value_states
+
+    def get_mask_sizes(self, query_length: int, *args) -> tuple[int, int]:
+        return self.seen + query_length, 0
+
+    def get_seq_length(self, *args) -> int:
+        return self.seen
+
+    def get_max_length(self) -> int:
+        return self.owner.capacity
+
+    get_max_cache_shape = get_max_length
+
+    def reset(self) -> None:
+        if self.store is not None:
+            self.store.reset()
+        self.seen = 0
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        raise NotImplementedError("beam search reorders the cache, which a sparse KV cache does not support. "
+                                  "Fix: generate with num_beams=1")
+
+    def offload(self):
+        raise NotImplementedError("offloading a sparse KV cache is not supported. Fix: keep it on the GPU")
+
+
+class HieraSparseCache(Cache):
+    """A transformers ``Cache`` of one sparse KV cache per decoder layer, ``max_cache_len``
+    tokens per sequence (prompt + new tokens)."""
+
+    def __init__(self, settings: SparseKV, *, num_layers: int, batch_size: int, max_cache_len: int):
+        if batch_size < 1 or max_cache_len < 1:
+            raise ValueError("batch_size and max_cache_len must be positive")
+        self.settings, self.batch, self.capacity = settings, batch_size, max_cache_len
+        super().__init__(layers=[HieraLayer(self, i) for i in range(num_layers)])
+
+    def stores(self) -> list:
+        """The per-layer HieraCache (or SimulatedCache) objects created so far."""
+        return [layer.store for layer in self.layers if layer.store is not None]
+
+    def advance(self, steps: int) -> None:
+        """Account for ``steps`` decode steps replayed from a captured graph (which ran no Python)."""
+        for layer in self.layers:  # the stores were marked stale when the step was captured
+            layer.seen += steps
+
+
+# --- the attention and mask functions ----------------------------------------------------------
+
+def _dense_causal(query, key, value, scaling):
+    out = F.scaled_dot_product_attention(query, key, value, is_causal=query.shape[2] > 1, scale=scaling,
+                                         enable_gqa=key.shape[1] != query.shape[1])
+    return out
+
+
+def hierasparse_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                          attention_mask, scaling: float | None = None, dropout: float = 0.0, **kwargs):
+    """The ``"hierasparse"`` attention function: q ``[B, Hq, L, D]``, k/v ``[B, Hkv, L, D]`` (this
+    call's tokens only). Returns ``[B, L, Hq, D]`` and no attention weights."""
+    layer = _PENDING.pop(getattr(module, "layer_idx", -1), None)
+    if layer is None:  # no sparse cache in this forward (use_cache=False): nothing to compress
+        return _dense_causal(query, key, value, scaling).transpose(1, 2), None
+    store, settings = layer.store, layer.owner.settings
+    B, Hq, L, D = query.shape
+    if L == 1:  # a decode step: the token enters the cache, then attends to all of it
+        store.append(key[:, :, 0], value[:, :, 0])
+        out, _ = store.attend(query[:, :, 0], scale=scaling)
+        return out.unsqueeze(1), None
+    # a prefill chunk: padded positions (mask False) are dropped, each sequence's tokens first
+    valid = None if attention_mask is None else attention_mask[:, -L:].to(torch.bool)
+    if valid is not None and bool(valid.all()):
+        valid = None
+    if valid is not None:
+        order = torch.argsort((~valid).to(torch.int8), dim=1, stable=True)  # valid positions first
+        lengths = valid.sum(1).tolist()
+        gather = order.view(B, 1, L, 1)
+        query, key, value = (x.gather(2, gather.expand(-1, x.shape[1], -1, D)) for x in (query, key, value))
+    else:
+        lengths = [L] * B
+    store.sync()
+    fresh = max(store.lengths) == 0
+    if settings.prefill_mode == "attend_then_compress" and fresh:
+        # exact dense attention over the prompt: the best dense kernel, then compression
+        out = _dense_causal(query, key, value, scaling)
+        store.prefill(key, value, lengths)
+    else:
+        out, _ = store.prefill(key, value, lengths, q=query, mode=settings.prefill_mode, scale=scaling)
+    if valid is not None:
+        rows = torch.arange(L, device=out.device).view(1, L) < torch.tensor(lengths, device=out.device).view(B, 1)
+        out = out.masked_fill(~rows.view(B, 1, L, 1), 0)
+        out = torch.zeros_like(out).scatter_(2, gather.expand(-1, Hq, -1, D), out)
+    return out.transpose(1, 2), None
+
+
+def hierasparse_mask(batch_size: int, q_length: int, kv_length: int, *args, attention_mask=None, **kwargs):
+    """Mask function of the ``"hierasparse"`` implementation: the kernels are causal by
+    construction, so only a prefill chunk's 2D padding mask is passed on (else None)."""
+    if q_length == 1 or attention_mask is None or attention_mask.dim() != 2:
+        return None
+    return attention_mask
+
+
+AttentionInterface.register(ATTENTION, hierasparse_attention)
+AttentionMaskInterface.register(ATTENTION, hierasparse_mask)
+
+
+# --- enable ------------------------------------------------------------------------------------
+
+def _text_config(model):
+    config = model.config
+    return config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+
+
+def _check_model(config) -> tuple[int, int, int]:
+    heads, kv = config.num_attention_heads, getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
+        raise ValueError(f"{type(config).__name__}: sliding_window={config.sliding_window}; sliding-window "
+                         f"attention layers are not supported. Fix: set config.sliding_window = None")
+    layer_types = set(getattr(config, "layer_types", None) or ["full_attention"])
+    if layer_types != {"full_attention"}:
+        raise ValueError(f"{type(config).__name__}: layer types {sorted(layer_types)}; only full-attention layers "
+                         f"are supported")
+    return heads, kv, head_dim
+
+
+def _check_library(lib, head_dim: int, group: int, block_size: int, dtype) -> None:
+    """The library must hold mixed-tier decode and prefill kernels for the model's shape."""
+    dt = {torch.float16: "float16", torch.bfloat16: "bfloat16"}.get(dtype)
+    if dt is None:
+        raise ValueError(f"the model's dtype {dtype} has no kernels. Fix: model.to(torch.float16) or bfloat16")
+    for kind in ("decode", "prefill"):
+        if not any(v.kind == kind and v.head_dim == head_dim and v.group == group and v.dtype == dt and
+                   v.tier == ("mixed", "mixed") and v.block_size == block_size for v in lib.variants):
+            raise ValueError(f"{lib.path.name} has no {kind} kernel for this model (head_dim {head_dim}, GQA group "
+                             f"{group}, {dt}, block table of {block_size}-token blocks). Fix: add "
+                             f"{{head_dim: {head_dim}, num_qo_heads: {group}, num_kv_heads: 1}} to the spec's shapes, "
+                             f"{dt} to its dtypes, the tier {{k: mixed, v: mixed}} and cache.block_size "
+                             f"{block_size}, then rebuild")
+
+
+def enable(model, lib=None, *, key_ratio: float, value_ratio: float, sink: int | None = None,
+           window: int | None = None, block_size: int | None = None,
+           prefill_mode: str = "attend_then_compress", backend: str = "kernels"):
+    """Turn ``model`` (a transformers causal LM) to sparse-KV attention; returns the model.
+
+    ``key_ratio``/``value_ratio``: fraction of the eligible blocks (outside sink and window)
+    stored 2:4. ``sink``, ``window``, ``block_size`` default to the library spec's ``cache``
+    section (64, 256, 64 without one). ``prefill_mode``: one of PREFILL_MODES (see
+    HieraCache.prefill). ``backend="simulate"`` runs the pure-torch model of the same cache
+    (CPU or GPU, no library): slow, for small models and accuracy studies.
+    """
+    if backend not in ("kernels", "simulate"):
+        raise ValueError(f"backend {backend!r}: use 'kernels' or 'simulate'")
+    if backend == "kernels" and lib is None:
+        raise ValueError("enable(): the kernels backend needs a library. Fix: pass lib=hierasparse_gen.load(...), "
+                         "or backend='simulate'")
+    if prefill_mode not in PREFILL_MODES:
+        raise ValueError(f"prefill_mode {prefill_mode!r} is not a prefill mode. Fix: use one of "
+                         f"{', '.join(PREFILL_MODES)}")
+    for name, r in (("key_ratio", key_ratio), ("value_ratio", value_ratio)):
+        if not 0.0 <= r <= 1.0:
+            raise ValueError(f"{name}: {r} is outside [0, 1]. Fix: pass the fraction of eligible blocks to store "
+                             f"2:4 (0 = all dense, 1 = all 2:4)")
+    spec_cache = lib.manifest["spec"].get("cache", {}) if lib is not None else {}
+    block = int(block_size or spec_cache.get("block_size", 64))
+    sink = int(spec_cache.get("sink", 64) if sink is None else sink)
+    window = int(spec_cache.get("local_window", 256) if window is None else window)
+    if block % 32 or sink % block or window % block or sink < 0 or window < 0:
+        raise ValueError(f"block_size {block} must be a multiple of 32, sink {sink} and window {window} multiples "
+                         f"of it. Fix: use the spec's cache values")
+    heads, kv, head_dim = _check_model(_text_config(model))
+    if heads % kv:
+        raise ValueError(f"{heads} attention heads do not divide into {kv} KV heads")
+    if backend == "kernels":
+        _check_library(lib, head_dim, heads // kv, block, model.dtype)
+    model._sparse_kv = SparseKV(lib, float(key_ratio), float(value_ratio), sink, window, block, prefill_mode,
+                                backend)
+    model.set_attn_implementation(ATTENTION)
+    if "_prepare_cache_for_generation" not in vars(model):  # wrap once: generate() builds our cache
+        original = model._prepare_cache_for_generation
+        params = inspect.signature(original).parameters
+
+        def prepare(*args, **kwargs):
+            bound = dict(zip(params, args), **kwargs)
+            model_kwargs, config = bound["model_kwargs"], bound["generation_config"]
+            if (getattr(config, "num_beams", 1) or 1) > 1:
+                raise NotImplementedError("beam search reorders the cache, which a sparse KV cache does not "
+                                          "support. Fix: generate with num_beams=1")
+            if model_kwargs.get("past_key_values") is None and config.use_cache is not False:
+                model_kwargs["past_key_values"] = make_cache(model, batch_size=bound["batch_size"],
+                                                             max_cache_len=bound["max_cache_length"])
+            return original(*args, **kwargs)
+
+        model._prepare_cache_for_generation = prepare
+    return model
+
+
+def make_cache(model, *, batch_size: int, max_cache_len: int) -> HieraSparseCache:
+    """A HieraSparseCache for a model that ``enable`` turned to sparse-KV attention."""
+    settings = getattr(model, "_sparse_kv", None)
+    if settings is None:
+        raise ValueError("the model is not sparse-KV enabled. Fix: call hierasparse_gen.hf.enable(model, lib, ...)")
+    return HieraSparseCache(settings, num_layers=_text_config(model).num_hidden_layers, batch_size=batch_size,
+                            max_cache_len=max_cache_len)

@@ -1,0 +1,162 @@
+"""A pure-torch model of :class:`~hierasparse_gen.cache.HieraCache`: the same tier policy and
+the same prefill modes, computed with dense tensors, per-block tier flags and the float64
+reference attention. It runs anywhere torch runs (CPU included); the tests use it as the
+independent account of what the kernels must compute, and it serves accuracy studies on
+machines without a GPU. It is slow (every call prunes the whole cache): small models only.
+
+Policy (identical to HieraCache): the first ``sink`` tokens and the window are dense; of the
+eligible blocks in between, ``ratio_count(ratio, eligible)`` per head are 2:4, chosen at a
+first prefill by least prune loss (ties: lower block) and, afterwards, as blocks leave the
+window (a block becomes 2:4 exactly when that keeps the count at the ratio).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .cache import PREFILL_MODES, CacheFullError, ratio_count
+from .format import block_prune_loss, prune_k, prune_v
+from .reference import decode_reference, prefill_reference
+
+
+class SimulatedCache:
+    """Same constructor, prefill/append/attend and inspection API as HieraCache (no library)."""
+
+    def __init__(self, lib=None, *, batch: int, num_kv_heads: int, head_dim: int, max_seq_len: int,
+                 key_ratio: float, value_ratio: float, dtype=torch.float16, device="cpu",
+                 block_size: int = 64, sink: int = 64, local_window: int = 256):
+        for name, r in (("key_ratio", key_ratio), ("value_ratio", value_ratio)):
+            if not 0.0 <= r <= 1.0:
+                raise ValueError(f"{name}: {r} is outside [0, 1]. Fix: pass the fraction of eligible "
+                                 f"blocks to store 2:4 (0 = all dense, 1 = all 2:4)")
+        if block_size % 32 or sink % block_size or local_window % block_size:
+            raise ValueError(f"block_size {block_size} must be a multiple of 32 and sink {sink} / "
+                             f"local_window {local_window} multiples of it")
+        self.batch, self.heads, self.head_dim, self.dtype = batch, num_kv_heads, head_dim, dtype
+        self.block, self.sink, self.window, self.max_seq_len = block_size, sink, local_window, max_seq_len
+        self.sink_blocks, self.window_blocks = sink // block_size, local_window // block_size
+        self.max_blocks = -(-max_seq_len // block_size)
+        cap = self.max_blocks * block_size
+        self.ratio = {"k": key_ratio, "v": value_ratio}
+        self.x = {n: torch.zeros(batch, num_kv_heads, cap, head_dim, dtype=dtype, device=device) for n in "kv"}
+        self.sparse = {n: torch.zeros(batch, num_kv_heads, self.max_blocks, dtype=torch.bool, device=device)
+                       for n in "kv"}
+        self.n_sparse = {n: [0] * batch for n in "kv"}
+        self.lengths = [0] * batch
+        self.n_eligible = [0] * batch
+        self.device = self.x["k"].device
+
+    # --- what the cache holds ---------------------------------------------------------------
+    def view(self, name: str) -> torch.Tensor:
+        """The tensor as stored: ``[B, Hkv, capacity, D]``, 2:4 blocks pruned, zeros past lengths."""
+        x = self.x[name]
+        pruned = prune_k(x) if name == "k" else prune_v(x)
+        flags = self.sparse[name].repeat_interleave(self.block, -1).unsqueeze(-1)
+        return torch.where(flags, pruned, x)
+
+    def to_dense(self):
+        L = max(self.lengths)
+        return self.view("k")[:, :, :L], self.view("v")[:, :, :L]
+
+    def tiers(self, name: str = "k") -> torch.Tensor:
+        live = torch.arange(self.max_blocks, device=self.device).view(1, 1, -1) < torch.tensor(
+            [-(-n // self.block) for n in self.lengths], device=self.device).view(-1, 1, 1)
+        return self.sparse[name] & live
+
+    # --- insertion ----------------------------------------------------------------------------
+    def _fresh(self, b: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """An empty sequence takes a whole prompt: 2:4 blocks by least prune loss, per head."""
+        L, S = k.shape[1], self.block
+        n_elig = max(0, L // S - self.sink_blocks - self.window_blocks)
+        for name, x in (("k", k), ("v", v)):
+            self.x[name][b, :, :L] = x
+            n_s = ratio_count(self.ratio[name], n_elig)
+            if n_s:
+                loss = block_prune_loss(x.unsqueeze(0), name, S)[0, :, self.sink_blocks:self.sink_blocks + n_elig]
+                chosen = torch.argsort(loss, dim=-1, stable=True)[:, :n_s] + self.sink_blocks
+                self.sparse[name][b].scatter_(1, chosen, True)
+            self.n_sparse[name][b] = n_s
+        self.lengths[b] = L
+        self.n_eligible[b] = n_elig
+
+    def _push(self, b: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Append rows ``[Hkv, n, D]`` one at a time, flushing as decode does."""
+        for i in range(k.shape[1]):
+            pos = self.lengths[b]
+            self.x["k"][b, :, pos] = k[:, i]
+            self.x["v"][b, :, pos] = v[:, i]
+            self.lengths[b] = pos + 1
+            if self.lengths[b] % self.block == 0:
+                blk = self.lengths[b] // self.block - self.window_blocks - 1
+                if blk >= self.sink_blocks:
+                    self.n_eligible[b] += 1
+                    for name in "kv":
+                        if self.n_sparse[name][b] < ratio_count(self.ratio[name], self.n_eligible[b]):
+                            self.sparse[name][b, :, blk] = True
+                            self.n_sparse[name][b] += 1
+
+    def _insert(self, k: torch.Tensor, v: torch.Tensor, lengths: list[int]) -> None:
+        for b, n in enumerate(lengths):
+            if n and self.lengths[b] == 0:
+                self._fresh(b, k[b, :, :n], v[b, :, :n])
+            elif n:
+                self._push(b, k[b, :, :n], v[b, :, :n])
+
+    def _check_room(self, lengths: list[int]) -> None:
+        most = max(n0 + n for n0, n in zip(self.lengths, lengths))
+        if most > self.max_seq_len:
+            raise CacheFullError(f"sequences would hold up to {most} tokens, more than the cache capacity "
+                                 f"{self.max_seq_len}; nothing was written. Fix: build the cache with a larger "
+                                 f"max_seq_len")
+
+    # --- the HieraCache API -------------------------------------------------------------------
+    def prefill(self, k, v, lengths=None, *, q=None, mode: str = "compress_then_attend", scale=None):
+        if mode not in PREFILL_MODES:
+            raise ValueError(f"mode {mode!r} is not a prefill mode. Fix: use one of {', '.join(PREFILL_MODES)}")
+        L = k.shape[2]
+        lengths = [L] * self.batch if lengths is None else [int(n) for n in lengths]
+        self._check_room(lengths)
+        old = list(self.lengths)
+        after = torch.tensor([n0 + n for n0, n in zip(old, lengths)])
+        qlens = torch.tensor(lengths)
+        if q is not None and mode == "attend_then_compress":
+            keys, vals = self.view("k"), self.view("v")
+            for b, (n0, n) in enumerate(zip(old, lengths)):
+                keys[b, :, n0:n0 + n] = k[b, :, :n]
+                vals[b, :, n0:n0 + n] = v[b, :, :n]
+            self._insert(k, v, lengths)
+            return self._prefill_out(q, keys, vals, after, qlens, scale)
+        self._insert(k, v, lengths)
+        if q is None:
+            return None
+        keys = self.view("k")
+        if mode == "balanced":  # the chunk's keys dense, from the last 32-token boundary before it
+            for b, (n0, n) in enumerate(zip(old, lengths)):
+                keys[b, :, n0 - n0 % 32:n0 + n] = self.x["k"][b, :, n0 - n0 % 32:n0 + n]
+        return self._prefill_out(q, keys, self.view("v"), after, qlens, scale)
+
+    def _prefill_out(self, q, keys, vals, seqlens, qlens, scale):
+        out, lse = prefill_reference(q, keys, vals, seqlens, scale, qlens)
+        return out.to(q.dtype), lse.float()
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        full = [b for b in range(self.batch) if self.lengths[b] >= self.max_seq_len]
+        if full:
+            raise CacheFullError(f"sequences {full} hold {self.max_seq_len} tokens, the cache capacity; "
+                                 f"nothing was written. Fix: build the cache with a larger max_seq_len")
+        for b in range(self.batch):
+            self._push(b, k[b].unsqueeze(1), v[b].unsqueeze(1))
+
+    def attend(self, q: torch.Tensor, *, scale=None, num_splits=None):
+        out, lse = decode_reference(q, self.view("k"), self.view("v"), torch.tensor(self.lengths), scale)
+        return out.to(q.dtype), lse.float()
+
+    def sync(self) -> None:
+        """Nothing to do: the simulation has no device-side state."""
+
+    def reset(self) -> None:
+        for name in "kv":
+            self.sparse[name].zero_()
+            self.n_sparse[name] = [0] * self.batch
+        self.lengths = [0] * self.batch
+        self.n_eligible = [0] * self.batch
