@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from . import ops as _ops
 from .format import unpack_k, unpack_v
 
 
@@ -282,18 +283,18 @@ class HieraCache:
         self._check_dense(k, "k", 3)
         self._check_dense(v, "v", 3)
         for x, what in ((k, "k"), (v, "v")):
-            if x.stride(2) != 1 or x.stride(0) % 8 or x.stride(1) % 8 or x.data_ptr() % 16:
+            if x.stride(2) != 1 or x.stride(0) % 8 or x.stride(1) % 8:
                 raise ValueError(f"{what}: strides {x.stride()} not supported (rows are read 16 bytes at a "
                                  f"time). Fix: pass {what}.contiguous()")
-        traced = torch.cuda.is_current_stream_capturing() or torch.compiler.is_compiling()
+        # traced (graph capture, torch.compile): the host cannot follow, the device state rules
+        traced = torch.compiler.is_compiling() or torch.cuda.is_current_stream_capturing()
         if not traced:
             self.sync()
             full = [b for b in range(self.batch) if self.lengths[b] >= self.max_seq_len]
             if full:
                 raise CacheFullError(f"sequences {full} hold {self.max_seq_len} tokens, the cache capacity; "
                                      f"nothing was written. Fix: build the cache with a larger max_seq_len")
-        from .ops import append_cache
-        append_cache(self.lib, self, k, v)
+        _ops.append_cache(self.lib, self, k, v)
         if traced:  # replays advance the device state only
             self._stale = True
             return
@@ -375,8 +376,7 @@ class HieraCache:
 
     def attend(self, q: torch.Tensor, *, scale: float | None = None, num_splits: int | None = None):
         """Decode attention of ``q [B, Hq, D]`` over the cache. Returns (out, lse)."""
-        from .ops import decode_cache
-        return decode_cache(self.lib, q, self, scale=scale, num_splits=num_splits)
+        return _ops.decode_cache(self.lib, q, self, scale=scale, num_splits=num_splits)
 
     def reset(self) -> None:
         """Forget every sequence (pools are reused; stale data is never read)."""

@@ -80,7 +80,8 @@ class HieraLayer(CacheLayerMixin):
         if self.store is None:
             self.lazy_initialization(key_states, value_states)
         _PENDING[self.layer_idx] = self
-        self.seen += key_states.shape[-2]
+        if not torch.cuda.is_current_stream_capturing():  # replays are counted by advance()
+            self.seen += key_states.shape[-2]
         return key_states, value_states
 
     def get_mask_sizes(self, query_length: int, *args) -> tuple[int, int]:

@@ -377,6 +377,8 @@ def _cache_append_op(lib_key: str, k: torch.Tensor, v: torch.Tensor, seqlens: to
                      k_ratio: float, v_ratio: float) -> None:
     lib = _LIBRARIES[lib_key]
     B, H, D = k.shape
+    _check_aligned(k, "k", 16)
+    _check_aligned(v, "v", 16)
     variant = _compress_variant(lib, k)
     _launch(lib, f"{variant.symbol}_append", k.device, k.data_ptr(), k.stride(0), k.stride(1),
             v.data_ptr(), v.stride(0), v.stride(1), seqlens.data_ptr(), ctrl.data_ptr(), ctrl.shape[1], B, H,
