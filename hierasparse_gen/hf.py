@@ -26,7 +26,7 @@ from transformers import AttentionInterface
 from transformers.cache_utils import Cache, CacheLayerMixin
 from transformers.masking_utils import AttentionMaskInterface
 
-from .cache import PREFILL_MODES, HieraCache
+from .cache import PREFILL_MODES, CacheFullError, HieraCache
 from .simulate import SimulatedCache
 
 ATTENTION = "hierasparse"
@@ -80,7 +80,7 @@ class HieraLayer(CacheLayerMixin):
         if self.store is None:
             self.lazy_initialization(key_states, value_states)
         _PENDING[self.layer_idx] = self
-        if not torch.cuda.is_current_stream_capturing():  # replays are counted by advance()
+        if not _capturing():  # replays are counted by advance()
             self.seen += key_states.shape[-2]
         return key_states, value_states
 
@@ -129,6 +129,10 @@ class HieraSparseCache(Cache):
 
 
 # --- the attention and mask functions ----------------------------------------------------------
+
+def _capturing() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
 
 def _dense_causal(query, key, value, scaling):
     out = F.scaled_dot_product_attention(query, key, value, is_causal=query.shape[2] > 1, scale=scaling,
@@ -263,6 +267,8 @@ def enable(model, lib=None, *, key_ratio: float, value_ratio: float, sink: int |
     if "_prepare_cache_for_generation" not in vars(model):  # wrap once: generate() builds our cache
         original = model._prepare_cache_for_generation
         params = inspect.signature(original).parameters
+        # transformers renamed generate's cache argument (past_key_values -> cache) in 5.2x
+        key = "cache" if 'model_kwargs.get("cache")' in inspect.getsource(original) else "past_key_values"
 
         def prepare(*args, **kwargs):
             bound = dict(zip(params, args), **kwargs)
@@ -270,13 +276,18 @@ def enable(model, lib=None, *, key_ratio: float, value_ratio: float, sink: int |
             if (getattr(config, "num_beams", 1) or 1) > 1:
                 raise NotImplementedError("beam search reorders the cache, which a sparse KV cache does not "
                                           "support. Fix: generate with num_beams=1")
-            if model_kwargs.get("past_key_values") is None and config.use_cache is not False:
-                model_kwargs["past_key_values"] = make_cache(model, batch_size=bound["batch_size"],
+            if model_kwargs.get(key) is None and config.use_cache is not False:
+                model_kwargs[key] = make_cache(model, batch_size=bound["batch_size"],
                                                              max_cache_len=bound["max_cache_length"])
             return original(*args, **kwargs)
 
         model._prepare_cache_for_generation = prepare
     return model
+
+
+def cache_argument(model) -> str:
+    """The name of the model's forward argument for the cache (renamed in transformers 5.2x)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def make_cache(model, *, batch_size: int, max_cache_len: int) -> HieraSparseCache:
@@ -286,3 +297,49 @@ def make_cache(model, *, batch_size: int, max_cache_len: int) -> HieraSparseCach
         raise ValueError("the model is not sparse-KV enabled. Fix: call hierasparse_gen.hf.enable(model, lib, ...)")
     return HieraSparseCache(settings, num_layers=_text_config(model).num_hidden_layers, batch_size=batch_size,
                             max_cache_len=max_cache_len)
+
+
+class GraphedDecoder:
+    """Decode steps of a sparse-KV model replayed from one captured CUDA graph: the Python of
+    32 layers runs once, at capture; each step is one replay (inputs copied into static
+    buffers). The cache must already hold the prompt; its length advances on the device.
+
+    >>> dec = GraphedDecoder(model, cache)
+    >>> logits = dec.step(next_ids, positions)      # [B, 1] each -> [B, vocab] (static buffer)
+    """
+
+    def __init__(self, model, cache: HieraSparseCache):
+        if not isinstance(cache, HieraSparseCache) or cache.settings.backend != "kernels":
+            raise ValueError("GraphedDecoder needs a HieraSparseCache on the kernels backend")
+        self.model, self.cache = model, cache
+        device = next(model.parameters()).device
+        self.ids = torch.zeros(cache.batch, 1, dtype=torch.long, device=device)
+        self.pos = torch.zeros_like(self.ids)
+        self.graph, self.logits = None, None
+
+    def _forward(self):
+        with torch.no_grad():
+            return self.model(input_ids=self.ids, position_ids=self.pos, use_cache=True, logits_to_keep=1,
+                              **{cache_argument(self.model): self.cache}).logits[:, -1]
+
+    def step(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        """One token per sequence; returns the next-token logits (overwritten by the next step)."""
+        self.ids.copy_(input_ids)
+        self.pos.copy_(position_ids)
+        if self.graph is None:  # the first step runs eagerly on a side stream (warm-up), then capture
+            s = torch.cuda.Stream()
+            s.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(s):
+                logits = self._forward()
+            torch.cuda.current_stream().wait_stream(s)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.logits = self._forward()
+            return logits
+        capacity = self.cache.capacity
+        if self.cache.get_seq_length() >= capacity:
+            raise CacheFullError(f"the cache holds {capacity} positions per sequence, its capacity; nothing was "
+                                 f"written. Fix: build the cache with a larger max_cache_len")
+        self.graph.replay()
+        self.cache.advance(1)
+        return self.logits

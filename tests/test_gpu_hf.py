@@ -71,7 +71,7 @@ def test_generate_with_kernels_single_and_chunked_prefill(llama3):
         out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=40, do_sample=False,
                              prefill_chunk_size=chunk, return_dict_in_generate=True)
         assert out.sequences.shape == (2, 540)
-        store = out.past_key_values.layers[0].store
+        store = (getattr(out, "cache", None) or out.past_key_values).layers[0].store
         assert store.lengths == [539, 539] and store.tiers("k").sum().item() > 0
 
 
@@ -141,3 +141,26 @@ def test_compiled_decode_step_keeps_the_attention_ops_in_the_graph(llama3):
     assert explanation.graph_break_count == 0
     ops = [str(n.target) for g in explanation.graphs for n in g.graph.nodes if n.op == "call_function"]
     assert any("cache_append" in o for o in ops) and any("decode_mixed" in o for o in ops), ops
+
+
+def test_graphed_decoder_greedy_tokens_equal_eager_ones(llama3):
+    model = hf.enable(tiny_model("mistral", **FP16), llama3, key_ratio=1.0, value_ratio=0.5, sink=64, window=64)
+    prompt = _tokens(1, 400, 10)
+    runs = []
+    for graphed in (False, True):
+        cache = hf.make_cache(model, batch_size=1, max_cache_len=480)
+        with torch.no_grad():
+            logits = model(input_ids=prompt, past_key_values=cache, use_cache=True).logits[:, -1]
+        tok, pos, toks = logits.argmax(-1, keepdim=True), torch.full((1, 1), 400, device="cuda"), []
+        dec = hf.GraphedDecoder(model, cache) if graphed else None
+        for _ in range(80):  # crosses a block start and a 2:4 flush
+            toks.append(tok)
+            with torch.no_grad():
+                logits = dec.step(tok, pos) if graphed else model(
+                    input_ids=tok, position_ids=pos, past_key_values=cache, use_cache=True).logits[:, -1]
+            tok, pos = logits.argmax(-1, keepdim=True), pos + 1
+        runs.append(torch.cat(toks, 1))
+        assert cache.get_seq_length() == 480
+    assert torch.equal(runs[0], runs[1])
+    with pytest.raises(hf.CacheFullError, match="capacity; nothing was written"):
+        dec.step(tok, pos)

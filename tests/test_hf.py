@@ -73,8 +73,9 @@ def test_generate_builds_the_sparse_cache_itself():
     out = sparse.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=12, do_sample=False,
                           return_dict_in_generate=True)
     assert out.sequences.shape == (2, 162)
-    assert isinstance(out.past_key_values, hf.HieraSparseCache)
-    assert out.past_key_values.layers[1].store.lengths == [161, 161]  # the last token is not fed back
+    cache = getattr(out, "cache", None) or out.past_key_values  # renamed in transformers 5.2x
+    assert isinstance(cache, hf.HieraSparseCache)
+    assert cache.layers[1].store.lengths == [161, 161]  # the last token is not fed back
     # chunked prefill through generate gives the same tokens
     again = sparse.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=12, do_sample=False,
                             prefill_chunk_size=64)
