@@ -131,6 +131,8 @@ class HieraSparseCache(Cache):
 # --- the attention and mask functions ----------------------------------------------------------
 
 def _capturing() -> bool:
+    if torch.compiler.is_compiling():  # compiled code is not captured here (and dynamo cannot ask)
+        return False
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 

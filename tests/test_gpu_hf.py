@@ -164,3 +164,23 @@ def test_graphed_decoder_greedy_tokens_equal_eager_ones(llama3):
     assert torch.equal(runs[0], runs[1])
     with pytest.raises(hf.CacheFullError, match="capacity; nothing was written"):
         dec.step(tok, pos)
+
+
+def test_compiled_model_decode_step_breaks_nowhere_in_the_sparse_attention(llama3):
+    """Dynamo over a whole-model decode step: whatever transformers itself breaks on, no graph
+    break comes from this project's code (cache update, attention function, custom ops)."""
+    model = hf.enable(tiny_model("llama", **FP16), llama3, key_ratio=1.0, value_ratio=1.0, sink=64, window=64)
+    prompt, new = _tokens(1, 300, 11), _tokens(1, 1, 12)
+    cache = hf.make_cache(model, batch_size=1, max_cache_len=310)
+    run_steps(model, prompt, new[:, :0], cache)
+    torch._dynamo.reset()
+    pos = torch.full((1, 1), 300, device="cuda")
+    with torch.no_grad():
+        explanation = torch._dynamo.explain(model.forward)(input_ids=new, position_ids=pos, past_key_values=cache,
+                                                            use_cache=True)
+    ours = [r for r in explanation.break_reasons
+            if any("hierasparse_gen" in f.filename for f in r.user_stack)]
+    print(f"{explanation.graph_break_count} graph breaks; reasons: {[r.reason[:80] for r in explanation.break_reasons]}")
+    assert not ours, ours[0].reason
+    ops = [str(n.target) for g in explanation.graphs for n in g.graph.nodes if n.op == "call_function"]
+    assert sum("cache_append" in o for o in ops) == 2 and sum("decode_mixed" in o for o in ops) == 2
