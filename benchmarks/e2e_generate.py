@@ -58,25 +58,21 @@ def run(model, lib, row: str, L: int, new_tokens: int, sink: int, window: int) -
         ratio = 1.0
         if mode == "dense-kv":  # every block dense (ratio 0): the same kernels and harness, no 2:4
             mode, ratio = "attend_then_compress", 0.0
-        hf.enable(model, lib, key_ratio=ratio, value_ratio=ratio, sink=sink, window=window, prefill_mode=mode)
+        hf.enable(model, lib, key_ratio=ratio, value_ratio=ratio, sink=sink, window=window, prefill_mode=mode,
+                  cuda_graph=graphed)
         cache = hf.make_cache(model, batch_size=1, max_cache_len=L + new_tokens)
     t0 = _sync_time()
     logits = model(input_ids=prompt, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
     tok = logits.argmax(-1, keepdim=True)
     ttft = _sync_time() - t0
     pos = torch.full((1, 1), L, dtype=torch.long, device="cuda")
-    step_fn = None
-    if graphed:
-        dec = hf.GraphedDecoder(model, cache)
-        tok = dec.step(tok, pos).argmax(-1, keepdim=True)  # warm-up and capture: not timed
-        pos += 1
-        step_fn = dec.step
-    else:
-        def step_fn(ids, p):
-            return model(input_ids=ids, position_ids=p, past_key_values=cache, use_cache=True,
-                         logits_to_keep=1).logits[:, -1]
-        tok = step_fn(tok, pos).argmax(-1, keepdim=True)  # the first decode step warms up: not timed
-        pos += 1
+
+    def step_fn(ids, p):  # what generate() runs a token (graphed rows: one replay, see hf.enable)
+        return model(input_ids=ids, position_ids=p, past_key_values=cache, use_cache=True,
+                     logits_to_keep=1).logits[:, -1]
+
+    tok = step_fn(tok, pos).argmax(-1, keepdim=True)  # first decode step: warm-up (and capture), not timed
+    pos += 1
     steps = new_tokens - 2
     t1 = _sync_time()
     for _ in range(steps):

@@ -94,7 +94,7 @@ class HieraCache:
         self.max_seq_len = max_seq_len
         self.max_blocks = -(-max_seq_len // self.block)
         self.sink_blocks, self.window_blocks = self.sink // self.block, self.window // self.block
-        self.lengths = [0] * batch
+        self._lengths = [0] * batch
         self.n_eligible = [0] * batch
         self.k = self._make("k", key_ratio)
         self.v = self._make("v", value_ratio)
@@ -104,6 +104,12 @@ class HieraCache:
                                 dtype=torch.int32, device=self.device)
         self._stale = False
         self._push_ctrl()
+
+    @property
+    def lengths(self) -> list[int]:
+        """Tokens held per sequence (brought up to date first after captured or compiled steps)."""
+        self.sync()
+        return self._lengths
 
     # --- sizing -------------------------------------------------------------------------------
     def _eligible(self, full_blocks: int) -> int:
@@ -164,7 +170,7 @@ class HieraCache:
         lengths = [L] * self.batch if lengths is None else [int(x) for x in lengths]
         if len(lengths) != self.batch or min(lengths) < 0 or max(lengths) > L:
             raise ValueError(f"lengths {lengths} must give one value in [0, {L}] per sequence")
-        after = [n0 + n for n0, n in zip(self.lengths, lengths)]
+        after = [n0 + n for n0, n in zip(self._lengths, lengths)]
         if max(after) > self.max_seq_len:
             raise CacheFullError(f"sequences would hold up to {max(after)} tokens, more than the cache capacity "
                                  f"{self.max_seq_len}; nothing was written. Fix: build the cache with a larger "
@@ -175,7 +181,7 @@ class HieraCache:
             self._extend(k, v, lengths)
             return None
         from .ops import prefill_cache
-        old = list(self.lengths)
+        old = list(self._lengths)
         qlens = torch.tensor(lengths, dtype=torch.int32, device=self.device)
         if mode == "attend_then_compress":
             seqlens = torch.tensor(after, dtype=torch.int32, device=self.device)
@@ -196,22 +202,22 @@ class HieraCache:
     def _aligned_tail(self, k: torch.Tensor, lengths: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Dense K rows from each sequence's last 32-token boundary: [B, Hkv, 31 + L, D], and
         the token of row 0 per sequence."""
-        heads = [n0 % 32 for n0 in self.lengths]
+        heads = [n0 % 32 for n0 in self._lengths]
         if not any(heads):
-            return k, torch.tensor(self.lengths, dtype=torch.int32, device=self.device)
+            return k, torch.tensor(self._lengths, dtype=torch.int32, device=self.device)
         L = k.shape[2]
         tail = torch.zeros(self.batch, self.heads, 31 + L, self.head_dim, dtype=self.dtype, device=self.device)
         for b, r in enumerate(heads):
-            n0 = self.lengths[b]
+            n0 = self._lengths[b]
             if r:
                 slot = self.k.uniform[b][n0 // self.block]  # the partial block is dense
                 tail[b, :, :r] = self.k.dense[b, :, slot, n0 % self.block - r:n0 % self.block]
             tail[b, :, r:r + lengths[b]] = k[b, :, :lengths[b]]
-        start = torch.tensor([n0 - r for n0, r in zip(self.lengths, heads)], dtype=torch.int32, device=self.device)
+        start = torch.tensor([n0 - r for n0, r in zip(self._lengths, heads)], dtype=torch.int32, device=self.device)
         return tail, start
 
     def _extend(self, k: torch.Tensor, v: torch.Tensor, lengths: list[int]) -> None:
-        fresh = [b for b in range(self.batch) if self.lengths[b] == 0 and lengths[b] > 0]
+        fresh = [b for b in range(self.batch) if self._lengths[b] == 0 and lengths[b] > 0]
         # one batched pass when every sequence is empty with one length; else sequence by sequence
         if len(fresh) == self.batch and len(set(lengths)) == 1:
             self._prefill_group(0, self.batch, k[:, :, :lengths[0]], v[:, :, :lengths[0]])
@@ -221,7 +227,7 @@ class HieraCache:
         for b in range(self.batch):
             if b not in fresh and lengths[b]:
                 self._extend_sequence(b, k[b], v[b], lengths[b])
-        self.seqlens.copy_(torch.tensor(self.lengths, dtype=torch.int32))
+        self.seqlens.copy_(torch.tensor(self._lengths, dtype=torch.int32))
         self._push_ctrl()
 
     def _extend_sequence(self, b: int, k: torch.Tensor, v: torch.Tensor, n: int) -> None:
@@ -229,7 +235,7 @@ class HieraCache:
         each block that leaves the window as decode does (so the dense pools never overflow)."""
         S, i = self.block, 0
         while i < n:
-            pos = self.lengths[b]
+            pos = self._lengths[b]
             blk, r = divmod(pos, S)
             take = min(S - r, n - i)
             for t, x in ((self.k, k), (self.v, v)):
@@ -239,8 +245,8 @@ class HieraCache:
                     t.table[b, :, blk] = slot
                 t.dense[b, :, t.uniform[b][blk], r:r + take] = x[:, i:i + take]
             i += take
-            self.lengths[b] = pos + take
-            if self.lengths[b] % S == 0:
+            self._lengths[b] = pos + take
+            if self._lengths[b] % S == 0:
                 self._maybe_flush(b)
 
     def _prefill_group(self, b0: int, b1: int, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -267,7 +273,7 @@ class HieraCache:
                 t.uniform[b] = {blk: n_de + i for i, blk in enumerate(uniform)}
                 t.free[b] = list(range(n_de + len(uniform), t.dense.shape[2]))
         for b in range(b0, b1):
-            self.lengths[b] = L
+            self._lengths[b] = L
             self.n_eligible[b] = n_elig
 
     def _score(self, x: torch.Tensor, kind: str) -> torch.Tensor:
@@ -290,7 +296,7 @@ class HieraCache:
         traced = torch.compiler.is_compiling() or torch.cuda.is_current_stream_capturing()
         if not traced:
             self.sync()
-            full = [b for b in range(self.batch) if self.lengths[b] >= self.max_seq_len]
+            full = [b for b in range(self.batch) if self._lengths[b] >= self.max_seq_len]
             if full:
                 raise CacheFullError(f"sequences {full} hold {self.max_seq_len} tokens, the cache capacity; "
                                      f"nothing was written. Fix: build the cache with a larger max_seq_len")
@@ -300,18 +306,18 @@ class HieraCache:
             return
         S = self.block
         for b in range(self.batch):  # the host copy of what the kernels just decided
-            pos = self.lengths[b]
+            pos = self._lengths[b]
             if pos % S == 0:
                 for t in (self.k, self.v):
                     t.uniform[b][pos // S] = t.free[b].pop()
-            self.lengths[b] += 1
-            if self.lengths[b] % S == 0:
+            self._lengths[b] += 1
+            if self._lengths[b] % S == 0:
                 self._maybe_flush(b, on_device=False)
 
     def _maybe_flush(self, b: int, on_device: bool = True) -> None:
         """The block leaving the window becomes eligible; re-tier it by each tensor's ratio
         (``on_device=False``: the append kernel did it, update only the host bookkeeping)."""
-        blk = self.lengths[b] // self.block - self.window_blocks - 1
+        blk = self._lengths[b] // self.block - self.window_blocks - 1
         if blk < self.sink_blocks:
             return
         self.n_eligible[b] += 1
@@ -355,7 +361,7 @@ class HieraCache:
         tables = [t.table[:, 0].cpu() for t in (self.k, self.v)]
         nd_k = self.k.dense.shape[2]
         for b in range(self.batch):
-            self.lengths[b] = lengths[b]
+            self._lengths[b] = lengths[b]
             self.n_eligible[b] = int(ctrl[b, 0])
             blocks = -(-lengths[b] // self.block)
             for z, (t, table) in enumerate(zip((self.k, self.v), tables)):
@@ -385,7 +391,7 @@ class HieraCache:
             t.n_sparse = [0] * self.batch
             t.free = [list(range(t.dense.shape[2])) for _ in range(self.batch)]
             t.uniform = [{} for _ in range(self.batch)]
-        self.lengths = [0] * self.batch
+        self._lengths = [0] * self.batch
         self.n_eligible = [0] * self.batch
         self.seqlens.zero_()
         self._push_ctrl()
@@ -394,13 +400,13 @@ class HieraCache:
     def to_dense(self) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V ``[B, Hkv, max(lengths), D]`` exactly as the cache holds them (2:4 blocks pruned)."""
         self.sync()
-        L = max(self.lengths) if any(self.lengths) else 0
+        L = max(self._lengths) if any(self._lengths) else 0
         out = []
         for t in (self.k, self.v):
             x = torch.zeros(self.batch, self.heads, self.max_blocks * self.block, self.head_dim,
                             dtype=self.dtype, device=self.device)
             for b in range(self.batch):
-                blocks = -(-self.lengths[b] // self.block)
+                blocks = -(-self._lengths[b] // self.block)
                 for blk in range(blocks):
                     e = t.table[b, :, blk]
                     sl = slice(blk * self.block, (blk + 1) * self.block)
@@ -415,7 +421,7 @@ class HieraCache:
                          (self.heads, 1, self.block // 16, self.head_dim))
                     sparse_rows = unpack(vals.reshape(shapes[0]), meta.reshape(shapes[1]))[:, 0]
                     x[b, :, sl] = torch.where((e < 0).view(-1, 1, 1), sparse_rows, dense_rows)
-                x[b, :, self.lengths[b]:] = 0
+                x[b, :, self._lengths[b]:] = 0
             out.append(x[:, :, :L])
         return out[0], out[1]
 
@@ -424,7 +430,7 @@ class HieraCache:
         self.sync()
         t = self.k if name == "k" else self.v
         blocks = torch.arange(self.max_blocks, device=self.device).view(1, 1, -1)
-        live = blocks < torch.tensor([-(-n // self.block) for n in self.lengths], device=self.device).view(-1, 1, 1)
+        live = blocks < torch.tensor([-(-n // self.block) for n in self._lengths], device=self.device).view(-1, 1, 1)
         return (t.table < 0) & live
 
     def nbytes(self) -> dict:
@@ -436,7 +442,7 @@ class HieraCache:
         blocks_total = 0
         for t in (self.k, self.v):
             n_sp = sum(t.n_sparse) * self.heads
-            n_all = sum(-(-n // S) for n in self.lengths) * self.heads
+            n_all = sum(-(-n // S) for n in self._lengths) * self.heads
             blocks_total += n_all
             out[f"{t.name}_dense"] = (n_all - n_sp) * dense_block
             out[f"{t.name}_sparse"] = n_sp * sparse_block

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.cache_utils import Cache, CacheLayerMixin
 from transformers.masking_utils import AttentionMaskInterface
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .cache import PREFILL_MODES, CacheFullError, HieraCache
 from .simulate import SimulatedCache
@@ -46,6 +47,7 @@ class SparseKV:
     block_size: int
     prefill_mode: str
     backend: str                # "kernels" | "simulate"
+    cuda_graph: bool = False    # decode steps of a forward replay one captured graph (GraphedDecoder)
 
     def make_store(self, *, batch: int, heads: int, head_dim: int, max_len: int, dtype, device):
         cls = HieraCache if self.backend == "kernels" else SimulatedCache
@@ -116,6 +118,7 @@ class HieraSparseCache(Cache):
         if batch_size < 1 or max_cache_len < 1:
             raise ValueError("batch_size and max_cache_len must be positive")
         self.settings, self.batch, self.capacity = settings, batch_size, max_cache_len
+        self.decoder = None  # GraphedDecoder, made at the first graphed decode step
         super().__init__(layers=[HieraLayer(self, i) for i in range(num_layers)])
 
     def stores(self) -> list:
@@ -230,14 +233,16 @@ def _check_library(lib, head_dim: int, group: int, block_size: int, dtype) -> No
 
 def enable(model, lib=None, *, key_ratio: float, value_ratio: float, sink: int | None = None,
            window: int | None = None, block_size: int | None = None,
-           prefill_mode: str = "attend_then_compress", backend: str = "kernels"):
+           prefill_mode: str = "attend_then_compress", backend: str = "kernels", cuda_graph: bool = True):
     """Turn ``model`` (a transformers causal LM) to sparse-KV attention; returns the model.
 
     ``key_ratio``/``value_ratio``: fraction of the eligible blocks (outside sink and window)
     stored 2:4. ``sink``, ``window``, ``block_size`` default to the library spec's ``cache``
     section (64, 256, 64 without one). ``prefill_mode``: one of PREFILL_MODES (see
     HieraCache.prefill). ``backend="simulate"`` runs the pure-torch model of the same cache
-    (CPU or GPU, no library): slow, for small models and accuracy studies.
+    (CPU or GPU, no library): slow, for small models and accuracy studies. ``cuda_graph``
+    (kernels backend): one-token forwards with a HieraSparseCache (generate()'s decode steps)
+    replay a CUDA graph captured at the first one, instead of running 32 layers of Python.
     """
     if backend not in ("kernels", "simulate"):
         raise ValueError(f"backend {backend!r}: use 'kernels' or 'simulate'")
@@ -264,7 +269,10 @@ def enable(model, lib=None, *, key_ratio: float, value_ratio: float, sink: int |
     if backend == "kernels":
         _check_library(lib, head_dim, heads // kv, block, model.dtype)
     model._sparse_kv = SparseKV(lib, float(key_ratio), float(value_ratio), sink, window, block, prefill_mode,
-                                backend)
+                                backend, bool(cuda_graph) and backend == "kernels")
+    if "forward" not in vars(model):  # wrap once: decode steps may replay a graph
+        model._sparse_kv_forward = model.forward
+        model.forward = _graph_forward(model, model.forward)
     model.set_attn_implementation(ATTENTION)
     if "_prepare_cache_for_generation" not in vars(model):  # wrap once: generate() builds our cache
         original = model._prepare_cache_for_generation
@@ -287,9 +295,35 @@ def enable(model, lib=None, *, key_ratio: float, value_ratio: float, sink: int |
     return model
 
 
+def _graph_forward(model, original):
+    """``model.forward`` that sends one-token calls with a HieraSparseCache to the cache's
+    GraphedDecoder (when the settings ask for graphs) and everything else to ``original``."""
+    fields = CausalLMOutputWithPast.__dataclass_fields__
+    cache_field = "cache" if "cache" in fields else "past_key_values"
+
+    def forward(*args, **kwargs):
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        plain = any(kwargs.get(k) for k in ("output_attentions", "output_hidden_states", "labels")) or \
+            kwargs.get("inputs_embeds") is not None or len(args) > 1
+        if (plain or not model._sparse_kv.cuda_graph or not isinstance(cache, HieraSparseCache) or ids is None
+                or ids.dim() != 2 or ids.shape[1] != 1 or torch.compiler.is_compiling() or _capturing()):
+            return original(*args, **kwargs)
+        pos = kwargs.get("position_ids")
+        if pos is None:
+            pos = torch.full((ids.shape[0], 1), cache.get_seq_length(), dtype=torch.long, device=ids.device)
+        if getattr(cache, "decoder", None) is None:
+            cache.decoder = GraphedDecoder(model, cache)
+        logits = cache.decoder.step(ids, pos).unsqueeze(1).clone()  # the graph's buffer is reused
+        return CausalLMOutputWithPast(**{"logits": logits, cache_field: cache})
+
+    return forward
+
+
 def cache_argument(model) -> str:
     """The name of the model's forward argument for the cache (renamed in transformers 5.2x)."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    forward = getattr(model, "_sparse_kv_forward", model.forward)
+    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
 
 
 def make_cache(model, *, batch_size: int, max_cache_len: int) -> HieraSparseCache:
@@ -318,11 +352,13 @@ class GraphedDecoder:
         self.ids = torch.zeros(cache.batch, 1, dtype=torch.long, device=device)
         self.pos = torch.zeros_like(self.ids)
         self.graph, self.logits = None, None
+        cache.decoder = self  # one graph per cache
 
     def _forward(self):
+        forward = getattr(self.model, "_sparse_kv_forward", self.model.forward)  # not the graph wrapper
         with torch.no_grad():
-            return self.model(input_ids=self.ids, position_ids=self.pos, use_cache=True, logits_to_keep=1,
-                              **{cache_argument(self.model): self.cache}).logits[:, -1]
+            return forward(input_ids=self.ids, position_ids=self.pos, use_cache=True, logits_to_keep=1,
+                           **{cache_argument(self.model): self.cache}).logits[:, -1]
 
     def step(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         """One token per sequence; returns the next-token logits (overwritten by the next step)."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 
@@ -181,6 +182,7 @@ def _(lib_key, x, capacity, kind):
 
 # --- decode -------------------------------------------------------------------------------
 
+@lru_cache(maxsize=4096)  # pure, and on every decode call's host path
 def choose_splits(batch_heads: int, chunks: int, warps: int, sms: int, resident: int) -> int:
     """Splits of the sequence per (batch, kv head) for a memory-bound decode.
 
@@ -357,20 +359,24 @@ def fill_blocks(lib, x: torch.Tensor, kind: str, table: torch.Tensor, block: int
             dense.shape[2], vals.data_ptr(), meta.data_ptr(), vals.shape[2])
 
 
+def _eager_or_op(impl, op):
+    """The custom op under torch.compile; its implementation, called directly, otherwise: a
+    decode step runs these once a layer, and the dispatcher's host time adds up (CUDA graph
+    capture sees the same kernel launches either way)."""
+    return op if torch.compiler.is_compiling() else impl
+
+
 def append_cache(lib, cache, k: torch.Tensor, v: torch.Tensor) -> None:
     """One decode step into a HieraCache (its append checks the arguments): the append kernel
     pair, through a custom op so that torch.compile keeps it in the graph."""
     kt, vt = cache.k, cache.v
-    torch.ops.hierasparse.cache_append(
+    _eager_or_op(_cache_append_impl, torch.ops.hierasparse.cache_append)(
         lib.key, k, v, cache.seqlens, cache.ctrl, kt.table, kt.dense, kt.sparse_vals, kt.sparse_meta,
         vt.table, vt.dense, vt.sparse_vals, vt.sparse_meta, cache.block, cache.sink_blocks, cache.window_blocks,
         cache.max_seq_len, kt.ratio, vt.ratio)
 
 
-@torch.library.custom_op("hierasparse::cache_append",
-                         mutates_args=("seqlens", "ctrl", "k_table", "k_dense", "k_vals", "k_meta",
-                                       "v_table", "v_dense", "v_vals", "v_meta"))
-def _cache_append_op(lib_key: str, k: torch.Tensor, v: torch.Tensor, seqlens: torch.Tensor, ctrl: torch.Tensor,
+def _cache_append_impl(lib_key: str, k: torch.Tensor, v: torch.Tensor, seqlens: torch.Tensor, ctrl: torch.Tensor,
                      k_table: torch.Tensor, k_dense: torch.Tensor, k_vals: torch.Tensor, k_meta: torch.Tensor,
                      v_table: torch.Tensor, v_dense: torch.Tensor, v_vals: torch.Tensor, v_meta: torch.Tensor,
                      block: int, sink_blocks: int, window_blocks: int, max_len: int,
@@ -386,6 +392,12 @@ def _cache_append_op(lib_key: str, k: torch.Tensor, v: torch.Tensor, seqlens: to
             k_table.data_ptr(), k_dense.data_ptr(), k_vals.data_ptr(), k_meta.data_ptr(), k_dense.shape[2],
             k_vals.shape[2], k_ratio, v_table.data_ptr(), v_dense.data_ptr(), v_vals.data_ptr(), v_meta.data_ptr(),
             v_dense.shape[2], v_vals.shape[2], v_ratio)
+
+
+_cache_append_op = torch.library.custom_op(
+    "hierasparse::cache_append", _cache_append_impl,
+    mutates_args=("seqlens", "ctrl", "k_table", "k_dense", "k_vals", "k_meta", "v_table", "v_dense", "v_vals",
+                  "v_meta"))
 
 
 @_cache_append_op.register_fake
@@ -410,14 +422,13 @@ def decode_cache(lib, q: torch.Tensor, cache, *, scale: float | None = None, num
     if num_splits is not None and num_splits < 1:
         _fail("num_splits", f"{num_splits} is not positive", "pass None (automatic) or a positive count")
     k, v = cache.k, cache.v
-    return torch.ops.hierasparse.decode_mixed(
+    return _eager_or_op(_decode_mixed_impl, torch.ops.hierasparse.decode_mixed)(
         lib.key, q, k.table, v.table, k.dense, v.dense, k.sparse_vals, k.sparse_meta, v.sparse_vals,
         v.sparse_meta, cache.seqlens, cache.block, _scale(scale, q.shape[2]),
         int(num_splits or 0))
 
 
-@torch.library.custom_op("hierasparse::decode_mixed", mutates_args=())
-def _decode_mixed_op(lib_key: str, q: torch.Tensor, k_table: torch.Tensor, v_table: torch.Tensor,
+def _decode_mixed_impl(lib_key: str, q: torch.Tensor, k_table: torch.Tensor, v_table: torch.Tensor,
                      k_dense: torch.Tensor, v_dense: torch.Tensor, k_vals: torch.Tensor, k_meta: torch.Tensor,
                      v_vals: torch.Tensor, v_meta: torch.Tensor, seqlens: torch.Tensor, block_size: int,
                      scale: float, num_splits: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -435,6 +446,9 @@ def _decode_mixed_op(lib_key: str, q: torch.Tensor, k_table: torch.Tensor, v_tab
             k_vals.shape[2], v_vals.shape[2], seqlens.data_ptr(), B, Hkv, scale, num_splits, _ptr(o_part),
             _ptr(lse_part), out.data_ptr(), out.stride(0), out.stride(1), lse.data_ptr())
     return out, lse
+
+
+_decode_mixed_op = torch.library.custom_op("hierasparse::decode_mixed", _decode_mixed_impl, mutates_args=())
 
 
 @_decode_mixed_op.register_fake

@@ -26,7 +26,8 @@ def _scale(x):
                                         ("balanced", 200)])
 def test_ratio_zero_matches_dense_attention(llama3, family, mode, chunk):
     dense = tiny_model(family, **FP16)
-    sparse = hf.enable(tiny_model(family, **FP16), llama3, key_ratio=0.0, value_ratio=0.0, prefill_mode=mode)
+    sparse = hf.enable(tiny_model(family, **FP16), llama3, key_ratio=0.0, value_ratio=0.0, prefill_mode=mode,
+                       cuda_graph=False)
     prompt, new = _tokens(2, 700, 1), _tokens(2, 60, 2)
     want = run_steps(dense, prompt, new, transformers.DynamicCache(config=dense.config), chunk=chunk)
     got = run_steps(sparse, prompt, new, hf.make_cache(sparse, batch_size=2, max_cache_len=760), chunk=chunk)
@@ -47,7 +48,7 @@ def test_kernels_match_the_simulation_of_the_same_pruning(llama3, mode, chunk, r
     hf.enable(model, backend="simulate", **settings)
     sim_cache = hf.make_cache(model, batch_size=2, max_cache_len=750)
     want = run_steps(model, prompt, new, sim_cache, chunk=chunk)
-    hf.enable(model, llama3, **settings)
+    hf.enable(model, llama3, **settings)  # decode steps replay a CUDA graph (the default)
     cache = hf.make_cache(model, batch_size=2, max_cache_len=750)
     got = run_steps(model, prompt, new, cache, chunk=chunk)
     for layer, sim in zip(cache.layers, sim_cache.layers):
@@ -90,7 +91,8 @@ def _warm_then_capture(step):
 def test_decode_step_captured_in_a_cuda_graph(llama3):
     """A whole-model decode step captured once and replayed 130 times (across block starts
     and 2:4 flushes) gives the logits of the same steps run eagerly on a second cache."""
-    model = hf.enable(tiny_model("llama", **FP16), llama3, key_ratio=0.5, value_ratio=1.0, sink=64, window=64)
+    model = hf.enable(tiny_model("llama", **FP16), llama3, key_ratio=0.5, value_ratio=1.0, sink=64, window=64,
+                      cuda_graph=False)
     prompt, new = _tokens(2, 600, 6), _tokens(2, 132, 7)
     graphed, eager = (hf.make_cache(model, batch_size=2, max_cache_len=732) for _ in range(2))
     run_steps(model, prompt, new[:, :0], graphed)
@@ -122,7 +124,8 @@ def test_decode_step_captured_in_a_cuda_graph(llama3):
 
 
 def test_compiled_decode_step_keeps_the_attention_ops_in_the_graph(llama3):
-    model = hf.enable(tiny_model("llama", **FP16), llama3, key_ratio=1.0, value_ratio=1.0, sink=64, window=64)
+    model = hf.enable(tiny_model("llama", **FP16), llama3, key_ratio=1.0, value_ratio=1.0, sink=64, window=64,
+                      cuda_graph=False)
     prompt, new = _tokens(1, 300, 8), _tokens(1, 3, 9)
     cache = hf.make_cache(model, batch_size=1, max_cache_len=310)
     run_steps(model, prompt, new[:, :0], cache)
@@ -144,7 +147,8 @@ def test_compiled_decode_step_keeps_the_attention_ops_in_the_graph(llama3):
 
 
 def test_graphed_decoder_greedy_tokens_equal_eager_ones(llama3):
-    model = hf.enable(tiny_model("mistral", **FP16), llama3, key_ratio=1.0, value_ratio=0.5, sink=64, window=64)
+    model = hf.enable(tiny_model("mistral", **FP16), llama3, key_ratio=1.0, value_ratio=0.5, sink=64, window=64,
+                      cuda_graph=False)
     prompt = _tokens(1, 400, 10)
     runs = []
     for graphed in (False, True):
@@ -169,7 +173,8 @@ def test_graphed_decoder_greedy_tokens_equal_eager_ones(llama3):
 def test_compiled_model_decode_step_breaks_nowhere_in_the_sparse_attention(llama3):
     """Dynamo over a whole-model decode step: whatever transformers itself breaks on, no graph
     break comes from this project's code (cache update, attention function, custom ops)."""
-    model = hf.enable(tiny_model("llama", **FP16), llama3, key_ratio=1.0, value_ratio=1.0, sink=64, window=64)
+    model = hf.enable(tiny_model("llama", **FP16), llama3, key_ratio=1.0, value_ratio=1.0, sink=64, window=64,
+                      cuda_graph=False)
     prompt, new = _tokens(1, 300, 11), _tokens(1, 1, 12)
     cache = hf.make_cache(model, batch_size=1, max_cache_len=310)
     run_steps(model, prompt, new[:, :0], cache)
@@ -184,3 +189,21 @@ def test_compiled_model_decode_step_breaks_nowhere_in_the_sparse_attention(llama
     assert not ours, ours[0].reason
     ops = [str(n.target) for g in explanation.graphs for n in g.graph.nodes if n.op == "call_function"]
     assert sum("cache_append" in o for o in ops) == 2 and sum("decode_mixed" in o for o in ops) == 2
+
+
+def test_generate_with_graphed_decode_equals_eager_generate(llama3):
+    model = tiny_model("qwen3", **FP16)
+    prompt = _tokens(2, 450, 13)
+    mask = torch.ones_like(prompt)
+    mask[1, :50] = 0  # left padding: positions come from the mask, tokens enter only their sequence
+    runs = []
+    for graph in (False, True):
+        hf.enable(model, llama3, key_ratio=1.0, value_ratio=1.0, sink=64, window=64, cuda_graph=graph)
+        out = model.generate(prompt, attention_mask=mask, max_new_tokens=90, do_sample=False, output_logits=True,
+                             return_dict_in_generate=True)
+        cache = getattr(out, "cache", None) or out.past_key_values
+        assert (cache.decoder is not None) == graph
+        runs.append(out)
+    assert torch.equal(runs[0].sequences, runs[1].sequences)
+    for a, b in zip(runs[0].logits, runs[1].logits):
+        assert torch.equal(a, b)

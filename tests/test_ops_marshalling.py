@@ -193,3 +193,20 @@ def test_prefill_refuses_bad_inputs_before_any_call(lib):
     with pytest.raises(ValueError, match="expected the PackedKV returned by compress_v"):
         ops.prefill(lib, q, k, k)
     assert lib.calls == []
+
+
+def test_cache_append_arguments(lib):
+    k = torch.randn(B, HKV, D, dtype=torch.float16)
+    table = torch.zeros(B, HKV, 4, dtype=torch.int32)
+    dense = torch.zeros(B, HKV, 3, 64, D, dtype=torch.float16)
+    vals = torch.zeros(B, HKV, 2, 64 * D // 2, dtype=torch.float16)
+    meta = torch.zeros(B, HKV, 2, 64 * D // 16, dtype=torch.int16)
+    seqlens = torch.tensor([100, 7], dtype=torch.int32)
+    ctrl = torch.zeros(B, 6 + 3 + 3, dtype=torch.int32)
+    ops._cache_append_impl(lib.key, k, k, seqlens, ctrl, table, dense, vals, meta, table, dense, vals, meta,
+                           64, 1, 4, 256, 0.5, 1.0)
+    (symbol, args), = lib.calls
+    assert symbol == "hsg_compress_append"
+    _assert_matches_signature("compress", "_append", args)
+    assert args[8:16] == (12, B, HKV, 4, 64, 1, 4, 256)  # ctrl width, batch, heads, table, block, sink, window, cap
+    assert args[20:23] == (3, 2, 0.5) and args[27:30] == (3, 2, 1.0)  # dense/2:4 slots and ratio, K then V
