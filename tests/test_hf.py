@@ -132,3 +132,23 @@ def test_beam_search_is_refused():
     prompt = _tokens(1, 20, 10)
     with pytest.raises(NotImplementedError, match="num_beams=1"):
         sparse.generate(prompt, max_new_tokens=3, num_beams=2, do_sample=False)
+
+
+def test_example_script_runs_on_a_saved_model(tmp_path):
+    import importlib.util
+    from pathlib import Path
+    tiny_model().save_pretrained(tmp_path)
+    path = Path(__file__).resolve().parent.parent / "examples" / "generate.py"
+    spec = importlib.util.spec_from_file_location("example_generate", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    common = ["--model", str(tmp_path), "--random-prompt", "150", "--new-tokens", "4", "--device", "cpu",
+              "--dtype", "float32"]
+    sparse = example.main(common + ["--backend", "simulate", "--key-ratio", "1", "--value-ratio", "0.5",
+                                    "--sink", "64", "--window", "64", "--prefill-mode", "balanced",
+                                    "--prefill-chunk", "64"])
+    dense = example.main(common + ["--dense"])
+    for r in (sparse, dense):
+        assert r["prompt_tokens"] == 150 and r["new_tokens"] == 4 and r["ttft_s"] > 0
+    with pytest.raises(SystemExit):
+        example.main(common + ["--prefill-mode", "fastest"])
