@@ -139,10 +139,17 @@ def _capturing() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
-def _dense_causal(query, key, value, scaling):
-    out = F.scaled_dot_product_attention(query, key, value, is_causal=query.shape[2] > 1, scale=scaling,
-                                         enable_gqa=key.shape[1] != query.shape[1])
-    return out
+def _dense_causal(query, key, value, scaling, padding=None):
+    """Causal SDPA of one whole sequence batch; ``padding [B, L]`` (True = token) masks padded
+    keys (a padded query attends only to itself, so no row is empty and nothing turns NaN)."""
+    gqa = key.shape[1] != query.shape[1]
+    if padding is None:
+        return F.scaled_dot_product_attention(query, key, value, is_causal=query.shape[2] > 1, scale=scaling,
+                                              enable_gqa=gqa)
+    L = query.shape[2]
+    eye = torch.eye(L, dtype=torch.bool, device=query.device)
+    allowed = (eye.logical_not().tril() & padding.view(-1, 1, 1, L)) | eye
+    return F.scaled_dot_product_attention(query, key, value, attn_mask=allowed, scale=scaling, enable_gqa=gqa)
 
 
 def hierasparse_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -151,7 +158,10 @@ def hierasparse_attention(module, query: torch.Tensor, key: torch.Tensor, value:
     call's tokens only). Returns ``[B, L, Hq, D]`` and no attention weights."""
     layer = _PENDING.pop(getattr(module, "layer_idx", -1), None)
     if layer is None:  # no sparse cache in this forward (use_cache=False): nothing to compress
-        return _dense_causal(query, key, value, scaling).transpose(1, 2), None
+        padding = None
+        if attention_mask is not None and attention_mask.dim() == 2 and query.shape[2] > 1:
+            padding = attention_mask[:, -query.shape[2]:].to(torch.bool)
+        return _dense_causal(query, key, value, scaling, padding).transpose(1, 2), None
     store, settings = layer.store, layer.owner.settings
     B, Hq, L, D = query.shape
     if L == 1:  # a decode step: the token enters the cache, then attends to all of it

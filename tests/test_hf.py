@@ -89,6 +89,18 @@ def test_no_cache_forward_is_dense_attention():
         assert torch.allclose(sparse(x, use_cache=False).logits, dense(x, use_cache=False).logits, atol=1e-5)
 
 
+def test_no_cache_forward_masks_left_padding_like_dense():
+    dense, sparse = tiny_model(), _sparse(tiny_model(), key_ratio=1.0, value_ratio=1.0)
+    x = _tokens(2, 70, 11)
+    mask = torch.ones_like(x)
+    mask[1, :25] = 0
+    with torch.no_grad():
+        got = sparse(x, attention_mask=mask, use_cache=False).logits
+        want = dense(x, attention_mask=mask, use_cache=False).logits
+    assert torch.isfinite(got).all()
+    assert torch.allclose(got[0], want[0], atol=1e-5) and torch.allclose(got[1, 25:], want[1, 25:], atol=1e-5)
+
+
 def test_bad_settings_name_the_fix():
     model = tiny_model()
     with pytest.raises(ValueError, match="prefill_mode 'fast' is not a prefill mode. Fix: use one of"):
