@@ -109,7 +109,7 @@ class HieraCache:
     def lengths(self) -> list[int]:
         """Tokens held per sequence (brought up to date first after captured or compiled steps)."""
         self.sync()
-        return self._lengths
+        return list(self._lengths)
 
     # --- sizing -------------------------------------------------------------------------------
     def _eligible(self, full_blocks: int) -> int:
@@ -368,7 +368,10 @@ class HieraCache:
                 t.n_sparse[b] = int(ctrl[b, 1 + 2 * z])
                 at = _CTRL_STACK + (nd_k if z else 0)
                 t.free[b] = ctrl[b, at:at + int(ctrl[b, 2 + 2 * z])].tolist()
-                t.uniform[b] = {blk: int(e) for blk, e in enumerate(table[b, :blocks].tolist()) if e >= 0}
+                # undecided dense blocks: the sink, and from the next block to leave the window on
+                nxt = lengths[b] // self.block - self.window_blocks
+                t.uniform[b] = {blk: int(e) for blk, e in enumerate(table[b, :blocks].tolist())
+                                if e >= 0 and (blk < self.sink_blocks or blk >= nxt)}
         self._stale = False
         status = ctrl[:, _STATUS]
         if (status == 2).any():

@@ -17,6 +17,7 @@ sequence of a batch holds only its own tokens.
 
 from __future__ import annotations
 
+import functools
 import inspect
 from dataclasses import dataclass
 
@@ -127,8 +128,10 @@ class HieraSparseCache(Cache):
 
     def advance(self, steps: int) -> None:
         """Account for ``steps`` decode steps replayed from a captured graph (which ran no Python)."""
-        for layer in self.layers:  # the stores were marked stale when the step was captured
+        for layer in self.layers:
             layer.seen += steps
+            if isinstance(layer.store, HieraCache):  # replays moved the device state only
+                layer.store._stale = True
 
 
 # --- the attention and mask functions ----------------------------------------------------------
@@ -157,6 +160,9 @@ def hierasparse_attention(module, query: torch.Tensor, key: torch.Tensor, value:
     """The ``"hierasparse"`` attention function: q ``[B, Hq, L, D]``, k/v ``[B, Hkv, L, D]`` (this
     call's tokens only). Returns ``[B, L, Hq, D]`` and no attention weights."""
     layer = _PENDING.pop(getattr(module, "layer_idx", -1), None)
+    if attention_mask is not None and attention_mask.dim() != 2:
+        raise ValueError(f"attention_mask: a {attention_mask.dim()}D mask; hierasparse attention is causal and "
+                         f"takes only a 2D padding mask [batch, tokens]. Fix: pass the 2D attention_mask")
     if layer is None:  # no sparse cache in this forward (use_cache=False): nothing to compress
         padding = None
         if attention_mask is not None and attention_mask.dim() == 2 and query.shape[2] > 1:
@@ -297,8 +303,10 @@ def enable(model, lib=None, *, key_ratio: float, value_ratio: float, sink: int |
                 raise NotImplementedError("beam search reorders the cache, which a sparse KV cache does not "
                                           "support. Fix: generate with num_beams=1")
             if model_kwargs.get(key) is None and config.use_cache is not False:
-                model_kwargs[key] = make_cache(model, batch_size=bound["batch_size"],
-                                                             max_cache_len=bound["max_cache_length"])
+                # generate() expands the batch for num_return_sequences after this point
+                copies = max(1, getattr(config, "num_return_sequences", 1) or 1)
+                model_kwargs[key] = make_cache(model, batch_size=bound["batch_size"] * copies,
+                                               max_cache_len=bound["max_cache_length"])
             return original(*args, **kwargs)
 
         model._prepare_cache_for_generation = prepare
@@ -311,6 +319,7 @@ def _graph_forward(model, original):
     fields = CausalLMOutputWithPast.__dataclass_fields__
     cache_field = "cache" if "cache" in fields else "past_key_values"
 
+    @functools.wraps(original)  # generate() reads the signature (logits_to_keep, position_ids)
     def forward(*args, **kwargs):
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         ids = kwargs.get("input_ids", args[0] if args else None)

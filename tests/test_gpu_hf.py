@@ -207,3 +207,17 @@ def test_generate_with_graphed_decode_equals_eager_generate(llama3):
     assert torch.equal(runs[0].sequences, runs[1].sequences)
     for a, b in zip(runs[0].logits, runs[1].logits):
         assert torch.equal(a, b)
+
+
+def test_graph_replays_after_a_sync_keep_the_host_copy_current(llama3):
+    """Each replay marks the host bookkeeping stale, also after a sync cleared the flag."""
+    model = hf.enable(tiny_model("llama", **FP16), llama3, key_ratio=1.0, value_ratio=1.0, sink=64, window=64,
+                      cuda_graph=False)
+    prompt, new = _tokens(1, 300, 14), _tokens(1, 12, 15)
+    cache = hf.make_cache(model, batch_size=1, max_cache_len=320)
+    run_steps(model, prompt, new[:, :0], cache)
+    dec = hf.GraphedDecoder(model, cache)
+    for i in range(12):
+        dec.step(new[:, i:i + 1], torch.full((1, 1), 300 + i, device="cuda"))
+        if i in (4, 11):
+            assert all(layer.store.lengths == [301 + i] for layer in cache.layers)

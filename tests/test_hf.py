@@ -82,6 +82,27 @@ def test_generate_builds_the_sparse_cache_itself():
     assert torch.equal(again, out.sequences)
 
 
+def test_generate_keeps_the_model_signature_and_expands_for_return_sequences():
+    sparse = _sparse(tiny_model(), key_ratio=1.0, value_ratio=1.0)
+    seen = []
+    hook = sparse.lm_head.register_forward_hook(lambda m, args, out: seen.append(args[0].shape[1]))
+    prompt = _tokens(2, 130, 12)
+    out = sparse.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=3, do_sample=True,
+                          num_return_sequences=2)
+    hook.remove()
+    assert out.shape == (4, 133)
+    assert seen == [1, 1, 1]  # logits_to_keep reached the model: the prompt's logits are not all computed
+
+
+def test_a_4d_mask_is_refused_with_the_fix():
+    sparse = _sparse(tiny_model(), key_ratio=1.0, value_ratio=1.0)
+    x = _tokens(1, 40, 13)
+    mask4d = torch.zeros(1, 1, 40, 40)
+    with pytest.raises(ValueError, match="takes only a 2D padding mask"):
+        with torch.no_grad():
+            sparse(x, attention_mask=mask4d, past_key_values=hf.make_cache(sparse, batch_size=1, max_cache_len=40))
+
+
 def test_no_cache_forward_is_dense_attention():
     dense, sparse = tiny_model(), _sparse(tiny_model(), key_ratio=1.0, value_ratio=1.0)
     x = _tokens(1, 90, 9)
