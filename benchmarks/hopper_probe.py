@@ -1,0 +1,120 @@
+"""Drive benchmarks/wgmma_attention_probe.cu (the sm_90a prefill design of docs/hopper.md):
+check each stage against torch on the cache's own 2:4 formats, then time it.
+
+    python benchmarks/hopper_probe.py build        # here: nvcc -> generated/hopper-probe/probe.so
+    python benchmarks/hopper_probe.py run          # on an H200 (carry generated/hopper-probe)
+
+Stages, in order (a failure names the first layout that is wrong):
+  st         S^T = K Q^T of one 64-key x 64-query tile (A: K fragments, B: Q, 128B swizzle)
+  ot         O = P V of one 64-key slab (A: V fragments, B: P, 128B swizzle)
+  attention  causal attention, 2 heads x 1024 tokens, against the float64 reference
+  timing     32 heads x 8K / 32K tokens, dense-equivalent TFLOP/s beside SDPA (cuDNN, flash)
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+OUT = REPO / "generated" / "hopper-probe" / "probe.so"
+D = 128
+
+
+def build() -> None:
+    OUT.parent.mkdir(parents=True, exist_ok=True)
+    cmd = ["nvcc", "-std=c++17", "-O3", "-shared", "-Xcompiler", "-fPIC", "-gencode", "arch=compute_90a,code=sm_90a",
+           str(REPO / "benchmarks" / "wgmma_attention_probe.cu"), "-o", str(OUT)]
+    print(" ".join(cmd))
+    subprocess.run(cmd, check=True)
+
+
+def run() -> None:
+    import torch
+
+    sys.path.insert(0, str(REPO))
+    from hierasparse_gen import format as fmt
+    from hierasparse_gen.reference import prefill_reference
+
+    lib = ctypes.CDLL(str(OUT))
+    p = ctypes.c_void_p
+    stream = torch.cuda.current_stream().cuda_stream
+    for name, args in (("probe_st", [p] * 5), ("probe_ot", [p] * 5),
+                       ("probe_attention", [p] * 5 + [ctypes.c_longlong] * 2 + [p, p, ctypes.c_int, ctypes.c_int,
+                                                                               ctypes.c_float, p])):
+        getattr(lib, name).argtypes = args
+    torch.manual_seed(0)
+    dev = dict(device="cuda", dtype=torch.float16)
+
+    def check(code: int, what: str) -> None:
+        torch.cuda.synchronize()
+        if code:
+            raise RuntimeError(f"{what}: cudaError {code}")
+
+    # st: S^T of keys 0..63 x queries 0..63
+    q = torch.randn(64, D, **dev)
+    k = torch.randn(1, 1, 64, D, **dev)
+    kv, km = fmt.pack_k(k)
+    st = torch.full((64, 64), float("nan"), device="cuda")
+    check(lib.probe_st(q.data_ptr(), kv.data_ptr(), km.data_ptr(), st.data_ptr(), stream), "probe_st")
+    want = fmt.prune_k(k)[0, 0].float() @ q.float().T
+    print(f"st: max |err| {(st - want).abs().max().item():.3e} of {want.abs().max().item():.2f}")
+
+    # ot: O = P V for the first 64 tokens
+    v = torch.randn(1, 1, 64, D, **dev)
+    vv, vm = fmt.pack_v(v)
+    pm = torch.rand(64, 64, **dev)
+    o = torch.full((64, D), float("nan"), device="cuda")
+    check(lib.probe_ot(pm.data_ptr(), vv.data_ptr(), vm.data_ptr(), o.data_ptr(), stream), "probe_ot")
+    want = pm.float() @ fmt.prune_v(v)[0, 0].float()
+    print(f"ot: max |err| {(o - want).abs().max().item():.3e} of {want.abs().max().item():.2f}")
+
+    def attention(H: int, L: int):
+        q = torch.randn(1, H, L, D, **dev)
+        k = torch.randn(1, H, L, D, **dev)
+        v = torch.randn(1, H, L, D, **dev)
+        kv, km = fmt.pack_k(k)
+        vv, vm = fmt.pack_v(v)
+        out = torch.full((1, H, L, D), float("nan"), **dev)
+        lse = torch.full((1, H, L), float("nan"), device="cuda")
+        args = (q.data_ptr(), kv.data_ptr(), km.data_ptr(), vv.data_ptr(), vm.data_ptr(), kv[0, 0].numel() // 8,
+                km[0, 0].numel() // 2, out.data_ptr(), lse.data_ptr(), H, L, 1 / math.sqrt(D), stream)
+        return q, k, v, out, lse, args
+
+    q, k, v, out, lse, args = attention(2, 1024)
+    check(lib.probe_attention(*args), "probe_attention")
+    ref, ref_lse = prefill_reference(q, fmt.prune_k(k), fmt.prune_v(v))
+    print(f"attention: max |out err| {(out.double() - ref).abs().max().item():.3e}, "
+          f"max |lse err| {(lse.double() - ref_lse).abs().max().item():.3e}")
+
+    for L in (8192, 32768):
+        H = 32
+        q, k, v, out, lse, args = attention(H, L)
+        flops = 4 * H * L * L * D / 2
+
+        def time_us(fn) -> float:
+            fn()
+            torch.cuda.synchronize()
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            for _ in range(5):
+                fn()
+            b.record()
+            torch.cuda.synchronize()
+            return a.elapsed_time(b) / 5 * 1e3
+
+        rows = {"probe (all-2:4)": time_us(lambda: lib.probe_attention(*args))}
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        for name, backend in (("cudnn", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION)):
+            with sdpa_kernel(backend):
+                rows[name] = time_us(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True))
+        for name, us in rows.items():
+            print(f"timing H={H} L={L}: {name:16s} {us:9.0f} us {flops / us / 1e6:6.0f} dense-eq TFLOP/s "
+                  f"({rows['cudnn'] / us:.2f}x cuDNN)")
+
+
+if __name__ == "__main__":
+    {"build": build, "run": run}[sys.argv[1] if len(sys.argv) > 1 else "run"]()
