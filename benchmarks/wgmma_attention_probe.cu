@@ -47,6 +47,14 @@ __device__ __forceinline__ void mma_sp(float (&d)[32], const uint4& a, uint64_t 
 }
 
 __device__ __forceinline__ void mma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+
+// Pins the accumulators in place around a wgmma window (the compiler must not move their reads
+// or writes across the fence/commit/wait, which only clobber memory), as CUTLASS's
+// warpgroup_fence_operand does.
+__device__ __forceinline__ void fence_acc(float (&d)[32]) {
+#pragma unroll
+  for (int i = 0; i < 32; ++i) asm volatile("" : "+f"(d[i])::"memory");
+}
 __device__ __forceinline__ void mma_commit_wait() {
   asm volatile("wgmma.commit_group.sync.aligned;\nwgmma.wait_group.sync.aligned 0;\n" ::: "memory");
 }
@@ -89,11 +97,13 @@ __device__ __forceinline__ void load_q(unsigned char* smem_q, const __half* q, i
 
 // S^T = K_tile Q^T for the warpgroup's 64 keys (warp w: 16-key tile `tile0 + w`).
 __device__ __forceinline__ void scores(float (&s)[32], const KTile& k, const unsigned char* smem_q) {
+  fence_acc(s);
   mma_fence();
 #pragma unroll
   for (int ks = 0; ks < kKSteps; ++ks)
     mma_sp(s, k.a[ks], desc_sw128(smem_addr(smem_q) + (ks / 2) * kN * 128 + (ks % 2) * 64), k.e[ks], ks > 0);
   mma_commit_wait();
+  fence_acc(s);
 }
 
 // O^T[mb] += V^T P^T over the slab's 64 keys (two 32-token chunks), P in smem_p.
@@ -106,6 +116,8 @@ __device__ __forceinline__ void values(float (&o)[2][32], const uint4* vals, con
   for (int mb = 0; mb < 2; ++mb)
 #pragma unroll
     for (int kk = 0; kk < 2; ++kk) load_v(vals, meta, 2 * slab + kk, 4 * mb + w, a[mb][kk], e[mb][kk]);
+  fence_acc(o[0]);
+  fence_acc(o[1]);
   mma_fence();
 #pragma unroll
   for (int mb = 0; mb < 2; ++mb)
@@ -113,6 +125,8 @@ __device__ __forceinline__ void values(float (&o)[2][32], const uint4* vals, con
     for (int kk = 0; kk < 2; ++kk)
       mma_sp(o[mb], a[mb][kk], desc_sw128(smem_addr(smem_p) + kk * 64), e[mb][kk], 1);
   mma_commit_wait();
+  fence_acc(o[0]);
+  fence_acc(o[1]);
 }
 
 __global__ void __launch_bounds__(128) st_kernel(const __half* q, const uint4* kv, const uint32_t* km, float* st) {
@@ -122,6 +136,7 @@ __global__ void __launch_bounds__(128) st_kernel(const __half* q, const uint4* k
   __syncthreads();
   const KTile k = load_k(kv, km, threadIdx.x / 32);
   float s[32];
+#pragma unroll
   for (int i = 0; i < 32; ++i) s[i] = 0.f;
   scores(s, k, smem_q);
   const int w = threadIdx.x / 32, g = (threadIdx.x % 32) >> 2, qq = threadIdx.x & 3;
@@ -137,11 +152,15 @@ __global__ void __launch_bounds__(128) ot_kernel(const __half* p, const uint4* v
   async_proxy_fence();
   __syncthreads();
   float o[2][32];
+#pragma unroll
   for (int mb = 0; mb < 2; ++mb)
+#pragma unroll
     for (int i = 0; i < 32; ++i) o[mb][i] = 0.f;
   values(o, vv, vm, 0, smem_p);
   const int w = threadIdx.x / 32, g = (threadIdx.x % 32) >> 2, qq = threadIdx.x & 3;
+#pragma unroll
   for (int mb = 0; mb < 2; ++mb)
+#pragma unroll
     for (int i = 0; i < 32; ++i)
       o_out[(8 * (i >> 2) + 2 * qq + (i & 1)) * kD + 64 * mb + 16 * w + g + 8 * ((i >> 1) & 1)] = o[mb][i];
 }
@@ -169,8 +188,11 @@ __global__ void __launch_bounds__(128) attention_kernel(const __half* q, const u
 
   // per thread: 16 query columns c = 8 * v2 + 2 * qq + v0, slot (v2, v0) -> 2 * v2 + v0
   float m[16], l[16], o[2][32];
+#pragma unroll
   for (int c = 0; c < 16; ++c) m[c] = -INFINITY, l[c] = 0.f;
+#pragma unroll
   for (int mb = 0; mb < 2; ++mb)
+#pragma unroll
     for (int i = 0; i < 32; ++i) o[mb][i] = 0.f;
 
   for (int j = 0; j <= qb; ++j) {
@@ -239,6 +261,7 @@ __global__ void __launch_bounds__(128) attention_kernel(const __half* q, const u
     const int col = 8 * (c >> 1) + 2 * qq + (c & 1);
     l[c] = red[0][col] + red[1][col] + red[2][col] + red[3][col];
   }
+#pragma unroll
   for (int mb = 0; mb < 2; ++mb)
 #pragma unroll
     for (int i = 0; i < 32; ++i) {
