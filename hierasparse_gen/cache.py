@@ -231,23 +231,62 @@ class HieraCache:
         self._push_ctrl()
 
     def _extend_sequence(self, b: int, k: torch.Tensor, v: torch.Tensor, n: int) -> None:
-        """Append n rows (``[Hkv, >= n, D]``) to a non-empty sequence, block by block, flushing
-        each block that leaves the window as decode does (so the dense pools never overflow)."""
-        S, i = self.block, 0
+        """Append n rows (``[Hkv, >= n, D]``) to a non-empty sequence. The bookkeeping runs block
+        by block as decode would (free slots, a flush whenever a block leaves the window, so the
+        dense pools never overflow); the data then moves in a few batched operations a tensor."""
+        S, pos0 = self.block, self._lengths[b]
+        started = {"k": {}, "v": {}}   # block -> dense slot, for blocks that start in the chunk
+        flushed = {"k": [], "v": []}   # (block, its dense slot, 2:4 slot) for blocks leaving the window
+        old_slot = {t.name: dict(t.uniform[b]) for t in (self.k, self.v)}
+        i = 0
         while i < n:
             pos = self._lengths[b]
             blk, r = divmod(pos, S)
             take = min(S - r, n - i)
-            for t, x in ((self.k, k), (self.v, v)):
-                if r == 0:  # a new block starts: it is dense, in a free slot
-                    slot = t.free[b].pop()
-                    t.uniform[b][blk] = slot
-                    t.table[b, :, blk] = slot
-                t.dense[b, :, t.uniform[b][blk], r:r + take] = x[:, i:i + take]
+            if r == 0:  # a new block starts: it is dense, in a free slot
+                for t in (self.k, self.v):
+                    started[t.name][blk] = t.uniform[b][blk] = t.free[b].pop()
             i += take
             self._lengths[b] = pos + take
             if self._lengths[b] % S == 0:
-                self._maybe_flush(b)
+                for t, blk_out, slot, sp in self._maybe_flush(b):
+                    flushed[t.name].append((blk_out, slot, sp))
+        for t, x in ((self.k, k), (self.v, v)):
+            self._move_rows(t, b, x[:, :n], pos0, {**old_slot[t.name], **started[t.name]}, flushed[t.name])
+
+    def _move_rows(self, t: _Tensor, b: int, x: torch.Tensor, pos0: int, slot_of: dict[int, int],
+                   flushed: list[tuple[int, int, int]]) -> None:
+        """Rows ``x [H, n, D]`` of positions pos0.. of sequence b into ``t``: the blocks flushed in
+        this chunk are assembled (older rows from their dense slot, read before anything is
+        written: a freed slot may be taken again within the chunk), compressed in one call and
+        stored 2:4; every other row is written to its block's dense slot."""
+        S, n = self.block, x.shape[1]
+        first, last = pos0 // S, (pos0 + n - 1) // S
+        entries = {blk: slot_of[blk] for blk in range(first, last + 1)}
+        if flushed:
+            blocks = torch.tensor([f[0] for f in flushed], device=x.device)
+            off = (blocks.view(-1, 1) * S + torch.arange(S, device=x.device) - pos0).clamp(min=0)  # [F, S]
+            assembled = x[:, off].transpose(0, 1).contiguous()  # [F, H, S, D]
+            for f, (blk, slot, _) in enumerate(flushed):
+                older = pos0 - blk * S  # rows of the block held before the chunk
+                if older > 0:
+                    assembled[f, :, :older] = t.dense[b, :, slot, :older]
+            packed = (self.lib.compress_k if t.name == "k" else self.lib.compress_v)(assembled)
+            sp = torch.tensor([f[2] for f in flushed], device=x.device)
+            t.sparse_vals[b, :, sp] = packed.values.reshape(len(flushed), self.heads, -1).transpose(0, 1)
+            t.sparse_meta[b, :, sp] = packed.meta.reshape(len(flushed), self.heads, -1).transpose(0, 1)
+            # (blocks from before the chunk may leave the window too: outside first..last)
+            t.table[b, :, blocks.to(t.table.device)] = -(sp.to(t.table.device, torch.int32) + 1)
+            entries.update({blk: -(s + 1) for blk, _, s in flushed if blk >= first})
+        lut = torch.tensor([entries[blk] for blk in range(first, last + 1)], dtype=torch.int32)
+        t.table[b, :, first:last + 1] = lut.to(t.table.device)
+        pos = torch.arange(pos0, pos0 + n)
+        slots = lut[pos // S - first]
+        keep = slots >= 0  # rows of blocks still dense after the chunk
+        if bool(keep.any()):
+            idx = torch.nonzero(keep).flatten()
+            dev = t.dense.device
+            t.dense[b, :, slots[idx].long().to(dev), (pos[idx] % S).to(dev)] = x[:, idx.to(x.device)]
 
     def _prefill_group(self, b0: int, b1: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Sequences b0..b1-1, all with the prompt length L: select, fill the table, then one
@@ -312,29 +351,26 @@ class HieraCache:
                     t.uniform[b][pos // S] = t.free[b].pop()
             self._lengths[b] += 1
             if self._lengths[b] % S == 0:
-                self._maybe_flush(b, on_device=False)
+                self._maybe_flush(b)
 
-    def _maybe_flush(self, b: int, on_device: bool = True) -> None:
-        """The block leaving the window becomes eligible; re-tier it by each tensor's ratio
-        (``on_device=False``: the append kernel did it, update only the host bookkeeping)."""
+    def _maybe_flush(self, b: int) -> list:
+        """Bookkeeping when a block leaves the window: it becomes eligible, and 2:4 by each
+        tensor's ratio. Returns (tensor, block, dense slot, 2:4 slot) for each tensor whose block
+        is to be compressed; the caller moves the data (the append kernel does it on the device)."""
         blk = self._lengths[b] // self.block - self.window_blocks - 1
         if blk < self.sink_blocks:
-            return
+            return []
         self.n_eligible[b] += 1
+        out = []
         for t in (self.k, self.v):
             if t.n_sparse[b] >= ratio_count(t.ratio, self.n_eligible[b]):
                 del t.uniform[b][blk]  # stays dense where it is
                 continue
             slot = t.uniform[b].pop(blk)
-            s = t.n_sparse[b]
-            if on_device:
-                x = t.dense[b:b + 1, :, slot]  # [1, H, block, D]
-                packed = (self.lib.compress_k if t.name == "k" else self.lib.compress_v)(x)
-                t.sparse_vals[b, :, s] = packed.values.reshape(self.heads, -1)
-                t.sparse_meta[b, :, s] = packed.meta.reshape(self.heads, -1)
-                t.table[b, :, blk] = -(s + 1)
-            t.n_sparse[b] = s + 1
+            out.append((t, blk, slot, t.n_sparse[b]))
+            t.n_sparse[b] += 1
             t.free[b].append(slot)
+        return out
 
     # --- host and device bookkeeping ----------------------------------------------------------
     def _push_ctrl(self) -> None:
