@@ -51,7 +51,7 @@ def run(model, lib, row: str, L: int, new_tokens: int, sink: int, window: int) -
                            generator=torch.Generator("cuda").manual_seed(L))
     if row == "dense":
         model.set_attn_implementation("sdpa")
-        cache, graphed = transformers.DynamicCache(config=model.config), False
+        cache = transformers.DynamicCache(config=model.config)
     else:
         mode, graphed = row.split("/")
         graphed = graphed == "graph"

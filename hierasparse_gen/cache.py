@@ -46,6 +46,47 @@ class CacheFullError(RuntimeError):
     """An append would exceed the cache's capacity; nothing was written."""
 
 
+def cache_settings(lib, block_size: int | None, sink: int | None, window: int | None) -> tuple[int, int, int]:
+    """(block_size, sink, local_window): the given values, else the library spec's ``cache``
+    section (64, 64, 256 without a library or section), checked."""
+    cfg = lib.manifest["spec"].get("cache", {}) if lib is not None else {}
+    block = int(block_size or cfg.get("block_size", 64))
+    sink = int(cfg.get("sink", 64) if sink is None else sink)
+    window = int(cfg.get("local_window", 256) if window is None else window)
+    if block <= 0 or block % 32 or sink < 0 or window < 0 or sink % block or window % block:
+        raise ValueError(f"block_size {block} must be a multiple of 32 and sink {sink} and window {window} "
+                         f"multiples of it. Fix: use the spec's cache values")
+    return block, sink, window
+
+
+def check_ratios(key_ratio: float, value_ratio: float) -> None:
+    for name, r in (("key_ratio", key_ratio), ("value_ratio", value_ratio)):
+        if not 0.0 <= r <= 1.0:
+            raise ValueError(f"{name}: {r} is outside [0, 1]. Fix: pass the fraction of eligible "
+                             f"blocks to store 2:4 (0 = all dense, 1 = all 2:4)")
+
+
+def check_prefill_mode(mode: str, what: str = "mode") -> None:
+    if mode not in PREFILL_MODES:
+        raise ValueError(f"{what} {mode!r} is not a prefill mode. Fix: use one of {', '.join(PREFILL_MODES)}")
+
+
+def check_room(current: list[int], adding: list[int], capacity: int) -> None:
+    """A prefill chunk must fit every sequence whole (else nothing is written)."""
+    most = max(n0 + n for n0, n in zip(current, adding))
+    if most > capacity:
+        raise CacheFullError(f"sequences would hold up to {most} tokens, more than the cache capacity {capacity}; "
+                             f"nothing was written. Fix: build the cache with a larger max_seq_len")
+
+
+def check_not_full(lengths: list[int], capacity: int) -> None:
+    """A decode step needs room for one more token in every sequence."""
+    full = [b for b, n in enumerate(lengths) if n >= capacity]
+    if full:
+        raise CacheFullError(f"sequences {full} hold {capacity} tokens, the cache capacity; nothing was written. "
+                             f"Fix: build the cache with a larger max_seq_len")
+
+
 def ratio_count(ratio: float, eligible: int) -> int:
     """2:4 blocks among ``eligible`` blocks for a ratio (round half up, never more than all)."""
     return min(eligible, math.floor(ratio * eligible + 0.5))
@@ -71,18 +112,9 @@ class HieraCache:
     def __init__(self, lib, *, batch: int, num_kv_heads: int, head_dim: int, max_seq_len: int,
                  key_ratio: float, value_ratio: float, dtype=torch.float16, device="cuda",
                  block_size: int | None = None, sink: int | None = None, local_window: int | None = None):
-        cfg = lib.manifest["spec"].get("cache", {})
         self.lib = lib
-        self.block = int(block_size or cfg.get("block_size", 64))
-        self.sink = int(cfg.get("sink", 64) if sink is None else sink)
-        self.window = int(cfg.get("local_window", 256) if local_window is None else local_window)
-        for name, r in (("key_ratio", key_ratio), ("value_ratio", value_ratio)):
-            if not 0.0 <= r <= 1.0:
-                raise ValueError(f"{name}: {r} is outside [0, 1]. Fix: pass the fraction of eligible "
-                                 f"blocks to store 2:4 (0 = all dense, 1 = all 2:4)")
-        if self.block % 32 or self.sink % self.block or self.window % self.block:
-            raise ValueError(f"block_size {self.block} must be a multiple of 32 and sink {self.sink} / "
-                             f"local_window {self.window} multiples of it. Fix: use the spec's cache values")
+        self.block, self.sink, self.window = cache_settings(lib, block_size, sink, local_window)
+        check_ratios(key_ratio, value_ratio)
         if batch < 1 or num_kv_heads < 1 or max_seq_len < 1:
             raise ValueError("batch, num_kv_heads and max_seq_len must be positive")
         if dtype not in (torch.float16, torch.bfloat16):
@@ -164,28 +196,23 @@ class HieraCache:
         self._check_dense(v, "v", 4)
         if k.shape != v.shape:
             raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} differ. Fix: pass K and V of one prompt")
-        if mode not in PREFILL_MODES:
-            raise ValueError(f"mode {mode!r} is not a prefill mode. Fix: use one of {', '.join(PREFILL_MODES)}")
+        check_prefill_mode(mode)
         L = k.shape[2]
         lengths = [L] * self.batch if lengths is None else [int(x) for x in lengths]
         if len(lengths) != self.batch or min(lengths) < 0 or max(lengths) > L:
             raise ValueError(f"lengths {lengths} must give one value in [0, {L}] per sequence")
+        check_room(self._lengths, lengths, self.max_seq_len)
         after = [n0 + n for n0, n in zip(self._lengths, lengths)]
-        if max(after) > self.max_seq_len:
-            raise CacheFullError(f"sequences would hold up to {max(after)} tokens, more than the cache capacity "
-                                 f"{self.max_seq_len}; nothing was written. Fix: build the cache with a larger "
-                                 f"max_seq_len")
         if q is not None:
             self._check_queries(q, L)
         if q is None:
             self._extend(k, v, lengths)
             return None
-        from .ops import prefill_cache
         old = list(self._lengths)
         qlens = torch.tensor(lengths, dtype=torch.int32, device=self.device)
         if mode == "attend_then_compress":
             seqlens = torch.tensor(after, dtype=torch.int32, device=self.device)
-            out = prefill_cache(self.lib, q, self, seqlens, qlens, k_tail=k, v_tail=v,
+            out = _ops.prefill_cache(self.lib, q, self, seqlens, qlens, k_tail=k, v_tail=v,
                                 tail_start=torch.tensor(old, dtype=torch.int32, device=self.device), scale=scale)
             self._extend(k, v, lengths)
             return out
@@ -196,8 +223,8 @@ class HieraCache:
             k_tail, start = self._aligned_tail(k, lengths)
         self._extend(k, v, lengths)
         if mode == "compress_then_attend":
-            return prefill_cache(self.lib, q, self, self.seqlens, qlens, scale=scale)
-        return prefill_cache(self.lib, q, self, self.seqlens, qlens, k_tail=k_tail, tail_start=start, scale=scale)
+            return _ops.prefill_cache(self.lib, q, self, self.seqlens, qlens, scale=scale)
+        return _ops.prefill_cache(self.lib, q, self, self.seqlens, qlens, k_tail=k_tail, tail_start=start, scale=scale)
 
     def _aligned_tail(self, k: torch.Tensor, lengths: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Dense K rows from each sequence's last 32-token boundary: [B, Hkv, 31 + L, D], and
@@ -291,8 +318,7 @@ class HieraCache:
     def _prefill_group(self, b0: int, b1: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Sequences b0..b1-1, all with the prompt length L: select, fill the table, then one
         fill kernel per tensor writes every block to its dense or 2:4 slot."""
-        from .ops import fill_blocks, select_blocks
-        L, S, nb = k.shape[2], self.block, b1 - b0
+        L, S = k.shape[2], self.block
         full, blocks = L // S, -(-L // S)
         first = self.sink_blocks
         n_elig = self._eligible(full)
@@ -304,8 +330,8 @@ class HieraCache:
             # per head: the n_s eligible blocks of least prune loss become 2:4 (slots in block
             # order), then one fill kernel copies or compresses every block to its slot
             loss = self._score(x, t.name) if n_s else None
-            select_blocks(self.lib, x, loss, first, n_elig, n_s, blocks, t.table[b0:b1])
-            fill_blocks(self.lib, x, t.name, t.table[b0:b1], S, t.dense[b0:b1], t.sparse_vals[b0:b1],
+            _ops.select_blocks(self.lib, x, loss, first, n_elig, n_s, blocks, t.table[b0:b1])
+            _ops.fill_blocks(self.lib, x, t.name, t.table[b0:b1], S, t.dense[b0:b1], t.sparse_vals[b0:b1],
                         t.sparse_meta[b0:b1])
             for b in range(b0, b1):
                 t.n_sparse[b] = n_s
@@ -317,8 +343,7 @@ class HieraCache:
 
     def _score(self, x: torch.Tensor, kind: str) -> torch.Tensor:
         """Prune loss per whole block ``[1, H, L // block]`` (float32, on the GPU)."""
-        from .ops import score_blocks
-        return score_blocks(self.lib, x, kind, self.block)
+        return _ops.score_blocks(self.lib, x, kind, self.block)
 
     # --- decode -------------------------------------------------------------------------------
     def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -335,10 +360,7 @@ class HieraCache:
         traced = torch.compiler.is_compiling() or torch.cuda.is_current_stream_capturing()
         if not traced:
             self.sync()
-            full = [b for b in range(self.batch) if self._lengths[b] >= self.max_seq_len]
-            if full:
-                raise CacheFullError(f"sequences {full} hold {self.max_seq_len} tokens, the cache capacity; "
-                                     f"nothing was written. Fix: build the cache with a larger max_seq_len")
+            check_not_full(self._lengths, self.max_seq_len)
         _ops.append_cache(self.lib, self, k, v)
         if traced:  # replays advance the device state only
             self._stale = True
@@ -504,8 +526,7 @@ class HieraCache:
                 q.shape[1] % self.heads:
             raise ValueError(f"q: shape {tuple(q.shape)} does not match the chunk. Fix: pass "
                              f"[{self.batch}, a multiple of {self.heads} heads, {L}, {self.head_dim}]")
-        from .ops import _check_queries  # dtype and strides, as for lib.prefill
-        _check_queries(q, self.batch, self.heads, self.head_dim, self.dtype)
+        _ops._check_queries(q, self.batch, self.heads, self.head_dim, self.dtype)
 
     def _check_dense(self, x, what: str, dims: int) -> None:
         shape = (self.batch, self.heads, self.head_dim) if dims == 3 else None

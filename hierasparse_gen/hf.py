@@ -28,7 +28,8 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from transformers.masking_utils import AttentionMaskInterface
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from .cache import PREFILL_MODES, CacheFullError, HieraCache
+from .cache import CacheFullError, HieraCache, cache_settings, check_prefill_mode, check_ratios
+from .ops import capture_graph
 from .simulate import SimulatedCache
 
 ATTENTION = "hierasparse"
@@ -96,8 +97,6 @@ class HieraLayer(CacheLayerMixin):
     def get_max_length(self) -> int:
         return self.owner.capacity
 
-    get_max_cache_shape = get_max_length
-
     def reset(self) -> None:
         if self.store is not None:
             self.store.reset()
@@ -121,10 +120,6 @@ class HieraSparseCache(Cache):
         self.settings, self.batch, self.capacity = settings, batch_size, max_cache_len
         self.decoder = None  # GraphedDecoder, made at the first graphed decode step
         super().__init__(layers=[HieraLayer(self, i) for i in range(num_layers)])
-
-    def stores(self) -> list:
-        """The per-layer HieraCache (or SimulatedCache) objects created so far."""
-        return [layer.store for layer in self.layers if layer.store is not None]
 
     def advance(self, steps: int) -> None:
         """Account for ``steps`` decode steps replayed from a captured graph (which ran no Python)."""
@@ -265,20 +260,9 @@ def enable(model, lib=None, *, key_ratio: float, value_ratio: float, sink: int |
     if backend == "kernels" and lib is None:
         raise ValueError("enable(): the kernels backend needs a library. Fix: pass lib=hierasparse_gen.load(...), "
                          "or backend='simulate'")
-    if prefill_mode not in PREFILL_MODES:
-        raise ValueError(f"prefill_mode {prefill_mode!r} is not a prefill mode. Fix: use one of "
-                         f"{', '.join(PREFILL_MODES)}")
-    for name, r in (("key_ratio", key_ratio), ("value_ratio", value_ratio)):
-        if not 0.0 <= r <= 1.0:
-            raise ValueError(f"{name}: {r} is outside [0, 1]. Fix: pass the fraction of eligible blocks to store "
-                             f"2:4 (0 = all dense, 1 = all 2:4)")
-    spec_cache = lib.manifest["spec"].get("cache", {}) if lib is not None else {}
-    block = int(block_size or spec_cache.get("block_size", 64))
-    sink = int(spec_cache.get("sink", 64) if sink is None else sink)
-    window = int(spec_cache.get("local_window", 256) if window is None else window)
-    if block % 32 or sink % block or window % block or sink < 0 or window < 0:
-        raise ValueError(f"block_size {block} must be a multiple of 32, sink {sink} and window {window} multiples "
-                         f"of it. Fix: use the spec's cache values")
+    check_prefill_mode(prefill_mode, "prefill_mode")
+    check_ratios(key_ratio, value_ratio)
+    block, sink, window = cache_settings(lib, block_size, sink, window)
     heads, kv, head_dim = _check_model(_text_config(model))
     if heads % kv:
         raise ValueError(f"{heads} attention heads do not divide into {kv} KV heads")
@@ -383,15 +367,8 @@ class GraphedDecoder:
         """One token per sequence; returns the next-token logits (overwritten by the next step)."""
         self.ids.copy_(input_ids)
         self.pos.copy_(position_ids)
-        if self.graph is None:  # the first step runs eagerly on a side stream (warm-up), then capture
-            s = torch.cuda.Stream()
-            s.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(s):
-                logits = self._forward()
-            torch.cuda.current_stream().wait_stream(s)
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
-                self.logits = self._forward()
+        if self.graph is None:  # the first step runs eagerly (warm-up), then one is captured
+            self.graph, logits, self.logits = capture_graph(self._forward)
             return logits
         capacity = self.cache.capacity
         if self.cache.get_seq_length() >= capacity:

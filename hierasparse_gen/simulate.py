@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from .cache import PREFILL_MODES, CacheFullError, ratio_count
+from .cache import cache_settings, check_not_full, check_prefill_mode, check_ratios, check_room, ratio_count
 from .format import block_prune_loss, prune_k, prune_v
 from .reference import decode_reference, prefill_reference
 
@@ -25,13 +25,8 @@ class SimulatedCache:
     def __init__(self, lib=None, *, batch: int, num_kv_heads: int, head_dim: int, max_seq_len: int,
                  key_ratio: float, value_ratio: float, dtype=torch.float16, device="cpu",
                  block_size: int = 64, sink: int = 64, local_window: int = 256):
-        for name, r in (("key_ratio", key_ratio), ("value_ratio", value_ratio)):
-            if not 0.0 <= r <= 1.0:
-                raise ValueError(f"{name}: {r} is outside [0, 1]. Fix: pass the fraction of eligible "
-                                 f"blocks to store 2:4 (0 = all dense, 1 = all 2:4)")
-        if block_size % 32 or sink % block_size or local_window % block_size:
-            raise ValueError(f"block_size {block_size} must be a multiple of 32 and sink {sink} / "
-                             f"local_window {local_window} multiples of it")
+        block_size, sink, local_window = cache_settings(None, block_size, sink, local_window)
+        check_ratios(key_ratio, value_ratio)
         self.batch, self.heads, self.head_dim, self.dtype = batch, num_kv_heads, head_dim, dtype
         self.block, self.sink, self.window, self.max_seq_len = block_size, sink, local_window, max_seq_len
         self.sink_blocks, self.window_blocks = sink // block_size, local_window // block_size
@@ -102,20 +97,12 @@ class SimulatedCache:
             elif n:
                 self._push(b, k[b, :, :n], v[b, :, :n])
 
-    def _check_room(self, lengths: list[int]) -> None:
-        most = max(n0 + n for n0, n in zip(self.lengths, lengths))
-        if most > self.max_seq_len:
-            raise CacheFullError(f"sequences would hold up to {most} tokens, more than the cache capacity "
-                                 f"{self.max_seq_len}; nothing was written. Fix: build the cache with a larger "
-                                 f"max_seq_len")
-
     # --- the HieraCache API -------------------------------------------------------------------
     def prefill(self, k, v, lengths=None, *, q=None, mode: str = "compress_then_attend", scale=None):
-        if mode not in PREFILL_MODES:
-            raise ValueError(f"mode {mode!r} is not a prefill mode. Fix: use one of {', '.join(PREFILL_MODES)}")
+        check_prefill_mode(mode)
         L = k.shape[2]
         lengths = [L] * self.batch if lengths is None else [int(n) for n in lengths]
-        self._check_room(lengths)
+        check_room(self.lengths, lengths, self.max_seq_len)
         old = list(self.lengths)
         after = torch.tensor([n0 + n for n0, n in zip(old, lengths)])
         qlens = torch.tensor(lengths)
@@ -140,10 +127,7 @@ class SimulatedCache:
         return out.to(q.dtype), lse.float()
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
-        full = [b for b in range(self.batch) if self.lengths[b] >= self.max_seq_len]
-        if full:
-            raise CacheFullError(f"sequences {full} hold {self.max_seq_len} tokens, the cache capacity; "
-                                 f"nothing was written. Fix: build the cache with a larger max_seq_len")
+        check_not_full(self.lengths, self.max_seq_len)
         for b in range(self.batch):
             self._push(b, k[b].unsqueeze(1), v[b].unsqueeze(1))
 

@@ -6,6 +6,7 @@ import torch
 
 from hierasparse_gen import format as fmt
 from hierasparse_gen.cache import CacheFullError, HieraCache, ratio_count
+from hierasparse_gen.ops import capture_graph
 from helpers import check_against_reference, rand as _rand
 
 pytestmark = pytest.mark.gpu
@@ -167,33 +168,13 @@ def test_attend_in_a_cuda_graph_follows_appends(lib):
     model = Model(cache, 2048, seed=11)
     cache.prefill(model.k[:, :, :1000], model.v[:, :, :1000], [1000, 900])
     q = _rand(2, HQ, D, seed=12)
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        cache.attend(q, num_splits=4)
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out, _ = cache.attend(q, num_splits=4)
+    graph, _, (out, _) = capture_graph(lambda: cache.attend(q, num_splits=4))
     for _ in range(3):  # no flush: table and lengths change in place
         pos = cache.lengths
         cache.append(model.k[torch.arange(2), :, pos], model.v[torch.arange(2), :, pos])
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(out, cache.attend(q, num_splits=4)[0])
-
-
-def _warm_then_capture(step):
-    """Run ``step`` once on a side stream (allocator warm-up), then capture it in a graph."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        step()
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        result = step()
-    return graph, result
 
 
 @pytest.mark.parametrize("ratios", [(0.5, 0.25), (1.0, 1.0)])
@@ -219,7 +200,7 @@ def test_captured_decode_step_replays_like_eager_steps(lib, ratios):
     k_in.copy_(model.k[torch.arange(2), :, pos])  # the warm-up run is a real first step
     v_in.copy_(model.v[torch.arange(2), :, pos])
     q_in.copy_(_rand(2, HQ, D, seed=22))
-    graph, (out, lse) = _warm_then_capture(step)
+    graph, _, (out, lse) = capture_graph(step)
     eager.append(k_in.clone(), v_in.clone())
     pos = [p + 1 for p in pos]
     for i in range(300):  # 300 steps cross 4-5 block boundaries per sequence
@@ -255,7 +236,7 @@ def test_captured_steps_past_capacity_store_nothing_and_sync_raises(lib):
     cache.prefill(model.k[:, :, :190], model.v[:, :, :190], [150, 190])
     before = [x.clone() for x in cache.to_dense()]
     k_in = _rand(2, HKV, D, seed=32)
-    graph, _ = _warm_then_capture(lambda: cache.append(k_in, k_in))
+    graph, _, _ = capture_graph(lambda: cache.append(k_in, k_in))
     for _ in range(5):
         graph.replay()
     torch.cuda.synchronize()

@@ -1,7 +1,6 @@
 """GPU tests: compression bit-exact against the torch packer; decode against the float64
 reference on the same pruned K/V. Fresh random inputs per case, outputs poisoned."""
 
-import math
 import os
 import shutil
 import subprocess
@@ -12,6 +11,7 @@ import torch
 
 import hierasparse_gen
 from hierasparse_gen import format as fmt
+from hierasparse_gen.ops import capture_graph
 from helpers import check_against_reference, rand
 
 pytestmark = pytest.mark.gpu
@@ -99,14 +99,7 @@ def test_cuda_graph_capture(llama3):
     kc, vc = llama3.compress_k(k), llama3.compress_v(k)
     seqlens = torch.tensor([3000, 2000, 10, 2999], dtype=torch.int32, device="cuda")
     eager, _ = llama3.decode(q, kc, vc, seqlens)
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        llama3.decode(q, kc, vc, seqlens)  # warm-up on the capture stream
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured, _ = llama3.decode(q, kc, vc, seqlens)
+    graph, _, (captured, _) = capture_graph(lambda: llama3.decode(q, kc, vc, seqlens))
     q.copy_(rand(4, 32, 128, dtype=torch.float16, seed=23))
     graph.replay()
     torch.cuda.synchronize()

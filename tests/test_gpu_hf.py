@@ -8,6 +8,7 @@ import torch
 
 from hf_models import run_steps, tiny_model, transformers
 from hierasparse_gen import hf
+from hierasparse_gen.ops import capture_graph
 
 pytestmark = pytest.mark.gpu
 FP16 = dict(dtype=torch.float16, device="cuda")
@@ -76,16 +77,15 @@ def test_generate_with_kernels_single_and_chunked_prefill(llama3):
         assert store.lengths == [539, 539] and store.tiers("k").sum().item() > 0
 
 
-def _warm_then_capture(step):
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        step()
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        result = step()
-    return graph, result
+def _prefilled(llama3, n_new: int, seed: int):
+    """A tiny Llama on the sparse cache (all 2:4, eager decode) holding a 300-token prompt, and
+    n_new more tokens to feed it."""
+    model = hf.enable(tiny_model("llama", **FP16), llama3, key_ratio=1.0, value_ratio=1.0, sink=64, window=64,
+                      cuda_graph=False)
+    prompt, new = _tokens(1, 300, seed), _tokens(1, n_new, seed + 1)
+    cache = hf.make_cache(model, batch_size=1, max_cache_len=320)
+    run_steps(model, prompt, new[:, :0], cache)
+    return model, cache, new
 
 
 def test_decode_step_captured_in_a_cuda_graph(llama3):
@@ -104,7 +104,7 @@ def test_decode_step_captured_in_a_cuda_graph(llama3):
         with torch.no_grad():
             return model(input_ids=ids, position_ids=pos, past_key_values=graphed, use_cache=True).logits[:, -1]
 
-    graph, logits = _warm_then_capture(step)  # the warm-up is step 0
+    graph, _, logits = capture_graph(step)  # the warm-up is step 0
     with torch.no_grad():
         model(input_ids=new[:, :1], position_ids=pos.clone(), past_key_values=eager, use_cache=True)
     for i in range(1, 131):
@@ -124,11 +124,7 @@ def test_decode_step_captured_in_a_cuda_graph(llama3):
 
 
 def test_compiled_decode_step_keeps_the_attention_ops_in_the_graph(llama3):
-    model = hf.enable(tiny_model("llama", **FP16), llama3, key_ratio=1.0, value_ratio=1.0, sink=64, window=64,
-                      cuda_graph=False)
-    prompt, new = _tokens(1, 300, 8), _tokens(1, 3, 9)
-    cache = hf.make_cache(model, batch_size=1, max_cache_len=310)
-    run_steps(model, prompt, new[:, :0], cache)
+    model, cache, new = _prefilled(llama3, 3, seed=8)
 
     def attention_step(module, q, k, v):
         return hf.hierasparse_attention(module, q, k, v, None, scaling=module.scaling)
@@ -173,11 +169,7 @@ def test_graphed_decoder_greedy_tokens_equal_eager_ones(llama3):
 def test_compiled_model_decode_step_breaks_nowhere_in_the_sparse_attention(llama3):
     """Dynamo over a whole-model decode step: whatever transformers itself breaks on, no graph
     break comes from this project's code (cache update, attention function, custom ops)."""
-    model = hf.enable(tiny_model("llama", **FP16), llama3, key_ratio=1.0, value_ratio=1.0, sink=64, window=64,
-                      cuda_graph=False)
-    prompt, new = _tokens(1, 300, 11), _tokens(1, 1, 12)
-    cache = hf.make_cache(model, batch_size=1, max_cache_len=310)
-    run_steps(model, prompt, new[:, :0], cache)
+    model, cache, new = _prefilled(llama3, 1, seed=11)
     torch._dynamo.reset()
     pos = torch.full((1, 1), 300, device="cuda")
     with torch.no_grad():
@@ -211,11 +203,7 @@ def test_generate_with_graphed_decode_equals_eager_generate(llama3):
 
 def test_graph_replays_after_a_sync_keep_the_host_copy_current(llama3):
     """Each replay marks the host bookkeeping stale, also after a sync cleared the flag."""
-    model = hf.enable(tiny_model("llama", **FP16), llama3, key_ratio=1.0, value_ratio=1.0, sink=64, window=64,
-                      cuda_graph=False)
-    prompt, new = _tokens(1, 300, 14), _tokens(1, 12, 15)
-    cache = hf.make_cache(model, batch_size=1, max_cache_len=320)
-    run_steps(model, prompt, new[:, :0], cache)
+    model, cache, new = _prefilled(llama3, 12, seed=14)
     dec = hf.GraphedDecoder(model, cache)
     for i in range(12):
         dec.step(new[:, i:i + 1], torch.full((1, 1), 300 + i, device="cuda"))

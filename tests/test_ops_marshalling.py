@@ -68,12 +68,16 @@ def test_decode_op_arguments(lib, splits):
     assert (args[13] is None) == (args[12] == 1)  # partials only with several splits
 
 
+def _cache_pools():
+    """A block table of 4 blocks, 3 dense and 2:4 slots of 64 tokens, as HieraCache holds them."""
+    return (torch.zeros(B, HKV, 4, dtype=torch.int32), torch.zeros(B, HKV, 3, 64, D, dtype=torch.float16),
+            torch.zeros(B, HKV, 2, 64 * D // 2, dtype=torch.float16),
+            torch.zeros(B, HKV, 2, 64 * D // 16, dtype=torch.int16))
+
+
 def test_decode_mixed_op_arguments(lib):
     q = torch.randn(B, HQ, D, dtype=torch.float16)
-    table = torch.zeros(B, HKV, 4, dtype=torch.int32)
-    dense = torch.zeros(B, HKV, 3, 64, D, dtype=torch.float16)
-    vals = torch.zeros(B, HKV, 2, 64 * D // 2, dtype=torch.float16)
-    meta = torch.zeros(B, HKV, 2, 64 * D // 16, dtype=torch.int16)
+    table, dense, vals, meta = _cache_pools()
     ops._decode_mixed_op(lib.key, q, table, table, dense, dense, vals, meta, vals, meta,
                          torch.tensor([100, 7], dtype=torch.int32), 64, 0.0, 2)
     (symbol, args), = lib.calls
@@ -197,10 +201,7 @@ def test_prefill_refuses_bad_inputs_before_any_call(lib):
 
 def test_cache_append_arguments(lib):
     k = torch.randn(B, HKV, D, dtype=torch.float16)
-    table = torch.zeros(B, HKV, 4, dtype=torch.int32)
-    dense = torch.zeros(B, HKV, 3, 64, D, dtype=torch.float16)
-    vals = torch.zeros(B, HKV, 2, 64 * D // 2, dtype=torch.float16)
-    meta = torch.zeros(B, HKV, 2, 64 * D // 16, dtype=torch.int16)
+    table, dense, vals, meta = _cache_pools()
     seqlens = torch.tensor([100, 7], dtype=torch.int32)
     ctrl = torch.zeros(B, 6 + 3 + 3, dtype=torch.int32)
     ops._cache_append_impl(lib.key, k, k, seqlens, ctrl, table, dense, vals, meta, table, dense, vals, meta,
