@@ -8,7 +8,10 @@ Stages, in order (a failure names the first layout that is wrong):
   st         S^T = K Q^T of one 64-key x 64-query tile (A: K fragments, B: Q, 128B swizzle)
   ot         O = P V of one 64-key slab (A: V fragments, B: P, 128B swizzle)
   attention  causal attention, 2 heads x 1024 tokens, against the float64 reference
-  timing     32 heads x 8K / 32K tokens, dense-equivalent TFLOP/s beside SDPA (cuDNN, flash)
+  ws         the warp-specialized kernel (wgmma_attention_ws.cu): GQA 4/2 heads x 1024 tokens,
+             then keys growing along the sequence and large scores (the lazy softmax's exact path)
+  timing     Llama-3 shape (32/8 heads) x 8K / 32K tokens, dense-equivalent TFLOP/s beside SDPA
+             (cuDNN, flash); the first probe runs its 32 heads on 32 KV heads (no GQA)
 """
 
 from __future__ import annotations
@@ -21,15 +24,17 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 OUT = REPO / "generated" / "hopper-probe" / "probe.so"
+OUT_WS = REPO / "generated" / "hopper-probe" / "ws.so"
 D = 128
 
 
 def build() -> None:
     OUT.parent.mkdir(parents=True, exist_ok=True)
-    cmd = ["nvcc", "-std=c++17", "-O3", "-shared", "-Xcompiler", "-fPIC", "-gencode", "arch=compute_90a,code=sm_90a",
-           str(REPO / "benchmarks" / "wgmma_attention_probe.cu"), "-o", str(OUT)]
-    print(" ".join(cmd))
-    subprocess.run(cmd, check=True)
+    for src, out in (("wgmma_attention_probe.cu", OUT), ("wgmma_attention_ws.cu", OUT_WS)):
+        cmd = ["nvcc", "-std=c++17", "-O3", "-shared", "-Xcompiler", "-fPIC", "-gencode",
+               "arch=compute_90a,code=sm_90a", str(REPO / "benchmarks" / src), "-o", str(out)]
+        print(" ".join(cmd))
+        subprocess.run(cmd, check=True)
 
 
 def run() -> None:
@@ -40,7 +45,9 @@ def run() -> None:
     from hierasparse_gen.reference import prefill_reference
 
     lib = ctypes.CDLL(str(OUT))
+    ws = ctypes.CDLL(str(OUT_WS))
     p = ctypes.c_void_p
+    ws.probe_attention_ws.argtypes = [p] * 5 + [ctypes.c_longlong] * 2 + [p, p] + [ctypes.c_int] * 3 + [ctypes.c_float, p]
     stream = torch.cuda.current_stream().cuda_stream
     for name, args in (("probe_st", [p] * 5), ("probe_ot", [p] * 5),
                        ("probe_attention", [p] * 5 + [ctypes.c_longlong] * 2 + [p, p, ctypes.c_int, ctypes.c_int,
@@ -95,34 +102,61 @@ def run() -> None:
     verdict("attention out", (out.double() - ref).abs().max().item(), ref.abs().max().item(), 3e-3)
     verdict("attention lse", (lse.double() - ref_lse).abs().max().item(), ref_lse.abs().max().item(), 1e-3)
 
-    for L in (8192, 32768):
-        H = 32
-        q, k, v, out, lse, args = attention(H, L)
-        flops = 4 * H * L * L * D / 2
+    def attention_gqa(H: int, Hkv: int, L: int, k_ramp: float = 0.0, q_gain: float = 1.0):
+        q = torch.randn(1, H, L, D, **dev) * q_gain
+        k = torch.randn(1, Hkv, L, D, **dev)
+        if k_ramp:
+            k = k * (1 + k_ramp * torch.arange(L, device="cuda").view(1, 1, L, 1) / L).half()
+        v = torch.randn(1, Hkv, L, D, **dev)
+        kv, km = fmt.pack_k(k)
+        vv, vm = fmt.pack_v(v)
+        out = torch.full((1, H, L, D), float("nan"), **dev)
+        lse = torch.full((1, H, L), float("nan"), device="cuda")
+        args = (q.data_ptr(), kv.data_ptr(), km.data_ptr(), vv.data_ptr(), vm.data_ptr(), kv[0, 0].numel() // 8,
+                km[0, 0].numel() // 2, out.data_ptr(), lse.data_ptr(), H, Hkv, L, 1 / math.sqrt(D), stream)
+        return q, k, v, out, lse, args, (kv, km, vv, vm)
 
-        def time_us(fn) -> float:
+    for name, shape in (("ws", dict(H=4, Hkv=2, L=1024)), ("ws 4K", dict(H=2, Hkv=1, L=4096)),
+                        ("ws growing keys", dict(H=2, Hkv=2, L=2048, k_ramp=3.0)),
+                        ("ws large scores", dict(H=2, Hkv=1, L=1024, q_gain=4.0))):
+        q, k, v, out, lse, args, _ = attention_gqa(**shape)
+        check(ws.probe_attention_ws(*args), name)
+        ref, ref_lse = prefill_reference(q, fmt.prune_k(k), fmt.prune_v(v))
+        verdict(f"{name} out", (out.double() - ref).abs().max().item(), ref.abs().max().item(), 3e-3)
+        verdict(f"{name} lse", (lse.double() - ref_lse).abs().max().item(), ref_lse.abs().max().item(), 2e-3)
+
+    def time_us(fn) -> float:
+        fn()
+        torch.cuda.synchronize()
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        for _ in range(5):
             fn()
-            torch.cuda.synchronize()
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            for _ in range(5):
-                fn()
-            b.record()
-            torch.cuda.synchronize()
-            return a.elapsed_time(b) / 5 * 1e3
+        b.record()
+        torch.cuda.synchronize()
+        return a.elapsed_time(b) / 5 * 1e3
 
-        rows = {"probe (all-2:4)": time_us(lambda: lib.probe_attention(*args))}
-        from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    first = "--all" in sys.argv
+    for L in (8192, 32768):
+        H, Hkv = 32, 8
+        flops = 4 * H * L * L * D / 2
+        q, k, v, out, lse, args, _ = attention_gqa(H, Hkv, L)
+        rows = {"ws (all-2:4)": time_us(lambda: ws.probe_attention_ws(*args))}
+        if first:
+            *_, args1 = attention(H, L)
+            rows["probe (all-2:4)"] = time_us(lambda: lib.probe_attention(*args1))
         for name, backend in (("cudnn", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION)):
             try:
                 with sdpa_kernel(backend):
-                    rows[name] = time_us(
-                        lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True))
+                    rows[name] = time_us(lambda: torch.nn.functional.scaled_dot_product_attention(
+                        q, k, v, is_causal=True, enable_gqa=True))
             except RuntimeError as e:
                 print(f"timing: {name} unavailable ({str(e).splitlines()[0]})")
         for name, us in rows.items():
             vs = f" ({rows['cudnn'] / us:.2f}x cuDNN)" if "cudnn" in rows else ""
-            print(f"timing H={H} L={L}: {name:16s} {us:9.0f} us {flops / us / 1e6:6.0f} dense-eq TFLOP/s{vs}")
+            print(f"timing H={H}/{Hkv} L={L}: {name:16s} {us:9.0f} us {flops / us / 1e6:6.0f} dense-eq TFLOP/s"
+                  f" {flops / us / 1e6 / 1979:5.1%} of 1979{vs}")
 
 
 if __name__ == "__main__":
