@@ -28,6 +28,74 @@ OUT_WS = REPO / "generated" / "hopper-probe" / "ws.so"
 D = 128
 
 
+# Experiments (benchmarks/wgmma_attention_ws.cu macros): name -> nvcc defines; timed by `variants`
+VARIANTS = {"ws": [], "no-exp": ["-DPROBE_NO_EXP"], "no-softmax": ["-DPROBE_NO_SOFTMAX"],
+}
+
+
+def build_variants() -> None:
+    for name, defs in VARIANTS.items():
+        cmd = ["nvcc", "-std=c++17", "-O3", "-shared", "-Xcompiler", "-fPIC", "-gencode", "arch=compute_90a,code=sm_90a",
+               *defs, str(REPO / "benchmarks" / "wgmma_attention_ws.cu"), "-o", str(OUT.parent / f"v-{name}.so")]
+        subprocess.run(cmd, check=True)
+
+
+def variants() -> None:
+    """Time each experiment at the Llama-3 shape, 32K (results of the broken-math ones are not checked)."""
+    import torch
+    sys.path.insert(0, str(REPO))
+    from hierasparse_gen import format as fmt
+    L, H, Hkv = 32768, 32, 8
+    q = torch.randn(1, H, L, D, device="cuda", dtype=torch.float16)
+    k = torch.randn(1, Hkv, L, D, device="cuda", dtype=torch.float16)
+    v = torch.randn(1, Hkv, L, D, device="cuda", dtype=torch.float16)
+    kv, km = fmt.pack_k(k)
+    vv, vm = fmt.pack_v(v)
+    out = torch.empty_like(q)
+    lse = torch.empty(1, H, L, device="cuda")
+    stream = torch.cuda.current_stream().cuda_stream
+    args = (q.data_ptr(), kv.data_ptr(), km.data_ptr(), vv.data_ptr(), vm.data_ptr(), kv[0, 0].numel() // 8,
+            km[0, 0].numel() // 2, out.data_ptr(), lse.data_ptr(), H, Hkv, L, 1 / math.sqrt(D), stream)
+    flops = 4 * H * L * L * D / 2
+    p = ctypes.c_void_p
+    for name in VARIANTS:
+        lib = ctypes.CDLL(str(OUT.parent / f"v-{name}.so"))
+        fn = lib.probe_attention_ws
+        fn.argtypes = [p] * 5 + [ctypes.c_longlong] * 2 + [p, p] + [ctypes.c_int] * 3 + [ctypes.c_float, p]
+        assert fn(*args) == 0
+        torch.cuda.synchronize()
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        for _ in range(3):
+            fn(*args)
+        b.record()
+        torch.cuda.synchronize()
+        us = a.elapsed_time(b) / 3 * 1e3
+        print(f"variant {name:12s} {us:9.0f} us {flops / us / 1e6:6.0f} dense-eq TFLOP/s", flush=True)
+
+
+def profile() -> None:
+    """One launch of the ws kernel at 8K for a profiler."""
+    import torch
+    sys.path.insert(0, str(REPO))
+    from hierasparse_gen import format as fmt
+    L, H, Hkv = 8192, 32, 8
+    q = torch.randn(1, H, L, D, device="cuda", dtype=torch.float16)
+    k = torch.randn(1, Hkv, L, D, device="cuda", dtype=torch.float16)
+    v = torch.randn(1, Hkv, L, D, device="cuda", dtype=torch.float16)
+    kv, km = fmt.pack_k(k)
+    vv, vm = fmt.pack_v(v)
+    out = torch.empty_like(q)
+    lse = torch.empty(1, H, L, device="cuda")
+    p = ctypes.c_void_p
+    fn = ctypes.CDLL(str(OUT_WS)).probe_attention_ws
+    fn.argtypes = [p] * 5 + [ctypes.c_longlong] * 2 + [p, p] + [ctypes.c_int] * 3 + [ctypes.c_float, p]
+    assert fn(q.data_ptr(), kv.data_ptr(), km.data_ptr(), vv.data_ptr(), vm.data_ptr(), kv[0, 0].numel() // 8,
+              km[0, 0].numel() // 2, out.data_ptr(), lse.data_ptr(), H, Hkv, L, 1 / math.sqrt(D),
+              torch.cuda.current_stream().cuda_stream) == 0
+    torch.cuda.synchronize()
+
+
 def build() -> None:
     OUT.parent.mkdir(parents=True, exist_ok=True)
     for src, out in (("wgmma_attention_probe.cu", OUT), ("wgmma_attention_ws.cu", OUT_WS)):
@@ -47,7 +115,8 @@ def run() -> None:
     lib = ctypes.CDLL(str(OUT))
     ws = ctypes.CDLL(str(OUT_WS))
     p = ctypes.c_void_p
-    ws.probe_attention_ws.argtypes = [p] * 5 + [ctypes.c_longlong] * 2 + [p, p] + [ctypes.c_int] * 3 + [ctypes.c_float, p]
+    for fn in (ws.probe_attention_ws,):
+        fn.argtypes = [p] * 5 + [ctypes.c_longlong] * 2 + [p, p] + [ctypes.c_int] * 3 + [ctypes.c_float, p]
     stream = torch.cuda.current_stream().cuda_stream
     for name, args in (("probe_st", [p] * 5), ("probe_ot", [p] * 5),
                        ("probe_attention", [p] * 5 + [ctypes.c_longlong] * 2 + [p, p, ctypes.c_int, ctypes.c_int,
@@ -117,13 +186,15 @@ def run() -> None:
         return q, k, v, out, lse, args, (kv, km, vv, vm)
 
     for name, shape in (("ws", dict(H=4, Hkv=2, L=1024)), ("ws 4K", dict(H=2, Hkv=1, L=4096)),
-                        ("ws growing keys", dict(H=2, Hkv=2, L=2048, k_ramp=3.0)),
+                        ("ws growing keys", dict(H=2, Hkv=1, L=2048, k_ramp=3.0)),
                         ("ws large scores", dict(H=2, Hkv=1, L=1024, q_gain=4.0))):
-        q, k, v, out, lse, args, _ = attention_gqa(**shape)
-        check(ws.probe_attention_ws(*args), name)
-        ref, ref_lse = prefill_reference(q, fmt.prune_k(k), fmt.prune_v(v))
-        verdict(f"{name} out", (out.double() - ref).abs().max().item(), ref.abs().max().item(), 3e-3)
-        verdict(f"{name} lse", (lse.double() - ref_lse).abs().max().item(), ref_lse.abs().max().item(), 2e-3)
+        for kname, fn in (("", ws.probe_attention_ws),):
+            q, k, v, out, lse, args, _ = attention_gqa(**shape)
+            check(fn(*args), name + kname)
+            ref, ref_lse = prefill_reference(q, fmt.prune_k(k), fmt.prune_v(v))
+            verdict(f"{name}{kname} out", (out.double() - ref).abs().max().item(), ref.abs().max().item(), 3e-3)
+            verdict(f"{name}{kname} lse", (lse.double() - ref_lse).abs().max().item(), ref_lse.abs().max().item(),
+                    2e-3)
 
     def time_us(fn) -> float:
         fn()
@@ -160,4 +231,4 @@ def run() -> None:
 
 
 if __name__ == "__main__":
-    {"build": build, "run": run}[sys.argv[1] if len(sys.argv) > 1 else "run"]()
+    {"build": build, "run": run, "build-variants": build_variants, "variants": variants, "profile": profile}[sys.argv[1] if len(sys.argv) > 1 else "run"]()

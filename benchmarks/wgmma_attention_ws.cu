@@ -12,7 +12,7 @@
 //                     softmax of S^T_j against a per-query reference max m kept in registers,
 //                     identical in every thread of the WG; P = exp2(x - m) is written with
 //                     stmatrix.trans into a [query][key] 128B-swizzled tile (B of the next O^T),
-//                     double-buffered. If any score exceeds m by more than kLazy (log2 units),
+//                     double-buffered. If any P exceeds kLazyP (m more than 8 below a score),
 //                     a flag in shared memory sends the whole WG through the exact path once:
 //                     column maxima over the WG, rescale of O and l, P rewritten. After the
 //                     first slab this is rare, so the cross-warp reduction leaves the loop.
@@ -22,10 +22,14 @@ namespace {
 
 using namespace sm90;
 
-constexpr int kD = 128, kN = 64, kKSteps = kD / 32, kStages = 4, kConsumers = 2;
+#ifndef PROBE_STAGES
+#define PROBE_STAGES 4
+#endif
+constexpr int kD = 128, kN = 64, kKSteps = kD / 32, kStages = PROBE_STAGES, kConsumers = 2;
 constexpr int kThreads = kConsumers * 128 + 128;
 constexpr int kKVals = 0, kKMeta = 8192, kVVals = 9216, kVMeta = 17408, kStageBytes = 18432;
-constexpr float kLazy = 8.f;  // P <= 2^8: fits f16 with room, f32 sums stay exact enough
+// Lazy softmax bound: P = exp2(x - m) may reach 2^8 before m must move (f16 holds it with room)
+constexpr float kLazyP = 256.f;
 
 struct Smem {
   alignas(1024) unsigned char q[kConsumers][2][kN * 128];  // per WG: two 64-channel halves, [query][ch]
@@ -37,9 +41,13 @@ struct Smem {
 };
 
 __device__ __forceinline__ float ex2(float x) {
+#ifdef PROBE_NO_EXP  // experiment: what the softmax costs without the MUFU
+  return x;
+#else
   float y;
   asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
   return y;
+#endif
 }
 
 __device__ __forceinline__ uint32_t pack_half2(float lo, float hi) {
@@ -66,24 +74,45 @@ __device__ __forceinline__ void store_p(unsigned char* tile, const uint32_t (&pk
   }
 }
 
-// p = exp2(s * scale - m) (causal mask on the diagonal slab), packed; returns the largest exponent.
-__device__ __forceinline__ float exponentiate(const float (&s)[32], const float (&m)[16], float scale_log2,
-                                              bool diag, int w, int g, int qq, uint32_t (&pk)[16],
-                                              float (&ls)[16]) {
-  float xmax = -INFINITY, p[32];
+// p = exp2(s * scale - m) (causal mask on the diagonal slab), packed to f16 for the P.V GEMM, and the
+// slab's row sums per query slot; returns the largest p (from the packed values: 16 HMNMX2, not 32 FMNMX).
+template <bool kDiag>
+__device__ __forceinline__ float exponentiate_(const float (&s)[32], const float (&m)[16], float scale_log2,
+                                               int w, int g, int qq, uint32_t (&pk)[16], float (&ls)[16]) {
+  float p[32];
+#ifdef PROBE_NO_SOFTMAX  // experiment: GEMMs and data movement only
+#pragma unroll
+  for (int k = 0; k < 16; ++k) pk[k] = pack_half2(s[2 * k], s[2 * k + 1]);
 #pragma unroll
   for (int c = 0; c < 16; ++c) ls[c] = 0.f;
+  return 0.f;
+#endif
 #pragma unroll
   for (int i = 0; i < 32; ++i) {
     float x = fmaf(s[i], scale_log2, -m[col_slot(i)]);
-    if (diag && acc_row(w, g, i) > acc_col(qq, i)) x = -INFINITY;
-    xmax = fmaxf(xmax, x);
+    if (kDiag && acc_row(w, g, i) > acc_col(qq, i)) x = -INFINITY;
     p[i] = ex2(x);
-    ls[col_slot(i)] += p[i];
   }
+  __half2 hm[4];
 #pragma unroll
-  for (int k = 0; k < 16; ++k) pk[k] = pack_half2(p[2 * k], p[2 * k + 1]);
-  return xmax;
+  for (int k = 0; k < 16; ++k) {
+    pk[k] = pack_half2(p[2 * k], p[2 * k + 1]);
+    const __half2 h = *reinterpret_cast<const __half2*>(&pk[k]);
+    hm[k & 3] = k < 4 ? h : __hmax2(hm[k & 3], h);
+  }
+  // slot c = 2 v2 + v0 holds the thread's two keys (v1 = 0, 1) of one query
+#pragma unroll
+  for (int c = 0; c < 16; ++c) ls[c] = p[(c & 1) + 4 * (c >> 1)] + p[(c & 1) + 2 + 4 * (c >> 1)];
+  const __half2 h = __hmax2(__hmax2(hm[0], hm[1]), __hmax2(hm[2], hm[3]));
+  return fmaxf(__low2float(h), __high2float(h));
+}
+
+// The mask only costs on the diagonal slab: a uniform branch picks the unmasked code elsewhere.
+__device__ __forceinline__ float exponentiate(const float (&s)[32], const float (&m)[16], float scale_log2,
+                                              bool diag, int w, int g, int qq, uint32_t (&pk)[16],
+                                              float (&ls)[16]) {
+  return diag ? exponentiate_<true>(s, m, scale_log2, w, g, qq, pk, ls)
+              : exponentiate_<false>(s, m, scale_log2, w, g, qq, pk, ls);
 }
 
 __device__ __forceinline__ void fence_o(float (&o)[2][32]) {
@@ -114,13 +143,93 @@ __device__ __forceinline__ void load_v(const unsigned char* stage, int w, int la
     }
 }
 
+// Exact path of the lazy softmax (the whole WG takes it together): new reference max per query over the
+// WG's 64 keys, O and l rescaled, P recomputed and stored, then the barrier that publishes it.
+__device__ __forceinline__ void exact_path(const float (&s)[32], float (&m)[16], float (&l)[16], float (&o)[2][32],
+                                           float scale_log2, bool diag, int w, int g, int qq, int lane,
+                                           float (&red)[4][kN], unsigned char* p_tile, int bar) {
+  float cm[16];
+#pragma unroll
+  for (int c = 0; c < 16; ++c) cm[c] = -INFINITY;
+#pragma unroll
+  for (int i = 0; i < 32; ++i) {
+    const float x = diag && acc_row(w, g, i) > acc_col(qq, i) ? -INFINITY : s[i] * scale_log2;
+    cm[col_slot(i)] = fmaxf(cm[col_slot(i)], x);
+  }
+#pragma unroll
+  for (int c = 0; c < 16; ++c) {
+    cm[c] = fmaxf(cm[c], __shfl_xor_sync(0xffffffffu, cm[c], 4));
+    cm[c] = fmaxf(cm[c], __shfl_xor_sync(0xffffffffu, cm[c], 8));
+    cm[c] = fmaxf(cm[c], __shfl_xor_sync(0xffffffffu, cm[c], 16));
+  }
+  if (g == 0)
+#pragma unroll
+    for (int c = 0; c < 16; ++c) red[w][8 * (c >> 1) + 2 * qq + (c & 1)] = cm[c];
+  named_barrier(bar, 128);
+  float alpha[16];
+#pragma unroll
+  for (int c = 0; c < 16; ++c) {
+    const int col = 8 * (c >> 1) + 2 * qq + (c & 1);
+    const float mn = fmaxf(m[c], fmaxf(fmaxf(red[0][col], red[1][col]), fmaxf(red[2][col], red[3][col])));
+    alpha[c] = ex2(m[c] - mn);  // 0 while m is -inf
+    m[c] = mn;
+  }
+#pragma unroll
+  for (int i = 0; i < 32; ++i) o[0][i] *= alpha[col_slot(i)], o[1][i] *= alpha[col_slot(i)];
+  uint32_t pk[16];
+  float ls[16];
+  exponentiate(s, m, scale_log2, diag, w, g, qq, pk, ls);
+#pragma unroll
+  for (int c = 0; c < 16; ++c) l[c] = l[c] * alpha[c] + ls[c];
+  store_p(p_tile, pk, w, lane);
+  async_proxy_fence();
+  named_barrier(bar, 128);
+}
+
+// Final row sums (over g, then the WG's 4 warps), O / l to out [query][channel] and the natural-log LSE.
+__device__ __forceinline__ void epilogue(float (&o)[2][32], float (&l)[16], const float (&m)[16], int w, int g,
+                                         int qq, float (&red)[4][kN], int bar, __half* oh, float* lse_q) {
+#pragma unroll
+  for (int c = 0; c < 16; ++c) {
+    l[c] += __shfl_xor_sync(0xffffffffu, l[c], 4);
+    l[c] += __shfl_xor_sync(0xffffffffu, l[c], 8);
+    l[c] += __shfl_xor_sync(0xffffffffu, l[c], 16);
+  }
+  named_barrier(bar, 128);  // red is free
+  if (g == 0)
+#pragma unroll
+    for (int c = 0; c < 16; ++c) red[w][8 * (c >> 1) + 2 * qq + (c & 1)] = l[c];
+  named_barrier(bar, 128);
+#pragma unroll
+  for (int c = 0; c < 16; ++c) {
+    const int col = 8 * (c >> 1) + 2 * qq + (c & 1);
+    l[c] = red[0][col] + red[1][col] + red[2][col] + red[3][col];
+  }
+#pragma unroll
+  for (int mb = 0; mb < 2; ++mb)
+#pragma unroll
+    for (int i = 0; i < 32; ++i)
+      oh[acc_col(qq, i) * kD + 64 * mb + acc_row(w, g, i)] = __float2half(o[mb][i] / l[col_slot(i)]);
+  if (w == 0 && g == 0)
+#pragma unroll
+    for (int c = 0; c < 16; ++c) lse_q[8 * (c >> 1) + 2 * qq + (c & 1)] = (m[c] + __log2f(l[c])) * 0.69314718f;
+}
+
+// Q rows [q0, q0 + 64) of one head into the WG's two 64-channel swizzled halves.
+__device__ __forceinline__ void load_q(unsigned char (&dst)[2][kN * 128], const __half* qh, int tid) {
+  for (int i = tid; i < kN * kD / 8; i += 128) {
+    const int n = i / (kD / 8), c = (i % (kD / 8)) * 8;
+    *reinterpret_cast<uint4*>(dst[c / 64] + sw128(n, c % 64)) = *reinterpret_cast<const uint4*>(qh + n * kD + c);
+  }
+}
+
 __global__ void __launch_bounds__(kThreads, 1)
     attention_ws(const __half* __restrict__ q, const unsigned char* __restrict__ kv,
                  const unsigned char* __restrict__ km, const unsigned char* __restrict__ vv,
                  const unsigned char* __restrict__ vm, long long vals_hs, long long meta_hs, __half* out, float* lse,
                  int L, int group, float scale_log2) {
   extern __shared__ unsigned char raw[];
-  Smem& sm = *reinterpret_cast<Smem*>((reinterpret_cast<uintptr_t>(raw) + 1023) & ~uintptr_t(1023));
+  Smem& sm = *reinterpret_cast<Smem*>(raw + ((1024u - (smem_addr(raw) & 1023u)) & 1023u));
   const int qb = gridDim.x - 1 - blockIdx.x, h = blockIdx.y, kvh = h / group;  // longest rows first
   const int n_slabs = 2 * qb + 2;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -139,13 +248,18 @@ __global__ void __launch_bounds__(kThreads, 1)
       const unsigned char* vvh_meta = vm + kvh * meta_hs * 4;
       for (int j = 0; j < n_slabs; ++j) {
         const int st = j % kStages;
+#ifdef PROBE_L2_ONLY  // experiment: every CTA reads the first slabs again (no traffic beyond L1/L2 reuse)
+        const long long src = j % 8;
+#else
+        const long long src = j;
+#endif
         if (j >= kStages) mbar_wait(&sm.empty[st], ((j / kStages) - 1) & 1);
         unsigned char* dst = sm.stage[st];
         mbar_expect_tx(&sm.full[st], kStageBytes);
-        bulk_copy(dst + kKVals, kvh_vals + j * 8192ll, 8192, &sm.full[st]);
-        bulk_copy(dst + kKMeta, kvh_meta + j * 1024ll, 1024, &sm.full[st]);
-        bulk_copy(dst + kVVals, vvh_vals + j * 8192ll, 8192, &sm.full[st]);
-        bulk_copy(dst + kVMeta, vvh_meta + j * 1024ll, 1024, &sm.full[st]);
+        bulk_copy(dst + kKVals, kvh_vals + src * 8192, 8192, &sm.full[st]);
+        bulk_copy(dst + kKMeta, kvh_meta + src * 1024, 1024, &sm.full[st]);
+        bulk_copy(dst + kVVals, vvh_vals + src * 8192, 8192, &sm.full[st]);
+        bulk_copy(dst + kVMeta, vvh_meta + src * 1024, 1024, &sm.full[st]);
       }
     }
     return;
@@ -156,14 +270,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int bar = 1 + wg;
   const int last = 2 * qb + wg;  // this WG's diagonal slab
   const int q0 = 64 * last;
-  {
-    const __half* qh = q + ((long long)h * L + q0) * kD;
-    for (int i = tid; i < kN * kD / 8; i += 128) {
-      const int n = i / (kD / 8), c = (i % (kD / 8)) * 8;
-      *reinterpret_cast<uint4*>(sm.q[wg][c / 64] + sw128(n, c % 64)) =
-          *reinterpret_cast<const uint4*>(qh + n * kD + c);
-    }
-  }
+  load_q(sm.q[wg], q + ((long long)h * L + q0) * kD, tid);
   async_proxy_fence();
   named_barrier(bar, 128);
 
@@ -194,8 +301,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     uint32_t pk[16];
     float ls[16];
     const bool diag = j == last;
-    const float xmax = exponentiate(s, m, scale_log2, diag, w, g, qq, pk, ls);
-    if (xmax > kLazy) sm.flag[wg][j & 1] = j + 1;
+    const float pmax = exponentiate(s, m, scale_log2, diag, w, g, qq, pk, ls);
+    if (pmax > kLazyP) sm.flag[wg][j & 1] = j + 1;
     unsigned char* p_tile = sm.p[wg][j & 1];
     store_p(p_tile, pk, w, lane);
     async_proxy_fence();
@@ -215,42 +322,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       for (int c = 0; c < 16; ++c) l[c] += ls[c];
       return;
     }
-    // exact path: new reference max per query over the WG, rescale, P again
-    float cm[16];
-#pragma unroll
-    for (int c = 0; c < 16; ++c) cm[c] = -INFINITY;
-#pragma unroll
-    for (int i = 0; i < 32; ++i) {
-      const float x = diag && acc_row(w, g, i) > acc_col(qq, i) ? -INFINITY : s[i] * scale_log2;
-      cm[col_slot(i)] = fmaxf(cm[col_slot(i)], x);
-    }
-#pragma unroll
-    for (int c = 0; c < 16; ++c) {
-      cm[c] = fmaxf(cm[c], __shfl_xor_sync(0xffffffffu, cm[c], 4));
-      cm[c] = fmaxf(cm[c], __shfl_xor_sync(0xffffffffu, cm[c], 8));
-      cm[c] = fmaxf(cm[c], __shfl_xor_sync(0xffffffffu, cm[c], 16));
-    }
-    if (g == 0)
-#pragma unroll
-      for (int c = 0; c < 16; ++c) sm.red[wg][w][8 * (c >> 1) + 2 * qq + (c & 1)] = cm[c];
-    named_barrier(bar, 128);
-    float alpha[16];
-#pragma unroll
-    for (int c = 0; c < 16; ++c) {
-      const int col = 8 * (c >> 1) + 2 * qq + (c & 1);
-      const float mn = fmaxf(m[c], fmaxf(fmaxf(sm.red[wg][0][col], sm.red[wg][1][col]),
-                                         fmaxf(sm.red[wg][2][col], sm.red[wg][3][col])));
-      alpha[c] = ex2(m[c] - mn);  // 0 while m is -inf
-      m[c] = mn;
-    }
-#pragma unroll
-    for (int i = 0; i < 32; ++i) o[0][i] *= alpha[col_slot(i)], o[1][i] *= alpha[col_slot(i)];
-    exponentiate(s, m, scale_log2, diag, w, g, qq, pk, ls);
-#pragma unroll
-    for (int c = 0; c < 16; ++c) l[c] = l[c] * alpha[c] + ls[c];
-    store_p(p_tile, pk, w, lane);
-    async_proxy_fence();
-    named_barrier(bar, 128);
+    exact_path(s, m, l, o, scale_log2, diag, w, g, qq, lane, sm.red[wg], p_tile, bar);
   };
 
   {  // slab 0: S^T only
@@ -291,34 +363,9 @@ __global__ void __launch_bounds__(kThreads, 1)
     if (lane == 0) mbar_arrive(&sm.empty[(last + 1) % kStages]);
   }
 
-  // row sums: over g, then the 4 warps
-#pragma unroll
-  for (int c = 0; c < 16; ++c) {
-    l[c] += __shfl_xor_sync(0xffffffffu, l[c], 4);
-    l[c] += __shfl_xor_sync(0xffffffffu, l[c], 8);
-    l[c] += __shfl_xor_sync(0xffffffffu, l[c], 16);
-  }
-  named_barrier(bar, 128);  // red is free
-  if (g == 0)
-#pragma unroll
-    for (int c = 0; c < 16; ++c) sm.red[wg][w][8 * (c >> 1) + 2 * qq + (c & 1)] = l[c];
-  named_barrier(bar, 128);
-#pragma unroll
-  for (int c = 0; c < 16; ++c) {
-    const int col = 8 * (c >> 1) + 2 * qq + (c & 1);
-    l[c] = sm.red[wg][0][col] + sm.red[wg][1][col] + sm.red[wg][2][col] + sm.red[wg][3][col];
-  }
-  __half* oh = out + ((long long)h * L + q0) * kD;
-#pragma unroll
-  for (int mb = 0; mb < 2; ++mb)
-#pragma unroll
-    for (int i = 0; i < 32; ++i)
-      oh[acc_col(qq, i) * kD + 64 * mb + acc_row(w, g, i)] = __float2half(o[mb][i] / l[col_slot(i)]);
-  if (w == 0 && g == 0)
-#pragma unroll
-    for (int c = 0; c < 16; ++c)
-      lse[(long long)h * L + q0 + 8 * (c >> 1) + 2 * qq + (c & 1)] = (m[c] + __log2f(l[c])) * 0.69314718f;
+  epilogue(o, l, m, w, g, qq, sm.red[wg], bar, out + ((long long)h * L + q0) * kD, lse + (long long)h * L + q0);
 }
+
 
 }  // namespace
 

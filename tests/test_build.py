@@ -249,14 +249,20 @@ def test_cli_rejects_bad_specs_without_traceback(tmp_path, text, fragment):
 
 @pytest.mark.parametrize("probe,instruction", [("wgmma_sp_probe.cu", "HGMMA.SP.64x64x32.F32"),
                                                ("wgmma_ceiling.cu", "HGMMA.SP.64x256x32.F32"),
-                                               ("wgmma_attention_probe.cu", "HGMMA.SP.64x64x32.F32")])
+                                               ("wgmma_attention_probe.cu", "HGMMA.SP.64x64x32.F32"),
+                                               ("wgmma_attention_ws.cu", "HGMMA.SP.64x64x32.F32")])
 def test_hopper_probes_compile_to_sparse_wgmma_without_serialization(tmp_path, probe, instruction):
-    """The sm_90a groundwork (docs/hopper.md) keeps building: HGMMA.SP in the SASS, no trap, and
-    no ptxas "serialized" message (C751x: every wgmma of the function would wait to completion)."""
+    """The sm_90a groundwork (docs/hopper.md) keeps building: HGMMA.SP in the SASS, no trap, no
+    ptxas "serialized" message (C751x: every wgmma of the function would wait to completion) and
+    no register spills."""
     out = tmp_path / "probe.o"
-    proc = subprocess.run(["nvcc", "-std=c++17", "-O2", "-c", "-gencode", "arch=compute_90a,code=sm_90a",
-                           str(REPO / "benchmarks" / probe), "-o", str(out)], capture_output=True, text=True)
+    proc = subprocess.run(["nvcc", "-std=c++17", "-O3", "-c", "-gencode", "arch=compute_90a,code=sm_90a",
+                           "-Xptxas", "-v", str(REPO / "benchmarks" / probe), "-o", str(out)],
+                          capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
-    assert not re.search(r"C751[0-6]|C7520", proc.stdout + proc.stderr), proc.stdout + proc.stderr
+    log = proc.stdout + proc.stderr
+    assert not re.search(r"C751[0-6]|C7520", log), log
+    spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    assert spills and all(s == ("0", "0") for s in spills), log
     sass = _sass(out)
     assert instruction in sass and "BPT.TRAP" not in sass
