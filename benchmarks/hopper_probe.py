@@ -30,7 +30,7 @@ D = 128
 
 # Experiments (benchmarks/wgmma_attention_ws.cu macros): name -> nvcc defines; timed by `variants`
 VARIANTS = {"ws": [], "no-exp": ["-DPROBE_NO_EXP"], "no-softmax": ["-DPROBE_NO_SOFTMAX"],
-}
+            "pingpong": ["-DPROBE_PINGPONG"]}
 
 
 def build_variants() -> None:
@@ -58,7 +58,8 @@ def variants() -> None:
             km[0, 0].numel() // 2, out.data_ptr(), lse.data_ptr(), H, Hkv, L, 1 / math.sqrt(D), stream)
     flops = 4 * H * L * L * D / 2
     p = ctypes.c_void_p
-    for name in VARIANTS:
+    names = list(VARIANTS) + (["prev"] if (OUT.parent / "v-prev.so").exists() else [])
+    for name in names:
         lib = ctypes.CDLL(str(OUT.parent / f"v-{name}.so"))
         fn = lib.probe_attention_ws
         fn.argtypes = [p] * 5 + [ctypes.c_longlong] * 2 + [p, p] + [ctypes.c_int] * 3 + [ctypes.c_float, p]
@@ -209,24 +210,25 @@ def run() -> None:
 
     from torch.nn.attention import SDPBackend, sdpa_kernel
     first = "--all" in sys.argv
-    for L in (8192, 32768):
-        H, Hkv = 32, 8
+    for B, L in ((1, 8192), (1, 32768), (8, 32768)):
+        H, Hkv = 32 * B, 8 * B  # batch b's heads are heads b*32.. (b*8.. for K/V): the same work as [B, 32, L, D]
         flops = 4 * H * L * L * D / 2
         q, k, v, out, lse, args, _ = attention_gqa(H, Hkv, L)
         rows = {"ws (all-2:4)": time_us(lambda: ws.probe_attention_ws(*args))}
-        if first:
+        if first and B == 1:
             *_, args1 = attention(H, L)
             rows["probe (all-2:4)"] = time_us(lambda: lib.probe_attention(*args1))
         for name, backend in (("cudnn", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION)):
             try:
                 with sdpa_kernel(backend):
                     rows[name] = time_us(lambda: torch.nn.functional.scaled_dot_product_attention(
-                        q, k, v, is_causal=True, enable_gqa=True))
+                        q.view(B, 32, L, D), k.view(B, 8, L, D), v.view(B, 8, L, D), is_causal=True,
+                        enable_gqa=True))
             except RuntimeError as e:
                 print(f"timing: {name} unavailable ({str(e).splitlines()[0]})")
         for name, us in rows.items():
             vs = f" ({rows['cudnn'] / us:.2f}x cuDNN)" if "cudnn" in rows else ""
-            print(f"timing H={H}/{Hkv} L={L}: {name:16s} {us:9.0f} us {flops / us / 1e6:6.0f} dense-eq TFLOP/s"
+            print(f"timing B={B} H=32/8 L={L}: {name:16s} {us:9.0f} us {flops / us / 1e6:6.0f} dense-eq TFLOP/s"
                   f" {flops / us / 1e6 / 1979:5.1%} of 1979{vs}")
 
 
