@@ -2,7 +2,7 @@
 check each stage against torch on the cache's own 2:4 formats, then time it.
 
     python benchmarks/hopper_probe.py build        # here: nvcc -> generated/hopper-probe/probe.so
-    python benchmarks/hopper_probe.py run          # on an H200 (carry generated/hopper-probe)
+    python benchmarks/hopper_probe.py run          # on an H200, with generated/hopper-probe copied there
 
 Stages, in order (a failure names the first layout that is wrong):
   st         S^T = K Q^T of one 64-key x 64-query tile (A: K fragments, B: Q, 128B swizzle)
