@@ -539,6 +539,12 @@ def prefill(lib, q: torch.Tensor, k, v: PackedKV, seqlens=None, *, qlens=None, s
         tier, length, D = ("dense", "sparse24"), min(k.shape[2], v.length), v.head_dim
         ksrc = _Source(tail=k)
     _check_queries(q, B, Hkv, D, v.values.dtype)
+    if tier == ("sparse24", "sparse24") and seqlens is None and qlens is None and q.shape[2] == length \
+            and length % SM90_PREFILL_QUERIES == 0 and lib.find_wgmma_prefill(
+                head_dim=D, dtype=_DTYPES[q.dtype], cc=_device_cc(q.device), group=q.shape[1] // Hkv):
+        # a whole prompt on Hopper: the wgmma kernel (templates/prefill_sm90.cu.j2)
+        return torch.ops.hierasparse.prefill_sm90(lib.key, q, k.values, k.meta, v.values, v.meta, k.capacity,
+                                                  _scale(scale, D))
     vsrc = _Source(vals=v.values, meta=v.meta, n_sparse=v.capacity // 32)
     fix = "pass torch.tensor(lengths, dtype=torch.int32, device=q.device)"
     seqlens = _check_lengths(seqlens, "seqlens", B, q.device, fix)
@@ -546,6 +552,35 @@ def prefill(lib, q: torch.Tensor, k, v: PackedKV, seqlens=None, *, qlens=None, s
         seqlens = torch.full((B,), length, dtype=torch.int32, device=q.device)
     return _prefill(lib, q, tier, None, ksrc, vsrc, seqlens, _check_lengths(qlens, "qlens", B, q.device, fix),
                     length, _scale(scale, D))
+
+
+#: The sm_90a prefill kernel takes 128 queries a CTA: whole prompts of other lengths use the warp-level kernel.
+SM90_PREFILL_QUERIES = 128
+
+
+@torch.library.custom_op("hierasparse::prefill_sm90", mutates_args=())
+def _prefill_sm90_op(lib_key: str, q: torch.Tensor, k_vals: torch.Tensor, k_meta: torch.Tensor,
+                     v_vals: torch.Tensor, v_meta: torch.Tensor, capacity: int,
+                     scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    lib = _LIBRARIES[lib_key]
+    B, Hq, L, D = q.shape
+    Hkv = k_vals.shape[1]
+    variant = lib.find_wgmma_prefill(head_dim=D, dtype=_DTYPES[q.dtype], cc=_device_cc(q.device), group=Hq // Hkv)
+    if q.data_ptr() % 16 or any(x % 8 for x in q.stride()[:3]):
+        q = q.clone(memory_format=torch.contiguous_format)  # the kernel loads Q rows 16 bytes at a time
+    for t, name in ((k_vals, "k.values"), (k_meta, "k.meta"), (v_vals, "v.values"), (v_meta, "v.meta")):
+        _check_aligned(t, name, 16)
+    out = _alloc((B, Hq, L, D), q.dtype, q.device)
+    lse = _alloc((B, Hq, L), torch.float32, q.device)
+    _launch(lib, variant.symbol, q.device, q.data_ptr(), *q.stride()[:3], k_vals.data_ptr(), k_meta.data_ptr(),
+            v_vals.data_ptr(), v_meta.data_ptr(), capacity, B, Hq, Hkv, L, scale, out.data_ptr(), lse.data_ptr())
+    return out, lse
+
+
+@_prefill_sm90_op.register_fake
+def _(lib_key, q, k_vals, k_meta, v_vals, v_meta, capacity, scale):
+    B, Hq, L, D = q.shape
+    return q.new_empty((B, Hq, L, D)), q.new_empty((B, Hq, L), dtype=torch.float32)
 
 
 def prefill_cache(lib, q: torch.Tensor, cache, seqlens: torch.Tensor, qlens: torch.Tensor, *,

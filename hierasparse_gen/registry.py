@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .compiler import MANIFEST, build
+from .variants import SM90_PREFILL_TEMPLATE, arch_capability
 
 _c = ctypes
 _i64, _i32, _f32, _f64, _p = _c.c_longlong, _c.c_int, _c.c_float, _c.c_double, _c.c_void_p
@@ -42,6 +43,10 @@ SIGNATURES = {
                       *[_p, _i32, _i32, _p, _i32, _p, _p, _i32, _p, _i64, _i64, _i64, _p] * 2,
                       _p, _p, _i32, _i32, _i32, _i32, _i32, _f32, _p, _i64, _i64, _i64, _p, _p],
     ("prefill", "_smem_bytes"): [],
+    # sm_90a wgmma prefill: q, its strides, K values, K meta, V values, V meta, capacity, batch, Hq, Hkv,
+    # queries, scale, out, lse, stream
+    ("prefill_sm90", ""): [_p, _i64, _i64, _i64, _p, _p, _p, _p, _i32, _i32, _i32, _i32, _i32, _f32, _p, _p, _p],
+    ("prefill_sm90", "_smem_bytes"): [],
     ("decode_mixed", "_smem_bytes"): [],
     ("decode_mixed", "_threads"): [],
 }
@@ -70,16 +75,25 @@ class KernelVariant:
     block_size: int = 0      # kernels over the block table (mixed tiers): cache block size
     smem_bytes: int = 0      # decode: dynamic shared memory per CTA (read from the library)
     threads: int = 0         # decode: threads per CTA
+    template: str = ""
 
     @property
     def compute_capability(self) -> tuple[int, int]:
-        n = int(self.arch[3:])
-        return n // 10, n % 10
+        return arch_capability(self.arch)
+
+    @property
+    def arch_specific(self) -> bool:
+        """Built for an arch-specific target (sm_90a): runs on exactly that compute capability."""
+        return self.arch.endswith("a")
+
+    @property
+    def wgmma(self) -> bool:
+        return self.template == SM90_PREFILL_TEMPLATE
 
     def runs_on(self, cc: tuple[int, int]) -> bool:
-        """A cubin for sm_XY runs on devices of major X and minor >= Y."""
+        """A cubin for sm_XY runs on devices of major X and minor >= Y; one for sm_XYa only on X.Y."""
         major, minor = self.compute_capability
-        return cc[0] == major and cc[1] >= minor
+        return cc[0] == major and (cc[1] == minor if self.arch_specific else cc[1] >= minor)
 
 
 def _spec_hint(kind: str, **want) -> str:
@@ -123,6 +137,8 @@ class Library:
             tier = v.get("tier")
             symbol = f"hsg_{v['name']}"
             kind_key = "decode_mixed" if v["kind"] == "decode" and v.get("block_size") else v["kind"]
+            if v.get("template") == SM90_PREFILL_TEMPLATE:
+                kind_key = "prefill_sm90"
             for (kind, suffix), argtypes in SIGNATURES.items():
                 if kind == kind_key:
                     fn = getattr(self._cdll, symbol + suffix)
@@ -134,7 +150,7 @@ class Library:
             self.variants.append(KernelVariant(
                 v["name"], v["kind"], v["arch"], v["dtype"], v["head_dim"], v.get("group"),
                 (tier["k"], tier["v"]) if tier else None, v.get("tiles") or {}, symbol,
-                v.get("block_size") or 0, **sizes))
+                v.get("block_size") or 0, **sizes, template=v.get("template", "")))
         self._cdll.hsg_device_count.argtypes = [_c.POINTER(_i32)]
         self._cdll.hsg_device_count.restype = _i32
         self._cdll.hsg_error_string.argtypes = [_i32]
@@ -174,16 +190,26 @@ class Library:
             raise CudaError(f"{what} failed: {self.error_string(code)} (cudaError {code})")
 
     # --- dispatch --------------------------------------------------------------------------
+    def find_wgmma_prefill(self, *, head_dim: int, dtype: str, cc: tuple[int, int],
+                           group: int) -> KernelVariant | None:
+        """The sm_90a prefill kernel for a whole-prompt all-2:4 call, if the library has one that runs here."""
+        key = ("wgmma", head_dim, dtype, cc, group)
+        if key not in self._picked:
+            self._picked[key] = next((v for v in self.variants if v.wgmma and v.head_dim == head_dim
+                                      and v.dtype == dtype and v.group == group and v.runs_on(cc)), None)
+        return self._picked[key]
+
     def select(self, kind: str, *, head_dim: int, dtype: str, cc: tuple[int, int],
                group: int | None = None, tier: tuple[str, str] | None = None,
                block_size: int | None = None) -> KernelVariant:
-        """The best variant for a call, or a DispatchError listing every rejection."""
+        """The best general variant for a call (the warp-level family; see find_wgmma_prefill for
+        the sm_90a prefill kernel), or a DispatchError listing every rejection."""
         key = (kind, head_dim, dtype, cc, group, tier, block_size)
         if key in self._picked:
             return self._picked[key]
         fits, reasons = [], []
         for v in self.variants:
-            if v.kind != kind:
+            if v.kind != kind or v.wgmma:
                 continue
             why = []
             if v.head_dim != head_dim:

@@ -62,7 +62,7 @@ DTYPE_ALIASES: dict[str, str] = {
     "bf16": "bfloat16",
 }
 
-ARCHS: tuple[str, ...] = ("sm_80", "sm_86", "sm_89", "sm_90")
+ARCHS: tuple[str, ...] = ("sm_80", "sm_86", "sm_89", "sm_90", "sm_90a")
 PHASES: tuple[str, ...] = ("decode", "prefill")
 #: sparse24: every block 2:4 (flat packed tensors); mixed: per-block dense or 2:4, read
 #: through the hierarchical cache's block table.
@@ -476,12 +476,6 @@ class _Checker:
             return item.strip().lower()
 
         def check(item, canonical, path):
-            if canonical == "sm_90a":
-                self.fail(
-                    path,
-                    f"{_show(item)} is not available yet: the wgmma (sm_90a) path is not implemented",
-                    "use sm_90 (the warp-level mma.sp path, which runs on H100/H200)",
-                )
             if canonical not in ARCHS:
                 fix = f"use one of {_join(ARCHS)}"
                 m = re.fullmatch(r"sm_?(\d+)", canonical)

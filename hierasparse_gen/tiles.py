@@ -12,9 +12,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 #: Shared memory a CTA may opt in to, per arch (bytes).
-SMEM_PER_BLOCK = {"sm_80": 163 * 1024, "sm_86": 99 * 1024, "sm_89": 99 * 1024, "sm_90": 227 * 1024}
+SMEM_PER_BLOCK = {"sm_80": 163 * 1024, "sm_86": 99 * 1024, "sm_89": 99 * 1024, "sm_90": 227 * 1024,
+                  "sm_90a": 227 * 1024}
 #: Shared memory per SM, per arch (bytes); each resident CTA also reserves 1 KiB.
-SMEM_PER_SM = {"sm_80": 164 * 1024, "sm_86": 100 * 1024, "sm_89": 100 * 1024, "sm_90": 228 * 1024}
+SMEM_PER_SM = {"sm_80": 164 * 1024, "sm_86": 100 * 1024, "sm_89": 100 * 1024, "sm_90": 228 * 1024,
+               "sm_90a": 228 * 1024}
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,15 @@ from .spec import Spec, SpecError, Tier
 from .tiles import TileError, decode_tiles, prefill_tiles
 
 DTYPE_TAG = {"float16": "f16", "bfloat16": "bf16"}
+SM90_PREFILL_TEMPLATE = "prefill_sm90.cu.j2"
+#: head_dims the sm_90a prefill kernel is written for (others use the warp-level kernels)
+SM90_PREFILL_HEAD_DIMS = (128,)
+
+
+def arch_capability(arch: str) -> tuple[int, int]:
+    """(major, minor) of "sm_XY" or of the arch-specific "sm_XYa"."""
+    n = int(arch[3:].rstrip("a"))
+    return n // 10, n % 10
 TIER_TAG = {"sparse24": "24", "dense": "d", "mixed": "m"}
 
 
@@ -50,7 +59,9 @@ class Variant:
     @property
     def n_tiles(self) -> int:
         """MMA N tiles (8 columns each): the GQA group for decode, a warp's queries for prefill."""
-        return self.tiles["warp_queries"] // 8 if self.kind == "prefill" else -(-self.group // 8)
+        if self.kind == "prefill":
+            return 8 if self.wgmma else self.tiles["warp_queries"] // 8  # wgmma: N = 64 queries a warpgroup
+        return -(-self.group // 8)
 
     @property
     def symbol(self) -> str:
@@ -59,8 +70,12 @@ class Variant:
 
     @property
     def compute_capability(self) -> tuple[int, int]:
-        n = int(self.arch[3:])
-        return n // 10, n % 10
+        return arch_capability(self.arch)
+
+    @property
+    def wgmma(self) -> bool:
+        """The Hopper-only kernel family (sm_90a: wgmma.mma_async.sp, TMA-style bulk copies)."""
+        return self.template == SM90_PREFILL_TEMPLATE
 
     @property
     def entry_points(self) -> dict[str, str]:
@@ -70,6 +85,9 @@ class Variant:
             return {"hsg_device_count": "number of CUDA devices (cudaError_t)",
                     "hsg_error_string": "cudaGetErrorString",
                     "hsg_runtime_version": "CUDA runtime version linked in"}
+        if self.kind == "prefill" and self.wgmma:
+            return {s: "causal prefill of whole prompts over all-2:4 K and V (wgmma.sp, sm_90a)",
+                    f"{s}_smem_bytes": "dynamic shared memory per CTA"}
         if self.kind == "prefill":
             return {s: "causal prefill of a query chunk (bottom-right aligned) over block tables",
                     f"{s}_smem_bytes": "dynamic shared memory per CTA"}
@@ -120,35 +138,56 @@ def expand(spec: Spec) -> list[Variant]:
     head_dims = sorted({s.head_dim for s in spec.shapes})
     groups = sorted({(s.head_dim, s.group) for s in spec.shapes})
     for arch in spec.archs:
-        for dtype in spec.dtypes:
-            for d in head_dims:
-                v = Variant("compress", "compress.cu.j2", arch, dtype, d)
-                out.setdefault(v.name, v)
-            if "decode" in spec.phases:
-                for d, g in groups:
-                    for tier in spec.tiers:
-                        mixed = tier.k == "mixed"
-                        try:
-                            tiles = decode_tiles(d, g, arch, spec.decode.warps, spec.decode.stages,
-                                                 spec.decode.chunk_tokens, mixed=mixed)
-                        except TileError as e:
-                            raise SpecError(f"{spec.source}: decode: {e}") from None
-                        v = Variant("decode", "decode_mixed.cu.j2" if mixed else "decode.cu.j2", arch, dtype,
-                                    d, g, tier, tiles=tiles.as_dict(),
-                                    block_size=spec.cache.block_size if mixed else 0)
-                        out.setdefault(v.name, v)
-            if "prefill" in spec.phases:
-                for d, g in groups:
-                    for tier in _prefill_tiers(spec.tiers):
-                        mixed = tier.k == "mixed"
-                        try:
-                            tiles = prefill_tiles(d, arch, tier.k, tier.v, **dataclasses.asdict(spec.prefill))
-                        except TileError as e:
-                            raise SpecError(f"{spec.source}: prefill: {e}") from None
-                        v = Variant("prefill", "prefill.cu.j2", arch, dtype, d, g, tier, tiles=tiles.as_dict(),
-                                    block_size=spec.cache.block_size if mixed else 0)
-                        out.setdefault(v.name, v)
+        if arch.endswith("a"):
+            _arch_specific(spec, arch, groups, out)
+            if arch[:-1] in spec.archs:
+                continue  # the warp-level kernels of sm_90 already run there
+        _warp_level(spec, arch, head_dims, groups, out)
     return list(out.values())
+
+
+def _arch_specific(spec: Spec, arch: str, groups, out: dict) -> None:
+    """Kernels only an arch-specific target has: sm_90a's wgmma prefill over all-2:4 K and V."""
+    if "prefill" not in spec.phases or not any(t.k == t.v == "sparse24" for t in spec.tiers):
+        return
+    for dtype in spec.dtypes:
+        for d, g in groups:
+            if d in SM90_PREFILL_HEAD_DIMS:
+                v = Variant("prefill", SM90_PREFILL_TEMPLATE, arch, dtype, d, g, Tier("sparse24", "sparse24"),
+                            tiles={"stages": 4})
+                out.setdefault(v.name, v)
+
+
+def _warp_level(spec: Spec, arch: str, head_dims, groups, out: dict) -> None:
+    """The mma.sp kernels (any sm_80+ arch): compression, decode, prefill."""
+    for dtype in spec.dtypes:
+        for d in head_dims:
+            v = Variant("compress", "compress.cu.j2", arch, dtype, d)
+            out.setdefault(v.name, v)
+        if "decode" in spec.phases:
+            for d, g in groups:
+                for tier in spec.tiers:
+                    mixed = tier.k == "mixed"
+                    try:
+                        tiles = decode_tiles(d, g, arch, spec.decode.warps, spec.decode.stages,
+                                             spec.decode.chunk_tokens, mixed=mixed)
+                    except TileError as e:
+                        raise SpecError(f"{spec.source}: decode: {e}") from None
+                    v = Variant("decode", "decode_mixed.cu.j2" if mixed else "decode.cu.j2", arch, dtype,
+                                d, g, tier, tiles=tiles.as_dict(),
+                                block_size=spec.cache.block_size if mixed else 0)
+                    out.setdefault(v.name, v)
+        if "prefill" in spec.phases:
+            for d, g in groups:
+                for tier in _prefill_tiers(spec.tiers):
+                    mixed = tier.k == "mixed"
+                    try:
+                        tiles = prefill_tiles(d, arch, tier.k, tier.v, **dataclasses.asdict(spec.prefill))
+                    except TileError as e:
+                        raise SpecError(f"{spec.source}: prefill: {e}") from None
+                    v = Variant("prefill", "prefill.cu.j2", arch, dtype, d, g, tier, tiles=tiles.as_dict(),
+                                block_size=spec.cache.block_size if mixed else 0)
+                    out.setdefault(v.name, v)
 
 
 def _prefill_tiers(tiers) -> list[Tier]:

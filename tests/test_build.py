@@ -89,9 +89,15 @@ def test_sass_uses_sparse_tensor_cores_without_traps_or_local_memory(llama3_buil
             assert "LDSM.16.M88.4" in text and "LDSM.16.MT88.4" in text and "HMMA.16816.F32" in text, name
     for name, text in kernels.items():
         assert "BPT.TRAP" not in text, name
-        if "prefill_kernel" not in name:  # prefill: see test_ptxas_reports_no_spills
-            assert "LDL" not in text, name
-    prefill = {k: v for k, v in kernels.items() if "prefill_kernel" in k}
+        if "prefill_kernel" not in name or "sm90a" in name:  # warp-level prefill: see test_ptxas_reports_no_spills
+            assert "LDL" not in text and "STL" not in text, name
+    wgmma = {k: v for k, v in kernels.items() if "prefill_kernel" in k and "sm90a" in k}
+    assert len(wgmma) == 2  # f16/bf16 on sm_90a
+    for name, text in wgmma.items():  # sparse warpgroup MMA fed by bulk copies, P^T through stmatrix
+        assert "HGMMA.SP.64x64x32.F32" in text and "UBLKCP" in text and "STSM" in text, name
+        assert "HMMA" not in text, name
+    assert any(".BF16" in t for k, t in wgmma.items() if "bf16" in k)
+    prefill = {k: v for k, v in kernels.items() if "prefill_kernel" in k and "sm90a" not in k}
     assert len(prefill) == 12  # f16/bf16 x sm_80/sm_90 x all-2:4, balanced, block table
     for name, text in prefill.items():
         assert "HMMA.SP.16832.F32" in text and "MOVM" in text and "LDGSTS" in text, name
@@ -106,13 +112,19 @@ def test_ptxas_reports_no_spills(llama3_build):
     # steps) fills all 255 registers; ptxas parks a few loop-invariant addresses in local
     # memory (16-24 bytes, read back about twice a 128-key stage and in the epilogue), which
     # measured faster than 32-key steps without spills (438 against 404 TFLOP/s on the H200).
+    # The sm_90a kernel: no spills and no ptxas "serialized" message (C751x/C7520: every wgmma of the
+    # function would wait to completion).
     logs = [p for p in (llama3_build / "obj").glob("*.log") if not p.name.startswith("runtime")]  # no kernels
-    assert logs
+    assert logs and any("sm90a" in p.name for p in logs)
     for log in logs:
-        spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log.read_text())
+        text = log.read_text()
+        spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text)
         assert spills, log.name
+        if "sm90a" in log.name:
+            assert all(st == ld == "0" for st, ld in spills), (log.name, spills)
         limit = 32 if log.name.startswith("prefill_") else 0
         assert all(int(st) <= limit for st, _ in spills), (log.name, spills)
+        assert not re.search(r"C751[0-9]|C7520", text), (log.name, text)
 
 
 def test_library_exports_only_the_c_abi(llama3_build):
@@ -156,6 +168,29 @@ def test_dispatch_prefers_the_newest_matching_arch_and_explains_rejections(llama
     assert "specs/llama3.yaml" in msg
     with pytest.raises(DispatchError, match="built for sm_90, device is sm_100"):
         lib.select("compress", head_dim=128, dtype="float16", cc=(10, 0))
+    # the sm_90a wgmma prefill: only on compute capability 9.0 exactly, and only through its own lookup
+    find = lambda cc, dtype="float16", group=4: lib.find_wgmma_prefill(head_dim=128, dtype=dtype, cc=cc, group=group)
+    assert find((9, 0)).name == "prefill_d128_g4_f16_k24_v24_sm90a"
+    assert find((9, 0), "bfloat16").name == "prefill_d128_g4_bf16_k24_v24_sm90a"
+    assert find((8, 9)) is None and find((10, 0)) is None and find((9, 0), group=8) is None
+    assert lib.select("prefill", head_dim=128, dtype="float16", cc=(9, 0), group=4,
+                      tier=("sparse24", "sparse24")).name == "prefill_d128_g4_f16_k24_v24_sm90"
+
+
+def test_wgmma_kernel_built_for_the_wrong_target_fails_to_compile(tmp_path):
+    from hierasparse_gen.render import render
+    from hierasparse_gen.spec import load_spec
+    from hierasparse_gen.variants import expand
+    spec = load_spec(REPO / "specs" / "llama3.yaml")
+    v = next(v for v in expand(spec) if v.wgmma)
+    src = tmp_path / "wgmma.cu"
+    src.write_text(render(v, spec))
+    from hierasparse_gen.compiler import find_toolchain
+    tools = find_toolchain()
+    proc = subprocess.run([tools.nvcc, "-std=c++17", "-c", *tools.includes, "-gencode", "arch=compute_90,code=sm_90",
+                           str(src), "-o", str(tmp_path / "o.o")], capture_output=True, text=True)
+    assert proc.returncode != 0
+    assert "build it for sm_90a" in proc.stdout + proc.stderr
 
 
 def test_cpu_tensors_are_refused_before_any_launch(llama3_build):
@@ -248,9 +283,7 @@ def test_cli_rejects_bad_specs_without_traceback(tmp_path, text, fragment):
 
 
 @pytest.mark.parametrize("probe,instruction", [("wgmma_sp_probe.cu", "HGMMA.SP.64x64x32.F32"),
-                                               ("wgmma_ceiling.cu", "HGMMA.SP.64x256x32.F32"),
-                                               ("wgmma_attention_probe.cu", "HGMMA.SP.64x64x32.F32"),
-                                               ("wgmma_attention_ws.cu", "HGMMA.SP.64x64x32.F32")])
+                                               ("wgmma_ceiling.cu", "HGMMA.SP.64x256x32.F32")])
 def test_hopper_probes_compile_to_sparse_wgmma_without_serialization(tmp_path, probe, instruction):
     """The sm_90a groundwork (docs/hopper.md) keeps building: HGMMA.SP in the SASS, no trap, no
     ptxas "serialized" message (C751x: every wgmma of the function would wait to completion) and

@@ -256,3 +256,75 @@ def test_cache_prefill_errors(lib):
     with pytest.raises(CacheFullError, match="nothing was written"):
         cache.prefill(k, k, q=q)
     assert cache.lengths == [200]
+
+
+# --- the sm_90a wgmma kernel: whole prompts over all-2:4 K and V ------------------------------
+
+@pytest.fixture
+def wgmma_calls(lib, monkeypatch):
+    """Counts calls of the sm_90a prefill op; skips where the build or the device has no such kernel."""
+    cc = torch.cuda.get_device_capability()
+    if lib.find_wgmma_prefill(head_dim=128, dtype="float16", cc=cc, group=4) is None:
+        pytest.skip(f"no sm_90a prefill kernel for sm_{cc[0]}{cc[1]} in this build")
+    calls = []
+    op = torch.ops.hierasparse.prefill_sm90
+
+    def counted(*args):
+        calls.append(args[1].shape)
+        return op(*args)
+    monkeypatch.setattr(torch.ops.hierasparse, "prefill_sm90", counted)
+    return calls
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("B,L", [(1, 128), (2, 384), (1, 2048)])
+def test_wgmma_prefill_matches_reference(lib, poison, wgmma_calls, dtype, B, L):
+    q, k, v = _inputs(B, L, L, dtype, 100 + L, 32, 8, 128)
+    kc, vc = lib.compress_k(k), lib.compress_v(v)
+    out, lse = lib.prefill(q, kc, vc)
+    assert wgmma_calls == [q.shape]
+    seqlens = torch.full((B,), L, dtype=torch.int32, device="cuda")
+    check(out, lse, q, fmt.unpack_k(kc.values, kc.meta)[:, :, :L], fmt.unpack_v(vc.values, vc.meta)[:, :, :L],
+          seqlens)
+    # the warp-level kernel (explicit seqlens route there) on the same inputs
+    out2, lse2 = lib.prefill(q, kc, vc, seqlens)
+    assert len(wgmma_calls) == 1
+    assert (out.float() - out2.float()).abs().max().item() < (4e-3 if dtype == torch.float16 else 3e-2)
+    assert torch.allclose(lse, lse2, atol=1e-3)
+
+
+@pytest.mark.parametrize("q_gain,k_ramp", [(4.0, 0.0), (1.0, 3.0)])
+def test_wgmma_prefill_exact_path(lib, poison, wgmma_calls, q_gain, k_ramp):
+    # large scores and keys growing along the sequence: the lazy softmax must rescale often
+    L = 1024
+    q, k, v = _inputs(2, L, L, torch.float16, 7, 32, 8, 128)
+    q = (q.float() * q_gain).half()
+    k = (k.float() * (1 + k_ramp * torch.arange(L, device="cuda").view(1, 1, L, 1) / L)).half()
+    kc, vc = lib.compress_k(k), lib.compress_v(v)
+    out, lse = lib.prefill(q, kc, vc)
+    assert len(wgmma_calls) == 1
+    check(out, lse, q, fmt.unpack_k(kc.values, kc.meta)[:, :, :L], fmt.unpack_v(vc.values, vc.meta)[:, :, :L],
+          torch.full((2,), L, dtype=torch.int32, device="cuda"))
+
+
+def test_wgmma_prefill_strided_queries_and_scale(lib, poison, wgmma_calls):
+    # q a slice of a longer buffer (row stride D, head stride 2L*D); an explicit negative scale
+    L = 256
+    big, k, v = _inputs(1, 2 * L, L, torch.float16, 11, 32, 8, 128)
+    q = big[:, :, :L]
+    kc, vc = lib.compress_k(k), lib.compress_v(v)
+    out, lse = lib.prefill(q, kc, vc, scale=-0.05)
+    assert len(wgmma_calls) == 1
+    check(out, lse, q, fmt.unpack_k(kc.values, kc.meta)[:, :, :L], fmt.unpack_v(vc.values, vc.meta)[:, :, :L],
+          torch.full((1,), L, dtype=torch.int32, device="cuda"), scale=-0.05)
+
+
+def test_calls_the_wgmma_kernel_does_not_take_use_the_warp_level_one(lib, poison, wgmma_calls):
+    # a length that is not a multiple of 128, queries at the end of a longer sequence, qlens
+    for Lq, L, kw in ((200, 200, {}), (128, 256, {}), (256, 256, {"qlens": [256]})):
+        q, k, v = _inputs(1, Lq, L, torch.float16, Lq + L, 32, 8, 128)
+        kc, vc = lib.compress_k(k), lib.compress_v(v)
+        if "qlens" in kw:
+            kw = {"qlens": torch.tensor(kw["qlens"], dtype=torch.int32, device="cuda")}
+        lib.prefill(q, kc, vc, **kw)
+    assert wgmma_calls == []

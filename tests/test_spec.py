@@ -61,7 +61,7 @@ def test_llama3_spec_loads_and_normalizes():
     assert spec.shapes == (Shape(head_dim=128, num_qo_heads=32, num_kv_heads=8),)
     assert spec.shapes[0].group == 4
     assert spec.dtypes == ("float16", "bfloat16")
-    assert spec.archs == ("sm_80", "sm_90")
+    assert spec.archs == ("sm_80", "sm_90", "sm_90a")
     assert spec.phases == ("decode", "prefill")
     assert spec.tiers == (Tier(k="sparse24", v="sparse24"), Tier(k="mixed", v="mixed"))
     assert spec.cache == CacheConfig(block_size=64, sink=64, local_window=256)
@@ -134,6 +134,12 @@ def test_default_sink_checked_against_custom_block_size():
     assert "Fix: use a multiple of 128, e.g. 0 or 128." in msg
 
 
+def test_sm90a_is_accepted_and_normalized():
+    data = base()
+    data["archs"] = ["SM_90A", "sm_90"]
+    assert parse_spec(data).archs == ("sm_90a", "sm_90")
+
+
 def test_to_dict_round_trips():
     spec = load_spec(LLAMA3)
     d = spec.to_dict()
@@ -143,7 +149,7 @@ def test_to_dict_round_trips():
         "name": "llama3",
         "shapes": [{"head_dim": 128, "num_qo_heads": 32, "num_kv_heads": 8}],
         "dtypes": ["float16", "bfloat16"],
-        "archs": ["sm_80", "sm_90"],
+        "archs": ["sm_80", "sm_90", "sm_90a"],
         "phases": ["decode", "prefill"],
         "tiers": [{"k": "sparse24", "v": "sparse24"}, {"k": "mixed", "v": "mixed"}],
         "cache": {"block_size": 64, "sink": 64, "local_window": 256},
@@ -262,8 +268,7 @@ BAD_DICTS = [
     ("dtype-not-string", _set(("dtypes",), [16]), ["dtypes[0]: expected a string, found an integer (16)"]),
     # --- archs
     ("archs-missing", _drop("archs"), ["archs: required key is missing", "e.g. archs: [sm_80, sm_90]"]),
-    ("arch-sm90a", _set(("archs",), ["sm_80", "sm_90a"]), ["archs[1]: 'sm_90a' is not available yet", "wgmma (sm_90a) path", "Fix: use sm_90 (the warp-level mma.sp path, which runs on H100/H200)."]),
-    ("arch-sm75", _set(("archs",), ["sm_75"]), ["archs[0]: 'sm_75' is not a supported architecture (2:4 sparse tensor cores need sm_80 or newer). Fix: use one of sm_80, sm_86, sm_89, sm_90."]),
+    ("arch-sm75", _set(("archs",), ["sm_75"]), ["archs[0]: 'sm_75' is not a supported architecture (2:4 sparse tensor cores need sm_80 or newer). Fix: use one of sm_80, sm_86, sm_89, sm_90, sm_90a."]),
     ("arch-typo", _set(("archs",), ["sm80"]), ["archs[0]: 'sm80' is not a supported architecture", "Fix: did you mean 'sm_80'?", "sm_80, sm_86, sm_89, sm_90"]),
     ("arch-int", _set(("archs",), [80]), ["archs[0]: expected a string, found an integer (80)", "Fix: use one of sm_80, sm_86, sm_89, sm_90"]),
     ("arch-duplicate", _set(("archs",), ["sm_90", "sm_80", "sm_90"]), ["archs[2]: 'sm_90' is a duplicate of archs[0]. Fix: remove archs[2]."]),
@@ -381,11 +386,6 @@ BAD_FILES = [
         "yaml-bool-head-dim",
         GOOD_YAML.replace("head_dim: 128", "head_dim: yes"),
         ["shapes[0].head_dim: expected an integer, found a boolean (true)"],
-    ),
-    (
-        "yaml-sm90a",
-        GOOD_YAML.replace("[sm_80]", "[sm_90a]"),
-        ["archs[0]: 'sm_90a' is not available yet", "Fix: use sm_90"],
     ),
 ]
 

@@ -6,10 +6,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from hierasparse_gen.compiler import Toolchain, nvcc_flags, variant_hash
 from hierasparse_gen.render import render
-from hierasparse_gen.spec import SpecError, load_spec, parse_spec
+from hierasparse_gen.spec import SpecError, Tier, load_spec, parse_spec
 from hierasparse_gen.tiles import TileError, decode_smem_bytes, decode_tiles
 from hierasparse_gen.variants import expand
 
@@ -28,7 +29,8 @@ def test_llama3_variant_names(llama3):
     # cache's mixed tiers one block-table kernel
     assert [n for n in names if n.startswith("prefill")] == [
         f"prefill_d128_g4_{t}_{tier}_{a}" for a in ("sm80", "sm90") for t in ("f16", "bf16")
-        for tier in ("k24_v24", "kd_v24", "km_vm_b64")]
+        for tier in ("k24_v24", "kd_v24", "km_vm_b64")] + [
+        "prefill_d128_g4_f16_k24_v24_sm90a", "prefill_d128_g4_bf16_k24_v24_sm90a"]  # sm_90a: wgmma only
     names = [n for n in names if not n.startswith("prefill")]
     assert names == [
         "runtime",
@@ -39,8 +41,37 @@ def test_llama3_variant_names(llama3):
     ]
     mixed = [v for v in expand(llama3) if v.block_size and v.kind == "decode"]
     assert mixed and all(v.template == "decode_mixed.cu.j2" and v.tiles["chunk_tokens"] == 32 for v in mixed)
-    prefill = [v for v in expand(llama3) if v.kind == "prefill"]
+    prefill = [v for v in expand(llama3) if v.kind == "prefill" and not v.wgmma]
     assert all(v.tiles["warp_queries"] == 24 and v.n_tiles == 3 for v in prefill)
+    wgmma = [v for v in expand(llama3) if v.wgmma]
+    assert [v.arch for v in wgmma] == ["sm_90a"] * 2 and all(v.template == "prefill_sm90.cu.j2" for v in wgmma)
+    assert all(v.compute_capability == (9, 0) and v.tier == Tier("sparse24", "sparse24") for v in wgmma)
+
+
+def _spec_with(**changes):
+    data = yaml.safe_load((REPO / "specs" / "llama3.yaml").read_text())
+    data.update(changes)
+    return parse_spec(data)
+
+
+def test_sm90a_alone_also_gets_the_warp_level_kernels():
+    names = [v.name for v in expand(_spec_with(archs=["sm_90a"], dtypes=["float16"]))]
+    assert "prefill_d128_g4_f16_k24_v24_sm90a" in names  # wgmma
+    assert "decode_d128_g4_f16_k24_v24_sm90a" in names and "compress_d128_f16_sm90a" in names
+    v = next(v for v in expand(_spec_with(archs=["sm_90a"])) if v.name == "prefill_d128_g4_f16_kd_v24_sm90a")
+    assert not v.wgmma and v.template == "prefill.cu.j2"  # balanced stays warp-level
+
+
+def test_wgmma_prefill_only_where_its_kernel_exists():
+    # head_dim 64: no wgmma kernel (the warp-level ones cover it); no all-2:4 tier: none either
+    shapes = [{"head_dim": 64, "num_qo_heads": 8, "num_kv_heads": 8},
+              {"head_dim": 128, "num_qo_heads": 16, "num_kv_heads": 2}]
+    names = [v.name for v in expand(_spec_with(shapes=shapes, archs=["sm_90", "sm_90a"]))]
+    assert [n for n in names if n.endswith("sm90a")] == ["prefill_d128_g8_f16_k24_v24_sm90a",
+                                                          "prefill_d128_g8_bf16_k24_v24_sm90a"]
+    assert not [v for v in expand(_spec_with(archs=["sm_90", "sm_90a"], tiers=[{"k": "mixed", "v": "mixed"}]))
+                if v.wgmma]
+    assert not [v for v in expand(_spec_with(archs=["sm_90", "sm_90a"], phases=["decode"])) if v.wgmma]
 
 
 def test_prefill_tile_oracle():
