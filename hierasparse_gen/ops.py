@@ -540,7 +540,7 @@ def prefill(lib, q: torch.Tensor, k, v: PackedKV, seqlens=None, *, qlens=None, s
         ksrc = _Source(tail=k)
     _check_queries(q, B, Hkv, D, v.values.dtype)
     if tier == ("sparse24", "sparse24") and seqlens is None and qlens is None and q.shape[2] == length \
-            and length % SM90_PREFILL_QUERIES == 0 and lib.find_wgmma_prefill(
+            and lib.find_wgmma_prefill(
                 head_dim=D, dtype=_DTYPES[q.dtype], cc=_device_cc(q.device), group=q.shape[1] // Hkv):
         # a whole prompt on Hopper: the wgmma kernel (templates/prefill_sm90.cu.j2)
         return torch.ops.hierasparse.prefill_sm90(lib.key, q, k.values, k.meta, v.values, v.meta, k.capacity,
@@ -552,10 +552,6 @@ def prefill(lib, q: torch.Tensor, k, v: PackedKV, seqlens=None, *, qlens=None, s
         seqlens = torch.full((B,), length, dtype=torch.int32, device=q.device)
     return _prefill(lib, q, tier, None, ksrc, vsrc, seqlens, _check_lengths(qlens, "qlens", B, q.device, fix),
                     length, _scale(scale, D))
-
-
-#: The sm_90a prefill kernel takes 128 queries a CTA: whole prompts of other lengths use the warp-level kernel.
-SM90_PREFILL_QUERIES = 128
 
 
 @torch.library.custom_op("hierasparse::prefill_sm90", mutates_args=())

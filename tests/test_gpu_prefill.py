@@ -277,7 +277,7 @@ def wgmma_calls(lib, monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("B,L", [(1, 128), (2, 384), (1, 2048)])
+@pytest.mark.parametrize("B,L", [(1, 128), (2, 384), (1, 2048), (1, 1), (2, 130), (1, 200), (1, 1000), (1, 2047)])
 def test_wgmma_prefill_matches_reference(lib, poison, wgmma_calls, dtype, B, L):
     q, k, v = _inputs(B, L, L, dtype, 100 + L, 32, 8, 128)
     kc, vc = lib.compress_k(k), lib.compress_v(v)
@@ -320,11 +320,10 @@ def test_wgmma_prefill_strided_queries_and_scale(lib, poison, wgmma_calls):
 
 
 def test_calls_the_wgmma_kernel_does_not_take_use_the_warp_level_one(lib, poison, wgmma_calls):
-    # a length that is not a multiple of 128, queries at the end of a longer sequence, qlens
-    for Lq, L, kw in ((200, 200, {}), (128, 256, {}), (256, 256, {"qlens": [256]})):
+    # queries at the end of a longer sequence, explicit lengths
+    for Lq, L, kw in ((128, 256, {}), (256, 256, {"qlens": [256]}), (200, 200, {"seqlens": [200]})):
         q, k, v = _inputs(1, Lq, L, torch.float16, Lq + L, 32, 8, 128)
         kc, vc = lib.compress_k(k), lib.compress_v(v)
-        if "qlens" in kw:
-            kw = {"qlens": torch.tensor(kw["qlens"], dtype=torch.int32, device="cuda")}
+        kw = {name: torch.tensor(x, dtype=torch.int32, device="cuda") for name, x in kw.items()}
         lib.prefill(q, kc, vc, **kw)
     assert wgmma_calls == []
