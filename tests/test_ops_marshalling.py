@@ -18,6 +18,10 @@ class FakeLib:
 
     def __init__(self):
         self.calls = []
+        self.wgmma = False  # whether an sm_90a prefill kernel "exists"
+
+    def find_wgmma_prefill(self, **want):
+        return SimpleNamespace(symbol="hsg_prefill_sm90a", **want) if self.wgmma else None
 
     def select(self, kind, **want):
         tiles = {"warps": 4, "stages": 2, "chunk_tokens": 32}
@@ -114,6 +118,29 @@ def test_prefill_op_arguments(lib, balanced):
         assert ksrc[5] is None and ksrc[8] == kd.data_ptr() and ksrc[9:12] == kd.stride()[:3] and ksrc[12] is None
     else:
         assert ksrc[5] == k.values.data_ptr() and ksrc[7] == CAP // 32 and ksrc[8] is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_whole_prompt_goes_to_the_wgmma_kernel_where_there_is_one(lib, dtype):
+    L = CAP - 3
+    q = torch.randn(B, HQ, L + 5, D, dtype=dtype)[:, :, :L]  # strided: head stride (L + 5) * D
+    k, v = _pk(dtype)
+    lib.wgmma = True
+    out, lse = ops.prefill(lib, q, k, v, scale=-0.25)
+    assert out.shape == q.shape and lse.shape == (B, HQ, L)
+    (symbol, args), = lib.calls
+    assert symbol == "hsg_prefill_sm90a"
+    _assert_matches_signature("prefill_sm90", "", args)
+    assert args[:4] == (q.data_ptr(), *q.stride()[:3])
+    assert args[4:8] == (k.values.data_ptr(), k.meta.data_ptr(), v.values.data_ptr(), v.meta.data_ptr())
+    assert args[8:14] == (CAP, B, HQ, HKV, L, -0.25)
+    # not a whole prompt (queries at the end of the keys), explicit lengths, or no such kernel: warp-level
+    lib.calls.clear()
+    ops.prefill(lib, q[:, :, 1:], k, v)
+    ops.prefill(lib, q, k, v, torch.tensor([L, L], dtype=torch.int32))
+    lib.wgmma = False
+    ops.prefill(lib, q, k, v)
+    assert [c[0] for c in lib.calls] == ["hsg_prefill"] * 3
 
 
 def test_prefill_cache_op_arguments(lib):
