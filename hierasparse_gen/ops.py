@@ -562,8 +562,9 @@ def _prefill_sm90_op(lib_key: str, q: torch.Tensor, k_vals: torch.Tensor, k_meta
     B, Hq, L, D = q.shape
     Hkv = k_vals.shape[1]
     variant = lib.find_wgmma_prefill(head_dim=D, dtype=_DTYPES[q.dtype], cc=_device_cc(q.device), group=Hq // Hkv)
-    if q.data_ptr() % 16 or any(x % 8 for x in q.stride()[:3]):
-        q = q.clone(memory_format=torch.contiguous_format)  # the kernel loads Q rows 16 bytes at a time
+    if q.data_ptr() % 16 or any(x % 8 for x in q.stride()[:3]) or q.stride(2) < D:
+        # the kernel loads Q rows 16 bytes at a time, rows D apart at least (one-query views may say less)
+        q = q.clone(memory_format=torch.contiguous_format)
     for t, name in ((k_vals, "k.values"), (k_meta, "k.meta"), (v_vals, "v.values"), (v_meta, "v.meta")):
         _check_aligned(t, name, 16)
     out = _alloc((B, Hq, L, D), q.dtype, q.device)

@@ -48,6 +48,8 @@ class Variant:
             tier = f"k{TIER_TAG[self.tier.k]}_v{TIER_TAG[self.tier.v]}"
             if self.block_size:
                 tier += f"_b{self.block_size}"
+            if self.wgmma:  # the sm_90a family sits beside the warp-level kernel of the same tiers
+                tier += "_wg"
             return f"prefill_{d}_g{self.group}_{t}_{tier}_{a}"
         if self.kind == "decode":
             tier = f"k{TIER_TAG[self.tier.k]}_v{TIER_TAG[self.tier.v]}"

@@ -92,7 +92,7 @@ def test_sass_uses_sparse_tensor_cores_without_traps_or_local_memory(llama3_buil
         if "prefill_kernel" not in name or "sm90a" in name:  # warp-level prefill: see test_ptxas_reports_no_spills
             assert "LDL" not in text and "STL" not in text, name
     wgmma = {k: v for k, v in kernels.items() if "prefill_kernel" in k and "sm90a" in k}
-    assert len(wgmma) == 2  # f16/bf16 on sm_90a
+    assert len(wgmma) == 4  # f16/bf16 on sm_90a x whole tiles / tail instantiation
     for name, text in wgmma.items():  # sparse warpgroup MMA fed by bulk copies, P^T through stmatrix
         assert "HGMMA.SP.64x64x32.F32" in text and "UBLKCP" in text and "STSM" in text, name
         assert "HMMA" not in text, name
@@ -170,8 +170,8 @@ def test_dispatch_prefers_the_newest_matching_arch_and_explains_rejections(llama
         lib.select("compress", head_dim=128, dtype="float16", cc=(10, 0))
     # the sm_90a wgmma prefill: only on compute capability 9.0 exactly, and only through its own lookup
     find = lambda cc, dtype="float16", group=4: lib.find_wgmma_prefill(head_dim=128, dtype=dtype, cc=cc, group=group)
-    assert find((9, 0)).name == "prefill_d128_g4_f16_k24_v24_sm90a"
-    assert find((9, 0), "bfloat16").name == "prefill_d128_g4_bf16_k24_v24_sm90a"
+    assert find((9, 0)).name == "prefill_d128_g4_f16_k24_v24_wg_sm90a"
+    assert find((9, 0), "bfloat16").name == "prefill_d128_g4_bf16_k24_v24_wg_sm90a"
     assert find((8, 9)) is None and find((10, 0)) is None and find((9, 0), group=8) is None
     assert lib.select("prefill", head_dim=128, dtype="float16", cc=(9, 0), group=4,
                       tier=("sparse24", "sparse24")).name == "prefill_d128_g4_f16_k24_v24_sm90"

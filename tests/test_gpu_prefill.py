@@ -277,10 +277,13 @@ def wgmma_calls(lib, monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("B,L", [(1, 128), (2, 384), (1, 2048), (1, 1), (2, 130), (1, 200), (1, 1000), (1, 2047)])
-def test_wgmma_prefill_matches_reference(lib, poison, wgmma_calls, dtype, B, L):
+# tails: 300 and 1050 put a partial and an empty copy into reused stages; capacity past the prompt
+@pytest.mark.parametrize("B,L,cap", [(1, 128, None), (2, 384, None), (1, 2048, None), (1, 1, None), (2, 130, None),
+                                     (1, 200, None), (1, 1000, None), (1, 2047, None), (1, 300, None),
+                                     (2, 1050, None), (1, 333, 2048)])
+def test_wgmma_prefill_matches_reference(lib, poison, wgmma_calls, dtype, B, L, cap):
     q, k, v = _inputs(B, L, L, dtype, 100 + L, 32, 8, 128)
-    kc, vc = lib.compress_k(k), lib.compress_v(v)
+    kc, vc = lib.compress_k(k, cap), lib.compress_v(v, cap)
     out, lse = lib.prefill(q, kc, vc)
     assert wgmma_calls == [q.shape]
     seqlens = torch.full((B,), L, dtype=torch.int32, device="cuda")
@@ -305,6 +308,16 @@ def test_wgmma_prefill_exact_path(lib, poison, wgmma_calls, q_gain, k_ramp):
     assert len(wgmma_calls) == 1
     check(out, lse, q, fmt.unpack_k(kc.values, kc.meta)[:, :, :L], fmt.unpack_v(vc.values, vc.meta)[:, :, :L],
           torch.full((2,), L, dtype=torch.int32, device="cuda"))
+
+
+def test_wgmma_prefill_one_query_with_any_row_stride(lib, poison, wgmma_calls):
+    q, k, v = _inputs(1, 1, 1, torch.float16, 5, 32, 8, 128)
+    q = q.as_strided(q.shape, (32 * 128, 128, 8, 1))  # row stride unused with one row
+    kc, vc = lib.compress_k(k), lib.compress_v(v)
+    out, lse = lib.prefill(q, kc, vc)
+    assert len(wgmma_calls) == 1
+    check(out, lse, q, fmt.unpack_k(kc.values, kc.meta)[:, :, :1], fmt.unpack_v(vc.values, vc.meta)[:, :, :1],
+          torch.ones(1, dtype=torch.int32, device="cuda"))
 
 
 def test_wgmma_prefill_strided_queries_and_scale(lib, poison, wgmma_calls):

@@ -30,7 +30,7 @@ def test_llama3_variant_names(llama3):
     assert [n for n in names if n.startswith("prefill")] == [
         f"prefill_d128_g4_{t}_{tier}_{a}" for a in ("sm80", "sm90") for t in ("f16", "bf16")
         for tier in ("k24_v24", "kd_v24", "km_vm_b64")] + [
-        "prefill_d128_g4_f16_k24_v24_sm90a", "prefill_d128_g4_bf16_k24_v24_sm90a"]  # sm_90a: wgmma only
+        "prefill_d128_g4_f16_k24_v24_wg_sm90a", "prefill_d128_g4_bf16_k24_v24_wg_sm90a"]  # sm_90a: wgmma only
     names = [n for n in names if not n.startswith("prefill")]
     assert names == [
         "runtime",
@@ -55,11 +55,14 @@ def _spec_with(**changes):
 
 
 def test_sm90a_alone_also_gets_the_warp_level_kernels():
-    names = [v.name for v in expand(_spec_with(archs=["sm_90a"], dtypes=["float16"]))]
-    assert "prefill_d128_g4_f16_k24_v24_sm90a" in names  # wgmma
-    assert "decode_d128_g4_f16_k24_v24_sm90a" in names and "compress_d128_f16_sm90a" in names
-    v = next(v for v in expand(_spec_with(archs=["sm_90a"])) if v.name == "prefill_d128_g4_f16_kd_v24_sm90a")
-    assert not v.wgmma and v.template == "prefill.cu.j2"  # balanced stays warp-level
+    variants = {v.name: v for v in expand(_spec_with(archs=["sm_90a"], dtypes=["float16"]))}
+    assert variants["prefill_d128_g4_f16_k24_v24_wg_sm90a"].wgmma
+    # the warp-level all-2:4 kernel of the same tiers too (calls with lengths, chunks)
+    assert variants["prefill_d128_g4_f16_k24_v24_sm90a"].template == "prefill.cu.j2"
+    assert "decode_d128_g4_f16_k24_v24_sm90a" in variants and "compress_d128_f16_sm90a" in variants
+    assert variants["prefill_d128_g4_f16_kd_v24_sm90a"].template == "prefill.cu.j2"  # balanced: warp-level
+    assert len({(v.name) for v in variants.values()}) == len(expand(_spec_with(archs=["sm_90a"],
+                                                                                dtypes=["float16"])))
 
 
 def test_wgmma_prefill_only_where_its_kernel_exists():
@@ -67,8 +70,8 @@ def test_wgmma_prefill_only_where_its_kernel_exists():
     shapes = [{"head_dim": 64, "num_qo_heads": 8, "num_kv_heads": 8},
               {"head_dim": 128, "num_qo_heads": 16, "num_kv_heads": 2}]
     names = [v.name for v in expand(_spec_with(shapes=shapes, archs=["sm_90", "sm_90a"]))]
-    assert [n for n in names if n.endswith("sm90a")] == ["prefill_d128_g8_f16_k24_v24_sm90a",
-                                                          "prefill_d128_g8_bf16_k24_v24_sm90a"]
+    assert [n for n in names if n.endswith("sm90a")] == ["prefill_d128_g8_f16_k24_v24_wg_sm90a",
+                                                          "prefill_d128_g8_bf16_k24_v24_wg_sm90a"]
     assert not [v for v in expand(_spec_with(archs=["sm_90", "sm_90a"], tiers=[{"k": "mixed", "v": "mixed"}]))
                 if v.wgmma]
     assert not [v for v in expand(_spec_with(archs=["sm_90", "sm_90a"], phases=["decode"])) if v.wgmma]
