@@ -14,6 +14,8 @@ import statistics
 
 import torch
 
+from .ops import _DTYPES
+
 L2_BYTES = 60 << 20
 
 
@@ -207,7 +209,7 @@ def bench_prefill(lib, batches=(1, 8), lengths=(8192, 32768), hq=32, hkv=8, d=12
             seqlens = torch.full((B,), L, dtype=torch.int32, device="cuda")
             flops = 4 * B * hq * L * L * d / 2  # causal, dense-equivalent
             row = dict(B=B, L=L, flops=flops)
-            if lib.find_wgmma_prefill(head_dim=d, dtype=str(dtype)[6:], cc=torch.cuda.get_device_capability(),
+            if lib.find_wgmma_prefill(head_dim=d, dtype=_DTYPES[dtype], cc=torch.cuda.get_device_capability(),
                                       group=hq // hkv):  # a whole prompt without seqlens: the sm_90a kernel
                 row["all-2:4 wgmma"] = _median_us(lambda q: lib.prefill(q, kc, vc), [(q,)], iters)
             row["all-2:4"] = _median_us(lambda q: lib.prefill(q, kc, vc, seqlens), [(q,)], iters)

@@ -567,8 +567,7 @@ def _prefill_sm90_op(lib_key: str, q: torch.Tensor, k_vals: torch.Tensor, k_meta
         q = q.clone(memory_format=torch.contiguous_format)
     for t, name in ((k_vals, "k.values"), (k_meta, "k.meta"), (v_vals, "v.values"), (v_meta, "v.meta")):
         _check_aligned(t, name, 16)
-    out = _alloc((B, Hq, L, D), q.dtype, q.device)
-    lse = _alloc((B, Hq, L), torch.float32, q.device)
+    out, lse = _prefill_outputs(q, _alloc)
     _launch(lib, variant.symbol, q.device, q.data_ptr(), *q.stride()[:3], k_vals.data_ptr(), k_meta.data_ptr(),
             v_vals.data_ptr(), v_meta.data_ptr(), capacity, B, Hq, Hkv, L, scale, out.data_ptr(), lse.data_ptr())
     return out, lse
@@ -576,8 +575,7 @@ def _prefill_sm90_op(lib_key: str, q: torch.Tensor, k_vals: torch.Tensor, k_meta
 
 @_prefill_sm90_op.register_fake
 def _(lib_key, q, k_vals, k_meta, v_vals, v_meta, capacity, scale):
-    B, Hq, L, D = q.shape
-    return q.new_empty((B, Hq, L, D)), q.new_empty((B, Hq, L), dtype=torch.float32)
+    return _prefill_outputs(q, lambda shape, dtype, device: q.new_empty(shape, dtype=dtype))
 
 
 def prefill_cache(lib, q: torch.Tensor, cache, seqlens: torch.Tensor, qlens: torch.Tensor, *,
@@ -601,6 +599,12 @@ def _prefill(lib, q, tier, block_size, k: _Source, v: _Source, seqlens, qlens, m
         k.table, k.block, k.dense, k.vals, k.meta, k.n_sparse, k.tail, k.tail_start,
         v.table, v.block, v.dense, v.vals, v.meta, v.n_sparse, v.tail, v.tail_start,
         seqlens, qlens, max_len, scale)
+
+
+def _prefill_outputs(q: torch.Tensor, alloc):
+    """out [B, Hq, Lq, D] in q's dtype and lse [B, Hq, Lq] fp32 of both prefill ops (alloc: _alloc or fake)."""
+    B, Hq, Lq, D = q.shape
+    return alloc((B, Hq, Lq, D), q.dtype, q.device), alloc((B, Hq, Lq), torch.float32, q.device)
 
 
 def _source_args(table, block, dense, vals, meta, n_sparse, tail, tail_start) -> list:
@@ -632,8 +636,7 @@ def _prefill_op(lib_key: str, q: torch.Tensor, k_tier: str, v_tier: str, block_s
                     (k_dense, "k dense pool"), (v_dense, "v dense pool")):
         if t is not None:
             _check_aligned(t, name, 16)
-    out = _alloc((B, Hq, Lq, D), q.dtype, q.device)
-    lse = _alloc((B, Hq, Lq), torch.float32, q.device)
+    out, lse = _prefill_outputs(q, _alloc)
     _launch(lib, variant.symbol, q.device, q.data_ptr(), *q.stride()[:3],
             *_source_args(k_table, k_block, k_dense, k_vals, k_meta, k_n_sparse, k_tail, k_tail_start),
             *_source_args(v_table, v_block, v_dense, v_vals, v_meta, v_n_sparse, v_tail, v_tail_start),
@@ -646,5 +649,4 @@ def _prefill_op(lib_key: str, q: torch.Tensor, k_tier: str, v_tier: str, block_s
 def _(lib_key, q, k_tier, v_tier, block_size, k_table, k_block, k_dense, k_vals, k_meta, k_n_sparse, k_tail,
       k_tail_start, v_table, v_block, v_dense, v_vals, v_meta, v_n_sparse, v_tail, v_tail_start, seqlens, qlens,
       max_len, scale):
-    B, Hq, Lq, D = q.shape
-    return q.new_empty((B, Hq, Lq, D)), q.new_empty((B, Hq, Lq), dtype=torch.float32)
+    return _prefill_outputs(q, lambda shape, dtype, device: q.new_empty(shape, dtype=dtype))

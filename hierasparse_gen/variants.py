@@ -15,6 +15,7 @@ from .spec import Spec, SpecError, Tier
 from .tiles import TileError, decode_tiles, prefill_tiles
 
 DTYPE_TAG = {"float16": "f16", "bfloat16": "bf16"}
+TIER_TAG = {"sparse24": "24", "dense": "d", "mixed": "m"}
 SM90_PREFILL_TEMPLATE = "prefill_sm90.cu.j2"
 #: head_dims the sm_90a prefill kernel is written for (others use the warp-level kernels)
 SM90_PREFILL_HEAD_DIMS = (128,)
@@ -24,7 +25,6 @@ def arch_capability(arch: str) -> tuple[int, int]:
     """(major, minor) of "sm_XY" or of the arch-specific "sm_XYa"."""
     n = int(arch[3:].rstrip("a"))
     return n // 10, n % 10
-TIER_TAG = {"sparse24": "24", "dense": "d", "mixed": "m"}
 
 
 @dataclass(frozen=True)
