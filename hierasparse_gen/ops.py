@@ -539,10 +539,12 @@ def prefill(lib, q: torch.Tensor, k, v: PackedKV, seqlens=None, *, qlens=None, s
         tier, length, D = ("dense", "sparse24"), min(k.shape[2], v.length), v.head_dim
         ksrc = _Source(tail=k)
     _check_queries(q, B, Hkv, D, v.values.dtype)
-    if tier == ("sparse24", "sparse24") and seqlens is None and qlens is None and q.shape[2] == length \
-            and lib.find_wgmma_prefill(
-                head_dim=D, dtype=_DTYPES[q.dtype], cc=_device_cc(q.device), group=q.shape[1] // Hkv):
-        # a whole prompt on Hopper: the wgmma kernel (templates/prefill_sm90.cu.j2)
+    if seqlens is None and qlens is None and q.shape[2] == length and lib.find_wgmma_prefill(
+            head_dim=D, dtype=_DTYPES[q.dtype], cc=_device_cc(q.device), group=q.shape[1] // Hkv, tier=tier):
+        # a whole prompt on Hopper: the wgmma kernels (templates/prefill_sm90.cu.j2)
+        if tier[0] == "dense":
+            return torch.ops.hierasparse.prefill_sm90_kd(lib.key, q, k, v.values, v.meta, v.capacity,
+                                                         _scale(scale, D))
         return torch.ops.hierasparse.prefill_sm90(lib.key, q, k.values, k.meta, v.values, v.meta, k.capacity,
                                                   _scale(scale, D))
     vsrc = _Source(vals=v.values, meta=v.meta, n_sparse=v.capacity // 32)
@@ -562,9 +564,7 @@ def _prefill_sm90_op(lib_key: str, q: torch.Tensor, k_vals: torch.Tensor, k_meta
     B, Hq, L, D = q.shape
     Hkv = k_vals.shape[1]
     variant = lib.find_wgmma_prefill(head_dim=D, dtype=_DTYPES[q.dtype], cc=_device_cc(q.device), group=Hq // Hkv)
-    if q.data_ptr() % 16 or any(x % 8 for x in q.stride()[:3]) or q.stride(2) < D:
-        # the kernel loads Q rows 16 bytes at a time, rows D apart at least (one-query views may say less)
-        q = q.clone(memory_format=torch.contiguous_format)
+    q = _rows16_strided(q)
     for t, name in ((k_vals, "k.values"), (k_meta, "k.meta"), (v_vals, "v.values"), (v_meta, "v.meta")):
         _check_aligned(t, name, 16)
     out, lse = _prefill_outputs(q, _alloc)
@@ -575,6 +575,37 @@ def _prefill_sm90_op(lib_key: str, q: torch.Tensor, k_vals: torch.Tensor, k_meta
 
 @_prefill_sm90_op.register_fake
 def _(lib_key, q, k_vals, k_meta, v_vals, v_meta, capacity, scale):
+    return _prefill_outputs(q, lambda shape, dtype, device: q.new_empty(shape, dtype=dtype))
+
+
+def _rows16_strided(x: torch.Tensor) -> torch.Tensor:
+    """x [B, H, L, D] as the sm_90a kernels read it (16-byte aligned rows at least D apart, strides multiples of
+    8 elements: Q's 16-byte loads, K's tensor map); a copy when it is not (one-query views may say less)."""
+    if x.data_ptr() % 16 or any(t % 8 for t in x.stride()[:3]) or x.stride(2) < x.shape[3] or x.stride(3) != 1:
+        return x.clone(memory_format=torch.contiguous_format)
+    return x
+
+
+@torch.library.custom_op("hierasparse::prefill_sm90_kd", mutates_args=())
+def _prefill_sm90_kd_op(lib_key: str, q: torch.Tensor, k: torch.Tensor, v_vals: torch.Tensor, v_meta: torch.Tensor,
+                        capacity: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sm_90a prefill with dense K rows ([B, Hkv, >= Lq, D], read through a TMA tensor map) and 2:4 V."""
+    lib = _LIBRARIES[lib_key]
+    B, Hq, L, D = q.shape
+    Hkv = k.shape[1]
+    variant = lib.find_wgmma_prefill(head_dim=D, dtype=_DTYPES[q.dtype], cc=_device_cc(q.device), group=Hq // Hkv,
+                                     tier=("dense", "sparse24"))
+    q, k = _rows16_strided(q), _rows16_strided(k)
+    for t, name in ((v_vals, "v.values"), (v_meta, "v.meta")):
+        _check_aligned(t, name, 16)
+    out, lse = _prefill_outputs(q, _alloc)
+    _launch(lib, variant.symbol, q.device, q.data_ptr(), *q.stride()[:3], k.data_ptr(), *k.stride()[:3], k.shape[2],
+            v_vals.data_ptr(), v_meta.data_ptr(), capacity, B, Hq, Hkv, L, scale, out.data_ptr(), lse.data_ptr())
+    return out, lse
+
+
+@_prefill_sm90_kd_op.register_fake
+def _(lib_key, q, k, v_vals, v_meta, capacity, scale):
     return _prefill_outputs(q, lambda shape, dtype, device: q.new_empty(shape, dtype=dtype))
 
 

@@ -47,6 +47,10 @@ SIGNATURES = {
     # queries, scale, out, lse, stream
     ("prefill_sm90", ""): [_p, _i64, _i64, _i64, _p, _p, _p, _p, _i32, _i32, _i32, _i32, _i32, _f32, _p, _p, _p],
     ("prefill_sm90", "_smem_bytes"): [],
+    # the same with dense K: q, its strides, K, its strides, K's token count, V values, V meta, capacity, ...
+    ("prefill_sm90_kd", ""): [_p, _i64, _i64, _i64, _p, _i64, _i64, _i64, _i32, _p, _p, _i32, _i32, _i32, _i32,
+                              _i32, _f32, _p, _p, _p],
+    ("prefill_sm90_kd", "_smem_bytes"): [],
     ("decode_mixed", "_smem_bytes"): [],
     ("decode_mixed", "_threads"): [],
 }
@@ -138,7 +142,7 @@ class Library:
             symbol = f"hsg_{v['name']}"
             kind_key = "decode_mixed" if v["kind"] == "decode" and v.get("block_size") else v["kind"]
             if v.get("template") == SM90_PREFILL_TEMPLATE:
-                kind_key = "prefill_sm90"
+                kind_key = "prefill_sm90_kd" if tier and tier["k"] == "dense" else "prefill_sm90"
             for (kind, suffix), argtypes in SIGNATURES.items():
                 if kind == kind_key:
                     fn = getattr(self._cdll, symbol + suffix)
@@ -190,13 +194,15 @@ class Library:
             raise CudaError(f"{what} failed: {self.error_string(code)} (cudaError {code})")
 
     # --- dispatch --------------------------------------------------------------------------
-    def find_wgmma_prefill(self, *, head_dim: int, dtype: str, cc: tuple[int, int],
-                           group: int) -> KernelVariant | None:
-        """The sm_90a prefill kernel for a whole-prompt all-2:4 call, if the library has one that runs here."""
-        key = ("wgmma", head_dim, dtype, cc, group)
+    def find_wgmma_prefill(self, *, head_dim: int, dtype: str, cc: tuple[int, int], group: int,
+                           tier: tuple[str, str] = ("sparse24", "sparse24")) -> KernelVariant | None:
+        """The sm_90a prefill kernel for a whole-prompt call over these (K, V) tiers (all-2:4, or dense K and
+        2:4 V), if the library has one that runs here."""
+        key = ("wgmma", head_dim, dtype, cc, group, tier)
         if key not in self._picked:
             self._picked[key] = next((v for v in self.variants if v.wgmma and v.head_dim == head_dim
-                                      and v.dtype == dtype and v.group == group and v.runs_on(cc)), None)
+                                      and v.dtype == dtype and v.group == group and v.tier == tier
+                                      and v.runs_on(cc)), None)
         return self._picked[key]
 
     def select(self, kind: str, *, head_dim: int, dtype: str, cc: tuple[int, int],

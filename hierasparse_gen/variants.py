@@ -88,7 +88,8 @@ class Variant:
                     "hsg_error_string": "cudaGetErrorString",
                     "hsg_runtime_version": "CUDA runtime version linked in"}
         if self.kind == "prefill" and self.wgmma:
-            return {s: "causal prefill of whole prompts over all-2:4 K and V (wgmma.sp, sm_90a)",
+            what = "all-2:4 K and V" if self.tier.k == "sparse24" else "dense K (TMA) and 2:4 V"
+            return {s: f"causal prefill of whole prompts over {what} (wgmma, sm_90a)",
                     f"{s}_smem_bytes": "dynamic shared memory per CTA"}
         if self.kind == "prefill":
             return {s: "causal prefill of a query chunk (bottom-right aligned) over block tables",
@@ -149,15 +150,17 @@ def expand(spec: Spec) -> list[Variant]:
 
 
 def _arch_specific(spec: Spec, arch: str, groups, out: dict) -> None:
-    """Kernels only an arch-specific target has: sm_90a's wgmma prefill over all-2:4 K and V."""
+    """Kernels only an arch-specific target has: sm_90a's wgmma prefill over all-2:4 K and V and, as the
+    warp-level family does for an all-2:4 tier, the balanced one (dense K rows, 2:4 V)."""
     if "prefill" not in spec.phases or not any(t.k == t.v == "sparse24" for t in spec.tiers):
         return
     for dtype in spec.dtypes:
         for d, g in groups:
             if d in SM90_PREFILL_HEAD_DIMS:
-                v = Variant("prefill", SM90_PREFILL_TEMPLATE, arch, dtype, d, g, Tier("sparse24", "sparse24"),
-                            tiles={"stages": 4})
-                out.setdefault(v.name, v)
+                for k_tier in ("sparse24", "dense"):
+                    v = Variant("prefill", SM90_PREFILL_TEMPLATE, arch, dtype, d, g, Tier(k_tier, "sparse24"),
+                                tiles={"stages": 4})
+                    out.setdefault(v.name, v)
 
 
 def _warp_level(spec: Spec, arch: str, head_dims, groups, out: dict) -> None:

@@ -92,10 +92,14 @@ def test_sass_uses_sparse_tensor_cores_without_traps_or_local_memory(llama3_buil
         if "prefill_kernel" not in name or "sm90a" in name:  # warp-level prefill: see test_ptxas_reports_no_spills
             assert "LDL" not in text and "STL" not in text, name
     wgmma = {k: v for k, v in kernels.items() if "prefill_kernel" in k and "sm90a" in k}
-    assert len(wgmma) == 4  # f16/bf16 on sm_90a x whole tiles / tail instantiation
+    assert len(wgmma) == 8  # f16/bf16 on sm_90a x all-2:4 / balanced x whole tiles / tail instantiation
     for name, text in wgmma.items():  # sparse warpgroup MMA fed by bulk copies, P^T through stmatrix
         assert "HGMMA.SP.64x64x32.F32" in text and "UBLKCP" in text and "STSM" in text, name
         assert "HMMA" not in text, name
+        # balanced: dense K rows by TMA tile loads into a dense warpgroup MMA
+        dense_k = "_kd_v24_" in name
+        assert ("UTMALDG.4D" in text) == dense_k and ("HGMMA.64x64x16.F32" in text) == dense_k, name
+    assert sum("_kd_v24_" in k for k in wgmma) == 4
     assert any(".BF16" in t for k, t in wgmma.items() if "bf16" in k)
     prefill = {k: v for k, v in kernels.items() if "prefill_kernel" in k and "sm90a" not in k}
     assert len(prefill) == 12  # f16/bf16 x sm_80/sm_90 x all-2:4, balanced, block table
@@ -173,6 +177,10 @@ def test_dispatch_prefers_the_newest_matching_arch_and_explains_rejections(llama
     assert find((9, 0)).name == "prefill_d128_g4_f16_k24_v24_wg_sm90a"
     assert find((9, 0), "bfloat16").name == "prefill_d128_g4_bf16_k24_v24_wg_sm90a"
     assert find((8, 9)) is None and find((10, 0)) is None and find((9, 0), group=8) is None
+    assert lib.find_wgmma_prefill(head_dim=128, dtype="float16", cc=(9, 0), group=4,
+                                  tier=("dense", "sparse24")).name == "prefill_d128_g4_f16_kd_v24_wg_sm90a"
+    assert lib.find_wgmma_prefill(head_dim=128, dtype="float16", cc=(9, 0), group=4,
+                                  tier=("mixed", "mixed")) is None
     assert lib.select("prefill", head_dim=128, dtype="float16", cc=(9, 0), group=4,
                       tier=("sparse24", "sparse24")).name == "prefill_d128_g4_f16_k24_v24_sm90"
 

@@ -340,3 +340,58 @@ def test_calls_the_wgmma_kernel_does_not_take_use_the_warp_level_one(lib, poison
         kw = {name: torch.tensor(x, dtype=torch.int32, device="cuda") for name, x in kw.items()}
         lib.prefill(q, kc, vc, **kw)
     assert wgmma_calls == []
+
+
+# --- the sm_90a balanced kernel: whole prompts over dense K rows (TMA) and 2:4 V --------------
+
+@pytest.fixture
+def wgmma_kd_calls(lib, monkeypatch):
+    """Counts calls of the sm_90a dense-K prefill op; skips where the build or the device has none."""
+    cc = torch.cuda.get_device_capability()
+    if lib.find_wgmma_prefill(head_dim=128, dtype="float16", cc=cc, group=4, tier=("dense", "sparse24")) is None:
+        pytest.skip(f"no sm_90a balanced prefill kernel for sm_{cc[0]}{cc[1]} in this build")
+    calls = []
+    op = torch.ops.hierasparse.prefill_sm90_kd
+
+    def counted(*args):
+        calls.append(args[1].shape)
+        return op(*args)
+    monkeypatch.setattr(torch.ops.hierasparse, "prefill_sm90_kd", counted)
+    return calls
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+# tails (partial last slabs: TMA zero-fills K rows past the tensor), reused stages, V capacity past the prompt,
+# K longer than the prompt
+@pytest.mark.parametrize("B,L,cap,k_extra", [(1, 128, None, 0), (2, 384, None, 0), (1, 2048, None, 0), (1, 1, None, 0),
+                                             (2, 130, None, 0), (1, 1000, None, 0), (1, 300, None, 0),
+                                             (2, 1050, None, 0), (1, 333, 2048, 0), (1, 256, None, 40)])
+def test_wgmma_balanced_prefill_matches_reference(lib, poison, wgmma_kd_calls, dtype, B, L, cap, k_extra):
+    q, k, v = _inputs(B, L, L + k_extra, dtype, 300 + L, 32, 8, 128)
+    vc = lib.compress_v(v[:, :, :L], cap)
+    out, lse = lib.prefill(q, k, vc)  # dense K: the balanced tier
+    assert wgmma_kd_calls == [q.shape]
+    seqlens = torch.full((B,), L, dtype=torch.int32, device="cuda")
+    check(out, lse, q, k[:, :, :L], fmt.unpack_v(vc.values, vc.meta)[:, :, :L], seqlens)
+    # the warp-level balanced kernel on the same inputs
+    out2, lse2 = lib.prefill(q, k, vc, seqlens)
+    assert len(wgmma_kd_calls) == 1
+    assert (out.float() - out2.float()).abs().max().item() < (4e-3 if dtype == torch.float16 else 3e-2)
+    assert torch.allclose(lse, lse2, atol=1e-3)
+
+
+def test_wgmma_balanced_prefill_strided_k_and_exact_path(lib, poison, wgmma_kd_calls):
+    # K a slice of a longer buffer (token stride D, head stride 2L*D) and a K transposed in memory (copied
+    # first: the tensor map needs contiguous channels); keys growing along the sequence (exact path)
+    L = 512
+    q, big, v = _inputs(2, L, 2 * L, torch.float16, 21, 32, 8, 128)
+    k = (big[:, :, :L].float() * (1 + 3 * torch.arange(L, device="cuda").view(1, 1, L, 1) / L)).half()
+    k_slice = torch.empty_like(big)
+    k_slice[:, :, :L] = k
+    vc = lib.compress_v(v[:, :, :L])
+    seqlens = torch.full((2,), L, dtype=torch.int32, device="cuda")
+    vd = fmt.unpack_v(vc.values, vc.meta)[:, :, :L]
+    for kk in (k_slice[:, :, :L], k.transpose(2, 3).contiguous().transpose(2, 3)):
+        out, lse = lib.prefill(q, kk, vc)
+        check(out, lse, q, k, vd, seqlens)
+    assert len(wgmma_kd_calls) == 2

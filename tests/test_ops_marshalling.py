@@ -20,8 +20,9 @@ class FakeLib:
         self.calls = []
         self.wgmma = False  # whether an sm_90a prefill kernel "exists"
 
-    def find_wgmma_prefill(self, **want):
-        return SimpleNamespace(symbol="hsg_prefill_sm90a", **want) if self.wgmma else None
+    def find_wgmma_prefill(self, tier=("sparse24", "sparse24"), **want):
+        kd = "_kd" if tier == ("dense", "sparse24") else ""
+        return SimpleNamespace(symbol=f"hsg_prefill_sm90a{kd}", tier=tier, **want) if self.wgmma else None
 
     def select(self, kind, **want):
         tiles = {"warps": 4, "stages": 2, "chunk_tokens": 32}
@@ -141,6 +142,36 @@ def test_whole_prompt_goes_to_the_wgmma_kernel_where_there_is_one(lib, dtype):
     lib.wgmma = False
     ops.prefill(lib, q, k, v)
     assert [c[0] for c in lib.calls] == ["hsg_prefill"] * 3
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_whole_prompt_with_dense_k_goes_to_the_balanced_wgmma_kernel(lib, dtype):
+    L = CAP - 3
+    q = torch.randn(B, HQ, L, D, dtype=dtype)
+    # K longer than the prompt (V's length decides), strided: head stride (L + 7) * D, offset 2 rows
+    kd = torch.randn(B, HKV, L + 7, D, dtype=dtype)[:, :, 2:]
+    _, v = _pk(dtype)
+    lib.wgmma = True
+    out, lse = ops.prefill(lib, q, kd, v, scale=0.5)
+    assert out.shape == q.shape and lse.shape == (B, HQ, L)
+    (symbol, args), = lib.calls
+    assert symbol == "hsg_prefill_sm90a_kd"
+    _assert_matches_signature("prefill_sm90_kd", "", args)
+    assert args[:4] == (q.data_ptr(), *q.stride()[:3])
+    assert args[4:9] == (kd.data_ptr(), *kd.stride()[:3], L + 5)
+    assert args[9:17] == (v.values.data_ptr(), v.meta.data_ptr(), CAP, B, HQ, HKV, L, 0.5)
+    # K with channels not contiguous, or a token stride that is not a multiple of 8: copied for the tensor map
+    lib.calls.clear()
+    for k_odd in (kd.transpose(2, 3).contiguous().transpose(2, 3), torch.randn(B, HKV, L, D + 4, dtype=dtype)[..., :D]):
+        ops.prefill(lib, q, k_odd, v)
+        (_, args), = lib.calls
+        assert args[4] != k_odd.data_ptr() and args[5:8] == (HKV * k_odd.shape[2] * D, k_odd.shape[2] * D, D)
+        lib.calls.clear()
+    # explicit lengths or no such kernel: the warp-level balanced kernel
+    ops.prefill(lib, q, kd, v, torch.tensor([L, L], dtype=torch.int32))
+    lib.wgmma = False
+    ops.prefill(lib, q, kd, v)
+    assert [c[0] for c in lib.calls] == ["hsg_prefill"] * 2
 
 
 def test_prefill_cache_op_arguments(lib):

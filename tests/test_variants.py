@@ -30,7 +30,7 @@ def test_llama3_variant_names(llama3):
     assert [n for n in names if n.startswith("prefill")] == [
         f"prefill_d128_g4_{t}_{tier}_{a}" for a in ("sm80", "sm90") for t in ("f16", "bf16")
         for tier in ("k24_v24", "kd_v24", "km_vm_b64")] + [
-        "prefill_d128_g4_f16_k24_v24_wg_sm90a", "prefill_d128_g4_bf16_k24_v24_wg_sm90a"]  # sm_90a: wgmma only
+        f"prefill_d128_g4_{t}_{tier}_wg_sm90a" for t in ("f16", "bf16") for tier in ("k24_v24", "kd_v24")]  # sm_90a: wgmma only
     names = [n for n in names if not n.startswith("prefill")]
     assert names == [
         "runtime",
@@ -44,8 +44,9 @@ def test_llama3_variant_names(llama3):
     prefill = [v for v in expand(llama3) if v.kind == "prefill" and not v.wgmma]
     assert all(v.tiles["warp_queries"] == 24 and v.n_tiles == 3 for v in prefill)
     wgmma = [v for v in expand(llama3) if v.wgmma]
-    assert [v.arch for v in wgmma] == ["sm_90a"] * 2 and all(v.template == "prefill_sm90.cu.j2" for v in wgmma)
-    assert all(v.compute_capability == (9, 0) and v.tier == Tier("sparse24", "sparse24") for v in wgmma)
+    assert [v.arch for v in wgmma] == ["sm_90a"] * 4 and all(v.template == "prefill_sm90.cu.j2" for v in wgmma)
+    assert all(v.compute_capability == (9, 0) for v in wgmma)
+    assert [v.tier for v in wgmma] == [Tier("sparse24", "sparse24"), Tier("dense", "sparse24")] * 2
 
 
 def _spec_with(**changes):
@@ -60,7 +61,8 @@ def test_sm90a_alone_also_gets_the_warp_level_kernels():
     # the warp-level all-2:4 kernel of the same tiers too (calls with lengths, chunks)
     assert variants["prefill_d128_g4_f16_k24_v24_sm90a"].template == "prefill.cu.j2"
     assert "decode_d128_g4_f16_k24_v24_sm90a" in variants and "compress_d128_f16_sm90a" in variants
-    assert variants["prefill_d128_g4_f16_kd_v24_sm90a"].template == "prefill.cu.j2"  # balanced: warp-level
+    assert variants["prefill_d128_g4_f16_kd_v24_sm90a"].template == "prefill.cu.j2"  # balanced: warp-level too
+    assert variants["prefill_d128_g4_f16_kd_v24_wg_sm90a"].wgmma
     assert len({(v.name) for v in variants.values()}) == len(expand(_spec_with(archs=["sm_90a"],
                                                                                 dtypes=["float16"])))
 
@@ -70,8 +72,9 @@ def test_wgmma_prefill_only_where_its_kernel_exists():
     shapes = [{"head_dim": 64, "num_qo_heads": 8, "num_kv_heads": 8},
               {"head_dim": 128, "num_qo_heads": 16, "num_kv_heads": 2}]
     names = [v.name for v in expand(_spec_with(shapes=shapes, archs=["sm_90", "sm_90a"]))]
-    assert [n for n in names if n.endswith("sm90a")] == ["prefill_d128_g8_f16_k24_v24_wg_sm90a",
-                                                          "prefill_d128_g8_bf16_k24_v24_wg_sm90a"]
+    assert [n for n in names if n.endswith("sm90a")] == [
+        "prefill_d128_g8_f16_k24_v24_wg_sm90a", "prefill_d128_g8_f16_kd_v24_wg_sm90a",
+        "prefill_d128_g8_bf16_k24_v24_wg_sm90a", "prefill_d128_g8_bf16_kd_v24_wg_sm90a"]
     assert not [v for v in expand(_spec_with(archs=["sm_90", "sm_90a"], tiers=[{"k": "mixed", "v": "mixed"}]))
                 if v.wgmma]
     assert not [v for v in expand(_spec_with(archs=["sm_90", "sm_90a"], phases=["decode"])) if v.wgmma]
