@@ -539,12 +539,15 @@ def prefill(lib, q: torch.Tensor, k, v: PackedKV, seqlens=None, *, qlens=None, s
         tier, length, D = ("dense", "sparse24"), min(k.shape[2], v.length), v.head_dim
         ksrc = _Source(tail=k)
     _check_queries(q, B, Hkv, D, v.values.dtype)
+    for t, name in ((k.values if isinstance(k, PackedKV) else k, "k"), (v.values, "v")):
+        if t.device != q.device:
+            _fail(name, f"on {t.device} but q is on {q.device}", "keep Q, K and V on one GPU")
     if seqlens is None and qlens is None and q.shape[2] == length and lib.find_wgmma_prefill(
             head_dim=D, dtype=_DTYPES[q.dtype], cc=_device_cc(q.device), group=q.shape[1] // Hkv, tier=tier):
         # a whole prompt on Hopper: the wgmma kernels (templates/prefill_sm90.cu.j2)
-        if tier[0] == "dense":
-            return torch.ops.hierasparse.prefill_sm90_kd(lib.key, q, k, v.values, v.meta, v.capacity,
-                                                         _scale(scale, D))
+        if tier[0] == "dense":  # the prompt's rows only (past them the tensor map reads zeros)
+            return torch.ops.hierasparse.prefill_sm90_kd(lib.key, q, k[:, :, :length], v.values, v.meta,
+                                                         v.capacity, _scale(scale, D))
         return torch.ops.hierasparse.prefill_sm90(lib.key, q, k.values, k.meta, v.values, v.meta, k.capacity,
                                                   _scale(scale, D))
     vsrc = _Source(vals=v.values, meta=v.meta, n_sparse=v.capacity // 32)
@@ -579,9 +582,11 @@ def _(lib_key, q, k_vals, k_meta, v_vals, v_meta, capacity, scale):
 
 
 def _rows16_strided(x: torch.Tensor) -> torch.Tensor:
-    """x [B, H, L, D] as the sm_90a kernels read it (16-byte aligned rows at least D apart, strides multiples of
-    8 elements: Q's 16-byte loads, K's tensor map); a copy when it is not (one-query views may say less)."""
-    if x.data_ptr() % 16 or any(t % 8 for t in x.stride()[:3]) or x.stride(2) < x.shape[3] or x.stride(3) != 1:
+    """x [B, H, L, D] as the sm_90a kernels read it (16-byte aligned rows at least D apart, strides nonzero
+    multiples of 8 elements: Q's 16-byte loads, K's tensor map); a copy when it is not (one-query views and
+    expanded tensors may say less)."""
+    if (x.data_ptr() % 16 or any(t % 8 or t == 0 for t in x.stride()[:3]) or x.stride(2) < x.shape[3]
+            or x.stride(3) != 1):
         return x.clone(memory_format=torch.contiguous_format)
     return x
 

@@ -362,27 +362,30 @@ def wgmma_kd_calls(lib, monkeypatch):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 # tails (partial last slabs: TMA zero-fills K rows past the tensor), reused stages, V capacity past the prompt,
-# K longer than the prompt
+# K longer than the prompt (its extra rows NaN: never read)
 @pytest.mark.parametrize("B,L,cap,k_extra", [(1, 128, None, 0), (2, 384, None, 0), (1, 2048, None, 0), (1, 1, None, 0),
                                              (2, 130, None, 0), (1, 1000, None, 0), (1, 300, None, 0),
-                                             (2, 1050, None, 0), (1, 333, 2048, 0), (1, 256, None, 40)])
+                                             (2, 1050, None, 0), (1, 333, 2048, 0), (1, 256, None, 40),
+                                             (1, 300, None, 40)])
 def test_wgmma_balanced_prefill_matches_reference(lib, poison, wgmma_kd_calls, dtype, B, L, cap, k_extra):
     q, k, v = _inputs(B, L, L + k_extra, dtype, 300 + L, 32, 8, 128)
+    k[:, :, L:] = float("nan")
     vc = lib.compress_v(v[:, :, :L], cap)
     out, lse = lib.prefill(q, k, vc)  # dense K: the balanced tier
     assert wgmma_kd_calls == [q.shape]
     seqlens = torch.full((B,), L, dtype=torch.int32, device="cuda")
     check(out, lse, q, k[:, :, :L], fmt.unpack_v(vc.values, vc.meta)[:, :, :L], seqlens)
     # the warp-level balanced kernel on the same inputs
-    out2, lse2 = lib.prefill(q, k, vc, seqlens)
+    out2, lse2 = lib.prefill(q, k[:, :, :L], vc, seqlens)
     assert len(wgmma_kd_calls) == 1
     assert (out.float() - out2.float()).abs().max().item() < (4e-3 if dtype == torch.float16 else 3e-2)
     assert torch.allclose(lse, lse2, atol=1e-3)
 
 
 def test_wgmma_balanced_prefill_strided_k_and_exact_path(lib, poison, wgmma_kd_calls):
-    # K a slice of a longer buffer (token stride D, head stride 2L*D) and a K transposed in memory (copied
-    # first: the tensor map needs contiguous channels); keys growing along the sequence (exact path)
+    # K a slice of a longer buffer (head stride 2L*D), K in [B, L, Hkv, D] memory order (token stride Hkv*D,
+    # head stride D: read in place by the tensor map) and K transposed in memory (copied first: the tensor map
+    # needs contiguous channels); keys growing along the sequence, then large scores (the exact path)
     L = 512
     q, big, v = _inputs(2, L, 2 * L, torch.float16, 21, 32, 8, 128)
     k = (big[:, :, :L].float() * (1 + 3 * torch.arange(L, device="cuda").view(1, 1, L, 1) / L)).half()
@@ -391,7 +394,12 @@ def test_wgmma_balanced_prefill_strided_k_and_exact_path(lib, poison, wgmma_kd_c
     vc = lib.compress_v(v[:, :, :L])
     seqlens = torch.full((2,), L, dtype=torch.int32, device="cuda")
     vd = fmt.unpack_v(vc.values, vc.meta)[:, :, :L]
-    for kk in (k_slice[:, :, :L], k.transpose(2, 3).contiguous().transpose(2, 3)):
+    token_major = k.transpose(1, 2).contiguous().transpose(1, 2)
+    assert token_major.stride()[1:] == (128, 8 * 128, 1)
+    for kk in (k_slice[:, :, :L], token_major, k.transpose(2, 3).contiguous().transpose(2, 3)):
         out, lse = lib.prefill(q, kk, vc)
         check(out, lse, q, k, vd, seqlens)
-    assert len(wgmma_kd_calls) == 2
+    q4 = (q.float() * 4).half()
+    out, lse = lib.prefill(q4, k, vc)
+    check(out, lse, q4, k, vd, seqlens)
+    assert len(wgmma_kd_calls) == 4

@@ -158,20 +158,27 @@ def test_whole_prompt_with_dense_k_goes_to_the_balanced_wgmma_kernel(lib, dtype)
     assert symbol == "hsg_prefill_sm90a_kd"
     _assert_matches_signature("prefill_sm90_kd", "", args)
     assert args[:4] == (q.data_ptr(), *q.stride()[:3])
-    assert args[4:9] == (kd.data_ptr(), *kd.stride()[:3], L + 5)
+    assert args[4:9] == (kd.data_ptr(), *kd.stride()[:3], L)  # the prompt's rows: zeros past them
     assert args[9:17] == (v.values.data_ptr(), v.meta.data_ptr(), CAP, B, HQ, HKV, L, 0.5)
-    # K with channels not contiguous, or a token stride that is not a multiple of 8: copied for the tensor map
+    # K with channels not contiguous, a token stride that is not a multiple of 8, or a zero stride (expanded):
+    # the prompt's rows copied for the tensor map
     lib.calls.clear()
-    for k_odd in (kd.transpose(2, 3).contiguous().transpose(2, 3), torch.randn(B, HKV, L, D + 4, dtype=dtype)[..., :D]):
+    for k_odd in (kd.transpose(2, 3).contiguous().transpose(2, 3), torch.randn(B, HKV, L, D + 4, dtype=dtype)[..., :D],
+                  torch.randn(1, HKV, L, D, dtype=dtype).expand(B, -1, -1, -1)):
         ops.prefill(lib, q, k_odd, v)
         (_, args), = lib.calls
-        assert args[4] != k_odd.data_ptr() and args[5:8] == (HKV * k_odd.shape[2] * D, k_odd.shape[2] * D, D)
+        assert args[4] != k_odd.data_ptr() and args[5:9] == (HKV * L * D, L * D, D, L)
         lib.calls.clear()
-    # explicit lengths or no such kernel: the warp-level balanced kernel
+    # K on another device than q: refused before any launch
+    with pytest.raises(ValueError, match=r"k: on meta but q is on cpu. Fix: keep Q, K and V on one GPU"):
+        ops.prefill(lib, q, kd.to("meta"), v)
+    assert lib.calls == []
+    # queries at the end of the keys, explicit lengths, or no such kernel: the warp-level balanced kernel
+    ops.prefill(lib, q[:, :, 1:], kd, v)
     ops.prefill(lib, q, kd, v, torch.tensor([L, L], dtype=torch.int32))
     lib.wgmma = False
     ops.prefill(lib, q, kd, v)
-    assert [c[0] for c in lib.calls] == ["hsg_prefill"] * 2
+    assert [c[0] for c in lib.calls] == ["hsg_prefill"] * 3
 
 
 def test_prefill_cache_op_arguments(lib):
