@@ -14,9 +14,11 @@ from functools import lru_cache
 import torch
 
 from .format import CHUNK, round_capacity
+from .registry import CudaError
 from .tiles import ctas_per_sm
 
 _DTYPES = {torch.float16: "float16", torch.bfloat16: "bfloat16"}
+_CUDA_ERROR_NOT_SUPPORTED = 801  # cudaErrorNotSupported
 _LIBRARIES: dict = {}
 
 #: When True, outputs are filled with NaN (values) / 0x7FFF (metadata) before each launch,
@@ -604,8 +606,16 @@ def _prefill_sm90_kd_op(lib_key: str, q: torch.Tensor, k: torch.Tensor, v_vals: 
     for t, name in ((v_vals, "v.values"), (v_meta, "v.meta")):
         _check_aligned(t, name, 16)
     out, lse = _prefill_outputs(q, _alloc)
-    _launch(lib, variant.symbol, q.device, q.data_ptr(), *q.stride()[:3], k.data_ptr(), *k.stride()[:3], k.shape[2],
-            v_vals.data_ptr(), v_meta.data_ptr(), capacity, B, Hq, Hkv, L, scale, out.data_ptr(), lse.data_ptr())
+    try:
+        _launch(lib, variant.symbol, q.device, q.data_ptr(), *q.stride()[:3], k.data_ptr(), *k.stride()[:3],
+                k.shape[2], v_vals.data_ptr(), v_meta.data_ptr(), capacity, B, Hq, Hkv, L, scale, out.data_ptr(),
+                lse.data_ptr())
+    except CudaError as e:
+        if e.code != _CUDA_ERROR_NOT_SUPPORTED:
+            raise
+        raise CudaError(f"{e}: the CUDA driver offers no cuTensorMapEncodeTiled (TMA tensor maps, CUDA 12 drivers "
+                        f"and newer), which the sm_90a balanced kernel needs. Fix: update the driver, or pass "
+                        f"seqlens to run the warp-level balanced kernel", e.code) from None
     return out, lse
 
 

@@ -61,7 +61,12 @@ class DispatchError(LookupError):
 
 
 class CudaError(RuntimeError):
-    """A CUDA call made by the library failed; the message names the call and the error."""
+    """A CUDA call made by the library failed; the message names the call and the error (``code``: the
+    cudaError_t value, when the library returned one)."""
+
+    def __init__(self, message: str, code: int | None = None):
+        super().__init__(message)
+        self.code = code
 
 
 @dataclass(frozen=True)
@@ -191,7 +196,7 @@ class Library:
 
     def check(self, code: int, what: str) -> None:
         if code != 0:
-            raise CudaError(f"{what} failed: {self.error_string(code)} (cudaError {code})")
+            raise CudaError(f"{what} failed: {self.error_string(code)} (cudaError {code})", code)
 
     # --- dispatch --------------------------------------------------------------------------
     def find_wgmma_prefill(self, *, head_dim: int, dtype: str, cc: tuple[int, int], group: int,

@@ -169,6 +169,18 @@ def test_whole_prompt_with_dense_k_goes_to_the_balanced_wgmma_kernel(lib, dtype)
         (_, args), = lib.calls
         assert args[4] != k_odd.data_ptr() and args[5:9] == (HKV * L * D, L * D, D, L)
         lib.calls.clear()
+    # a driver without cuTensorMapEncodeTiled (the entry point says "not supported"): an error naming it and the fix
+    from hierasparse_gen.registry import CudaError
+
+    def unsupported(lib, symbol, device, *args):
+        raise CudaError(f"{symbol} failed: operation not supported (cudaError 801)", 801)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ops, "_launch", unsupported)
+        with pytest.raises(CudaError, match=r"no cuTensorMapEncodeTiled .* Fix: update the driver, or pass seqlens"):
+            ops.prefill(lib, q, kd, v)
+        mp.setattr(ops, "_launch", lambda *a: (_ for _ in ()).throw(CudaError("other failure", 700)))
+        with pytest.raises(CudaError, match=r"^other failure$"):
+            ops.prefill(lib, q, kd, v)
     # K on another device than q: refused before any launch
     with pytest.raises(ValueError, match=r"k: on meta but q is on cpu. Fix: keep Q, K and V on one GPU"):
         ops.prefill(lib, q, kd.to("meta"), v)
