@@ -260,20 +260,25 @@ def test_cache_prefill_errors(lib):
 
 # --- the sm_90a wgmma kernel: whole prompts over all-2:4 K and V ------------------------------
 
-@pytest.fixture
-def wgmma_calls(lib, monkeypatch):
-    """Counts calls of the sm_90a prefill op; skips where the build or the device has no such kernel."""
+def _count_wgmma_calls(lib, monkeypatch, tier, op_name):
+    """Counts calls of an sm_90a prefill op (the query shapes); skips where the build or the device has no
+    kernel of these tiers."""
     cc = torch.cuda.get_device_capability()
-    if lib.find_wgmma_prefill(head_dim=128, dtype="float16", cc=cc, group=4) is None:
-        pytest.skip(f"no sm_90a prefill kernel for sm_{cc[0]}{cc[1]} in this build")
+    if lib.find_wgmma_prefill(head_dim=128, dtype="float16", cc=cc, group=4, tier=tier) is None:
+        pytest.skip(f"no sm_90a prefill kernel over {tier} for sm_{cc[0]}{cc[1]} in this build")
     calls = []
-    op = torch.ops.hierasparse.prefill_sm90
+    op = getattr(torch.ops.hierasparse, op_name)
 
     def counted(*args):
         calls.append(args[1].shape)
         return op(*args)
-    monkeypatch.setattr(torch.ops.hierasparse, "prefill_sm90", counted)
+    monkeypatch.setattr(torch.ops.hierasparse, op_name, counted)
     return calls
+
+
+@pytest.fixture
+def wgmma_calls(lib, monkeypatch):
+    return _count_wgmma_calls(lib, monkeypatch, ("sparse24", "sparse24"), "prefill_sm90")
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -346,18 +351,7 @@ def test_calls_the_wgmma_kernel_does_not_take_use_the_warp_level_one(lib, poison
 
 @pytest.fixture
 def wgmma_kd_calls(lib, monkeypatch):
-    """Counts calls of the sm_90a dense-K prefill op; skips where the build or the device has none."""
-    cc = torch.cuda.get_device_capability()
-    if lib.find_wgmma_prefill(head_dim=128, dtype="float16", cc=cc, group=4, tier=("dense", "sparse24")) is None:
-        pytest.skip(f"no sm_90a balanced prefill kernel for sm_{cc[0]}{cc[1]} in this build")
-    calls = []
-    op = torch.ops.hierasparse.prefill_sm90_kd
-
-    def counted(*args):
-        calls.append(args[1].shape)
-        return op(*args)
-    monkeypatch.setattr(torch.ops.hierasparse, "prefill_sm90_kd", counted)
-    return calls
+    return _count_wgmma_calls(lib, monkeypatch, ("dense", "sparse24"), "prefill_sm90_kd")
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
