@@ -69,6 +69,12 @@ def _fail(what: str, problem: str, fix: str):
     raise ValueError(f"{what}: {problem}. Fix: {fix}")
 
 
+def _check_same_device(q: torch.Tensor, fix: str, **tensors: torch.Tensor) -> None:
+    for name, t in tensors.items():
+        if t.device != q.device:
+            _fail(name, f"on {t.device} but q is on {q.device}", fix)
+
+
 def _check_cuda(t, what: str) -> None:
     if not isinstance(t, torch.Tensor):
         _fail(what, f"expected a torch.Tensor, got {type(t).__name__}", "pass a CUDA tensor")
@@ -285,9 +291,7 @@ def decode(lib, q, k: PackedKV, v: PackedKV, seqlens=None, *, scale: float | Non
     if q.stride(2) != 1 or q.stride(0) % 2 or q.stride(1) % 2:
         _fail("q", f"strides {q.stride()} not supported (head_dim must be contiguous, other strides even)",
               "pass q.contiguous()")
-    for t, name in ((k.values, "k"), (v.values, "v")):
-        if t.device != q.device:
-            _fail(name, f"on {t.device} but q is on {q.device}", "keep Q and the cache on one GPU")
+    _check_same_device(q, "keep Q and the cache on one GPU", k=k.values, v=v.values)
     if seqlens is None:
         seqlens = torch.full((B,), min(k.length, v.length), dtype=torch.int32, device=q.device)
     else:
@@ -541,9 +545,7 @@ def prefill(lib, q: torch.Tensor, k, v: PackedKV, seqlens=None, *, qlens=None, s
         tier, length, D = ("dense", "sparse24"), min(k.shape[2], v.length), v.head_dim
         ksrc = _Source(tail=k)
     _check_queries(q, B, Hkv, D, v.values.dtype)
-    for t, name in ((k.values if isinstance(k, PackedKV) else k, "k"), (v.values, "v")):
-        if t.device != q.device:
-            _fail(name, f"on {t.device} but q is on {q.device}", "keep Q, K and V on one GPU")
+    _check_same_device(q, "keep Q, K and V on one GPU", k=k.values if isinstance(k, PackedKV) else k, v=v.values)
     if seqlens is None and qlens is None and q.shape[2] == length and lib.find_wgmma_prefill(
             head_dim=D, dtype=_DTYPES[q.dtype], cc=_device_cc(q.device), group=q.shape[1] // Hkv, tier=tier):
         # a whole prompt on Hopper: the wgmma kernels (templates/prefill_sm90.cu.j2)
@@ -580,7 +582,7 @@ def _prefill_sm90_op(lib_key: str, q: torch.Tensor, k_vals: torch.Tensor, k_meta
 
 @_prefill_sm90_op.register_fake
 def _(lib_key, q, k_vals, k_meta, v_vals, v_meta, capacity, scale):
-    return _prefill_outputs(q, lambda shape, dtype, device: q.new_empty(shape, dtype=dtype))
+    return _prefill_outputs(q, _fake_alloc(q))
 
 
 def _rows16_strided(x: torch.Tensor) -> torch.Tensor:
@@ -621,7 +623,7 @@ def _prefill_sm90_kd_op(lib_key: str, q: torch.Tensor, k: torch.Tensor, v_vals: 
 
 @_prefill_sm90_kd_op.register_fake
 def _(lib_key, q, k, v_vals, v_meta, capacity, scale):
-    return _prefill_outputs(q, lambda shape, dtype, device: q.new_empty(shape, dtype=dtype))
+    return _prefill_outputs(q, _fake_alloc(q))
 
 
 def prefill_cache(lib, q: torch.Tensor, cache, seqlens: torch.Tensor, qlens: torch.Tensor, *,
@@ -645,6 +647,11 @@ def _prefill(lib, q, tier, block_size, k: _Source, v: _Source, seqlens, qlens, m
         k.table, k.block, k.dense, k.vals, k.meta, k.n_sparse, k.tail, k.tail_start,
         v.table, v.block, v.dense, v.vals, v.meta, v.n_sparse, v.tail, v.tail_start,
         seqlens, qlens, max_len, scale)
+
+
+def _fake_alloc(q: torch.Tensor):
+    """The allocator of the ops' fake (meta) implementations."""
+    return lambda shape, dtype, device: q.new_empty(shape, dtype=dtype)
 
 
 def _prefill_outputs(q: torch.Tensor, alloc):
@@ -695,4 +702,4 @@ def _prefill_op(lib_key: str, q: torch.Tensor, k_tier: str, v_tier: str, block_s
 def _(lib_key, q, k_tier, v_tier, block_size, k_table, k_block, k_dense, k_vals, k_meta, k_n_sparse, k_tail,
       k_tail_start, v_table, v_block, v_dense, v_vals, v_meta, v_n_sparse, v_tail, v_tail_start, seqlens, qlens,
       max_len, scale):
-    return _prefill_outputs(q, lambda shape, dtype, device: q.new_empty(shape, dtype=dtype))
+    return _prefill_outputs(q, _fake_alloc(q))
