@@ -291,7 +291,8 @@ def test_cli_rejects_bad_specs_without_traceback(tmp_path, text, fragment):
 
 
 @pytest.mark.parametrize("probe,instruction", [("wgmma_sp_probe.cu", "HGMMA.SP.64x64x32.F32"),
-                                               ("wgmma_ceiling.cu", "HGMMA.SP.64x256x32.F32")])
+                                               ("wgmma_ceiling.cu", "HGMMA.SP.64x256x32.F32"),
+                                               ("wgmma_datapath_probe.cu", "HGMMA.SP.64x64x32.F32")])
 def test_hopper_probes_compile_to_sparse_wgmma_without_serialization(tmp_path, probe, instruction):
     """The sm_90a groundwork (docs/hopper.md) keeps building: HGMMA.SP in the SASS, no trap, no
     ptxas "serialized" message (C751x: every wgmma of the function would wait to completion) and
