@@ -11,7 +11,9 @@ change, compiled on its own into a shared library with the library's flags, e.g.
 SYMBOL is the entry point (`hsg_prefill_d128_g4_f16_k24_v24_wg_sm90a`, or the `_kd_` balanced one, which
 takes dense K). Llama-3 shape, fp16, causal, whole prompts; shapes from $SHAPES (default 1x32768,8x32768).
 Same timing as `hierasparse-gen bench --prefill` (CUDA-graph medians of 10). Each build's output is compared
-with the first build's (max |difference|): an experiment that changes the math shows up there.
+with the first build's (max |difference|): an experiment that changes the math shows up there. Builds that
+change the math on purpose (diagnostics: exponentials removed and the like) need TIMING_ONLY=1, which lets
+their NaN outputs through.
 """
 import ctypes
 import math
@@ -54,7 +56,8 @@ for B, L in (tuple(map(int, s.split("x"))) for s in os.environ.get("SHAPES", "1x
             assert rc == 0, f"{path}: cudaError {rc}"
         call(q)
         torch.cuda.synchronize()
-        assert not out.isnan().any(), f"{path}: unwritten or NaN output"
+        # TIMING_ONLY=1: builds that change the math on purpose (diagnostics) may leave NaN
+        assert os.environ.get("TIMING_ONLY") or not out.isnan().any(), f"{path}: unwritten or NaN output"
         first = out.clone() if first is None else first
         diff = (out.float() - first.float()).abs().max().item()
         us = _median_us(call, [(q,)], 10)
