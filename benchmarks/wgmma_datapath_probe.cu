@@ -9,7 +9,9 @@
 //   LOADS=1  K and V fragments and metadata loaded from a shared-memory stage every slab (the kernel)
 //   LOADS=2  the same fragments loaded from global memory (L2-resident), one slab ahead
 //   LOADS=3  K read by the tensor core from shared memory by descriptor (SS), V fragments as in 1
-//   PSTORE=1 P^T stored with 4 stmatrix a thread, fence.proxy.async and the warpgroup's named barrier
+//   PSTORE=1 P^T stored with 4 stmatrix a thread, fence.proxy.async and the warpgroup's named barrier, while
+//            the slab's wgmmas run (the kernel); 2: the same without the proxy fence, 3: without the barrier
+//            (both wrong as synchronization, timing only); 4: stores, fence and barrier before the wgmma issue
 //
 // Build and run (H200):
 //   for l in 0 1 2 3; do for p in 0 1; do
@@ -128,6 +130,23 @@ __global__ void __launch_bounds__(NWG * 128, 1) slabs(float* out, const unsigned
 #elif LOADS == 1 || LOADS == 3
     load_frags<false>(f, st, w, lane);
 #endif
+#if PSTORE == 4
+    {
+      unsigned char* tile = sm.p[wg][j & 1];
+      const int mi = lane >> 3, r = lane & 7;
+#pragma unroll
+      for (int t = 0; t < 4; ++t) {
+        const int row = 8 * (2 * t + (mi >> 1)) + r, col = 16 * w + 8 * (mi & 1);
+        const uint32_t off = row * 128 + (((col >> 3) ^ (row & 7)) << 4);
+        asm volatile("stmatrix.sync.aligned.m8n8.x4.trans.shared.b16 [%0], {%1, %2, %3, %4};\n" ::"r"(
+                         smem_addr(tile + off)),
+                     "r"(j), "r"(j + 1), "r"(j + 2), "r"(j + 3)
+                     : "memory");
+      }
+      asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+      asm volatile("bar.sync %0, 128;\n" ::"r"(1 + wg) : "memory");
+    }
+#endif
     fence_acc(s);
     fence_acc(o0);
     fence_acc(o1);
@@ -147,7 +166,7 @@ __global__ void __launch_bounds__(NWG * 128, 1) slabs(float* out, const unsigned
 #pragma unroll
     for (int kk = 0; kk < 2; ++kk) mma_rs(o1, f.va[1][kk], desc_sw128(smem_addr(pt) + kk * 64), f.ve[1][kk]);
     asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
-#if PSTORE
+#if PSTORE == 1 || PSTORE == 2 || PSTORE == 3
     unsigned char* tile = sm.p[wg][j & 1];
     const int mi = lane >> 3, r = lane & 7;
 #pragma unroll
@@ -159,8 +178,12 @@ __global__ void __launch_bounds__(NWG * 128, 1) slabs(float* out, const unsigned
                    "r"(j), "r"(j + 1), "r"(j + 2), "r"(j + 3)
                    : "memory");
     }
+#if PSTORE != 2
     asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+#endif
+#if PSTORE != 3
     asm volatile("bar.sync %0, 128;\n" ::"r"(1 + wg) : "memory");
+#endif
 #endif
     asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
     fence_acc(s);
