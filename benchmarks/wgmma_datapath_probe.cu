@@ -128,6 +128,24 @@ __device__ __forceinline__ void load_frags(Frags& f, const unsigned char* src, i
     }
 }
 
+// P^T of a slab (placeholder values) with the kernel's NQ / 16 transposed stmatrix a thread into a
+// [query][key] 128B-swizzled tile; then, as chosen, the proxy fence and the warpgroup's named barrier.
+template <bool kFence, bool kBarrier>
+__device__ __forceinline__ void store_p(unsigned char* tile, int j, int w, int lane, int bar) {
+  const int mi = lane >> 3, r = lane & 7;
+#pragma unroll
+  for (int t = 0; t < NQ / 16; ++t) {
+    const int row = 8 * (2 * t + (mi >> 1)) + r, col = 16 * w + 8 * (mi & 1);
+    const uint32_t off = row * 128 + (((col >> 3) ^ (row & 7)) << 4);
+    asm volatile("stmatrix.sync.aligned.m8n8.x4.trans.shared.b16 [%0], {%1, %2, %3, %4};\n" ::"r"(
+                     smem_addr(tile + off)),
+                 "r"(j), "r"(j + 1), "r"(j + 2), "r"(j + 3)
+                 : "memory");
+  }
+  if constexpr (kFence) asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+  if constexpr (kBarrier) asm volatile("bar.sync %0, 128;\n" ::"r"(bar) : "memory");
+}
+
 __global__ void __launch_bounds__(NWG * 128, 1) slabs(float* out, const unsigned char* gsrc) {
   extern __shared__ unsigned char raw[];
   Smem& sm = *reinterpret_cast<Smem*>(raw + ((1024u - (smem_addr(raw) & 1023u)) & 1023u));
@@ -152,21 +170,7 @@ __global__ void __launch_bounds__(NWG * 128, 1) slabs(float* out, const unsigned
     load_frags<false, true>(f, st, w, lane);
 #endif
 #if PSTORE == 4
-    {
-      unsigned char* tile = sm.p[wg][j & 1];
-      const int mi = lane >> 3, r = lane & 7;
-#pragma unroll
-      for (int t = 0; t < NQ / 16; ++t) {
-        const int row = 8 * (2 * t + (mi >> 1)) + r, col = 16 * w + 8 * (mi & 1);
-        const uint32_t off = row * 128 + (((col >> 3) ^ (row & 7)) << 4);
-        asm volatile("stmatrix.sync.aligned.m8n8.x4.trans.shared.b16 [%0], {%1, %2, %3, %4};\n" ::"r"(
-                         smem_addr(tile + off)),
-                     "r"(j), "r"(j + 1), "r"(j + 2), "r"(j + 3)
-                     : "memory");
-      }
-      asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-      asm volatile("bar.sync %0, 128;\n" ::"r"(1 + wg) : "memory");
-    }
+    store_p<true, true>(sm.p[wg][j & 1], j, w, lane, 1 + wg);
 #endif
     fence_acc(s);
     fence_acc(o0);
@@ -197,23 +201,7 @@ __global__ void __launch_bounds__(NWG * 128, 1) slabs(float* out, const unsigned
 #endif
     asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
 #if PSTORE == 1 || PSTORE == 2 || PSTORE == 3
-    unsigned char* tile = sm.p[wg][j & 1];
-    const int mi = lane >> 3, r = lane & 7;
-#pragma unroll
-    for (int t = 0; t < NQ / 16; ++t) {  // the kernel's transposed stores into a [query][key] 128B-swizzled tile
-      const int row = 8 * (2 * t + (mi >> 1)) + r, col = 16 * w + 8 * (mi & 1);
-      const uint32_t off = row * 128 + (((col >> 3) ^ (row & 7)) << 4);
-      asm volatile("stmatrix.sync.aligned.m8n8.x4.trans.shared.b16 [%0], {%1, %2, %3, %4};\n" ::"r"(
-                       smem_addr(tile + off)),
-                   "r"(j), "r"(j + 1), "r"(j + 2), "r"(j + 3)
-                   : "memory");
-    }
-#if PSTORE != 2
-    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-#endif
-#if PSTORE != 3
-    asm volatile("bar.sync %0, 128;\n" ::"r"(1 + wg) : "memory");
-#endif
+    store_p<PSTORE != 2, PSTORE != 3>(sm.p[wg][j & 1], j, w, lane, 1 + wg);
 #endif
     asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
     fence_acc(s);
