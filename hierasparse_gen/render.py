@@ -31,13 +31,17 @@ def _environment(path: str) -> jinja2.Environment:
         keep_trailing_newline=True, trim_blocks=False, lstrip_blocks=False, autoescape=False)
 
 
-def render(variant: Variant, spec: Spec) -> str:
-    """The complete source of one translation unit (deterministic for equal inputs)."""
-    env = _environment(str(templates_dir()))
-    template = env.get_template(variant.template)
-    return template.render(
+def render_context(variant: Variant, spec: Spec) -> dict:
+    """The values a template sees (the spec values of the variant, names of its namespace and symbol)."""
+    return dict(
         variant=variant, spec=spec, template=variant.template, generator_version=__version__,
         namespace=f"{variant.name}_impl", symbol=variant.symbol, head_dim=variant.head_dim,
         group=variant.group, block_size=variant.block_size, n_tiles=variant.n_tiles,
         k_tier=variant.tier.k if variant.tier else None, v_tier=variant.tier.v if variant.tier else None,
         **variant.tiles)
+
+
+def render(variant: Variant, spec: Spec) -> str:
+    """The complete source of one translation unit (deterministic for equal inputs)."""
+    env = _environment(str(templates_dir()))
+    return env.get_template(variant.template).render(**render_context(variant, spec))
