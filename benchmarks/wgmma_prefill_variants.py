@@ -9,11 +9,13 @@ change, compiled on its own into a shared library with the library's flags, e.g.
     python benchmarks/wgmma_prefill_variants.py SYMBOL base.so exp.so base.so ...   (on an H200)
 
 SYMBOL is the entry point (`hsg_prefill_d128_g4_f16_k24_v24_wg_sm90a`, or the `_kd_` balanced one, which
-takes dense K). Llama-3 shape, fp16, causal, whole prompts; shapes from $SHAPES (default 1x32768,8x32768).
+takes dense K). Llama-3 shape, fp16, causal; shapes BxL from $SHAPES (any L; default 1x32768,8x32768).
 Same timing as `hierasparse-gen bench --prefill` (CUDA-graph medians of 10). Each build's output is compared
 with the first build's (max |difference|): an experiment that changes the math shows up there. Builds that
 change the math on purpose (diagnostics: exponentials removed and the like) need TIMING_ONLY=1, which lets
-their NaN outputs through.
+their NaN outputs through. Builds listed in $CORE_LAYOUT (comma-separated, as given on the command line) get
+the 2:4 values in the core-matrix layout (hierasparse_gen.format.k_core_matrices / v_core_matrices), for
+experiments that read them by descriptor (benchmarks/wgmma_n128_prefill.cu.j2).
 """
 import ctypes
 import math
@@ -30,6 +32,7 @@ from hierasparse_gen import format as fmt  # noqa: E402
 from hierasparse_gen.bench import _median_us  # noqa: E402
 
 symbol, builds = sys.argv[1], sys.argv[2:]
+core_layout = {Path(b).resolve() for b in os.environ.get("CORE_LAYOUT", "").split(",") if b}
 dense_k = "_kd_" in symbol
 H, HKV, D = 32, 8, 128
 p, i32, i64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_longlong
@@ -41,6 +44,7 @@ for B, L in (tuple(map(int, s.split("x"))) for s in os.environ.get("SHAPES", "1x
     k = torch.randn(B, HKV, L, D, device="cuda", dtype=torch.float16)
     v = torch.randn(B, HKV, L, D, device="cuda", dtype=torch.float16)
     (kv, km), (vv, vm) = fmt.pack_k(k), fmt.pack_v(v)
+    kc, vc = (fmt.k_core_matrices(kv), fmt.v_core_matrices(vv)) if core_layout else (None, None)
     flops = 4 * B * H * L * L * D / 2
     first = None
     for path in builds:
@@ -49,9 +53,12 @@ for B, L in (tuple(map(int, s.split("x"))) for s in os.environ.get("SHAPES", "1x
         out = torch.full_like(q, float("nan"))
         lse = torch.full((B, H, L), float("nan"), device="cuda")
 
+        core = Path(path).resolve() in core_layout
+        k_vals, v_vals = (kc, vc) if core else (kv, vv)
+
         def call(q):
-            k_args = (k.data_ptr(), *k.stride()[:3], L) if dense_k else (kv.data_ptr(), km.data_ptr())
-            rc = fn(q.data_ptr(), *q.stride()[:3], *k_args, vv.data_ptr(), vm.data_ptr(), L, B, H, HKV, L,
+            k_args = (k.data_ptr(), *k.stride()[:3], L) if dense_k else (k_vals.data_ptr(), km.data_ptr())
+            rc = fn(q.data_ptr(), *q.stride()[:3], *k_args, v_vals.data_ptr(), vm.data_ptr(), kv.shape[2], B, H, HKV, L,
                     1 / math.sqrt(D), out.data_ptr(), lse.data_ptr(), torch.cuda.current_stream().cuda_stream)
             assert rc == 0, f"{path}: cudaError {rc}"
         call(q)

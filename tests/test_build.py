@@ -290,6 +290,31 @@ def test_cli_rejects_bad_specs_without_traceback(tmp_path, text, fragment):
     assert not (tmp_path / "o").exists()
 
 
+def test_n128_experiment_renders_and_compiles_to_descriptor_wgmma(tmp_path):
+    """benchmarks/wgmma_n128_prefill.cu.j2 (2:4 operands by descriptor, 128 queries a wgmma) keeps building
+    against the templates it includes: m64n128 sparse HGMMA, no serialization message, no spills."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        from render_experiment import render_experiment
+    finally:
+        sys.path.pop(0)
+    from hierasparse_gen.compiler import find_toolchain
+    src = tmp_path / "n128.cu"
+    src.write_text(render_experiment(REPO / "benchmarks" / "wgmma_n128_prefill.cu.j2"))
+    tools = find_toolchain()
+    out = tmp_path / "n128.o"
+    proc = subprocess.run([tools.nvcc, "-std=c++17", "-O3", "-DNDEBUG", "--expt-relaxed-constexpr", "-c",
+                           *tools.includes, "-gencode", "arch=compute_90a,code=sm_90a", "-Xptxas", "-v",
+                           str(src), "-o", str(out)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    log = proc.stdout + proc.stderr
+    assert not re.search(r"C751[0-9]|C7520", log), log
+    spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    assert spills and all(x == ("0", "0") for x in spills), log
+    sass = _sass(out)
+    assert sass.count("HGMMA.SP.64x128x32.F32") == 48 and "BPT.TRAP" not in sass
+
+
 @pytest.mark.parametrize("probe,instruction", [("wgmma_sp_probe.cu", "HGMMA.SP.64x64x32.F32"),
                                                ("wgmma_ceiling.cu", "HGMMA.SP.64x256x32.F32"),
                                                ("wgmma_datapath_probe.cu", "HGMMA.SP.64x64x32.F32")])
