@@ -9,11 +9,9 @@ import dataclasses
 import sys
 from pathlib import Path
 
-import jinja2
-
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from hierasparse_gen.render import render_context, templates_dir  # noqa: E402
+from hierasparse_gen.render import render  # noqa: E402
 from hierasparse_gen.spec import load_spec  # noqa: E402
 from hierasparse_gen.variants import expand  # noqa: E402
 
@@ -22,11 +20,7 @@ def render_experiment(template: Path, stages: int = 4) -> str:
     spec = load_spec(REPO / "specs" / "llama3.yaml")
     variant = next(v for v in expand(spec) if v.wgmma and v.dtype == "float16" and v.tier.k == "sparse24")
     variant = dataclasses.replace(variant, tiles={**variant.tiles, "stages": stages})
-    env = jinja2.Environment(loader=jinja2.FileSystemLoader([str(template.resolve().parent), str(templates_dir())]),
-                             undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
-    context = render_context(variant, spec)
-    context["template"] = f"benchmarks/{template.name}"
-    return env.get_template(template.name).render(**context)
+    return render(variant, spec, template)
 
 
 if __name__ == "__main__":

@@ -25,23 +25,21 @@ def templates_dir() -> Path:
 
 
 @lru_cache(maxsize=None)
-def _environment(path: str) -> jinja2.Environment:
+def _environment(*paths: str) -> jinja2.Environment:
     return jinja2.Environment(
-        loader=jinja2.FileSystemLoader(path), undefined=jinja2.StrictUndefined,
+        loader=jinja2.FileSystemLoader(list(paths)), undefined=jinja2.StrictUndefined,
         keep_trailing_newline=True, trim_blocks=False, lstrip_blocks=False, autoescape=False)
 
 
-def render_context(variant: Variant, spec: Spec) -> dict:
-    """The values a template sees (the spec values of the variant, names of its namespace and symbol)."""
-    return dict(
-        variant=variant, spec=spec, template=variant.template, generator_version=__version__,
-        namespace=f"{variant.name}_impl", symbol=variant.symbol, head_dim=variant.head_dim,
-        group=variant.group, block_size=variant.block_size, n_tiles=variant.n_tiles,
+def render(variant: Variant, spec: Spec, template: Path | None = None) -> str:
+    """The complete source of one translation unit (deterministic for equal inputs). ``template``: a template
+    file to render instead of the variant's own (an experiment beside the library's kernels); it is looked
+    up in its folder, then in the templates folder, whose includes it may use."""
+    folder, name = (str(template.resolve().parent), template.name) if template else (None, variant.template)
+    env = _environment(*([folder] if folder else []), str(templates_dir()))
+    return env.get_template(name).render(
+        variant=variant, spec=spec, template=name if template is None else f"{template.resolve().parent.name}/{name}",
+        generator_version=__version__, namespace=f"{variant.name}_impl", symbol=variant.symbol,
+        head_dim=variant.head_dim, group=variant.group, block_size=variant.block_size, n_tiles=variant.n_tiles,
         k_tier=variant.tier.k if variant.tier else None, v_tier=variant.tier.v if variant.tier else None,
         **variant.tiles)
-
-
-def render(variant: Variant, spec: Spec) -> str:
-    """The complete source of one translation unit (deterministic for equal inputs)."""
-    env = _environment(str(templates_dir()))
-    return env.get_template(variant.template).render(**render_context(variant, spec))
