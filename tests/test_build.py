@@ -290,6 +290,24 @@ def test_cli_rejects_bad_specs_without_traceback(tmp_path, text, fragment):
     assert not (tmp_path / "o").exists()
 
 
+def _compile_sm90a(src: Path, tmp_path: Path, *flags: str) -> tuple[str, str]:
+    """Compile one sm_90a source alone; assert it built with no ptxas serialization message (C751x, C7520:
+    every wgmma of the function would wait to completion), no register spills and no trap in the SASS.
+    Returns the ptxas log and the SASS."""
+    out = tmp_path / (src.stem + ".o")
+    proc = subprocess.run(["nvcc", "-std=c++17", "-O3", "-DNDEBUG", "-c", *flags, "-gencode",
+                           "arch=compute_90a,code=sm_90a", "-Xptxas", "-v", str(src), "-o", str(out)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    log = proc.stdout + proc.stderr
+    assert not re.search(r"C751[0-6]|C7520", log), log
+    spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    assert spills and all(x == ("0", "0") for x in spills), log
+    sass = _sass(out)
+    assert "BPT.TRAP" not in sass
+    return log, sass
+
+
 def test_n128_experiment_renders_and_compiles_to_descriptor_wgmma(tmp_path):
     """benchmarks/wgmma_n128_prefill.cu.j2 (2:4 operands by descriptor, 128 queries a wgmma) keeps building
     against the templates it includes: m64n128 sparse HGMMA, no serialization message, no spills."""
@@ -301,18 +319,9 @@ def test_n128_experiment_renders_and_compiles_to_descriptor_wgmma(tmp_path):
     from hierasparse_gen.compiler import find_toolchain
     src = tmp_path / "n128.cu"
     src.write_text(render_experiment(REPO / "benchmarks" / "wgmma_n128_prefill.cu.j2"))
-    tools = find_toolchain()
-    out = tmp_path / "n128.o"
-    proc = subprocess.run([tools.nvcc, "-std=c++17", "-O3", "-DNDEBUG", "--expt-relaxed-constexpr", "-c",
-                           *tools.includes, "-gencode", "arch=compute_90a,code=sm_90a", "-Xptxas", "-v",
-                           str(src), "-o", str(out)], capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
-    log = proc.stdout + proc.stderr
-    assert not re.search(r"C751[0-9]|C7520", log), log
-    spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
-    assert spills and all(x == ("0", "0") for x in spills), log
-    sass = _sass(out)
-    assert sass.count("HGMMA.SP.64x128x32.F32") == 48 and "BPT.TRAP" not in sass
+    log, sass = _compile_sm90a(src, tmp_path, "--expt-relaxed-constexpr", *find_toolchain().includes)
+    assert "C7519" not in log, log  # no warpgroup.arrive injected either
+    assert sass.count("HGMMA.SP.64x128x32.F32") == 48
 
 
 @pytest.mark.parametrize("probe,instruction", [("wgmma_sp_probe.cu", "HGMMA.SP.64x64x32.F32"),
@@ -322,14 +331,5 @@ def test_hopper_probes_compile_to_sparse_wgmma_without_serialization(tmp_path, p
     """The sm_90a groundwork (docs/hopper.md) keeps building: HGMMA.SP in the SASS, no trap, no
     ptxas "serialized" message (C751x: every wgmma of the function would wait to completion) and
     no register spills."""
-    out = tmp_path / "probe.o"
-    proc = subprocess.run(["nvcc", "-std=c++17", "-O3", "-c", "-gencode", "arch=compute_90a,code=sm_90a",
-                           "-Xptxas", "-v", str(REPO / "benchmarks" / probe), "-o", str(out)],
-                          capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
-    log = proc.stdout + proc.stderr
-    assert not re.search(r"C751[0-6]|C7520", log), log
-    spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
-    assert spills and all(s == ("0", "0") for s in spills), log
-    sass = _sass(out)
-    assert instruction in sass and "BPT.TRAP" not in sass
+    _, sass = _compile_sm90a(REPO / "benchmarks" / probe, tmp_path)
+    assert instruction in sass
