@@ -324,6 +324,29 @@ def test_n128_experiment_renders_and_compiles_to_descriptor_wgmma(tmp_path):
     assert sass.count("HGMMA.SP.64x128x32.F32") == 48
 
 
+@pytest.mark.parametrize("balanced", [False, True])
+def test_cta_timeline_instruments_the_current_kernel(tmp_path, llama3_build, balanced):
+    """benchmarks/cta_timeline.py finds its anchors in the rendered kernel (a template change that moves one
+    fails here, not on the GPU) and the instrumented kernel builds as the library's does: same HGMMA count,
+    no serialization message, no spills; one stamp-store site per point."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import cta_timeline
+    finally:
+        sys.path.pop(0)
+    from hierasparse_gen.compiler import find_toolchain
+    src, symbol = cta_timeline.render(balanced)
+    assert ("_kd_" in symbol) == balanced
+    assert src.count("hsg_times[hsg_cta()]") == 11 and "HSG_EXPORT int hsg_read_times" in src
+    path = tmp_path / "timeline.cu"
+    path.write_text(src)
+    log, sass = _compile_sm90a(path, tmp_path, "--expt-relaxed-constexpr", *find_toolchain().includes)
+    assert "SR_GLOBALTIMERLO" in sass and "SR_CLOCKLO" in sass  # the timer and clock reads are there
+    library = _kernels(_sass(llama3_build / "libhierasparse_llama3.so"))
+    base = "".join(t for k, t in library.items() if "prefill_kernel" in k and symbol[4:] in k)
+    assert base and base.count("HGMMA") == sass.count("HGMMA")  # both instantiations, same MMA work
+
+
 @pytest.mark.parametrize("probe,instruction", [("wgmma_sp_probe.cu", "HGMMA.SP.64x64x32.F32"),
                                                ("wgmma_ceiling.cu", "HGMMA.SP.64x256x32.F32"),
                                                ("wgmma_datapath_probe.cu", "HGMMA.SP.64x64x32.F32")])
