@@ -349,10 +349,13 @@ def test_cta_timeline_instruments_the_current_kernel(tmp_path, llama3_build, bal
 
 @pytest.mark.parametrize("probe,instruction", [("wgmma_sp_probe.cu", "HGMMA.SP.64x64x32.F32"),
                                                ("wgmma_ceiling.cu", "HGMMA.SP.64x256x32.F32"),
-                                               ("wgmma_datapath_probe.cu", "HGMMA.SP.64x64x32.F32")])
+                                               ("wgmma_datapath_probe.cu", "HGMMA.SP.64x64x32.F32"),
+                                               ("wgmma_tiers_probe.cu", "HGMMA.SP.64x64x32.F32")])
 def test_hopper_probes_compile_to_sparse_wgmma_without_serialization(tmp_path, probe, instruction):
     """The sm_90a groundwork (docs/hopper.md) keeps building: HGMMA.SP in the SASS, no trap, no
     ptxas "serialized" message (C751x: every wgmma of the function would wait to completion) and
     no register spills."""
     _, sass = _compile_sm90a(REPO / "benchmarks" / probe, tmp_path)
     assert instruction in sass
+    if probe == "wgmma_tiers_probe.cu":  # the dense forms beside the sparse one, V^T read MN-major
+        assert "HGMMA.64x64x16.F32" in sass and ".tnspA" in sass
