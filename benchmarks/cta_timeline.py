@@ -67,10 +67,14 @@ def instrument(src: str, namespace: str) -> str:
     j = src.index(q_done, i) + len(q_done)
     src = src[:j] + "  " + stamp("5 + wg") + src[j:]
     src = _insert(src, "  mbar_wait(&sm.full[0], 0);\n", "  " + stamp("7 + wg"))
-    src = _insert(src, "  const long long row0 =", "  " + stamp("9 + wg"), after=False)
+    # the loop end goes to shared memory first: a global store there (its address held live into the epilogue)
+    # made the balanced kernel spill
+    src = _insert(src, "  const long long row0 =", "  __shared__ unsigned long long hsg_loop_end[2];\n"
+                  "  if (tid == 0) hsg_loop_end[wg] = hsg_now();\n", after=False)
     call = src.index("  epilogue(o, l, m, w, g, qq")
     end = src.index("\n", call) + 1
     src = src[:end] + ("  if (tid == 0) {\n    hsg_times[hsg_cta()][11 + wg] = hsg_now();\n"
+                       "    hsg_times[hsg_cta()][9 + wg] = hsg_loop_end[wg];\n"
                        "    if (wg == 0) hsg_times[hsg_cta()][15] = clock64();\n  }\n") + src[end:]
     return src + f"""
 HSG_EXPORT int hsg_read_times(void* dst, int ctas) {{
