@@ -628,17 +628,52 @@ def _(lib_key, q, k, v_vals, v_meta, capacity, scale):
 
 def prefill_cache(lib, q: torch.Tensor, cache, seqlens: torch.Tensor, qlens: torch.Tensor, *,
                   k_tail: torch.Tensor | None = None, v_tail: torch.Tensor | None = None,
-                  tail_start: torch.Tensor | None = None, scale: float | None = None):
+                  tail_start: torch.Tensor | None = None, scale: float | None = None, whole: bool = False):
     """Causal attention of a query chunk over a HieraCache's block tables (the mixed-tier
     kernel); keys from ``tail_start[b]`` on come from the dense ``k_tail``/``v_tail`` rows
-    instead, when given. Used by :meth:`HieraCache.prefill`, which checks the arguments."""
+    instead, when given. ``whole``: every sequence holds exactly the chunk's tokens from block 0
+    (a prompt filled into an empty cache), which on Hopper the wgmma kernel over the tables takes.
+    Used by :meth:`HieraCache.prefill`, which checks the arguments."""
     ks, vs = cache.k, cache.v
+    D = cache.head_dim
+    if whole and k_tail is None and v_tail is None and lib.find_wgmma_prefill(
+            head_dim=D, dtype=_DTYPES[q.dtype], cc=_device_cc(q.device), group=q.shape[1] // ks.table.shape[1],
+            tier=("mixed", "mixed")) and cache.block == 64:
+        return torch.ops.hierasparse.prefill_sm90_table(lib.key, q, ks.table, vs.table, ks.dense, ks.sparse_vals,
+                                                        ks.sparse_meta, vs.dense, vs.sparse_vals, vs.sparse_meta,
+                                                        _scale(scale, D))
     ksrc = _Source(ks.table, cache.block, ks.dense, ks.sparse_vals, ks.sparse_meta, ks.sparse_vals.shape[2],
                    k_tail, tail_start if k_tail is not None else None)
     vsrc = _Source(vs.table, cache.block, vs.dense, vs.sparse_vals, vs.sparse_meta, vs.sparse_vals.shape[2],
                    v_tail, tail_start if v_tail is not None else None)
     return _prefill(lib, q, ("mixed", "mixed"), cache.block, ksrc, vsrc, seqlens, qlens, cache.max_seq_len,
                     _scale(scale, cache.head_dim))
+
+
+@torch.library.custom_op("hierasparse::prefill_sm90_table", mutates_args=())
+def _prefill_sm90_table_op(lib_key: str, q: torch.Tensor, k_table: torch.Tensor, v_table: torch.Tensor,
+                           k_dense: torch.Tensor, k_vals: torch.Tensor, k_meta: torch.Tensor, v_dense: torch.Tensor,
+                           v_vals: torch.Tensor, v_meta: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    lib = _LIBRARIES[lib_key]
+    B, Hq, L, D = q.shape
+    Hkv = k_table.shape[1]
+    variant = lib.find_wgmma_prefill(head_dim=D, dtype=_DTYPES[q.dtype], cc=_device_cc(q.device), group=Hq // Hkv,
+                                     tier=("mixed", "mixed"))
+    q = _rows16_strided(q)
+    for t, name in ((k_dense, "k dense pool"), (k_vals, "k 2:4 pool"), (k_meta, "k metadata pool"),
+                    (v_dense, "v dense pool"), (v_vals, "v 2:4 pool"), (v_meta, "v metadata pool")):
+        _check_aligned(t, name, 16)
+    out, lse = _prefill_outputs(q, _alloc)
+    _launch(lib, variant.symbol, q.device, q.data_ptr(), *q.stride()[:3], k_table.data_ptr(), v_table.data_ptr(),
+            k_table.shape[2], k_dense.data_ptr(), k_dense.shape[2], k_vals.data_ptr(), k_meta.data_ptr(),
+            k_vals.shape[2], v_dense.data_ptr(), v_dense.shape[2], v_vals.data_ptr(), v_meta.data_ptr(),
+            v_vals.shape[2], B, Hq, Hkv, L, scale, out.data_ptr(), lse.data_ptr())
+    return out, lse
+
+
+@_prefill_sm90_table_op.register_fake
+def _(lib_key, q, k_table, v_table, k_dense, k_vals, k_meta, v_dense, v_vals, v_meta, scale):
+    return _prefill_outputs(q, _fake_alloc(q))
 
 
 def _prefill(lib, q, tier, block_size, k: _Source, v: _Source, seqlens, qlens, max_len: int, scale: float):

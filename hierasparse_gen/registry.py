@@ -51,6 +51,11 @@ SIGNATURES = {
     ("prefill_sm90_kd", ""): [_p, _i64, _i64, _i64, _p, _i64, _i64, _i64, _i32, _p, _p, _i32, _i32, _i32, _i32,
                               _i32, _f32, _p, _p, _p],
     ("prefill_sm90_kd", "_smem_bytes"): [],
+    # the same over the cache's block tables: q, its strides, K table, V table, max_blocks; K then V pools (dense,
+    # n_dense, values, meta, n_sparse); batch, Hq, Hkv, queries, scale, out, lse, stream
+    ("prefill_sm90_table", ""): [_p, _i64, _i64, _i64, _p, _p, _i32, *[_p, _i32, _p, _p, _i32] * 2,
+                                 _i32, _i32, _i32, _i32, _f32, _p, _p, _p],
+    ("prefill_sm90_table", "_smem_bytes"): [],
     ("decode_mixed", "_smem_bytes"): [],
     ("decode_mixed", "_threads"): [],
 }
@@ -147,7 +152,7 @@ class Library:
             symbol = f"hsg_{v['name']}"
             kind_key = "decode_mixed" if v["kind"] == "decode" and v.get("block_size") else v["kind"]
             if v.get("template") == SM90_PREFILL_TEMPLATE:
-                kind_key = "prefill_sm90_kd" if tier and tier["k"] == "dense" else "prefill_sm90"
+                kind_key = {"dense": "prefill_sm90_kd", "mixed": "prefill_sm90_table"}.get(tier["k"], "prefill_sm90")
             for (kind, suffix), argtypes in SIGNATURES.items():
                 if kind == kind_key:
                     fn = getattr(self._cdll, symbol + suffix)
@@ -201,8 +206,8 @@ class Library:
     # --- dispatch --------------------------------------------------------------------------
     def find_wgmma_prefill(self, *, head_dim: int, dtype: str, cc: tuple[int, int], group: int,
                            tier: tuple[str, str] = ("sparse24", "sparse24")) -> KernelVariant | None:
-        """The sm_90a prefill kernel for a whole-prompt call over these (K, V) tiers (all-2:4, or dense K and
-        2:4 V), if the library has one that runs here."""
+        """The sm_90a prefill kernel for a whole-prompt call over these (K, V) tiers (all-2:4, dense K and 2:4 V,
+        or the cache's block tables: ("mixed", "mixed")), if the library has one that runs here."""
         key = ("wgmma", head_dim, dtype, cc, group, tier)
         if key not in self._picked:
             self._picked[key] = next((v for v in self.variants if v.wgmma and v.head_dim == head_dim

@@ -88,7 +88,8 @@ class Variant:
                     "hsg_error_string": "cudaGetErrorString",
                     "hsg_runtime_version": "CUDA runtime version linked in"}
         if self.kind == "prefill" and self.wgmma:
-            what = "all-2:4 K and V" if self.tier.k == "sparse24" else "dense K (TMA) and 2:4 V"
+            what = {"sparse24": "all-2:4 K and V", "dense": "dense K (TMA) and 2:4 V",
+                    "mixed": "the cache's block tables (dense and 2:4 blocks)"}[self.tier.k]
             return {s: f"causal prefill of whole prompts over {what} (wgmma, sm_90a)",
                     f"{s}_smem_bytes": "dynamic shared memory per CTA"}
         if self.kind == "prefill":
@@ -149,19 +150,29 @@ def expand(spec: Spec) -> list[Variant]:
     return list(out.values())
 
 
+#: cache block size the sm_90a block-table prefill reads (a block is one 64-key slab of the kernel)
+SM90_TABLE_BLOCK = 64
+
+
 def _arch_specific(spec: Spec, arch: str, groups, out: dict) -> None:
     """Kernels only an arch-specific target has: sm_90a's wgmma prefill over all-2:4 K and V and, as the
-    warp-level family does for an all-2:4 tier, the balanced one (dense K rows, 2:4 V)."""
-    if "prefill" not in spec.phases or not any(t.k == t.v == "sparse24" for t in spec.tiers):
+    warp-level family does for an all-2:4 tier, the balanced one (dense K rows, 2:4 V); over the cache's
+    block tables when the spec has the mixed tier with 64-token blocks."""
+    if "prefill" not in spec.phases:
         return
+    tiers = []
+    if any(t.k == t.v == "sparse24" for t in spec.tiers):
+        # stage ring depth, measured at 32K on an H200: all-2:4 4 (5 and 6 ~1 % slower), dense K 5
+        # (+1 % over 4; 3 starves the pipelined loop: -25 %)
+        tiers += [(Tier("sparse24", "sparse24"), 0, 4), (Tier("dense", "sparse24"), 0, 5)]
+    if any(t.k == "mixed" for t in spec.tiers) and spec.cache.block_size == SM90_TABLE_BLOCK:
+        tiers.append((Tier("mixed", "mixed"), SM90_TABLE_BLOCK, 4))  # 34 KB stages
     for dtype in spec.dtypes:
         for d, g in groups:
             if d in SM90_PREFILL_HEAD_DIMS:
-                for k_tier in ("sparse24", "dense"):
-                    # stage ring depth, measured at 32K on an H200: all-2:4 4 (5 and 6 ~1 % slower), dense K 5
-                    # (+1 % over 4; 3 starves the pipelined loop: -25 %)
-                    v = Variant("prefill", SM90_PREFILL_TEMPLATE, arch, dtype, d, g, Tier(k_tier, "sparse24"),
-                                tiles={"stages": 5 if k_tier == "dense" else 4})
+                for tier, block, stages in tiers:
+                    v = Variant("prefill", SM90_PREFILL_TEMPLATE, arch, dtype, d, g, tier, block_size=block,
+                                tiles={"stages": stages})
                     out.setdefault(v.name, v)
 
 

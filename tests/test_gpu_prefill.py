@@ -197,6 +197,32 @@ def test_cache_prefill_modes(lib, poison, mode, kr, vr):
     assert cache.tiers("k").any() == (kr > 0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("L,kr,vr", [(2000, 0.5, 0.5), (1024, 1.0, 1.0), (777, 0.0, 1.0), (4160, 1.0, 0.25),
+                                     (64, 1.0, 1.0), (1, 0.5, 0.5)])
+def test_cache_prefill_of_a_whole_prompt(lib, poison, dtype, L, kr, vr):
+    # a prompt into an empty cache, every sequence the whole chunk (compress_then_attend): on Hopper the sm_90a
+    # kernel over the block tables takes it. Against the reference on the stored K/V, and against the
+    # warp-level table kernel on the same cache.
+    from hierasparse_gen.ops import prefill_cache
+    B = 2
+    find = dict(head_dim=128, dtype="float16" if dtype == torch.float16 else "bfloat16",
+                cc=torch.cuda.get_device_capability(), group=4, tier=("mixed", "mixed"))
+    if torch.cuda.get_device_capability() == (9, 0):
+        assert lib.find_wgmma_prefill(**find), "the build has no sm_90a block-table kernel"
+    q, k, v = _inputs(B, L, L, dtype, 70 + L, 32, 8, 128)
+    cache = _cache(lib, B, 4224, kr, vr, dtype=dtype)
+    out = _cache_chunk(cache, "compress_then_attend", q, k, v, [L] * B)
+    assert cache.tiers("k").any() == (kr > 0 and L >= 6 * 64) and cache.tiers("v").any() == (L >= 6 * 64)
+    qlens = torch.full((B,), L, dtype=torch.int32, device="cuda")
+    warp_out, warp_lse = prefill_cache(lib, q, cache, cache.seqlens, qlens)
+    wg_out, wg_lse = prefill_cache(lib, q, cache, cache.seqlens, qlens, whole=True)
+    assert torch.equal(wg_out, out)
+    tol = 4e-3 if dtype == torch.float16 else 3e-2
+    assert torch.allclose(wg_out.float(), warp_out.float(), atol=tol, rtol=0)
+    assert torch.allclose(wg_lse, warp_lse, atol=1e-3)
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_cache_chunked_prefill(lib, poison, mode):
     # chunks at offsets that are not multiples of 32, a chunk longer than the window (blocks

@@ -30,7 +30,8 @@ def test_llama3_variant_names(llama3):
     assert [n for n in names if n.startswith("prefill")] == [
         f"prefill_d128_g4_{t}_{tier}_{a}" for a in ("sm80", "sm90") for t in ("f16", "bf16")
         for tier in ("k24_v24", "kd_v24", "km_vm_b64")] + [
-        f"prefill_d128_g4_{t}_{tier}_wg_sm90a" for t in ("f16", "bf16") for tier in ("k24_v24", "kd_v24")]  # sm_90a: wgmma only
+        f"prefill_d128_g4_{t}_{tier}_wg_sm90a" for t in ("f16", "bf16")
+        for tier in ("k24_v24", "kd_v24", "km_vm_b64")]  # sm_90a: wgmma only (all-2:4, balanced, block tables)
     names = [n for n in names if not n.startswith("prefill")]
     assert names == [
         "runtime",
@@ -44,9 +45,10 @@ def test_llama3_variant_names(llama3):
     prefill = [v for v in expand(llama3) if v.kind == "prefill" and not v.wgmma]
     assert all(v.tiles["warp_queries"] == 24 and v.n_tiles == 3 for v in prefill)
     wgmma = [v for v in expand(llama3) if v.wgmma]
-    assert [v.arch for v in wgmma] == ["sm_90a"] * 4 and all(v.template == "prefill_sm90.cu.j2" for v in wgmma)
+    assert [v.arch for v in wgmma] == ["sm_90a"] * 6 and all(v.template == "prefill_sm90.cu.j2" for v in wgmma)
     assert all(v.compute_capability == (9, 0) for v in wgmma)
-    assert [v.tier for v in wgmma] == [Tier("sparse24", "sparse24"), Tier("dense", "sparse24")] * 2
+    assert [v.tier for v in wgmma] == [Tier("sparse24", "sparse24"), Tier("dense", "sparse24"), Tier("mixed", "mixed")] * 2
+    assert [v.block_size for v in wgmma] == [0, 0, 64] * 2  # the block-table kernel: one 64-token block a slab
 
 
 def _spec_with(**changes):
@@ -68,15 +70,20 @@ def test_sm90a_alone_also_gets_the_warp_level_kernels():
 
 
 def test_wgmma_prefill_only_where_its_kernel_exists():
-    # head_dim 64: no wgmma kernel (the warp-level ones cover it); no all-2:4 tier: none either
+    # head_dim 64: no wgmma kernel (the warp-level ones cover it)
     shapes = [{"head_dim": 64, "num_qo_heads": 8, "num_kv_heads": 8},
               {"head_dim": 128, "num_qo_heads": 16, "num_kv_heads": 2}]
     names = [v.name for v in expand(_spec_with(shapes=shapes, archs=["sm_90", "sm_90a"]))]
     assert [n for n in names if n.endswith("sm90a")] == [
         "prefill_d128_g8_f16_k24_v24_wg_sm90a", "prefill_d128_g8_f16_kd_v24_wg_sm90a",
-        "prefill_d128_g8_bf16_k24_v24_wg_sm90a", "prefill_d128_g8_bf16_kd_v24_wg_sm90a"]
-    assert not [v for v in expand(_spec_with(archs=["sm_90", "sm_90a"], tiers=[{"k": "mixed", "v": "mixed"}]))
-                if v.wgmma]
+        "prefill_d128_g8_f16_km_vm_b64_wg_sm90a", "prefill_d128_g8_bf16_k24_v24_wg_sm90a",
+        "prefill_d128_g8_bf16_kd_v24_wg_sm90a", "prefill_d128_g8_bf16_km_vm_b64_wg_sm90a"]
+    # the cache's tier alone: only the block-table kernel, and only for 64-token blocks (a block is a slab)
+    mixed = [{"k": "mixed", "v": "mixed"}]
+    table = [v for v in expand(_spec_with(archs=["sm_90", "sm_90a"], tiers=mixed)) if v.wgmma]
+    assert {(v.tier.k, v.tier.v) for v in table} == {("mixed", "mixed")} and {v.block_size for v in table} == {64}
+    cache = {"block_size": 128, "sink": 128, "local_window": 256}
+    assert not [v for v in expand(_spec_with(archs=["sm_90", "sm_90a"], tiers=mixed, cache=cache)) if v.wgmma]
     assert not [v for v in expand(_spec_with(archs=["sm_90", "sm_90a"], phases=["decode"])) if v.wgmma]
 
 
