@@ -636,9 +636,9 @@ def prefill_cache(lib, q: torch.Tensor, cache, seqlens: torch.Tensor, qlens: tor
     Used by :meth:`HieraCache.prefill`, which checks the arguments."""
     ks, vs = cache.k, cache.v
     D = cache.head_dim
-    if whole and k_tail is None and v_tail is None and lib.find_wgmma_prefill(
+    if whole and k_tail is None and v_tail is None and cache.block == 64 and lib.find_wgmma_prefill(
             head_dim=D, dtype=_DTYPES[q.dtype], cc=_device_cc(q.device), group=q.shape[1] // ks.table.shape[1],
-            tier=("mixed", "mixed")) and cache.block == 64:
+            tier=("mixed", "mixed")):
         return torch.ops.hierasparse.prefill_sm90_table(lib.key, q, ks.table, vs.table, ks.dense, ks.sparse_vals,
                                                         ks.sparse_meta, vs.dense, vs.sparse_vals, vs.sparse_meta,
                                                         _scale(scale, D))
