@@ -222,8 +222,8 @@ class HieraCache:
             # kernel piece straddles cache and tail after the chunk's blocks are re-tiered.
             k_tail, start = self._aligned_tail(k, lengths)
         self._extend(k, v, lengths)
-        if mode == "compress_then_attend":  # a prompt into an empty cache: the sm_90a kernel may take it whole
-            whole = all(n0 == 0 for n0 in old) and all(n == L for n in lengths)
+        if mode == "compress_then_attend":  # no tails: the sm_90a kernel over the tables may take it
+            whole = all(n0 == 0 for n0 in old) and all(n == L for n in lengths)  # a prompt into an empty cache
             return _ops.prefill_cache(self.lib, q, self, self.seqlens, qlens, scale=scale, whole=whole)
         return _ops.prefill_cache(self.lib, q, self, self.seqlens, qlens, k_tail=k_tail, tail_start=start, scale=scale)
 

@@ -628,19 +628,22 @@ def _(lib_key, q, k, v_vals, v_meta, capacity, scale):
 
 def prefill_cache(lib, q: torch.Tensor, cache, seqlens: torch.Tensor, qlens: torch.Tensor, *,
                   k_tail: torch.Tensor | None = None, v_tail: torch.Tensor | None = None,
-                  tail_start: torch.Tensor | None = None, scale: float | None = None, whole: bool = False):
-    """Causal attention of a query chunk over a HieraCache's block tables (the mixed-tier
-    kernel); keys from ``tail_start[b]`` on come from the dense ``k_tail``/``v_tail`` rows
-    instead, when given. ``whole``: every sequence holds exactly the chunk's tokens from block 0
-    (a prompt filled into an empty cache), which on Hopper the wgmma kernel over the tables takes.
-    Used by :meth:`HieraCache.prefill`, which checks the arguments."""
+                  tail_start: torch.Tensor | None = None, scale: float | None = None, wgmma: bool = True,
+                  whole: bool = False):
+    """Causal attention of a query chunk (sequence b: the last ``qlens[b]`` of its ``seqlens[b]``
+    tokens) over a HieraCache's block tables (the mixed-tier kernel); keys from ``tail_start[b]``
+    on come from the dense ``k_tail``/``v_tail`` rows instead, when given. Without tails, on
+    Hopper, the wgmma kernel over the tables takes it (``wgmma=False``: the warp-level kernel);
+    ``whole`` (every sequence holds exactly the chunk's tokens: a prompt into an empty cache) lets
+    it skip the per-sequence lengths. Used by :meth:`HieraCache.prefill`, which checks the arguments."""
     ks, vs = cache.k, cache.v
     D = cache.head_dim
-    if whole and k_tail is None and v_tail is None and cache.block == 64 and lib.find_wgmma_prefill(
+    if wgmma and k_tail is None and v_tail is None and cache.block == 64 and lib.find_wgmma_prefill(
             head_dim=D, dtype=_DTYPES[q.dtype], cc=_device_cc(q.device), group=q.shape[1] // ks.table.shape[1],
             tier=("mixed", "mixed")):
         return torch.ops.hierasparse.prefill_sm90_table(lib.key, q, ks.table, vs.table, ks.dense, ks.sparse_vals,
                                                         ks.sparse_meta, vs.dense, vs.sparse_vals, vs.sparse_meta,
+                                                        None if whole else seqlens, None if whole else qlens,
                                                         _scale(scale, D))
     ksrc = _Source(ks.table, cache.block, ks.dense, ks.sparse_vals, ks.sparse_meta, ks.sparse_vals.shape[2],
                    k_tail, tail_start if k_tail is not None else None)
@@ -653,7 +656,8 @@ def prefill_cache(lib, q: torch.Tensor, cache, seqlens: torch.Tensor, qlens: tor
 @torch.library.custom_op("hierasparse::prefill_sm90_table", mutates_args=())
 def _prefill_sm90_table_op(lib_key: str, q: torch.Tensor, k_table: torch.Tensor, v_table: torch.Tensor,
                            k_dense: torch.Tensor, k_vals: torch.Tensor, k_meta: torch.Tensor, v_dense: torch.Tensor,
-                           v_vals: torch.Tensor, v_meta: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+                           v_vals: torch.Tensor, v_meta: torch.Tensor, seqlens: torch.Tensor | None,
+                           qlens: torch.Tensor | None, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     lib = _LIBRARIES[lib_key]
     B, Hq, L, D = q.shape
     Hkv = k_table.shape[1]
@@ -667,12 +671,12 @@ def _prefill_sm90_table_op(lib_key: str, q: torch.Tensor, k_table: torch.Tensor,
     _launch(lib, variant.symbol, q.device, q.data_ptr(), *q.stride()[:3], k_table.data_ptr(), v_table.data_ptr(),
             k_table.shape[2], k_dense.data_ptr(), k_dense.shape[2], k_vals.data_ptr(), k_meta.data_ptr(),
             k_vals.shape[2], v_dense.data_ptr(), v_dense.shape[2], v_vals.data_ptr(), v_meta.data_ptr(),
-            v_vals.shape[2], B, Hq, Hkv, L, scale, out.data_ptr(), lse.data_ptr())
+            v_vals.shape[2], _ptr(seqlens), _ptr(qlens), B, Hq, Hkv, L, scale, out.data_ptr(), lse.data_ptr())
     return out, lse
 
 
 @_prefill_sm90_table_op.register_fake
-def _(lib_key, q, k_table, v_table, k_dense, k_vals, k_meta, v_dense, v_vals, v_meta, scale):
+def _(lib_key, q, k_table, v_table, k_dense, k_vals, k_meta, v_dense, v_vals, v_meta, seqlens, qlens, scale):
     return _prefill_outputs(q, _fake_alloc(q))
 
 

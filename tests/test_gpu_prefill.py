@@ -204,23 +204,48 @@ def test_cache_prefill_of_a_whole_prompt(lib, poison, dtype, L, kr, vr):
     # a prompt into an empty cache, every sequence the whole chunk (compress_then_attend): on Hopper the sm_90a
     # kernel over the block tables takes it. Against the reference on the stored K/V, and against the
     # warp-level table kernel on the same cache.
-    from hierasparse_gen.ops import prefill_cache
     B = 2
-    find = dict(head_dim=128, dtype="float16" if dtype == torch.float16 else "bfloat16",
-                cc=torch.cuda.get_device_capability(), group=4, tier=("mixed", "mixed"))
-    if torch.cuda.get_device_capability() == (9, 0):
-        assert lib.find_wgmma_prefill(**find), "the build has no sm_90a block-table kernel"
     q, k, v = _inputs(B, L, L, dtype, 70 + L, 32, 8, 128)
     cache = _cache(lib, B, 4224, kr, vr, dtype=dtype)
     out = _cache_chunk(cache, "compress_then_attend", q, k, v, [L] * B)
     assert cache.tiers("k").any() == (kr > 0 and L >= 6 * 64) and cache.tiers("v").any() == (L >= 6 * 64)
-    qlens = torch.full((B,), L, dtype=torch.int32, device="cuda")
-    warp_out, warp_lse = prefill_cache(lib, q, cache, cache.seqlens, qlens)
-    wg_out, wg_lse = prefill_cache(lib, q, cache, cache.seqlens, qlens, whole=True)
+    _against_warp_level(lib, cache, q, [L] * B, out)
+
+
+def _against_warp_level(lib, cache, q, lengths, out):
+    """The chunk just prefilled (out: what cache.prefill returned) through the table kernels directly: on
+    Hopper the sm_90a one must be what cache.prefill ran, and agree with the warp-level one on the same cache."""
+    from hierasparse_gen.ops import prefill_cache
+    find = dict(head_dim=128, dtype="float16" if q.dtype == torch.float16 else "bfloat16",
+                cc=torch.cuda.get_device_capability(), group=4, tier=("mixed", "mixed"))
+    if torch.cuda.get_device_capability() == (9, 0):
+        assert lib.find_wgmma_prefill(**find), "the build has no sm_90a block-table kernel"
+    qlens = torch.tensor(lengths, dtype=torch.int32, device="cuda")
+    warp_out, warp_lse = prefill_cache(lib, q, cache, cache.seqlens, qlens, wgmma=False)
+    wg_out, wg_lse = prefill_cache(lib, q, cache, cache.seqlens, qlens)
     assert torch.equal(wg_out, out)
-    tol = 4e-3 if dtype == torch.float16 else 3e-2
+    tol = 4e-3 if q.dtype == torch.float16 else 3e-2
     assert torch.allclose(wg_out.float(), warp_out.float(), atol=tol, rtol=0)
-    assert torch.allclose(wg_lse, warp_lse, atol=1e-3)
+    assert torch.equal(torch.isfinite(wg_lse), torch.isfinite(warp_lse))
+    finite = torch.isfinite(warp_lse)
+    assert torch.allclose(wg_lse[finite], warp_lse[finite], atol=1e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cache_chunks_after_cached_tokens(lib, poison, dtype):
+    # compress_then_attend chunks after cached tokens, as the sm_90a table kernel takes them: offsets that are
+    # not multiples of 64 or 32, per-sequence lengths with padding rows (a whole padded CTA among them), a
+    # sequence that skips a chunk, one-token chunks, a chunk longer than the window (blocks re-tiered while it
+    # enters). Each chunk against the reference on the stored K/V and the warp-level kernel on the same cache.
+    B = 3
+    cache = _cache(lib, B, 4224, 0.5, 1.0, dtype=dtype)
+    chunks = ([517, 300, 64], [700, 0, 129], [45, 333, 1000], [1, 1, 0], [300, 1, 128], [1200, 700, 66])
+    for i, lengths in enumerate(chunks):
+        L = max(lengths)
+        q, k, v = _inputs(B, L, L, dtype, 90 + i, 32, 8, 128)
+        out = _cache_chunk(cache, "compress_then_attend", q, k, v, lengths)
+        _against_warp_level(lib, cache, q, lengths, out)
+    assert cache.tiers("k").any() and cache.tiers("v").any()
 
 
 @pytest.mark.parametrize("mode", MODES)
