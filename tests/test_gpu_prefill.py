@@ -261,6 +261,33 @@ def test_cache_chunked_prefill(lib, poison, mode):
     assert cache.tiers("k").any() and cache.tiers("v").any()
 
 
+def _stale_nan_shared_memory(lib):
+    """Leave NaN in the shared memory of every SM: the table kernels over a cache of NaN K/V (all dense blocks
+    fill whole stages), on a grid that covers the GPU many times over. Shared memory is not cleared between
+    kernels, so a kernel that reads stage bytes it never loaded then sees NaN."""
+    nan = torch.full((4, 8, 2048, 128), float("nan"), dtype=torch.float16, device="cuda")
+    cache = _cache(lib, 4, 2048, 0.0, 0.0)
+    cache.prefill(nan, nan, q=torch.randn(4, 32, 2048, 128, dtype=torch.float16, device="cuda"))
+    torch.cuda.synchronize()
+
+
+def test_cache_chunk_ending_past_its_last_whole_slab(lib, poison):
+    # a chunk whose last queries sit in a 64-key slab that reaches past the sequence's keys (cached + chunk
+    # not a multiple of 64, the chunk's last 64-query block ending beyond them): the sm_90a kernel loads zero
+    # tiles for the part past the keys, so stale NaN in shared memory cannot reach P.V. A sequence that stays
+    # empty (0 keys, 0 queries: padding rows only) beside them.
+    B = 3
+    for cached, new in (([65, 100, 0], [5, 10, 0]), ([300, 64, 0], [45, 1, 0]), ([1, 129, 0], [62, 63, 0])):
+        cache = _cache(lib, B, 1024, 1.0, 1.0)
+        q, k, v = _inputs(B, max(cached), max(cached), torch.float16, 7 + cached[0], 32, 8, 128)
+        cache.prefill(k, v, cached, q=q, mode="compress_then_attend")
+        q, k, v = _inputs(B, max(new), max(new), torch.float16, 11 + cached[0], 32, 8, 128)
+        _stale_nan_shared_memory(lib)
+        out = _cache_chunk(cache, "compress_then_attend", q, k, v, new)
+        _against_warp_level(lib, cache, q, new, out)
+        assert torch.equal(out[2], torch.zeros_like(out[2]))
+
+
 @pytest.mark.parametrize("D,Hq,Hkv", [(64, 4, 4), (96, 10, 2), (256, 16, 1)])
 def test_cache_prefill_shapes(matrix, poison, D, Hq, Hkv):
     # the block-table prefill, then the mixed-tier decode over the same dense and 2:4 blocks
