@@ -216,6 +216,7 @@ class HieraCache:
                                 tail_start=torch.tensor(old, dtype=torch.int32, device=self.device), scale=scale)
             self._extend(k, v, lengths)
             return out
+        whole = all(n0 == 0 for n0 in old) and all(n == L for n in lengths)  # a prompt into an empty cache
         if mode == "balanced":
             # The chunk's keys, dense, from the last 32-token boundary before it: the rows of
             # the partial block before the chunk are copied now, while still dense, so no
@@ -223,9 +224,10 @@ class HieraCache:
             k_tail, start = self._aligned_tail(k, lengths)
         self._extend(k, v, lengths)
         if mode == "compress_then_attend":  # no tails: the sm_90a kernel over the tables may take it
-            whole = all(n0 == 0 for n0 in old) and all(n == L for n in lengths)  # a prompt into an empty cache
             return _ops.prefill_cache(self.lib, q, self, self.seqlens, qlens, scale=scale, whole=whole)
-        return _ops.prefill_cache(self.lib, q, self, self.seqlens, qlens, k_tail=k_tail, tail_start=start, scale=scale)
+        # balanced: a whole prompt's dense K rows are all its keys, which the sm_90a table kernel also takes
+        return _ops.prefill_cache(self.lib, q, self, self.seqlens, qlens, k_tail=k_tail, tail_start=start, scale=scale,
+                                  whole=whole)
 
     def _aligned_tail(self, k: torch.Tensor, lengths: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Dense K rows from each sequence's last 32-token boundary: [B, Hkv, 31 + L, D], and

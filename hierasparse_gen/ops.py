@@ -635,16 +635,18 @@ def prefill_cache(lib, q: torch.Tensor, cache, seqlens: torch.Tensor, qlens: tor
     on come from the dense ``k_tail``/``v_tail`` rows instead, when given. Without tails, on
     Hopper, the wgmma kernel over the tables takes it (``wgmma=False``: the warp-level kernel);
     ``whole`` (every sequence holds exactly the chunk's tokens: a prompt into an empty cache) lets
-    it skip the per-sequence lengths. Used by :meth:`HieraCache.prefill`, which checks the arguments."""
+    it skip the per-sequence lengths, and take a dense ``k_tail`` (which then starts at token 0) as
+    all of K. Used by :meth:`HieraCache.prefill`, which checks the arguments."""
     ks, vs = cache.k, cache.v
     D = cache.head_dim
-    if wgmma and k_tail is None and v_tail is None and cache.block == 64 and lib.find_wgmma_prefill(
+    if wgmma and (k_tail is None or whole) and v_tail is None and cache.block == 64 and lib.find_wgmma_prefill(
             head_dim=D, dtype=_DTYPES[q.dtype], cc=_device_cc(q.device), group=q.shape[1] // ks.table.shape[1],
             tier=("mixed", "mixed")):
+        k_rows = None if k_tail is None else k_tail[:, :, :q.shape[2]]
         return torch.ops.hierasparse.prefill_sm90_table(lib.key, q, ks.table, vs.table, ks.dense, ks.sparse_vals,
                                                         ks.sparse_meta, vs.dense, vs.sparse_vals, vs.sparse_meta,
-                                                        None if whole else seqlens, None if whole else qlens,
-                                                        _scale(scale, D))
+                                                        k_rows, None if whole else seqlens,
+                                                        None if whole else qlens, _scale(scale, D))
     ksrc = _Source(ks.table, cache.block, ks.dense, ks.sparse_vals, ks.sparse_meta, ks.sparse_vals.shape[2],
                    k_tail, tail_start if k_tail is not None else None)
     vsrc = _Source(vs.table, cache.block, vs.dense, vs.sparse_vals, vs.sparse_meta, vs.sparse_vals.shape[2],
@@ -656,14 +658,16 @@ def prefill_cache(lib, q: torch.Tensor, cache, seqlens: torch.Tensor, qlens: tor
 @torch.library.custom_op("hierasparse::prefill_sm90_table", mutates_args=())
 def _prefill_sm90_table_op(lib_key: str, q: torch.Tensor, k_table: torch.Tensor, v_table: torch.Tensor,
                            k_dense: torch.Tensor, k_vals: torch.Tensor, k_meta: torch.Tensor, v_dense: torch.Tensor,
-                           v_vals: torch.Tensor, v_meta: torch.Tensor, seqlens: torch.Tensor | None,
-                           qlens: torch.Tensor | None, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+                           v_vals: torch.Tensor, v_meta: torch.Tensor, k_rows: torch.Tensor | None,
+                           seqlens: torch.Tensor | None, qlens: torch.Tensor | None,
+                           scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     lib = _LIBRARIES[lib_key]
     B, Hq, L, D = q.shape
     Hkv = k_table.shape[1]
     variant = lib.find_wgmma_prefill(head_dim=D, dtype=_DTYPES[q.dtype], cc=_device_cc(q.device), group=Hq // Hkv,
                                      tier=("mixed", "mixed"))
     q = _rows16_strided(q)
+    k_rows = None if k_rows is None else _rows16_strided(k_rows)
     for t, name in ((k_dense, "k dense pool"), (k_vals, "k 2:4 pool"), (k_meta, "k metadata pool"),
                     (v_dense, "v dense pool"), (v_vals, "v 2:4 pool"), (v_meta, "v metadata pool")):
         _check_aligned(t, name, 16)
@@ -671,12 +675,13 @@ def _prefill_sm90_table_op(lib_key: str, q: torch.Tensor, k_table: torch.Tensor,
     _launch(lib, variant.symbol, q.device, q.data_ptr(), *q.stride()[:3], k_table.data_ptr(), v_table.data_ptr(),
             k_table.shape[2], k_dense.data_ptr(), k_dense.shape[2], k_vals.data_ptr(), k_meta.data_ptr(),
             k_vals.shape[2], v_dense.data_ptr(), v_dense.shape[2], v_vals.data_ptr(), v_meta.data_ptr(),
-            v_vals.shape[2], _ptr(seqlens), _ptr(qlens), B, Hq, Hkv, L, scale, out.data_ptr(), lse.data_ptr())
+            v_vals.shape[2], _ptr(k_rows), *(k_rows.stride()[:3] if k_rows is not None else (0, 0, 0)),
+            _ptr(seqlens), _ptr(qlens), B, Hq, Hkv, L, scale, out.data_ptr(), lse.data_ptr())
     return out, lse
 
 
 @_prefill_sm90_table_op.register_fake
-def _(lib_key, q, k_table, v_table, k_dense, k_vals, k_meta, v_dense, v_vals, v_meta, seqlens, qlens, scale):
+def _(lib_key, q, k_table, v_table, k_dense, k_vals, k_meta, v_dense, v_vals, v_meta, k_rows, seqlens, qlens, scale):
     return _prefill_outputs(q, _fake_alloc(q))
 
 

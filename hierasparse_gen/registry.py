@@ -52,10 +52,10 @@ SIGNATURES = {
                               _i32, _f32, _p, _p, _p],
     ("prefill_sm90_kd", "_smem_bytes"): [],
     # the same over the cache's block tables: q, its strides, K table, V table, max_blocks; K then V pools (dense,
-    # n_dense, values, meta, n_sparse); seqlens, qlens (or both null); batch, Hq, Hkv, queries, scale, out, lse,
-    # stream
-    ("prefill_sm90_table", ""): [_p, _i64, _i64, _i64, _p, _p, _i32, *[_p, _i32, _p, _p, _i32] * 2, _p, _p,
-                                 _i32, _i32, _i32, _i32, _f32, _p, _p, _p],
+    # n_dense, values, meta, n_sparse); dense K rows and their strides (or null: K's table); seqlens, qlens (or both
+    # null); batch, Hq, Hkv, queries, scale, out, lse, stream
+    ("prefill_sm90_table", ""): [_p, _i64, _i64, _i64, _p, _p, _i32, *[_p, _i32, _p, _p, _i32] * 2,
+                                 _p, _i64, _i64, _i64, _p, _p, _i32, _i32, _i32, _i32, _f32, _p, _p, _p],
     ("prefill_sm90_table", "_smem_bytes"): [],
     ("decode_mixed", "_smem_bytes"): [],
     ("decode_mixed", "_threads"): [],

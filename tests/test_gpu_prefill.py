@@ -212,23 +212,46 @@ def test_cache_prefill_of_a_whole_prompt(lib, poison, dtype, L, kr, vr):
     _against_warp_level(lib, cache, q, [L] * B, out)
 
 
-def _against_warp_level(lib, cache, q, lengths, out):
+def _against_warp_level(lib, cache, q, lengths, out, k_tail=None):
     """The chunk just prefilled (out: what cache.prefill returned) through the table kernels directly: on
-    Hopper the sm_90a one must be what cache.prefill ran, and agree with the warp-level one on the same cache."""
+    Hopper the sm_90a one must be what cache.prefill ran, and agree with the warp-level one on the same cache.
+    k_tail: a whole prompt's dense K rows (the balanced mode)."""
     from hierasparse_gen.ops import prefill_cache
     find = dict(head_dim=128, dtype="float16" if q.dtype == torch.float16 else "bfloat16",
                 cc=torch.cuda.get_device_capability(), group=4, tier=("mixed", "mixed"))
+    wgmma = lib.find_wgmma_prefill(**find)
     if torch.cuda.get_device_capability() == (9, 0):
-        assert lib.find_wgmma_prefill(**find), "the build has no sm_90a block-table kernel"
+        assert wgmma, "the build has no sm_90a block-table kernel"
     qlens = torch.tensor(lengths, dtype=torch.int32, device="cuda")
-    warp_out, warp_lse = prefill_cache(lib, q, cache, cache.seqlens, qlens, wgmma=False)
-    wg_out, wg_lse = prefill_cache(lib, q, cache, cache.seqlens, qlens)
+    tails = {} if k_tail is None else dict(k_tail=k_tail, tail_start=torch.zeros_like(qlens))
+    warp_out, warp_lse = prefill_cache(lib, q, cache, cache.seqlens, qlens, wgmma=False, **tails)
+    launched = []
+    function = lib.function
+    lib.function = lambda symbol: launched.append(symbol) or function(symbol)  # which kernel runs
+    try:
+        wg_out, wg_lse = prefill_cache(lib, q, cache, cache.seqlens, qlens, whole=k_tail is not None, **tails)
+    finally:
+        del lib.function
+    if wgmma:
+        assert launched == [wgmma.symbol]
     assert torch.equal(wg_out, out)
     tol = 4e-3 if q.dtype == torch.float16 else 3e-2
     assert torch.allclose(wg_out.float(), warp_out.float(), atol=tol, rtol=0)
     assert torch.equal(torch.isfinite(wg_lse), torch.isfinite(warp_lse))
     finite = torch.isfinite(warp_lse)
     assert torch.allclose(wg_lse[finite], warp_lse[finite], atol=1e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("L,kr,vr", [(2000, 0.5, 1.0), (1024, 1.0, 0.25), (777, 0.0, 0.5), (1, 1.0, 1.0)])
+def test_cache_balanced_prefill_of_a_whole_prompt(lib, poison, dtype, L, kr, vr):
+    # the balanced mode on a prompt into an empty cache: the prompt's dense K rows are all its keys (the sm_90a
+    # table kernel reads them through a tensor map over k), V through the table
+    B = 2
+    q, k, v = _inputs(B, L, L, dtype, 80 + L, 32, 8, 128)
+    cache = _cache(lib, B, 4224, kr, vr, dtype=dtype)
+    out = _cache_chunk(cache, "balanced", q, k, v, [L] * B)
+    _against_warp_level(lib, cache, q, [L] * B, out, k_tail=k)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
