@@ -216,6 +216,42 @@ def test_prefill_cache_op_arguments(lib):
     assert args[REST + 2] == 500
 
 
+def test_prefill_cache_on_the_wgmma_table_kernel(lib):
+    # Hopper: chunks without tails (compress_then_attend) and whole prompts with dense K rows (balanced) go to the
+    # sm_90a table kernel; lengths are passed unless every sequence is the whole prompt
+    from hierasparse_gen.cache import _Tensor
+    lib.wgmma = True
+    L = 10
+    q = torch.randn(B, HQ, L, D, dtype=torch.float16)
+
+    def tensor(n_dense, n_sparse):
+        return _Tensor("k", 0.5, torch.zeros(B, HKV, n_dense, 64, D, dtype=torch.float16),
+                       torch.zeros(B, HKV, n_sparse, 64 * D // 2, dtype=torch.float16),
+                       torch.zeros(B, HKV, n_sparse, 64 * D // 16, dtype=torch.int16),
+                       torch.zeros(B, HKV, 8, dtype=torch.int32))
+    cache = SimpleNamespace(k=tensor(3, 2), v=tensor(4, 1), block=64, max_seq_len=500, head_dim=D)
+    seqlens, qlens = torch.tensor([50, 10], dtype=torch.int32), torch.tensor([10, 7], dtype=torch.int32)
+    k = torch.randn(B, HKV, L, D, dtype=torch.float16)
+    zero = torch.zeros(B, dtype=torch.int32)
+    ops.prefill_cache(lib, q, cache, seqlens, qlens)                                  # a chunk
+    ops.prefill_cache(lib, q, cache, seqlens, qlens, whole=True)                      # a whole prompt
+    ops.prefill_cache(lib, q, cache, seqlens, qlens, k_tail=k, tail_start=zero, whole=True)  # balanced, whole
+    ops.prefill_cache(lib, q, cache, seqlens, qlens, k_tail=k, tail_start=zero)       # balanced chunk: warp-level
+    ops.prefill_cache(lib, q, cache, seqlens, qlens, wgmma=False)
+    assert [c[0] for c in lib.calls] == ["hsg_prefill_sm90a"] * 3 + ["hsg_prefill"] * 2
+    for _, args in lib.calls[:3]:
+        _assert_matches_signature("prefill_sm90_table", "", args)
+        assert args[4:7] == (cache.k.table.data_ptr(), cache.v.table.data_ptr(), 8)
+        assert args[7:17] == (cache.k.dense.data_ptr(), 3, cache.k.sparse_vals.data_ptr(),
+                              cache.k.sparse_meta.data_ptr(), 2, cache.v.dense.data_ptr(), 4,
+                              cache.v.sparse_vals.data_ptr(), cache.v.sparse_meta.data_ptr(), 1)
+        assert args[23:27] == (B, HQ, HKV, L)
+    chunk, whole, balanced = (c[1] for c in lib.calls[:3])
+    assert chunk[17:23] == (None, 0, 0, 0, seqlens.data_ptr(), qlens.data_ptr())
+    assert whole[17:23] == (None, 0, 0, 0, None, None)
+    assert balanced[17:23] == (k.data_ptr(), *k.stride()[:3], None, None)
+
+
 def test_compress_and_cache_maintenance_arguments(lib):
     x = torch.randn(B, HKV, 100, D, dtype=torch.float16)
     ops.score_blocks(lib, x, "k", 32)
