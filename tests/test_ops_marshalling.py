@@ -193,16 +193,22 @@ def test_whole_prompt_with_dense_k_goes_to_the_balanced_wgmma_kernel(lib, dtype)
     assert [c[0] for c in lib.calls] == ["hsg_prefill"] * 3
 
 
-def test_prefill_cache_op_arguments(lib):
+def _fake_cache():
+    """A HieraCache's tables and pools for the cache ops: 8 blocks a table; K with 3 dense and 2 2:4 slots, V with
+    4 and 1; 64-token blocks."""
     from hierasparse_gen.cache import _Tensor
-    q = torch.randn(B, HQ, 10, D, dtype=torch.float16)
 
     def tensor(n_dense, n_sparse):
         return _Tensor("k", 0.5, torch.zeros(B, HKV, n_dense, 64, D, dtype=torch.float16),
                        torch.zeros(B, HKV, n_sparse, 64 * D // 2, dtype=torch.float16),
                        torch.zeros(B, HKV, n_sparse, 64 * D // 16, dtype=torch.int16),
                        torch.zeros(B, HKV, 8, dtype=torch.int32))
-    cache = SimpleNamespace(k=tensor(3, 2), v=tensor(4, 1), block=64, max_seq_len=500, head_dim=D)
+    return SimpleNamespace(k=tensor(3, 2), v=tensor(4, 1), block=64, max_seq_len=500, head_dim=D)
+
+
+def test_prefill_cache_op_arguments(lib):
+    q = torch.randn(B, HQ, 10, D, dtype=torch.float16)
+    cache = _fake_cache()
     tail = torch.randn(B, HKV, 10, D, dtype=torch.float16)
     start = torch.tensor([40, 0], dtype=torch.int32)
     ops.prefill_cache(lib, q, cache, torch.tensor([50, 10], dtype=torch.int32),
@@ -219,17 +225,10 @@ def test_prefill_cache_op_arguments(lib):
 def test_prefill_cache_on_the_wgmma_table_kernel(lib):
     # Hopper: chunks without tails (compress_then_attend) and whole prompts with dense K rows (balanced) go to the
     # sm_90a table kernel; lengths are passed unless every sequence is the whole prompt
-    from hierasparse_gen.cache import _Tensor
     lib.wgmma = True
     L = 10
     q = torch.randn(B, HQ, L, D, dtype=torch.float16)
-
-    def tensor(n_dense, n_sparse):
-        return _Tensor("k", 0.5, torch.zeros(B, HKV, n_dense, 64, D, dtype=torch.float16),
-                       torch.zeros(B, HKV, n_sparse, 64 * D // 2, dtype=torch.float16),
-                       torch.zeros(B, HKV, n_sparse, 64 * D // 16, dtype=torch.int16),
-                       torch.zeros(B, HKV, 8, dtype=torch.int32))
-    cache = SimpleNamespace(k=tensor(3, 2), v=tensor(4, 1), block=64, max_seq_len=500, head_dim=D)
+    cache = _fake_cache()
     seqlens, qlens = torch.tensor([50, 10], dtype=torch.int32), torch.tensor([10, 7], dtype=torch.int32)
     k = torch.randn(B, HKV, L, D, dtype=torch.float16)
     zero = torch.zeros(B, dtype=torch.int32)
