@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import ops as _ops
+from .errors import CacheFullError
 from .format import unpack_k, unpack_v
 
 
@@ -40,10 +41,6 @@ PREFILL_MODES = ("compress_then_attend", "attend_then_compress", "balanced")
 
 _CTRL_STACK = 6  # ctrl columns before the free-slot stacks
 _STATUS = 5      # ctrl column: 1 = a captured append found the sequence full, 2 = no free dense slot
-
-
-class CacheFullError(RuntimeError):
-    """An append would exceed the cache's capacity; nothing was written."""
 
 
 def cache_settings(lib, block_size: int | None, sink: int | None, window: int | None) -> tuple[int, int, int]:

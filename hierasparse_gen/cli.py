@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from .spec import SpecError
+from .errors import SpecError
 
 
 def _err(msg: str) -> int:

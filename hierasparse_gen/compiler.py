@@ -30,20 +30,13 @@ from pathlib import Path
 from typing import Callable
 
 from . import __version__
+from .errors import CompileError, ToolchainError
 from .render import render
 from .spec import Spec, load_spec
 from .variants import Variant, expand
 
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
-
-
-class ToolchainError(RuntimeError):
-    """nvcc or the CUTLASS headers are missing or unusable."""
-
-
-class CompileError(RuntimeError):
-    """nvcc failed on one variant; the message holds the variant, the command and the error."""
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .compiler import MANIFEST, build
+from .errors import CudaError, DispatchError
 from .variants import SM90_PREFILL_TEMPLATE, arch_capability
 
 _c = ctypes
@@ -60,19 +61,6 @@ SIGNATURES = {
     ("decode_mixed", "_smem_bytes"): [],
     ("decode_mixed", "_threads"): [],
 }
-
-
-class DispatchError(LookupError):
-    """No variant of the library fits a call; the message says why for every candidate."""
-
-
-class CudaError(RuntimeError):
-    """A CUDA call made by the library failed; the message names the call and the error (``code``: the
-    cudaError_t value, when the library returned one)."""
-
-    def __init__(self, message: str, code: int | None = None):
-        super().__init__(message)
-        self.code = code
 
 
 @dataclass(frozen=True)

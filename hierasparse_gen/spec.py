@@ -29,6 +29,8 @@ from typing import Any, NoReturn
 
 import yaml
 
+from .errors import SpecError
+
 __all__ = [
     "SpecError",
     "Shape",
@@ -39,10 +41,6 @@ __all__ = [
     "load_spec",
     "parse_spec",
 ]
-
-
-class SpecError(ValueError):
-    """A spec could not be read or is invalid; ``str(e)`` is the complete message."""
 
 
 # --------------------------------------------------------------------------

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .errors import TileError
+
 #: Shared memory a CTA may opt in to, per arch (bytes).
 SMEM_PER_BLOCK = {"sm_80": 163 * 1024, "sm_86": 99 * 1024, "sm_89": 99 * 1024, "sm_90": 227 * 1024,
                   "sm_90a": 227 * 1024}
@@ -27,10 +29,6 @@ class DecodeTiles:
 
     def as_dict(self) -> dict:
         return {"warps": self.warps, "stages": self.stages, "chunk_tokens": self.chunk_tokens}
-
-
-class TileError(ValueError):
-    """Tiles that no CTA of the target arch can hold."""
 
 
 def decode_stage_bytes(head_dim: int, chunk_tokens: int, mixed: bool = False) -> int:

@@ -11,7 +11,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from .spec import Spec, SpecError, Tier
+from .errors import SpecError
+from .spec import Spec, Tier
 from .tiles import TileError, decode_tiles, prefill_tiles
 
 DTYPE_TAG = {"float16": "f16", "bfloat16": "bf16"}
