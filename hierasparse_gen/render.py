@@ -1,4 +1,4 @@
-"""Render variants into CUDA C++ sources from the Jinja2 templates in ``templates/``."""
+"""Render variants into CUDA C++ sources from the Jinja2 templates (``templates/``, shipped in the package)."""
 
 from __future__ import annotations
 
@@ -9,18 +9,22 @@ from pathlib import Path
 import jinja2
 
 from . import __version__
+from .errors import ToolchainError
+from .resources import data_dir
 from .spec import Spec
 from .variants import Variant
 
 
 def templates_dir() -> Path:
-    """The templates folder: $HIERASPARSE_TEMPLATES, else ``templates/`` beside the package."""
+    """The templates folder: $HIERASPARSE_TEMPLATES, else the one shipped with the package."""
     env = os.environ.get("HIERASPARSE_TEMPLATES")
-    path = Path(env) if env else Path(__file__).resolve().parent.parent / "templates"
-    if not (path / "decode.cu.j2").is_file():
-        raise FileNotFoundError(
-            f"kernel templates not found in {path}; install hierasparse-gen from its source tree "
-            f"(pip install -e .) or set HIERASPARSE_TEMPLATES to the templates folder")
+    path = Path(env) if env else data_dir("templates")
+    if path is None or not (path / "decode.cu.j2").is_file():
+        where = f"in {path}" if path else "in the installed package"
+        # a broken install, like a missing nvcc: the CLI reports it without a traceback
+        raise ToolchainError(
+            f"kernel templates not found {where}. Fix: reinstall hierasparse-gen (pip install . or its "
+            f"wheel ships them as hierasparse_gen/templates), or set HIERASPARSE_TEMPLATES to a templates folder")
     return path
 
 
