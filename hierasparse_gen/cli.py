@@ -16,12 +16,13 @@ def _err(msg: str) -> int:
 
 
 def cmd_build(args) -> int:
-    from .compiler import CompileError, ToolchainError, build
-    from .spec import load_spec
+    from .compiler import CompileError, ToolchainError, build, build_dir
+    from .spec import find_spec_file, load_spec
     try:
-        spec = load_spec(args.spec)
-        out = Path(args.out) if args.out else Path("generated") / spec.name
-        print(f"building {spec.name} ({args.spec}) into {out}")
+        path = find_spec_file(args.spec, log=print)
+        spec = load_spec(path)
+        out = Path(args.out) if args.out else build_dir(spec)
+        print(f"building {spec.name} ({path}) into {out}")
         report = build(spec, out_dir=out, jobs=args.jobs)
     except (SpecError, ToolchainError, CompileError) as e:
         return _err(str(e))
@@ -38,8 +39,23 @@ def cmd_build(args) -> int:
     return 0
 
 
+def _list_shipped() -> int:
+    from .spec import load_spec, shipped_specs
+    print("specs shipped with hierasparse-gen (build one from any folder: hierasparse-gen build specs/<name>.yaml):")
+    for name, path in shipped_specs().items():
+        try:
+            spec = load_spec(path)
+            what = f"{len(spec.shapes)} shape(s), {', '.join(spec.archs)}, {', '.join(spec.phases)}"
+        except SpecError as e:
+            what = f"invalid: {e}"
+        print(f"  {name:<16} {what}  ({path})")
+    return 0
+
+
 def cmd_list(args) -> int:
     from .compiler import MANIFEST
+    if args.dir is None:
+        return _list_shipped()
     path = Path(args.dir)
     manifest = path / MANIFEST if path.is_dir() else path
     try:
@@ -71,15 +87,18 @@ def cmd_bench(args) -> int:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="hierasparse-gen",
-                                 description="Generate, compile and load 2:4-sparse KV-cache attention kernels.")
+                                 description="Generate, compile and load 2:4-sparse KV-cache attention kernels.",
+                                 epilog="`hierasparse-gen list` shows the specs shipped with the package; "
+                                        "`hierasparse-gen build specs/llama3.yaml` builds one from any folder.")
     sub = ap.add_subparsers(dest="command", required=True)
     b = sub.add_parser("build", help="render and compile every kernel variant of a spec")
-    b.add_argument("spec", help="spec YAML, e.g. specs/llama3.yaml")
+    b.add_argument("spec", help="spec YAML, e.g. specs/llama3.yaml; the specs shipped with the package "
+                   "(see `hierasparse-gen list`) are found from any folder as specs/<name>.yaml or <name>")
     b.add_argument("--out", help="output folder (default generated/<spec name>)")
     b.add_argument("--jobs", type=int, help="parallel nvcc jobs (default: from cores and memory)")
     b.set_defaults(fn=cmd_build)
-    ls = sub.add_parser("list", help="list the variants of a build")
-    ls.add_argument("dir", help="build folder (or its manifest.json)")
+    ls = sub.add_parser("list", help="list the variants of a build, or the specs shipped with the package")
+    ls.add_argument("dir", nargs="?", help="build folder (or its manifest.json); without it, the shipped specs")
     ls.set_defaults(fn=cmd_list)
     c = sub.add_parser("clean", help="remove a build folder")
     c.add_argument("dir")

@@ -32,11 +32,17 @@ from typing import Callable
 from . import __version__
 from .errors import CompileError, ToolchainError
 from .render import render
-from .spec import Spec, load_spec
+from .spec import Spec, find_spec_file, load_spec
 from .variants import Variant, expand
 
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
+
+
+def build_dir(spec: Spec | str) -> Path:
+    """Where a spec (or a spec name) is built unless told otherwise: ``generated/<name>`` under the
+    current folder. ``build``, the CLI and ``load(spec, rebuild=False)`` all take it from here."""
+    return Path("generated") / (spec.name if isinstance(spec, Spec) else spec)
 
 
 @dataclass(frozen=True)
@@ -201,12 +207,13 @@ def _compile(bv: BuiltVariant, tools: Toolchain, flags: list[str]) -> float:
 
 def build(spec: Spec | str | Path, out_dir: str | Path | None = None, jobs: int | None = None,
           log: Callable[[str], None] | None = print) -> BuildReport:
-    """Build every variant of a spec into ``out_dir`` (default ``generated/<name>``)."""
+    """Build every variant of a spec into ``out_dir`` (default :func:`build_dir`: ``generated/<name>``).
+    A spec path that does not exist may name a spec shipped with the package (:func:`find_spec_file`)."""
     t_start = time.monotonic()
     say = log or (lambda _msg: None)
     if not isinstance(spec, Spec):
-        spec = load_spec(spec)
-    out = Path(out_dir) if out_dir else Path("generated") / spec.name
+        spec = load_spec(find_spec_file(spec, log=say))
+    out = Path(out_dir) if out_dir else build_dir(spec)
     tools = find_toolchain()
     variants = expand(spec)
     jobs = jobs or default_jobs()

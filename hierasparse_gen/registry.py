@@ -280,8 +280,12 @@ def load(path_or_spec: str | Path, *, rebuild: bool = True, out_dir: str | Path 
     """Load a build folder, a manifest.json, or a spec YAML (built first when needed)."""
     path = Path(path_or_spec)
     if path.suffix in (".yaml", ".yml"):
-        report = build(path, out_dir=out_dir, log=None) if rebuild else None
-        manifest = report.manifest if report else Path(out_dir or "generated") / MANIFEST
+        if rebuild:
+            manifest = build(path, out_dir=out_dir, log=None).manifest
+        else:  # where `build` put it: generated/<spec name>/, not generated/
+            from .compiler import build_dir
+            from .spec import find_spec_file, load_spec
+            manifest = Path(out_dir or build_dir(load_spec(find_spec_file(path)))) / MANIFEST
     elif path.is_dir():
         manifest = path / MANIFEST
     else:

@@ -23,11 +23,13 @@ a multiple of 32 between 64 and 256). Fix: use one of 64, 96, 128, 160, 192,
 from __future__ import annotations
 
 import os
-from typing import Any
+from pathlib import Path
+from typing import Any, Callable
 
 import yaml
 
 from .errors import SpecError
+from .resources import data_dir
 from .spec_check import _Checker
 from .spec_messages import _show
 # the schema's names stay importable from here, where they were defined before the split
@@ -45,8 +47,10 @@ __all__ = [
     "CacheConfig",
     "DecodeTiles",
     "Spec",
+    "find_spec_file",
     "load_spec",
     "parse_spec",
+    "shipped_specs",
 ]
 
 
@@ -150,3 +154,38 @@ def load_spec(path) -> Spec:
 def parse_spec(data, source: str = "<spec>") -> Spec:
     """Validate an already-parsed spec object (e.g. a dict); raises :class:`SpecError`."""
     return _Checker(source).spec(data)
+
+
+# --------------------------------------------------------------------------
+# Specs shipped with the package
+# --------------------------------------------------------------------------
+
+
+def shipped_specs() -> dict[str, Path]:
+    """The example specs that ship with the package (``specs/`` of the repository), by name."""
+    folder = data_dir("specs")
+    if folder is None:
+        return {}
+    return {p.stem: p for p in sorted(folder.iterdir()) if p.suffix in (".yaml", ".yml") and p.is_file()}
+
+
+def find_spec_file(path, log: Callable[[str], None] | None = None) -> Path:
+    """The spec file ``path`` names: the file itself when it exists, else the spec shipped with the
+    package that ``specs/<name>.yaml``, ``<name>.yaml`` or ``<name>`` names (said through ``log``), so
+    that ``hierasparse-gen build specs/llama3.yaml`` works from any folder once the package is installed."""
+    given = Path(os.fsdecode(path))
+    if given.exists():
+        return given
+    parts = given.parts
+    name = given.stem if given.suffix in (".yaml", ".yml") else given.name
+    shipped = shipped_specs()
+    # only a bare name or specs/<name>: a missing file elsewhere is a typo, never a shipped spec
+    if name in shipped and (len(parts) == 1 or (len(parts) == 2 and parts[0] == "specs")):
+        if log:
+            log(f"{given} is not in {Path.cwd()}; using the spec shipped with hierasparse-gen: {shipped[name]}")
+        return shipped[name]
+    names = ", ".join(shipped) or "none found in this install"
+    raise SpecError(
+        f"{given}: spec file not found (looked for {given.absolute()}). Fix: check the path, or name a spec "
+        f"shipped with hierasparse-gen as specs/<name>.yaml or <name> (shipped: {names})."
+    )
