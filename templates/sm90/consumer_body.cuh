@@ -1,12 +1,11 @@
-// The consumers' main loop: two warpgroups of 64 queries each read every stage of the ring. Per slab the score
-// step (S^T = K Q^T with 2:4 or dense K rows, S = Q K^T with Q in registers for balanced), the lazy softmax into
-// P (softmax.cuh), and the P.V step O^T += V^T P^T, then the epilogue. All-2:4 and balanced pipeline the scores of
-// slab j + 1 with P.V of slab j - 1 during the softmax of slab j; the block tables pick the dense or 2:4 form of
-// each wgmma per slab.
-
 // A consumer warpgroup: statements of prefill_kernel's body (kernel_body.cuh), run by the two consumer WGs of the
 // CTA for query block pair qb of head h, sequence b (warp, lane: of the CTA). Uses the kernel's sm, prm, qb, h, b,
 // warp, lane and, for the block tables' chunk, num_q (queries of the chunk) and off (position of its row 0).
+// Each WG (64 queries) reads every stage of the ring up to its last slab. Per slab: the scores (S^T = K Q^T with
+// 2:4 K or the tables' dense K rows, S = Q K^T with balanced's dense K and Q in registers), the lazy softmax into
+// P (softmax.cuh), P.V (O^T += V^T P^T); then the epilogue. All-2:4 and balanced issue the scores of slab j + 1
+// and P.V of slab j - 1 before the softmax of slab j; the block tables pick the dense or 2:4 form of each wgmma
+// per slab and issue only P.V ahead.
 asm volatile("setmaxnreg.inc.sync.aligned.u32 240;\n");
 // The WG index through a shuffle from lane 0: the compiler then knows it is warp-uniform and keeps the
 // descriptor and stage arithmetic derived from it on the uniform datapath (R2UR moves 108 -> 45 all-2:4,

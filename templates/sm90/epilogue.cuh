@@ -2,7 +2,8 @@
 // shared memory, and the natural-log LSE. Included inside the variant's namespace after softmax.cuh.
 
 // Final sums per query (S^T: over g, then the WG's 4 warps; S: over the quad, then to the column owners of
-// O^T), O / l to out [query][channel] and the natural-log LSE.
+// O^T), O / l to out [query][channel] and the natural-log LSE. tiles: the WG's two P tiles, reused as O's two
+// 64-channel halves (one of the places that need kD == 128, layout.cuh).
 __device__ __forceinline__ void epilogue(float (&o)[2][32], float (&l)[kSlots], const float (&m)[kSlots], int w,
                                          int g, int qq, float (&red)[4][kN], unsigned char (&tiles)[2][kN * 128],
                                          int bar, Element* oh, float* lse_q, int rows, int pad_to = 0) {

@@ -1,9 +1,21 @@
-// The body of prefill_kernel<kTail>, the wgmma prefill kernel: one CTA of 128 queries (two consumer WGs of 64) of
-// one head and the producer WG. prefill_sm90.cu.j2 declares the __global__ (its tensor-map parameters depend on the
-// tier mix) with prm and the pointers k_tma / v_tma, and includes this inside it. The producer and the consumers
-// are statement blocks of this one function, not functions of their own: called as functions (even always
-// inlined) they were simplified before inlining with sm and prm as opaque pointers, and the kernel's address
-// arithmetic and register allocation changed (other PTX and SASS for every tier mix).
+// The body of prefill_kernel<kTail>, the wgmma prefill kernel: causal prefill on Hopper's warpgroup MMA, the
+// transposed formulation of the warp-level kernel (prefill.cu.j2) with the data movement and the softmax rebuilt
+// around wgmma (docs/hopper.md, sections 7-8). One CTA: 128 queries of one head, 384 threads.
+//   producer WG     one thread copies each 64-key slab into a kStages-deep ring of stages (producer_body.cuh)
+//   2 consumer WGs  64 queries each, both reading every stage (consumer_body.cuh):
+//                   scores by wgmma (.sp for 2:4 K), softmax of a slab against a per-query reference max m
+//                   identical in every thread of the WG, P = exp2(s * scale - m) to a [query][key] swizzled tile
+//                   with stmatrix (double-buffered B of the next O^T), O^T += V^T P^T by wgmma.sp (or the dense
+//                   form for the tables' dense V blocks). If any P exceeds 2^8, a flag sends the whole WG through
+//                   the exact path once (maxima per query, O and l rescaled, P rewritten); after the first slab
+//                   it is rare.
+// Queries past the prompt (the last CTA's) are computed on zeros and not written.
+//
+// prefill_sm90.cu.j2 declares the __global__ (its tensor-map parameters depend on the tier mix) with prm and the
+// pointers k_tma / v_tma, and includes this inside it. The producer and the consumers are statement blocks of this
+// one function, not functions of their own: called as functions (even always inlined) they were simplified
+// before inlining with sm and prm as opaque pointers, and the kernel's address arithmetic and register allocation
+// changed (other PTX and SASS for every tier mix).
 //
 // k_tma: the dense K rows (balanced) or the dense K pool (block tables, or the prompt's K rows with k_rows);
 // v_tma: the dense V pool (block tables); null where the tier mix has none.

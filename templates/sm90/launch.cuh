@@ -57,6 +57,7 @@ inline bool k_tensor_map(CUtensorMap* map, const void* k, long long k_sb, long l
                 CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
+// The launch with the tensor maps the tier mix's kernel takes (a template: the other forms are not instantiated).
 template <bool kTail>
 inline void launch_kernel(const PrefillParams& p, dim3 grid, cudaStream_t stream, const CUtensorMap& k_map,
                           const CUtensorMap& v_map) {
