@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from functools import lru_cache
 from pathlib import Path
 
@@ -35,15 +36,38 @@ def _environment(*paths: str) -> jinja2.Environment:
         keep_trailing_newline=True, trim_blocks=False, lstrip_blocks=False, autoescape=False)
 
 
+_LOCAL_INCLUDE = re.compile(r'^#include "([^"]+)"[^\n]*$', re.M)
+
+
+def inline_headers(source: str, *folders: Path) -> str:
+    """Every ``#include "x"`` naming a file in one of the folders replaced by that file's text (its own such
+    includes too, each file once): the build keeps one self-contained translation unit, so the variant's content
+    hash covers the plain C++ headers beside the templates and a header change rebuilds what includes it."""
+    seen: set[str] = set()
+
+    def expand(text: str) -> str:
+        def one(m: re.Match) -> str:
+            name = m.group(1)
+            path = next((f / name for f in folders if (f / name).is_file()), None)
+            if path is None:  # a toolkit or CUTLASS header: left to nvcc's include paths
+                return m.group(0)
+            if name in seen:
+                return f"// {name}: inlined above"
+            seen.add(name)
+            return f"// ---- {name} ----\n{expand(path.read_text()).rstrip()}\n// ---- end of {name} ----"
+        return _LOCAL_INCLUDE.sub(one, text)
+    return expand(source)
+
+
 def render(variant: Variant, spec: Spec, template: Path | None = None) -> str:
     """The complete source of one translation unit (deterministic for equal inputs). ``template``: a template
     file to render instead of the variant's own (an experiment beside the library's kernels); it is looked
     up in its folder, then in the templates folder, whose includes it may use."""
     folder, name = (str(template.resolve().parent), template.name) if template else (None, variant.template)
     env = _environment(*([folder] if folder else []), str(templates_dir()))
-    return env.get_template(name).render(
+    return inline_headers(env.get_template(name).render(
         variant=variant, spec=spec, template=name if template is None else f"{template.resolve().parent.name}/{name}",
         generator_version=__version__, namespace=f"{variant.name}_impl", symbol=variant.symbol,
         head_dim=variant.head_dim, group=variant.group, block_size=variant.block_size, n_tiles=variant.n_tiles,
         k_tier=variant.tier.k if variant.tier else None, v_tier=variant.tier.v if variant.tier else None,
-        **variant.tiles)
+        **variant.tiles), *([Path(folder)] if folder else []), templates_dir())

@@ -157,6 +157,33 @@ def test_hash_covers_source_flags_tools_and_arch(llama3):
     assert h != variant_hash(src, nvcc_flags(v.arch), TOOLS, "sm_86")
 
 
+def test_hopper_headers_are_inlined_and_hashed(llama3, tmp_path, monkeypatch):
+    """The sm_90a kernel's plain C++ headers (sm90/ beside the templates) are inlined at render time, each once:
+    the translation unit stays self-contained and a header change changes the source, hence the variant hash."""
+    import shutil
+    from hierasparse_gen import render as render_module
+    templates = render_module.templates_dir()
+    v = next(v for v in expand(llama3) if v.wgmma and v.tier.k == "mixed")
+    src = render(v, llama3)
+    headers = sorted(p.name for p in (templates / "sm90").glob("*.cuh"))
+    assert headers and '#include "sm90/' not in src
+    for name in headers:
+        assert src.count(f"// ---- sm90/{name} ----") == 1, name
+    assert "template <bool kTail>\n__global__" in src and "if constexpr (kTable)" in src
+    copy = tmp_path / "templates"
+    shutil.copytree(templates, copy)
+    with open(copy / "sm90" / "softmax.cuh", "a") as fh:
+        fh.write("// a changed header\n")
+    w = next(v for v in expand(llama3) if v.kind == "prefill" and not v.wgmma)  # includes no sm90 header
+    before = render(w, llama3)
+    monkeypatch.setattr(render_module, "templates_dir", lambda: copy)
+    changed = render(v, llama3)
+    assert changed != src and "// a changed header" in changed
+    assert variant_hash(changed, nvcc_flags(v.arch), TOOLS, v.arch) != variant_hash(src, nvcc_flags(v.arch), TOOLS,
+                                                                                   v.arch)
+    assert render(w, llama3) == before
+
+
 def test_changing_a_tile_changes_only_decode_sources(llama3):
     other = dataclasses.replace(llama3, decode=dataclasses.replace(llama3.decode, warps=2))
     before = {v.name: render(v, llama3) for v in expand(llama3)}
