@@ -6,15 +6,13 @@ dense-equivalent TFLOP/s = 4 B H n D (cached + (n + 1) / 2) / time.
     python benchmarks/table_prefill.py [BUILD]      (default generated/llama3)
 """
 import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import hierasparse_gen  # noqa: E402
-from hierasparse_gen.bench import _median_us  # noqa: E402
-from hierasparse_gen.cache import HieraCache  # noqa: E402
-from hierasparse_gen.ops import prefill_cache  # noqa: E402
+import hierasparse_gen
+from hierasparse_gen.bench import median_us
+from hierasparse_gen.cache import HieraCache
+from hierasparse_gen.ops import prefill_cache
 
 H, HKV, D = 32, 8, 128
 
@@ -31,8 +29,8 @@ def _row(label, flops, run):
     """Time run(q) on the wgmma kernel and on the warp-level one; their outputs' max |difference|."""
     wg, warp = run(wgmma=True), run(wgmma=False)
     diff = (wg[0].float() - warp[0].float()).abs().max().item()
-    t_wg = _median_us(lambda: run(wgmma=True), [()], 10)
-    t_warp = _median_us(lambda: run(wgmma=False), [()], 10)
+    t_wg = median_us(lambda: run(wgmma=True), [()], 10)
+    t_warp = median_us(lambda: run(wgmma=False), [()], 10)
     print(f"{label}: wgmma table {flops / t_wg / 1e6:.0f} ({t_wg:.0f} us), warp-level {flops / t_warp / 1e6:.0f} "
           f"({t_warp:.0f} us); max |diff| {diff:.1e}", flush=True)
 

@@ -5,15 +5,13 @@ lengths of one's choice, e.g. a tail that is not a multiple of 128. Same timing 
     python benchmarks/wgmma_prefill_lengths.py BUILD [L ...]     (default 8192 32768 32845)
 """
 import sys
-from pathlib import Path
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.functional import scaled_dot_product_attention as sdpa
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import hierasparse_gen  # noqa: E402
-from hierasparse_gen.bench import _median_us  # noqa: E402
+import hierasparse_gen
+from hierasparse_gen.bench import median_us
 
 lib = hierasparse_gen.load(sys.argv[1])
 for L in [int(x) for x in sys.argv[2:]] or [8192, 32768, 32768 + 77]:
@@ -23,8 +21,8 @@ for L in [int(x) for x in sys.argv[2:]] or [8192, 32768, 32768 + 77]:
     v = torch.randn(B, 8, L, 128, device="cuda", dtype=torch.float16)
     kc, vc = lib.compress_k(k), lib.compress_v(v)
     flops = 4 * B * 32 * L * L * 128 / 2
-    a = _median_us(lambda q: lib.prefill(q, kc, vc), [(q,)], 10)
+    a = median_us(lambda q: lib.prefill(q, kc, vc), [(q,)], 10)
     with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-        c = _median_us(lambda q: sdpa(q, k, v, is_causal=True, enable_gqa=True), [(q,)], 10)
+        c = median_us(lambda q: sdpa(q, k, v, is_causal=True, enable_gqa=True), [(q,)], 10)
     print(f"B={B} L={L}: wgmma {a:.0f} us {flops / a / 1e6:.0f} TFLOP/s, cudnn {c:.0f} us "
           f"{flops / c / 1e6:.0f} -> {c / a:.2f}x", flush=True)

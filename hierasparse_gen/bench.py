@@ -1,4 +1,5 @@
-"""Decode benchmark: all-2:4 sparse decode against dense SDPA (cuDNN and flash) in one run.
+"""The benchmarks behind ``hierasparse-gen bench`` (decode, cache ratios, prefill; dense SDPA in the same run)
+and the public timing helper they share with ``benchmarks/``: :func:`median_us`.
 
 Times are medians of CUDA-event timings of CUDA-graph replays (no host overhead in the
 figure); consecutive calls read different input sets (rotating copies, so the working set
@@ -19,12 +20,17 @@ from .ops import _DTYPES
 L2_BYTES = 60 << 20
 
 
-def _median_us(fn, sets, iters: int = 30, warmup: int = 3) -> float:
-    """Median device time of one call, from CUDA-graph replays.
+def median_us(fn, sets=((),), iters: int = 30, warmup: int = 3) -> float:
+    """Median device time of one ``fn(*args)`` call in microseconds, from CUDA-graph replays.
 
-    One graph holds one call per input set (rotating sets keep the working set out of L2);
-    replaying it keeps host overhead (Python, dispatch, allocation) out of the figure, for
-    our kernel and the baselines alike.
+    ``sets``: the argument tuples, one call each per replay (several sets rotate the inputs so the
+    working set stays out of L2; the default calls ``fn()`` once). Each replay of one graph holding
+    one call per set is timed with CUDA events and divided by ``len(sets)``; the median of ``iters``
+    replays after ``warmup`` eager rounds is returned. Replaying keeps host overhead (Python,
+    dispatch, allocation) out of the figure, for this package's kernels and the baselines alike,
+    so ``fn`` must be capturable (no host synchronisation, no allocation that outlives the graph).
+
+        us = median_us(lambda q: lib.prefill(q, kc, vc), [(q,)], iters=10)
     """
     for _ in range(warmup):
         for args in sets:
@@ -95,12 +101,12 @@ def bench_decode(lib, batches, lengths, dtype=torch.float16, hq=32, hkv=8, d=128
                 dense_sets.append((q.unsqueeze(2), k, v))
                 sparse_sets.append((q, kc, vc, seqlens))
                 del k, v
-            ours = _median_us(lambda q, kc, vc, s: lib.decode(q, kc, vc, s, check_seqlens=False),
+            ours = median_us(lambda q, kc, vc, s: lib.decode(q, kc, vc, s, check_seqlens=False),
                               sparse_sets, iters)
             base = {}
             for name, fn in baselines.items():
                 try:
-                    base[name] = _median_us(fn, dense_sets, iters)
+                    base[name] = median_us(fn, dense_sets, iters)
                 except RuntimeError as e:  # a backend that refuses the shape
                     base[name] = float("nan")
                     print(f"  {name} unavailable at B={B} L={L}: {str(e).splitlines()[0]}")
@@ -139,7 +145,7 @@ def bench_cache_ratios(lib, ratios=(0.0, 0.25, 0.5, 0.75, 1.0), B=8, L=32768, hq
     k = torch.randn(B, hkv, L, d, device="cuda", dtype=dtype)
     v = torch.randn(B, hkv, L, d, device="cuda", dtype=dtype)
     qs = [torch.randn(B, hq, d, device="cuda", dtype=dtype) for _ in range(2)]
-    cudnn = _median_us(_sdpa(SDPBackend.CUDNN_ATTENTION), [(q.unsqueeze(2), k, v) for q in qs], iters)
+    cudnn = median_us(_sdpa(SDPBackend.CUDNN_ATTENTION), [(q.unsqueeze(2), k, v) for q in qs], iters)
     rows = []
     for kr in ratios:
         for vr in ratios:
@@ -149,7 +155,7 @@ def bench_cache_ratios(lib, ratios=(0.0, 0.25, 0.5, 0.75, 1.0), B=8, L=32768, hq
                                value_ratio=vr, dtype=dtype)
                 c.prefill(k, v)
                 caches.append(c)
-            us = _median_us(lambda q, c: c.attend(q), list(zip(qs, caches)), iters)
+            us = median_us(lambda q, c: c.attend(q), list(zip(qs, caches)), iters)
             nb = caches[0].nbytes()
             data = nb["total"] - nb["table"]
             rows.append(dict(kr=kr, vr=vr, us=us, speedup=cudnn / us, model=nb["dense_equivalent"] / data,
@@ -174,7 +180,7 @@ def prefill_fill_cost(lib, L=32768, hq=32, hkv=8, d=128, dtype=torch.float16, ra
     def attn(q, k, v):
         with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
             return sdpa(q, k, v, is_causal=True, enable_gqa=True)
-    attn_us = _median_us(attn, [(q, k, v)], iters=10)
+    attn_us = median_us(attn, [(q, k, v)], iters=10)
     cache = HieraCache(lib, batch=1, num_kv_heads=hkv, head_dim=d, max_seq_len=L, key_ratio=ratio,
                        value_ratio=ratio, dtype=dtype)
     times = []
@@ -212,26 +218,26 @@ def bench_prefill(lib, batches=(1, 8), lengths=(8192, 32768), hq=32, hkv=8, d=12
             find = dict(head_dim=d, dtype=_DTYPES[dtype], cc=torch.cuda.get_device_capability(), group=hq // hkv)
             # a whole prompt without seqlens: the sm_90a kernels
             if lib.find_wgmma_prefill(**find):
-                row["all-2:4 wgmma"] = _median_us(lambda q: lib.prefill(q, kc, vc), [(q,)], iters)
+                row["all-2:4 wgmma"] = median_us(lambda q: lib.prefill(q, kc, vc), [(q,)], iters)
             if lib.find_wgmma_prefill(**find, tier=("dense", "sparse24")):
-                row["balanced wgmma"] = _median_us(lambda q: lib.prefill(q, k, vc), [(q,)], iters)
-            row["all-2:4"] = _median_us(lambda q: lib.prefill(q, kc, vc, seqlens), [(q,)], iters)
-            row["balanced"] = _median_us(lambda q: lib.prefill(q, k, vc, seqlens), [(q,)], iters)
+                row["balanced wgmma"] = median_us(lambda q: lib.prefill(q, k, vc), [(q,)], iters)
+            row["all-2:4"] = median_us(lambda q: lib.prefill(q, kc, vc, seqlens), [(q,)], iters)
+            row["balanced"] = median_us(lambda q: lib.prefill(q, k, vc, seqlens), [(q,)], iters)
             del kc
             cache = HieraCache(lib, batch=B, num_kv_heads=hkv, head_dim=d, max_seq_len=L, key_ratio=1.0,
                                value_ratio=1.0, dtype=dtype)
             cache.prefill(k, v)
             if lib.find_wgmma_prefill(**find, tier=("mixed", "mixed")):  # the prompt as HieraCache.prefill passes it
-                row["table wgmma"] = _median_us(
+                row["table wgmma"] = median_us(
                     lambda q: prefill_cache(lib, q, cache, cache.seqlens, seqlens, whole=True), [(q,)], iters)
-            row["table"] = _median_us(lambda q: prefill_cache(lib, q, cache, cache.seqlens, seqlens, wgmma=False),
+            row["table"] = median_us(lambda q: prefill_cache(lib, q, cache, cache.seqlens, seqlens, wgmma=False),
                                       [(q,)], iters)
             del cache
             for name, backend in (("cudnn", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION)):
                 def run(q, backend=backend):
                     with sdpa_kernel(backend):
                         return sdpa(q, k, v, is_causal=True, enable_gqa=True)
-                row[name] = _median_us(run, [(q,)], iters)
+                row[name] = median_us(run, [(q,)], iters)
             rows.append(row)
             del q, k, v, vc
             torch.cuda.empty_cache()

@@ -113,7 +113,7 @@ def nvcc_flags(arch: str) -> list[str]:
     n = arch.removeprefix("sm_")
     return ["-std=c++17", "-O3", "-DNDEBUG", "--expt-relaxed-constexpr",
             "-Xcompiler", "-fPIC,-fvisibility=hidden",
-            # explicit gencode pair: one cubin, no extra PTX pass (DESIGN.md's sm_90a trap)
+            # explicit gencode pair: one cubin, no extra PTX pass (docs/hopper.md, section 1)
             "-gencode", f"arch=compute_{n},code=sm_{n}",
             "--resource-usage", "-Xptxas", "-warn-spills"]
 

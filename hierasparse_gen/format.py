@@ -186,37 +186,6 @@ def _v_untile(vals: torch.Tensor, meta: torch.Tensor) -> tuple[torch.Tensor, tor
     return v.reshape(B, H, D, half), m.reshape(B, H, D, cap // 16)
 
 
-# --- core-matrix layout (descriptor-read 2:4 operands; experiments only) -------------------
-#
-# A wgmma reads an operand from shared memory in 8 x 8 "core matrices" of 16-bit elements (8 rows of
-# 16 bytes, 128 bytes each). With the compressed rows laid out that way a kernel can hand the 2:4 values to
-# ``wgmma.mma_async.sp`` by descriptor instead of loading fragments into registers; the lane-ordered
-# fragments of the cache format cannot be addressed so (a lane's 16 bytes hold two rows). The kernels do
-# not read this layout: ``benchmarks/wgmma_n128_prefill.cu.j2`` does, and its driver converts the cache's
-# values with these two functions (docs/hopper.md, section 8, and benchmarks/RESULTS.md).
-#
-# * K: core matrix ``(r // 8) * (D/16) + c // 8`` holds compressed rows r (tokens) and kept columns c, row
-#   ``r % 8`` at 16 bytes a row: 8-token groups 2*D bytes apart, contiguous across chunks.
-# * V, per 32-token chunk (16 kept columns of V^T): core matrix ``(ch // 8) * 2 + (c % 16) // 8`` holds
-#   channel ch and kept column c; chunks D * 32 bytes apart.
-
-def k_core_matrices(vals: torch.Tensor) -> torch.Tensor:
-    """The cache's K values ``[B, H, cap, D/2]`` (fragment order) in the core-matrix layout, same shape."""
-    logical, _ = _k_untile(vals, torch.zeros(*vals.shape[:3], vals.shape[3] // 8, dtype=torch.int16,
-                                             device=vals.device))
-    B, H, cap, half = logical.shape
-    return logical.reshape(B, H, cap // 8, 8, half // 8, 8).permute(0, 1, 2, 4, 3, 5).reshape(
-        B, H, cap, half).contiguous()
-
-
-def v_core_matrices(vals: torch.Tensor) -> torch.Tensor:
-    """The cache's V values ``[B, H, cap/2, D]`` (fragment order) in the core-matrix layout, same shape."""
-    B, H, half, D = vals.shape
-    logical, _ = _v_untile(vals, torch.zeros(B, H, half // 8, D, dtype=torch.int16, device=vals.device))
-    return logical.reshape(B, H, D // 8, 8, half // 16, 2, 8).permute(0, 1, 4, 2, 5, 3, 6).reshape(
-        B, H, half, D).contiguous()
-
-
 def _check_dense(x: torch.Tensor, what: str) -> None:
     if x.dim() != 4:
         raise ValueError(f"{what} must be 4-D [batch, kv_heads, tokens, head_dim], got {tuple(x.shape)}")

@@ -59,15 +59,13 @@ def inline_headers(source: str, *folders: Path) -> str:
     return expand(source)
 
 
-def render(variant: Variant, spec: Spec, template: Path | None = None) -> str:
-    """The complete source of one translation unit (deterministic for equal inputs). ``template``: a template
-    file to render instead of the variant's own (an experiment beside the library's kernels); it is looked
-    up in its folder, then in the templates folder, whose includes it may use."""
-    folder, name = (str(template.resolve().parent), template.name) if template else (None, variant.template)
-    env = _environment(*([folder] if folder else []), str(templates_dir()))
+def render(variant: Variant, spec: Spec) -> str:
+    """The complete source of one translation unit (deterministic for equal inputs)."""
+    name = variant.template
+    env = _environment(str(templates_dir()))
     return inline_headers(env.get_template(name).render(
-        variant=variant, spec=spec, template=name if template is None else f"{template.resolve().parent.name}/{name}",
+        variant=variant, spec=spec, template=name,
         generator_version=__version__, namespace=f"{variant.name}_impl", symbol=variant.symbol,
         head_dim=variant.head_dim, group=variant.group, block_size=variant.block_size, n_tiles=variant.n_tiles,
         k_tier=variant.tier.k if variant.tier else None, v_tier=variant.tier.v if variant.tier else None,
-        **variant.tiles), *([Path(folder)] if folder else []), templates_dir())
+        **variant.tiles), templates_dir())

@@ -8,15 +8,25 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 
 
+def pytest_addoption(parser):
+    parser.addoption("--experiments", action="store_true", default=False,
+                     help="also run the tests of experiments/ (marker `experiments`; skipped by default)")
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped without one)")
     config.addinivalue_line("markers", "nvcc: compiles CUDA with nvcc (skipped without nvcc)")
+    config.addinivalue_line("markers", "experiments: builds or checks experiments/ (skipped unless --experiments)")
 
 
 def pytest_collection_modifyitems(config, items):
     has_gpu = torch.cuda.is_available()
     has_nvcc = shutil.which("nvcc") is not None or bool(os.environ.get("CUDA_HOME"))
+    run_experiments = config.getoption("--experiments")
     for item in items:
+        # experiments are not the product: the default suite (README's command, CI) does not build them
+        if item.get_closest_marker("experiments") and not run_experiments:
+            item.add_marker(pytest.mark.skip(reason="experiment (run with --experiments)"))
         if "gpu" in item.keywords and not has_gpu:
             item.add_marker(pytest.mark.skip(reason="no CUDA device"))
         if "nvcc" in item.keywords and not has_nvcc:

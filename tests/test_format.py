@@ -595,39 +595,3 @@ def test_constants():
     assert sorted(VALID_NIBBLES) == sorted(i0 | (i1 << 2) for i0 in range(4)
                                            for i1 in range(4) if i0 < i1)
     assert fmt.CHUNK == CHUNK
-
-
-# --- core-matrix layout (benchmarks/wgmma_n128_prefill.cu.j2) -----------------------------------
-
-@pytest.mark.parametrize("D", [64, 128])
-def test_k_core_matrices_places_every_value(D):
-    """Kept value (token r, kept column c) at element ((r//8)*(D/16) + c//8)*64 + (r%8)*8 + c%8."""
-    torch.manual_seed(3)
-    k = torch.randn(2, 3, 70, D, dtype=torch.float16)
-    vals, _ = fmt.pack_k(k)
-    cap = vals.shape[2]
-    logical, _ = fmt.compress_rows(fmt.prune_k(torch.cat((k, k.new_zeros(2, 3, cap - 70, D)), 2)))
-    core = fmt.k_core_matrices(vals)
-    assert core.shape == vals.shape and core.dtype == vals.dtype
-    r = torch.arange(cap).view(-1, 1)
-    c = torch.arange(D // 2).view(1, -1)
-    pos = ((r // 8) * (D // 16) + c // 8) * 64 + (r % 8) * 8 + c % 8
-    flat = core.reshape(2, 3, -1)
-    assert torch.equal(flat[:, :, pos.flatten()].reshape(2, 3, cap, D // 2), logical)
-
-
-@pytest.mark.parametrize("D", [64, 128])
-def test_v_core_matrices_places_every_value(D):
-    """Per 32-token chunk: kept value (channel ch, kept column c) at element chunk*16*D +
-    ((ch//8)*2 + (c%16)//8)*64 + (ch%8)*8 + c%8."""
-    torch.manual_seed(4)
-    v = torch.randn(2, 2, 96, D, dtype=torch.bfloat16)
-    vals, _ = fmt.pack_v(v)
-    logical, _ = fmt.compress_rows(fmt.prune_v(v).transpose(-1, -2))  # [B, H, D, 48]
-    core = fmt.v_core_matrices(vals)
-    assert core.shape == vals.shape
-    ch = torch.arange(D).view(-1, 1)
-    c = torch.arange(48).view(1, -1)
-    pos = (c // 16) * 16 * D + ((ch // 8) * 2 + (c % 16) // 8) * 64 + (ch % 8) * 8 + c % 8
-    flat = core.reshape(2, 2, -1)
-    assert torch.equal(flat[:, :, pos.flatten()].reshape(2, 2, D, 48), logical)

@@ -17,7 +17,7 @@
 // is checked by wgmma_sp_probe.cu. Values are multiples of 1/8 in [-1, 1]: every product and sum is exact in
 // f32, so the comparison with the CPU is exact.
 //
-//   nvcc -std=c++17 -O3 -gencode arch=compute_90a,code=sm_90a -o tiers benchmarks/wgmma_tiers_probe.cu && ./tiers
+//   nvcc -std=c++17 -O3 -gencode arch=compute_90a,code=sm_90a -o tiers experiments/mma_probes/wgmma_tiers_probe.cu && ./tiers
 //
 // Prints the largest |difference| to the CPU for each slab's scores and for O^T, per tier mix, and exits 1
 // unless all are 0; then a control that flips imm-trans-a of the dense V^T operand and must differ.

@@ -1,11 +1,10 @@
 """One causal prefill launch per kernel (all-2:4, balanced) for a profiler:
-ncu ... python3 benchmarks/prefill_once.py BUILD [S]"""
+ncu ... python experiments/profiling/prefill_once.py BUILD [S]"""
 import sys
 
 import torch
 
-sys.path.insert(0, __file__.rsplit("/benchmarks/", 1)[0])
-import hierasparse_gen  # noqa: E402
+import hierasparse_gen
 
 lib = hierasparse_gen.load(sys.argv[1])
 L = int(sys.argv[2]) if len(sys.argv) > 2 else 8192

@@ -6,22 +6,21 @@ __syncthreads, the producer's first copy, each consumer warpgroup before and aft
 stage is ready, at the end of its slab loop, after its epilogue -- plus %smid and clock64 at entry and at
 the end, into a device array that `hsg_read_times` copies out. The kernel's work is unchanged.
 
-    python benchmarks/cta_timeline.py render timeline.cu [--balanced]     (here; then build it as in
-        benchmarks/wgmma_prefill_variants.py: nvcc ... -shared timeline.cu -o timeline.so)
-    python benchmarks/cta_timeline.py run timeline.so [--shapes 1x8192,1x32768,8x32768]   (on an H200)
+    python experiments/cta_timeline/cta_timeline.py render timeline.cu [--balanced] [--spec specs/llama3.yaml]
+        (here, with the package installed; then build it as in experiments/prefill_sm90_edits/
+        wgmma_prefill_variants.py: nvcc ... -shared timeline.cu -o timeline.so)
+    python experiments/cta_timeline/cta_timeline.py run timeline.so [--shapes 1x8192,1x32768,8x32768]   (on an H200)
 
 `run` prints, per shape, the mean time of each point from CTA entry, the share of a CTA's time outside the
 slab loop, the clock (clock64 ticks / globaltimer ns of warpgroup 0), and how long SMs sat idle between CTAs
 and at the end of the grid. Each point is a text anchor in the rendered source: a template change that
-moves one makes `render` fail (tests/test_build.py renders and compiles it).
+moves one makes `render` fail (tests/test_experiments.py renders and compiles it, under `--experiments`).
 """
 import argparse
 import ctypes
 import math
-import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
 MAX_CTAS = 70000  # 8 x 32 heads x 256 query blocks of 128 at 32K fit
 
 # Slots of a CTA's row of 16 u64: 0 smid, 1 entry, 2 after __syncthreads, 3/4 Q load start (WG 0/1), 5/6 Q in
@@ -83,13 +82,13 @@ HSG_EXPORT int hsg_read_times(void* dst, int ctas) {{
 """
 
 
-def render(balanced: bool) -> tuple[str, str]:
-    """The instrumented source of the variant and its C entry point."""
-    sys.path.insert(0, str(REPO))
+def render(balanced: bool, spec_path: Path = Path("specs/llama3.yaml")) -> tuple[str, str]:
+    """The instrumented source of the spec's fp16 sm_90a prefill variant (all-2:4, or balanced) and its C
+    entry point."""
     from hierasparse_gen.render import render as render_variant
     from hierasparse_gen.spec import load_spec
     from hierasparse_gen.variants import expand
-    spec = load_spec(REPO / "specs" / "llama3.yaml")
+    spec = load_spec(spec_path)
     variant = next(v for v in expand(spec) if v.wgmma and v.dtype == "float16"
                    and (v.tier.k == "dense") == balanced)
     return instrument(render_variant(variant, spec), f"{variant.name}_impl"), variant.symbol
@@ -97,7 +96,6 @@ def render(balanced: bool) -> tuple[str, str]:
 
 def run(lib_path: Path, shapes: list[tuple[int, int]]) -> None:
     import torch
-    sys.path.insert(0, str(REPO))
     from hierasparse_gen import format as fmt
     lib = ctypes.CDLL(str(lib_path.resolve()))
     symbol = next(s for s in ("hsg_prefill_d128_g4_f16_k24_v24_wg_sm90a", "hsg_prefill_d128_g4_f16_kd_v24_wg_sm90a")
@@ -161,11 +159,12 @@ if __name__ == "__main__":
     r = sub.add_parser("render", help="write the instrumented source")
     r.add_argument("out", type=Path)
     r.add_argument("--balanced", action="store_true", help="the dense-K (balanced) variant")
+    r.add_argument("--spec", type=Path, default=Path("specs/llama3.yaml"), help="the spec whose variant is rendered")
     g = sub.add_parser("run", help="run a build of it and print the timeline (GPU)")
     g.add_argument("lib", type=Path)
     g.add_argument("--shapes", default="1x8192,1x32768,8x32768")
     a = ap.parse_args()
     if a.cmd == "render":
-        a.out.write_text(render(a.balanced)[0])
+        a.out.write_text(render(a.balanced, a.spec)[0])
     else:
         run(a.lib, [tuple(map(int, s.split("x"))) for s in a.shapes.split(",")])

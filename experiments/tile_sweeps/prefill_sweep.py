@@ -2,18 +2,16 @@
 all-2:4 and balanced kernels of each in one GPU run at the Llama-3 shape (causal, B=1), with
 cuDNN in the same run.
 
-    python3 benchmarks/prefill_sweep.py build   # here: writes generated/prefill-sweep/<tag>/
-    python3 benchmarks/prefill_sweep.py run     # on the GPU: prints a table
+    python experiments/tile_sweeps/prefill_sweep.py build   # here: writes generated/prefill-sweep/<tag>/
+    python experiments/tile_sweeps/prefill_sweep.py run     # on the GPU: prints a table
 """
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 # (warp_queries, stages, chunk_tokens, step_keys)
 CONFIGS = [(24, 3, 64, 32), (24, 3, 128, 32), (24, 2, 128, 32), (16, 3, 128, 32), (24, 2, 128, 64)]
-OUT = ROOT / "generated" / "prefill-sweep"
+OUT = Path("generated") / "prefill-sweep"  # under the folder it runs in
 
 
 def tag(q, s, c, k):
@@ -39,7 +37,7 @@ def run(lengths=(8192, 32768)):
     from torch.nn.functional import scaled_dot_product_attention as sdpa
 
     import hierasparse_gen
-    from hierasparse_gen.bench import _median_us
+    from hierasparse_gen.bench import median_us
     print("| tiles (queries/warp, stages, stage keys, step keys) | S | all-2:4 TFLOP/s | balanced TFLOP/s | cuDNN TFLOP/s |")
     print("|---|---|---|---|---|")
     for L in lengths:
@@ -48,12 +46,12 @@ def run(lengths=(8192, 32768)):
         v = torch.randn(1, 8, L, 128, device="cuda", dtype=torch.float16)
         flops = 4 * 32 * L * L * 128 / 2
         with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-            cudnn = _median_us(lambda q: sdpa(q, k, v, is_causal=True, enable_gqa=True), [(q,)], 5)
+            cudnn = median_us(lambda q: sdpa(q, k, v, is_causal=True, enable_gqa=True), [(q,)], 5)
         for cfg in CONFIGS:
             lib = hierasparse_gen.load(OUT / tag(*cfg))
             kc, vc = lib.compress_k(k), lib.compress_v(v)
-            a = _median_us(lambda q: lib.prefill(q, kc, vc), [(q,)], 5)
-            b = _median_us(lambda q: lib.prefill(q, k, vc), [(q,)], 5)
+            a = median_us(lambda q: lib.prefill(q, kc, vc), [(q,)], 5)
+            b = median_us(lambda q: lib.prefill(q, k, vc), [(q,)], 5)
             print(f"| {cfg} | {L // 1024}K | {flops / a / 1e6:.0f} | {flops / b / 1e6:.0f} | {flops / cudnn / 1e6:.0f} |",
                   flush=True)
 

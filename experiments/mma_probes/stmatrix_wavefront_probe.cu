@@ -1,7 +1,7 @@
 // Shared-memory cost of the P stores: stmatrix.m8n8.x4 with .trans (the sm_90a prefill kernel's store_p: [query][key]
 // rows of a 128-byte-swizzled tile, from the S^T accumulator fragments), without .trans ([key][query] rows), and a
 // plain 16-byte st.shared a lane, each 4 x 1000 times a warp in 132 CTAs of 4 warps. On an H200:
-//   nvcc -O3 -gencode arch=compute_90a,code=sm_90a benchmarks/stmatrix_wavefront_probe.cu -o stm
+//   nvcc -O3 -gencode arch=compute_90a,code=sm_90a experiments/mma_probes/stmatrix_wavefront_probe.cu -o stm
 //   ncu --metrics l1tex__data_pipe_lsu_wavefronts_mem_shared_op_st.sum,l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_st.sum ./stm
 // Measured: 8,448,000 wavefronts (4 an instruction, 512 bytes: no bank conflicts) and 0 conflicts for all three.
 #include <cstdio>

@@ -19,7 +19,7 @@
 // Build and run (H200), e.g.
 //   for l in 0 1 2 3 4; do for p in 0 1; do
 //     nvcc -std=c++17 -O3 -gencode arch=compute_90a,code=sm_90a -DNQ=64 -DNWG=2 -DLOADS=$l -DPSTORE=$p \
-//          benchmarks/wgmma_datapath_probe.cu -o probe && ./probe; done; done
+//          experiments/mma_probes/wgmma_datapath_probe.cu -o probe && ./probe; done; done
 #include <cstdint>
 #include <cstdio>
 #include <cuda_runtime.h>

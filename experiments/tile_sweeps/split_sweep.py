@@ -1,13 +1,12 @@
 """Decode time against the number of splits, next to the automatic choice (GPU):
-    python3 benchmarks/split_sweep.py generated/llama3
+    python experiments/tile_sweeps/split_sweep.py generated/llama3
 """
 import sys
 
 import torch
 
-sys.path.insert(0, __file__.rsplit("/benchmarks/", 1)[0])
-import hierasparse_gen  # noqa: E402
-from hierasparse_gen.bench import _median_us  # noqa: E402
+import hierasparse_gen
+from hierasparse_gen.bench import median_us
 
 lib = hierasparse_gen.load(sys.argv[1])
 print("| B | L | splits | us |\n|---|---|---|---|")
@@ -18,7 +17,7 @@ for B, L, choices in [(8, 32768, (0, 1, 2, 3, 4, 8)), (1, 131072, (0, 8, 16, 17,
     seqlens = torch.full((B,), L, dtype=torch.int32, device="cuda")
     sets = [(q, lib.compress_k(k), lib.compress_v(k)) for _ in range(3)]
     for s in choices:
-        us = _median_us(lambda q, kc, vc: lib.decode(q, kc, vc, seqlens, num_splits=s or None,
-                                                     check_seqlens=False), sets)
+        us = median_us(lambda q, kc, vc: lib.decode(q, kc, vc, seqlens, num_splits=s or None,
+                                                    check_seqlens=False), sets)
         print(f"| {B} | {L // 1024}K | {s or 'auto'} | {us:.1f} |")
     del sets, k

@@ -1,20 +1,18 @@
 """Decode tile sweep: build one library per (warps, stages, chunk_tokens) on the CPU, then
 time them all in one GPU run at the Llama-3 shape.
 
-    python3 benchmarks/tile_sweep.py build   # here: writes generated/sweep/w4s3c32/ ...
-    python3 benchmarks/tile_sweep.py run     # on the GPU: prints a table
-    python3 benchmarks/tile_sweep.py build-mixed / run-mixed   # the HieraCache (mixed-tier) kernel
+    python experiments/tile_sweeps/tile_sweep.py build   # here: writes generated/sweep/w4s3c32/ ...
+    python experiments/tile_sweeps/tile_sweep.py run     # on the GPU: prints a table
+    python experiments/tile_sweeps/tile_sweep.py build-mixed / run-mixed   # the HieraCache (mixed-tier) kernel
 """
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 CONFIGS = [(4, 3, 32), (4, 2, 32), (2, 3, 32), (2, 4, 32), (8, 2, 32), (4, 2, 64), (2, 2, 64),
            (4, 4, 32), (1, 4, 32), (1, 8, 32)]
 MIXED = [(4, 5), (4, 3), (6, 4), (8, 3), (8, 2)]
-OUT = ROOT / "generated" / "sweep"
+OUT = Path("generated") / "sweep"  # under the folder it runs in
 
 
 def tag(w, s, c):
@@ -46,7 +44,7 @@ def build_mixed():
 def run_mixed(B=8, L=32768):
     import torch
     import hierasparse_gen
-    from hierasparse_gen.bench import _median_us
+    from hierasparse_gen.bench import median_us
     from hierasparse_gen.cache import HieraCache
     k = torch.randn(B, 8, L, 128, device="cuda", dtype=torch.float16)
     qs = [torch.randn(B, 32, 128, device="cuda", dtype=torch.float16) for _ in range(2)]
@@ -60,7 +58,7 @@ def run_mixed(B=8, L=32768):
                                value_ratio=ratio)
                 c.prefill(k, k)
                 caches.append(c)
-            us = _median_us(lambda q, c: c.attend(q), list(zip(qs, caches)))
+            us = median_us(lambda q, c: c.attend(q), list(zip(qs, caches)))
             out = caches[0].attend(qs[0])[0].float()
             first = out if (w, s) == MIXED[0] else first
             diff = (out - first).abs().max().item()  # every tiling computes the same function
@@ -71,7 +69,7 @@ def run_mixed(B=8, L=32768):
 def run(batches=(8, 1), lengths=(32768, 131072)):
     import torch
     import hierasparse_gen
-    from hierasparse_gen.bench import _median_us
+    from hierasparse_gen.bench import median_us
     print("| tiles | B | L | splits | us | TB/s |")
     print("|---|---|---|---|---|---|")
     for B, L in zip(batches, lengths):
@@ -81,12 +79,12 @@ def run(batches=(8, 1), lengths=(32768, 131072)):
         for w, s, c in CONFIGS:
             lib = hierasparse_gen.load(OUT / tag(w, s, c))
             sets = [(q, lib.compress_k(k), lib.compress_v(k)) for _ in range(2)]
-            us = _median_us(lambda q, kc, vc: lib.decode(q, kc, vc, seqlens, check_seqlens=False), sets)
+            us = median_us(lambda q, kc, vc: lib.decode(q, kc, vc, seqlens, check_seqlens=False), sets)
             moved = sets[0][1].nbytes() + sets[0][2].nbytes()
             print(f"| {tag(w, s, c)} | {B} | {L // 1024}K | auto | {us:.1f} | {moved / us / 1e6:.2f} |")
             for splits in (8, 16, 32):
-                us = _median_us(lambda q, kc, vc: lib.decode(q, kc, vc, seqlens, num_splits=splits,
-                                                             check_seqlens=False), sets)
+                us = median_us(lambda q, kc, vc: lib.decode(q, kc, vc, seqlens, num_splits=splits,
+                                                            check_seqlens=False), sets)
                 print(f"| {tag(w, s, c)} | {B} | {L // 1024}K | {splits} | {us:.1f} | {moved / us / 1e6:.2f} |")
             del sets
         del k

@@ -2,7 +2,7 @@
 // (no loads in the loop): wgmma.mma_async.sp m64n256k32 (2:4 A from registers, "RS") against the
 // dense wgmma m64n256k16, f16 inputs, fp32 accumulators. The Hopper path's ceiling, as
 // mma_ceiling.cu is the warp-level path's (see docs/hopper.md).
-// Build: nvcc -std=c++17 -O3 -gencode arch=compute_90a,code=sm_90a benchmarks/wgmma_ceiling.cu -o wgmma_ceiling
+// Build: nvcc -std=c++17 -O3 -gencode arch=compute_90a,code=sm_90a experiments/mma_probes/wgmma_ceiling.cu -o wgmma_ceiling
 #include <cstdint>
 #include <cstdio>
 #include <cuda_fp16.h>

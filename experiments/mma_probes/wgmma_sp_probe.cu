@@ -1,7 +1,7 @@
 // Probe: one m64n64k32 wgmma.mma_async.sp (f16 -> f32) with A in the cache's 2:4 fragment and
 // metadata format, RS (sel 0 and 1), SS, unordered indices, replicated metadata; each variant
 // against a CPU reference (see docs/hopper.md). Build: nvcc -gencode=arch=compute_90a,code=sm_90a
-// -O2 -o probe benchmarks/wgmma_sp_probe.cu && ./probe  (variants 0, 1, 2, 4 should print err ~0).
+// -O2 -o probe experiments/mma_probes/wgmma_sp_probe.cu && ./probe  (variants 0, 1, 2, 4 should print err ~0).
 #include <cstdio>
 #include <cstdlib>
 #include <cstdint>

@@ -1,6 +1,6 @@
 // Tensor-core ceilings of the warp-level MMAs the kernels use, registers only (no loads):
 // mma.sp m16n8k32 and mma.sync m16n8k16, f16 inputs, with fp32 and with fp16 accumulators.
-// Build: nvcc -std=c++17 -O3 -arch=sm_90 -I<cutlass>/include benchmarks/mma_ceiling.cu -o mma_ceiling
+// Build: nvcc -std=c++17 -O3 -arch=sm_90 -I<cutlass>/include experiments/mma_probes/mma_ceiling.cu -o mma_ceiling
 #include <cstdio>
 #include <cuda_runtime.h>
 #include "cutlass/arch/mma_sm80.h"

@@ -6,7 +6,7 @@ change, compiled on its own into a shared library with the library's flags, e.g.
     nvcc -std=c++17 -O3 -DNDEBUG --expt-relaxed-constexpr -gencode arch=compute_90a,code=sm_90a \\
          -shared -Xcompiler -fPIC -cudart static -I<cutlass include> exp.cu -o exp.so
 
-    python benchmarks/wgmma_prefill_variants.py SYMBOL base.so exp.so base.so ...   (on an H200)
+    python experiments/prefill_sm90_edits/wgmma_prefill_variants.py SYMBOL base.so exp.so base.so ...   (on an H200)
 
 SYMBOL is the entry point (`hsg_prefill_d128_g4_f16_k24_v24_wg_sm90a`, or the `_kd_` balanced one, which
 takes dense K). Llama-3 shape, fp16, causal; shapes BxL from $SHAPES (any L; default 1x32768,8x32768).
@@ -14,10 +14,11 @@ Same timing as `hierasparse-gen bench --prefill` (CUDA-graph medians of 10). Eac
 with the first build's (max |difference|): an experiment that changes the math shows up there. Builds that
 change the math on purpose (diagnostics: exponentials removed and the like) need TIMING_ONLY=1, which lets
 their NaN outputs through. Builds listed in $CORE_LAYOUT (comma-separated, as given on the command line) get
-the 2:4 values in the core-matrix layout (hierasparse_gen.format.k_core_matrices / v_core_matrices), for
-experiments that read them by descriptor (benchmarks/wgmma_n128_prefill.cu.j2).
+the 2:4 values in the core-matrix layout (experiments/n128_prefill/core_layout.py), for experiments that read
+them by descriptor (experiments/n128_prefill/wgmma_n128_prefill.cu.j2). Run with the package installed.
 """
 import ctypes
+import importlib.util
 import math
 import os
 import sys
@@ -27,9 +28,18 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.functional import scaled_dot_product_attention as sdpa
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from hierasparse_gen import format as fmt  # noqa: E402
-from hierasparse_gen.bench import _median_us  # noqa: E402
+from hierasparse_gen import format as fmt
+from hierasparse_gen.bench import median_us
+
+
+def _core_layout():
+    """experiments/n128_prefill/core_layout.py, loaded from its file (the experiments are not a package)."""
+    path = Path(__file__).resolve().parent.parent / "n128_prefill" / "core_layout.py"
+    spec = importlib.util.spec_from_file_location("core_layout", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
 
 symbol, builds = sys.argv[1], sys.argv[2:]
 core_layout = {Path(b).resolve() for b in os.environ.get("CORE_LAYOUT", "").split(",") if b}
@@ -44,7 +54,11 @@ for B, L in (tuple(map(int, s.split("x"))) for s in os.environ.get("SHAPES", "1x
     k = torch.randn(B, HKV, L, D, device="cuda", dtype=torch.float16)
     v = torch.randn(B, HKV, L, D, device="cuda", dtype=torch.float16)
     (kv, km), (vv, vm) = fmt.pack_k(k), fmt.pack_v(v)
-    kc, vc = (fmt.k_core_matrices(kv), fmt.v_core_matrices(vv)) if core_layout else (None, None)
+    if core_layout:
+        cl = _core_layout()
+        kc, vc = cl.k_core_matrices(kv, km), cl.v_core_matrices(vv, vm)
+    else:
+        kc, vc = None, None
     flops = 4 * B * H * L * L * D / 2
     first = None
     for path in builds:
@@ -67,9 +81,9 @@ for B, L in (tuple(map(int, s.split("x"))) for s in os.environ.get("SHAPES", "1x
         assert os.environ.get("TIMING_ONLY") or not out.isnan().any(), f"{path}: unwritten or NaN output"
         first = out.clone() if first is None else first
         diff = (out.float() - first.float()).abs().max().item()
-        us = _median_us(call, [(q,)], 10)
+        us = median_us(call, [(q,)], 10)
         print(f"B={B} L={L} {Path(path).name:16s} {us:9.0f} us {flops / us / 1e6:5.0f} dense-eq TFLOP/s  "
               f"max |out - first build's| {diff:.1e}", flush=True)
     with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-        us = _median_us(lambda q: sdpa(q, k, v, is_causal=True, enable_gqa=True), [(q,)], 10)
+        us = median_us(lambda q: sdpa(q, k, v, is_causal=True, enable_gqa=True), [(q,)], 10)
     print(f"B={B} L={L} {'cudnn':16s} {us:9.0f} us {flops / us / 1e6:5.0f} dense-eq TFLOP/s", flush=True)

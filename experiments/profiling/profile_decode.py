@@ -1,12 +1,11 @@
 """One decode call at the Llama-3 shape (B=8, L=32K) for profilers:
-    ncu --clock-control none -k regex:decode_kernel -s 2 -c 1 python3 benchmarks/profile_decode.py BUILD
+    ncu --clock-control none -k regex:decode_kernel -s 2 -c 1 python experiments/profiling/profile_decode.py BUILD
 """
 import sys
 
 import torch
 
-sys.path.insert(0, __file__.rsplit("/benchmarks/", 1)[0])
-import hierasparse_gen  # noqa: E402
+import hierasparse_gen
 
 lib = hierasparse_gen.load(sys.argv[1])
 B, L = int(sys.argv[2]) if len(sys.argv) > 2 else 8, int(sys.argv[3]) if len(sys.argv) > 3 else 32768

@@ -1,12 +1,11 @@
-"""Where the time of HieraCache.prefill goes (GPU): python3 benchmarks/profile_prefill.py BUILD"""
+"""Where the time of HieraCache.prefill goes (GPU): python experiments/profiling/profile_prefill.py BUILD"""
 import sys
 import time
 
 import torch
 
-sys.path.insert(0, __file__.rsplit("/benchmarks/", 1)[0])
-import hierasparse_gen  # noqa: E402
-from hierasparse_gen.cache import HieraCache  # noqa: E402
+import hierasparse_gen
+from hierasparse_gen.cache import HieraCache
 
 lib = hierasparse_gen.load(sys.argv[1])
 L = 32768
