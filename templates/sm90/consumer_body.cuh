@@ -231,5 +231,5 @@
   }
 
   const long long row0 = (long long)sm.head_row * prm.num_queries + q0;  // out, lse: contiguous
-  epilogue(o, l, m, w, g, qq, sm.red[wg], sm.p[wg], bar, prm.out + row0 * kD, prm.lse + row0, rows,
-           kTable && kTail ? min(kN, prm.num_queries - q0) : 0);
+  const int pad_to = kTable && kTail ? min(kN, prm.num_queries - q0) : 0;  // the tables' chunks: padding rows
+  epilogue(o, l, m, w, g, qq, sm.red[wg], sm.p[wg], bar, prm.out + row0 * kD, prm.lse + row0, rows, pad_to);
