@@ -11,7 +11,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from .abi import ABIS, SIGNATURES, SIZE_QUERIES, declare, declare_runtime
+from .abi import ABIS, SIZE_QUERIES, declare, declare_runtime
 from .compiler import MANIFEST, build
 from .errors import BuildNotFoundError, CudaError, DispatchError
 from .variants import FAMILIES, SM90_PREFILL_HEAD_DIMS, SM90_TABLE_BLOCK, arch_capability
