@@ -180,3 +180,39 @@ def test_prefill_cache_kernel_choice(lib):
     # auto with 128-token blocks: no wgmma kernel for them, and no warp-level one either in this build
     with pytest.raises(DispatchError, match="km_vm_b64_sm90: cache block size 64 != 128"):
         ops.prefill_cache(lib, q, cache128, *lens)
+
+
+def test_a_forced_kernel_that_cannot_run_is_refused_before_the_cache_changes(lib, monkeypatch):
+    from hierasparse_gen.cache import HieraCache
+    monkeypatch.setattr(HieraCache, "_check_dense", lambda self, x, what, dims: None)  # CPU stands in for GPU
+    cache = HieraCache(lib, batch=B, num_kv_heads=HKV, head_dim=D, max_seq_len=512, key_ratio=0.5, value_ratio=0.5,
+                       dtype=torch.float16, device="cpu")
+    k = v = torch.randn(B, HKV, 100, D, dtype=torch.float16)
+    q = torch.randn(B, HQ, 100, D, dtype=torch.float16)
+    with pytest.raises(DispatchError, match=r"this call: dense V rows \(attend_then_compress\)"):
+        cache.prefill(k, v, q=q, mode="attend_then_compress", kernel="wgmma")
+    with pytest.raises(DispatchError, match=r"this call: dense K rows of a chunk"):  # balanced, not a whole prompt
+        cache.prefill(k, v, [100, 50], q=q, mode="balanced", kernel="wgmma")
+    with pytest.raises(InputError, match="kernel: 'flash' is not a prefill kernel"):
+        cache.prefill(k, v, q=q, kernel="flash")
+    assert cache.lengths == [0, 0] and lib.calls == []  # nothing written, nothing launched
+
+
+def test_load_returns_the_library_with_its_ops(tmp_path, monkeypatch):
+    """hierasparse_gen.load's class: the registry Library plus compress_k/compress_v/prefill/decode."""
+    from hierasparse_gen.library import KernelLibrary
+    (tmp_path / "manifest.json").write_text(json.dumps({"library": "libhierasparse_fake.so", "spec": {"name": "f"},
+                                                         "variants": VARIANTS}))
+    lib = KernelLibrary(tmp_path / "manifest.json", cdll=FakeCDLL())
+    assert isinstance(lib, registry.Library) and registry.lookup(lib.key) is lib
+    assert all(callable(getattr(lib, m)) for m in ("compress_k", "compress_v", "prefill", "decode", "select"))
+    assert repr(lib).startswith("KernelLibrary('f', 10 variants")
+    calls = []
+    monkeypatch.setattr(base, "device_cc", lambda device: (9, 0))
+    monkeypatch.setattr(checks, "check_cuda", lambda t, what: None)
+    monkeypatch.setattr(base, "launch", lambda lib, symbol, device, *args: calls.append(symbol))
+    k, v = _packed()
+    lib.prefill(torch.randn(B, HQ, CAP, D, dtype=torch.float16), k, v, kernel="mma_sp")
+    assert calls == ["hsg_prefill_d128_g4_f16_k24_v24_sm90"]
+    with pytest.raises(DispatchError, match=r"no library loaded under 'elsewhere'. Fix: load it"):
+        registry.lookup("elsewhere")
