@@ -221,7 +221,8 @@ def bench_prefill(lib, batches=(1, 8), lengths=(8192, 32768), hq=32, hkv=8, d=12
             cache = HieraCache(lib, batch=B, num_kv_heads=hkv, head_dim=d, max_seq_len=L, key_ratio=1.0,
                                value_ratio=1.0, dtype=dtype)
             cache.prefill(k, v)
-            if lib.find("prefill", family="wgmma", tier=("mixed", "mixed"), **find):  # the prompt as HieraCache.prefill passes it
+            # the prompt as HieraCache.prefill passes it
+            if lib.find("prefill", family="wgmma", tier=("mixed", "mixed"), **find):
                 row["table wgmma"] = _median_us(
                     lambda q: prefill_cache(lib, q, cache, cache.seqlens, seqlens, whole=True), [(q,)], iters)
             row["table"] = _median_us(lambda q: prefill_cache(lib, q, cache, cache.seqlens, seqlens, kernel="mma_sp"),
