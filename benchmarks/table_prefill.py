@@ -43,7 +43,7 @@ def chunks(lib):
         q = torch.randn(B, H, n, D, device="cuda", dtype=torch.float16)
         qlens = torch.full((B,), n, dtype=torch.int32, device="cuda")
         _row(f"chunk B={B} cached={cached} n={n}", 4 * B * H * n * D * (cached + (n + 1) / 2),
-             lambda wgmma: prefill_cache(lib, q, cache, cache.seqlens, qlens, wgmma=wgmma))
+             lambda wgmma: prefill_cache(lib, q, cache, cache.seqlens, qlens, kernel="wgmma" if wgmma else "mma_sp"))
         del cache, k, v, q
         torch.cuda.empty_cache()
 
@@ -57,7 +57,7 @@ def balanced(lib):
         zero = torch.zeros_like(qlens)
         _row(f"balanced B={B} L={L}", 4 * B * H * L * L * D / 2,
              lambda wgmma: prefill_cache(lib, q, cache, cache.seqlens, qlens, k_tail=k, tail_start=zero,
-                                         wgmma=wgmma, whole=wgmma))
+                                         kernel="wgmma" if wgmma else "mma_sp", whole=wgmma))
         del cache, k, v, q
         torch.cuda.empty_cache()
 

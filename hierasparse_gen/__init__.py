@@ -9,7 +9,7 @@ __version__ = "0.1.0"
 
 def load(path_or_spec, **kwargs):
     """Load a built library (a build folder, its manifest.json, or a spec YAML to build first)."""
-    from .registry import load as _load
+    from .library import load as _load
     return _load(path_or_spec, **kwargs)
 
 

@@ -15,7 +15,7 @@ import statistics
 
 import torch
 
-from .ops import _DTYPES
+from .ops.base import DTYPES as _DTYPES
 
 L2_BYTES = 60 << 20
 
@@ -217,9 +217,9 @@ def bench_prefill(lib, batches=(1, 8), lengths=(8192, 32768), hq=32, hkv=8, d=12
             row = dict(B=B, L=L, flops=flops)
             find = dict(head_dim=d, dtype=_DTYPES[dtype], cc=torch.cuda.get_device_capability(), group=hq // hkv)
             # a whole prompt without seqlens: the sm_90a kernels
-            if lib.find_wgmma_prefill(**find):
+            if lib.find("prefill", family="wgmma", tier=("sparse24", "sparse24"), **find):
                 row["all-2:4 wgmma"] = median_us(lambda q: lib.prefill(q, kc, vc), [(q,)], iters)
-            if lib.find_wgmma_prefill(**find, tier=("dense", "sparse24")):
+            if lib.find("prefill", family="wgmma", tier=("dense", "sparse24"), **find):
                 row["balanced wgmma"] = median_us(lambda q: lib.prefill(q, k, vc), [(q,)], iters)
             row["all-2:4"] = median_us(lambda q: lib.prefill(q, kc, vc, seqlens), [(q,)], iters)
             row["balanced"] = median_us(lambda q: lib.prefill(q, k, vc, seqlens), [(q,)], iters)
@@ -227,10 +227,11 @@ def bench_prefill(lib, batches=(1, 8), lengths=(8192, 32768), hq=32, hkv=8, d=12
             cache = HieraCache(lib, batch=B, num_kv_heads=hkv, head_dim=d, max_seq_len=L, key_ratio=1.0,
                                value_ratio=1.0, dtype=dtype)
             cache.prefill(k, v)
-            if lib.find_wgmma_prefill(**find, tier=("mixed", "mixed")):  # the prompt as HieraCache.prefill passes it
+            # the prompt as HieraCache.prefill passes it
+            if lib.find("prefill", family="wgmma", tier=("mixed", "mixed"), **find):
                 row["table wgmma"] = median_us(
                     lambda q: prefill_cache(lib, q, cache, cache.seqlens, seqlens, whole=True), [(q,)], iters)
-            row["table"] = median_us(lambda q: prefill_cache(lib, q, cache, cache.seqlens, seqlens, wgmma=False),
+            row["table"] = median_us(lambda q: prefill_cache(lib, q, cache, cache.seqlens, seqlens, kernel="mma_sp"),
                                       [(q,)], iters)
             del cache
             for name, backend in (("cudnn", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION)):

@@ -25,68 +25,20 @@ stale and :meth:`HieraCache.sync` (called by every host-side method) pulls it ba
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
 
-from . import ops as _ops
-from .errors import CacheFullError
-from .format import unpack_k, unpack_v
-
-
-#: How a prompt chunk attends during HieraCache.prefill (see its docstring).
-PREFILL_MODES = ("compress_then_attend", "attend_then_compress", "balanced")
-
+from .cache_inspect import CacheInspection
+from .errors import CacheFullError, InputError
+from .ops import cache_kernels as _kernels
+from .ops.checks import check_queries
+# (the policy names also stay importable from here: PREFILL_MODES, ratio_count, cache_settings, ...)
+from .policy import (PREFILL_MODES, cache_settings, check_not_full, check_prefill_mode, check_ratios, check_room,
+                     eligible_blocks, pool_sizes, ratio_count)
 
 _CTRL_STACK = 6  # ctrl columns before the free-slot stacks
 _STATUS = 5      # ctrl column: 1 = a captured append found the sequence full, 2 = no free dense slot
-
-
-def cache_settings(lib, block_size: int | None, sink: int | None, window: int | None) -> tuple[int, int, int]:
-    """(block_size, sink, local_window): the given values, else the library spec's ``cache``
-    section (64, 64, 256 without a library or section), checked."""
-    cfg = lib.manifest["spec"].get("cache", {}) if lib is not None else {}
-    block = int(block_size or cfg.get("block_size", 64))
-    sink = int(cfg.get("sink", 64) if sink is None else sink)
-    window = int(cfg.get("local_window", 256) if window is None else window)
-    if block <= 0 or block % 32 or sink < 0 or window < 0 or sink % block or window % block:
-        raise ValueError(f"block_size {block} must be a multiple of 32 and sink {sink} and window {window} "
-                         f"multiples of it. Fix: use the spec's cache values")
-    return block, sink, window
-
-
-def check_ratios(key_ratio: float, value_ratio: float) -> None:
-    for name, r in (("key_ratio", key_ratio), ("value_ratio", value_ratio)):
-        if not 0.0 <= r <= 1.0:
-            raise ValueError(f"{name}: {r} is outside [0, 1]. Fix: pass the fraction of eligible "
-                             f"blocks to store 2:4 (0 = all dense, 1 = all 2:4)")
-
-
-def check_prefill_mode(mode: str, what: str = "mode") -> None:
-    if mode not in PREFILL_MODES:
-        raise ValueError(f"{what} {mode!r} is not a prefill mode. Fix: use one of {', '.join(PREFILL_MODES)}")
-
-
-def check_room(current: list[int], adding: list[int], capacity: int) -> None:
-    """A prefill chunk must fit every sequence whole (else nothing is written)."""
-    most = max(n0 + n for n0, n in zip(current, adding))
-    if most > capacity:
-        raise CacheFullError(f"sequences would hold up to {most} tokens, more than the cache capacity {capacity}; "
-                             f"nothing was written. Fix: build the cache with a larger max_seq_len")
-
-
-def check_not_full(lengths: list[int], capacity: int) -> None:
-    """A decode step needs room for one more token in every sequence."""
-    full = [b for b, n in enumerate(lengths) if n >= capacity]
-    if full:
-        raise CacheFullError(f"sequences {full} hold {capacity} tokens, the cache capacity; nothing was written. "
-                             f"Fix: build the cache with a larger max_seq_len")
-
-
-def ratio_count(ratio: float, eligible: int) -> int:
-    """2:4 blocks among ``eligible`` blocks for a ratio (round half up, never more than all)."""
-    return min(eligible, math.floor(ratio * eligible + 0.5))
 
 
 @dataclass
@@ -103,7 +55,7 @@ class _Tensor:
     uniform: list[dict[int, int]] = field(default_factory=list)  # block -> dense slot, same for all heads
 
 
-class HieraCache:
+class HieraCache(CacheInspection):
     """One layer's hierarchical K/V cache for ``batch`` sequences of up to ``max_seq_len`` tokens."""
 
     def __init__(self, lib, *, batch: int, num_kv_heads: int, head_dim: int, max_seq_len: int,
@@ -113,9 +65,10 @@ class HieraCache:
         self.block, self.sink, self.window = cache_settings(lib, block_size, sink, local_window)
         check_ratios(key_ratio, value_ratio)
         if batch < 1 or num_kv_heads < 1 or max_seq_len < 1:
-            raise ValueError("batch, num_kv_heads and max_seq_len must be positive")
+            raise InputError(f"batch {batch}, num_kv_heads {num_kv_heads} and max_seq_len {max_seq_len} must be "
+                             f"positive. Fix: pass sizes of at least 1")
         if dtype not in (torch.float16, torch.bfloat16):
-            raise ValueError(f"dtype {dtype} is not supported. Fix: use torch.float16 or torch.bfloat16")
+            raise InputError(f"dtype {dtype} is not supported. Fix: use torch.float16 or torch.bfloat16")
         self.batch, self.heads, self.head_dim = batch, num_kv_heads, head_dim
         self.dtype = dtype
         self.seqlens = torch.zeros(batch, dtype=torch.int32, device=device)
@@ -142,23 +95,11 @@ class HieraCache:
 
     # --- sizing -------------------------------------------------------------------------------
     def _eligible(self, full_blocks: int) -> int:
-        return max(0, full_blocks - self.sink_blocks - self.window_blocks)
-
-    def _pool_sizes(self, ratio: float) -> tuple[int, int]:
-        """(dense slots, 2:4 slots) a sequence can ever need: the most blocks dense at once."""
-        most_dense = 0
-        for full in range(self.max_blocks + 1):
-            held = ratio_count(ratio, self._eligible(full))
-            if full * self.block <= self.max_seq_len:         # every block full
-                most_dense = max(most_dense, full - held)
-            if full * self.block + 1 <= self.max_seq_len:     # one more, partial, block
-                most_dense = max(most_dense, full + 1 - held)
-        n_sparse = ratio_count(ratio, self._eligible(self.max_seq_len // self.block))
-        return max(most_dense, 1), max(n_sparse, 1)
+        return eligible_blocks(full_blocks, self.sink_blocks, self.window_blocks)
 
     def _make(self, name: str, ratio: float) -> _Tensor:
         B, H, D, S = self.batch, self.heads, self.head_dim, self.block
-        n_dense, n_sparse = self._pool_sizes(ratio)
+        n_dense, n_sparse = pool_sizes(ratio, self.max_seq_len, self.block, self.sink_blocks, self.window_blocks)
         z = dict(device=self.device)
         t = _Tensor(name, ratio,
                     torch.zeros(B, H, n_dense, S, D, dtype=self.dtype, **z),
@@ -172,7 +113,7 @@ class HieraCache:
 
     # --- prefill ------------------------------------------------------------------------------
     def prefill(self, k: torch.Tensor, v: torch.Tensor, lengths=None, *, q: torch.Tensor | None = None,
-                mode: str = "compress_then_attend", scale: float | None = None):
+                mode: str = "compress_then_attend", scale: float | None = None, kernel: str = "auto"):
         """Add a prompt chunk's dense K/V ``[B, Hkv, L, D]`` after what each sequence holds
         (sequence b takes the first ``lengths[b] <= L`` rows; default all L).
 
@@ -187,21 +128,30 @@ class HieraCache:
         * ``compress_then_attend``: K/V enter the cache first; the chunk attends to them as stored;
         * ``balanced``: as compress_then_attend, but the chunk's own keys are read dense (dense
           K + 2:4 V during prefill, K compressed afterwards).
+
+        ``kernel``: the attention's kernel family, "auto", "wgmma" or "mma_sp" (the rule:
+        :func:`hierasparse_gen.ops.choose_kernel`; the sm_90a table kernel takes compress_then_attend
+        chunks, and balanced prompts into an empty cache).
         """
         self.sync()
         self._check_dense(k, "k", 4)
         self._check_dense(v, "v", 4)
         if k.shape != v.shape:
-            raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} differ. Fix: pass K and V of one prompt")
+            raise InputError(f"k {tuple(k.shape)} and v {tuple(v.shape)} differ. Fix: pass K and V of one prompt")
         check_prefill_mode(mode)
         L = k.shape[2]
         lengths = [L] * self.batch if lengths is None else [int(x) for x in lengths]
         if len(lengths) != self.batch or min(lengths) < 0 or max(lengths) > L:
-            raise ValueError(f"lengths {lengths} must give one value in [0, {L}] per sequence")
+            raise InputError(f"lengths {lengths} must give one value in [0, {L}] per sequence. Fix: pass "
+                             f"{self.batch} lengths, none above the chunk's {L} rows")
         check_room(self._lengths, lengths, self.max_seq_len)
         after = [n0 + n for n0, n in zip(self._lengths, lengths)]
         if q is not None:
             self._check_queries(q, L)
+            # the kernel is chosen (a forced one that cannot run refused) before anything is written
+            whole = all(n0 == 0 for n0 in self._lengths) and all(n == L for n in lengths)
+            _kernels.table_prefill_family(self.lib, q, self, kernel, k_tail=mode != "compress_then_attend",
+                                          v_tail=mode == "attend_then_compress", whole=whole)
         if q is None:
             self._extend(k, v, lengths)
             return None
@@ -209,8 +159,9 @@ class HieraCache:
         qlens = torch.tensor(lengths, dtype=torch.int32, device=self.device)
         if mode == "attend_then_compress":
             seqlens = torch.tensor(after, dtype=torch.int32, device=self.device)
-            out = _ops.prefill_cache(self.lib, q, self, seqlens, qlens, k_tail=k, v_tail=v,
-                                tail_start=torch.tensor(old, dtype=torch.int32, device=self.device), scale=scale)
+            out = _kernels.prefill_cache(self.lib, q, self, seqlens, qlens, k_tail=k, v_tail=v,
+                                tail_start=torch.tensor(old, dtype=torch.int32, device=self.device), scale=scale,
+                                kernel=kernel)
             self._extend(k, v, lengths)
             return out
         whole = all(n0 == 0 for n0 in old) and all(n == L for n in lengths)  # a prompt into an empty cache
@@ -221,10 +172,11 @@ class HieraCache:
             k_tail, start = self._aligned_tail(k, lengths)
         self._extend(k, v, lengths)
         if mode == "compress_then_attend":  # no tails: the sm_90a kernel over the tables may take it
-            return _ops.prefill_cache(self.lib, q, self, self.seqlens, qlens, scale=scale, whole=whole)
+            return _kernels.prefill_cache(self.lib, q, self, self.seqlens, qlens, scale=scale, whole=whole,
+                                          kernel=kernel)
         # balanced: a whole prompt's dense K rows are all its keys, which the sm_90a table kernel also takes
-        return _ops.prefill_cache(self.lib, q, self, self.seqlens, qlens, k_tail=k_tail, tail_start=start, scale=scale,
-                                  whole=whole)
+        return _kernels.prefill_cache(self.lib, q, self, self.seqlens, qlens, k_tail=k_tail, tail_start=start,
+                                      scale=scale, whole=whole, kernel=kernel)
 
     def _aligned_tail(self, k: torch.Tensor, lengths: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Dense K rows from each sequence's last 32-token boundary: [B, Hkv, 31 + L, D], and
@@ -330,8 +282,8 @@ class HieraCache:
             # per head: the n_s eligible blocks of least prune loss become 2:4 (slots in block
             # order), then one fill kernel copies or compresses every block to its slot
             loss = self._score(x, t.name) if n_s else None
-            _ops.select_blocks(self.lib, x, loss, first, n_elig, n_s, blocks, t.table[b0:b1])
-            _ops.fill_blocks(self.lib, x, t.name, t.table[b0:b1], S, t.dense[b0:b1], t.sparse_vals[b0:b1],
+            _kernels.select_blocks(self.lib, x, loss, first, n_elig, n_s, blocks, t.table[b0:b1])
+            _kernels.fill_blocks(self.lib, x, t.name, t.table[b0:b1], S, t.dense[b0:b1], t.sparse_vals[b0:b1],
                         t.sparse_meta[b0:b1])
             for b in range(b0, b1):
                 t.n_sparse[b] = n_s
@@ -343,7 +295,7 @@ class HieraCache:
 
     def _score(self, x: torch.Tensor, kind: str) -> torch.Tensor:
         """Prune loss per whole block ``[1, H, L // block]`` (float32, on the GPU)."""
-        return _ops.score_blocks(self.lib, x, kind, self.block)
+        return _kernels.score_blocks(self.lib, x, kind, self.block)
 
     # --- decode -------------------------------------------------------------------------------
     def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -354,14 +306,14 @@ class HieraCache:
         self._check_dense(v, "v", 3)
         for x, what in ((k, "k"), (v, "v")):
             if x.stride(2) != 1 or x.stride(0) % 8 or x.stride(1) % 8:
-                raise ValueError(f"{what}: strides {x.stride()} not supported (rows are read 16 bytes at a "
+                raise InputError(f"{what}: strides {x.stride()} not supported (rows are read 16 bytes at a "
                                  f"time). Fix: pass {what}.contiguous()")
         # traced (graph capture, torch.compile): the host cannot follow, the device state rules
         traced = torch.compiler.is_compiling() or torch.cuda.is_current_stream_capturing()
         if not traced:
             self.sync()
             check_not_full(self._lengths, self.max_seq_len)
-        _ops.append_cache(self.lib, self, k, v)
+        _kernels.append_cache(self.lib, self, k, v)
         if traced:  # replays advance the device state only
             self._stale = True
             return
@@ -443,7 +395,7 @@ class HieraCache:
 
     def attend(self, q: torch.Tensor, *, scale: float | None = None, num_splits: int | None = None):
         """Decode attention of ``q [B, Hq, D]`` over the cache. Returns (out, lse)."""
-        return _ops.decode_cache(self.lib, q, self, scale=scale, num_splits=num_splits)
+        return _kernels.decode_cache(self.lib, q, self, scale=scale, num_splits=num_splits)
 
     def reset(self) -> None:
         """Forget every sequence (pools are reused; stale data is never read)."""
@@ -457,85 +409,23 @@ class HieraCache:
         self.seqlens.zero_()
         self._push_ctrl()
 
-    # --- inspection ---------------------------------------------------------------------------
-    def to_dense(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """K and V ``[B, Hkv, max(lengths), D]`` exactly as the cache holds them (2:4 blocks pruned)."""
-        self.sync()
-        L = max(self._lengths) if any(self._lengths) else 0
-        out = []
-        for t in (self.k, self.v):
-            x = torch.zeros(self.batch, self.heads, self.max_blocks * self.block, self.head_dim,
-                            dtype=self.dtype, device=self.device)
-            for b in range(self.batch):
-                blocks = -(-self._lengths[b] // self.block)
-                for blk in range(blocks):
-                    e = t.table[b, :, blk]
-                    sl = slice(blk * self.block, (blk + 1) * self.block)
-                    dense_rows = t.dense[b, torch.arange(self.heads), e.clamp(min=0).long()]
-                    sp = (-e - 1).clamp(min=0).long()
-                    vals = t.sparse_vals[b, torch.arange(self.heads), sp]
-                    meta = t.sparse_meta[b, torch.arange(self.heads), sp]
-                    unpack = unpack_k if t.name == "k" else unpack_v
-                    shapes = ((self.heads, 1, self.block, self.head_dim // 2),
-                              (self.heads, 1, self.block, self.head_dim // 16)) if t.name == "k" else \
-                        ((self.heads, 1, self.block // 2, self.head_dim),
-                         (self.heads, 1, self.block // 16, self.head_dim))
-                    sparse_rows = unpack(vals.reshape(shapes[0]), meta.reshape(shapes[1]))[:, 0]
-                    x[b, :, sl] = torch.where((e < 0).view(-1, 1, 1), sparse_rows, dense_rows)
-                x[b, :, self._lengths[b]:] = 0
-            out.append(x[:, :, :L])
-        return out[0], out[1]
-
-    def tiers(self, name: str = "k") -> torch.Tensor:
-        """Per (batch, head, block): True where the block is 2:4 (blocks past a length are False)."""
-        self.sync()
-        t = self.k if name == "k" else self.v
-        blocks = torch.arange(self.max_blocks, device=self.device).view(1, 1, -1)
-        live = blocks < torch.tensor([-(-n // self.block) for n in self._lengths], device=self.device).view(-1, 1, 1)
-        return (t.table < 0) & live
-
-    def nbytes(self) -> dict:
-        """Bytes held by the live blocks, by tier, and the compression ratio against dense."""
-        self.sync()
-        S, D, item = self.block, self.head_dim, torch.empty((), dtype=self.dtype).element_size()
-        dense_block, sparse_block = S * D * item, S * D * item // 2 + S * D // 8
-        out = {}
-        blocks_total = 0
-        for t in (self.k, self.v):
-            n_sp = sum(t.n_sparse) * self.heads
-            n_all = sum(-(-n // S) for n in self._lengths) * self.heads
-            blocks_total += n_all
-            out[f"{t.name}_dense"] = (n_all - n_sp) * dense_block
-            out[f"{t.name}_sparse"] = n_sp * sparse_block
-        out["table"] = 2 * self.batch * self.heads * self.max_blocks * 4
-        data = sum(v for k, v in out.items() if k != "table")
-        out["total"] = data + out["table"]
-        out["dense_equivalent"] = blocks_total * dense_block
-        out["compression_ratio"] = out["dense_equivalent"] / data if data else 1.0
-        return out
-
-    def allocated_nbytes(self) -> int:
-        """Bytes of every preallocated pool and table."""
-        return sum(x.nbytes for t in (self.k, self.v)
-                   for x in (t.dense, t.sparse_vals, t.sparse_meta, t.table)) + self.seqlens.nbytes
-
     def _check_queries(self, q, L: int) -> None:
         if not isinstance(q, torch.Tensor) or q.device != self.device:
-            raise ValueError(f"q: expected a tensor on {self.device}. Fix: move it to the cache's GPU")
+            raise InputError(f"q: expected a tensor on {self.device}. Fix: move it to the cache's GPU")
         if q.dim() != 4 or q.shape[0] != self.batch or q.shape[2] != L or q.shape[3] != self.head_dim or \
                 q.shape[1] % self.heads:
-            raise ValueError(f"q: shape {tuple(q.shape)} does not match the chunk. Fix: pass "
+            raise InputError(f"q: shape {tuple(q.shape)} does not match the chunk. Fix: pass "
                              f"[{self.batch}, a multiple of {self.heads} heads, {L}, {self.head_dim}]")
-        _ops._check_queries(q, self.batch, self.heads, self.head_dim, self.dtype)
+        check_queries(q, self.batch, self.heads, self.head_dim, self.dtype)
 
     def _check_dense(self, x, what: str, dims: int) -> None:
         shape = (self.batch, self.heads, self.head_dim) if dims == 3 else None
         if not isinstance(x, torch.Tensor) or x.device.type != "cuda":
-            raise ValueError(f"{what}: expected a CUDA tensor. Fix: move it to the GPU")
+            raise InputError(f"{what}: expected a CUDA tensor. Fix: move it to the GPU")
         if x.dim() != dims or (shape and tuple(x.shape) != shape) or \
                 (dims == 4 and (x.shape[0] != self.batch or x.shape[1] != self.heads or x.shape[3] != self.head_dim)):
             want = f"[{self.batch}, {self.heads}, {self.head_dim}]" if dims == 3 else \
                 f"[{self.batch}, {self.heads}, L, {self.head_dim}]"
-            raise ValueError(f"{what}: shape {tuple(x.shape)} does not match the cache. Fix: pass {want}")
+            raise InputError(f"{what}: shape {tuple(x.shape)} does not match the cache. Fix: pass {want}")
         if x.dtype != self.dtype:
-            raise ValueError(f"{what}: dtype {x.dtype} but the cache holds {self.dtype}. Fix: cast it")
+            raise InputError(f"{what}: dtype {x.dtype} but the cache holds {self.dtype}. Fix: cast it")

@@ -45,9 +45,19 @@ class CudaError(HieraSparseError, RuntimeError):
         self.code = code
 
 
+class BuildNotFoundError(HieraSparseError, FileNotFoundError):
+    """A build folder, its manifest or its library is missing, unreadable, or from an older version that lacks
+    what this one reads; the message says how to rebuild."""
+
+
+class UnsupportedError(HieraSparseError, NotImplementedError):
+    """A feature the sparse KV cache does not offer (beam search, offloading)."""
+
+
 class CacheFullError(HieraSparseError, RuntimeError):
     """An append would exceed the cache's capacity; nothing was written."""
 
 
 __all__ = ["HieraSparseError", "SpecError", "TileError", "InputError", "ToolchainError", "CompileError",
-           "DispatchError", "CudaError", "CacheFullError"]
+           "DispatchError", "CudaError", "BuildNotFoundError", "UnsupportedError",
+           "CacheFullError"]

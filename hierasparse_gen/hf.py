@@ -28,8 +28,10 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from transformers.masking_utils import AttentionMaskInterface
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from .cache import CacheFullError, HieraCache, cache_settings, check_prefill_mode, check_ratios
-from .ops import capture_graph
+from .cache import HieraCache
+from .errors import CacheFullError, InputError, UnsupportedError
+from .ops.graphs import capture_graph
+from .policy import cache_settings, check_prefill_mode, check_ratios
 from .simulate import SimulatedCache
 
 ATTENTION = "hierasparse"
@@ -73,7 +75,7 @@ class HieraLayer(CacheLayerMixin):
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         B, H, _, D = key_states.shape
         if B != self.owner.batch:
-            raise ValueError(f"the cache was built for batch {self.owner.batch}, the model runs batch {B}. "
+            raise InputError(f"the cache was built for batch {self.owner.batch}, the model runs batch {B}. "
                              f"Fix: build the HieraSparseCache with batch_size={B}")
         self.store = self.owner.settings.make_store(batch=B, heads=H, head_dim=D, max_len=self.owner.capacity,
                                                     dtype=key_states.dtype, device=key_states.device)
@@ -103,11 +105,11 @@ class HieraLayer(CacheLayerMixin):
         self.seen = 0
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        raise NotImplementedError("beam search reorders the cache, which a sparse KV cache does not support. "
+        raise UnsupportedError("beam search reorders the cache, which a sparse KV cache does not support. "
                                   "Fix: generate with num_beams=1")
 
     def offload(self):
-        raise NotImplementedError("offloading a sparse KV cache is not supported. Fix: keep it on the GPU")
+        raise UnsupportedError("offloading a sparse KV cache is not supported. Fix: keep it on the GPU")
 
 
 class HieraSparseCache(Cache):
@@ -116,7 +118,8 @@ class HieraSparseCache(Cache):
 
     def __init__(self, settings: SparseKV, *, num_layers: int, batch_size: int, max_cache_len: int):
         if batch_size < 1 or max_cache_len < 1:
-            raise ValueError("batch_size and max_cache_len must be positive")
+            raise InputError(f"batch_size {batch_size} and max_cache_len {max_cache_len} must be positive. "
+                             f"Fix: pass sizes of at least 1")
         self.settings, self.batch, self.capacity = settings, batch_size, max_cache_len
         self.decoder = None  # GraphedDecoder, made at the first graphed decode step
         super().__init__(layers=[HieraLayer(self, i) for i in range(num_layers)])
@@ -156,7 +159,7 @@ def hierasparse_attention(module, query: torch.Tensor, key: torch.Tensor, value:
     call's tokens only). Returns ``[B, L, Hq, D]`` and no attention weights."""
     layer = _PENDING.pop(getattr(module, "layer_idx", -1), None)
     if attention_mask is not None and attention_mask.dim() != 2:
-        raise ValueError(f"attention_mask: a {attention_mask.dim()}D mask; hierasparse attention is causal and "
+        raise InputError(f"attention_mask: a {attention_mask.dim()}D mask; hierasparse attention is causal and "
                          f"takes only a 2D padding mask [batch, tokens]. Fix: pass the 2D attention_mask")
     if layer is None:  # no sparse cache in this forward (use_cache=False): nothing to compress
         padding = None
@@ -218,11 +221,11 @@ def _check_model(config) -> tuple[int, int, int]:
     heads, kv = config.num_attention_heads, getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
-        raise ValueError(f"{type(config).__name__}: sliding_window={config.sliding_window}; sliding-window "
+        raise InputError(f"{type(config).__name__}: sliding_window={config.sliding_window}; sliding-window "
                          f"attention layers are not supported. Fix: set config.sliding_window = None")
     layer_types = set(getattr(config, "layer_types", None) or ["full_attention"])
     if layer_types != {"full_attention"}:
-        raise ValueError(f"{type(config).__name__}: layer types {sorted(layer_types)}; only full-attention layers "
+        raise InputError(f"{type(config).__name__}: layer types {sorted(layer_types)}; only full-attention layers "
                          f"are supported")
     return heads, kv, head_dim
 
@@ -231,11 +234,11 @@ def _check_library(lib, head_dim: int, group: int, block_size: int, dtype) -> No
     """The library must hold mixed-tier decode and prefill kernels for the model's shape."""
     dt = {torch.float16: "float16", torch.bfloat16: "bfloat16"}.get(dtype)
     if dt is None:
-        raise ValueError(f"the model's dtype {dtype} has no kernels. Fix: model.to(torch.float16) or bfloat16")
+        raise InputError(f"the model's dtype {dtype} has no kernels. Fix: model.to(torch.float16) or bfloat16")
     for kind in ("decode", "prefill"):
         if not any(v.kind == kind and v.head_dim == head_dim and v.group == group and v.dtype == dt and
                    v.tier == ("mixed", "mixed") and v.block_size == block_size for v in lib.variants):
-            raise ValueError(f"{lib.path.name} has no {kind} kernel for this model (head_dim {head_dim}, GQA group "
+            raise InputError(f"{lib.path.name} has no {kind} kernel for this model (head_dim {head_dim}, GQA group "
                              f"{group}, {dt}, block table of {block_size}-token blocks). Fix: add "
                              f"{{head_dim: {head_dim}, num_qo_heads: {group}, num_kv_heads: 1}} to the spec's shapes, "
                              f"{dt} to its dtypes, the tier {{k: mixed, v: mixed}} and cache.block_size "
@@ -256,16 +259,17 @@ def enable(model, lib=None, *, key_ratio: float, value_ratio: float, sink: int |
     replay a CUDA graph captured at the first one, instead of running 32 layers of Python.
     """
     if backend not in ("kernels", "simulate"):
-        raise ValueError(f"backend {backend!r}: use 'kernels' or 'simulate'")
+        raise InputError(f"backend {backend!r} is unknown. Fix: use 'kernels' or 'simulate'")
     if backend == "kernels" and lib is None:
-        raise ValueError("enable(): the kernels backend needs a library. Fix: pass lib=hierasparse_gen.load(...), "
+        raise InputError("enable(): the kernels backend needs a library. Fix: pass lib=hierasparse_gen.load(...), "
                          "or backend='simulate'")
     check_prefill_mode(prefill_mode, "prefill_mode")
     check_ratios(key_ratio, value_ratio)
     block, sink, window = cache_settings(lib, block_size, sink, window)
     heads, kv, head_dim = _check_model(_text_config(model))
     if heads % kv:
-        raise ValueError(f"{heads} attention heads do not divide into {kv} KV heads")
+        raise InputError(f"{heads} attention heads do not divide into {kv} KV heads. Fix: use a model whose "
+                         f"num_attention_heads is a multiple of num_key_value_heads")
     if backend == "kernels":
         _check_library(lib, head_dim, heads // kv, block, model.dtype)
     model._sparse_kv = SparseKV(lib, float(key_ratio), float(value_ratio), sink, window, block, prefill_mode,
@@ -284,7 +288,7 @@ def enable(model, lib=None, *, key_ratio: float, value_ratio: float, sink: int |
             bound = dict(zip(params, args), **kwargs)
             model_kwargs, config = bound["model_kwargs"], bound["generation_config"]
             if (getattr(config, "num_beams", 1) or 1) > 1:
-                raise NotImplementedError("beam search reorders the cache, which a sparse KV cache does not "
+                raise UnsupportedError("beam search reorders the cache, which a sparse KV cache does not "
                                           "support. Fix: generate with num_beams=1")
             if model_kwargs.get(key) is None and config.use_cache is not False:
                 # generate() expands the batch for num_return_sequences after this point
@@ -333,7 +337,7 @@ def make_cache(model, *, batch_size: int, max_cache_len: int) -> HieraSparseCach
     """A HieraSparseCache for a model that ``enable`` turned to sparse-KV attention."""
     settings = getattr(model, "_sparse_kv", None)
     if settings is None:
-        raise ValueError("the model is not sparse-KV enabled. Fix: call hierasparse_gen.hf.enable(model, lib, ...)")
+        raise InputError("the model is not sparse-KV enabled. Fix: call hierasparse_gen.hf.enable(model, lib, ...)")
     return HieraSparseCache(settings, num_layers=_text_config(model).num_hidden_layers, batch_size=batch_size,
                             max_cache_len=max_cache_len)
 
@@ -349,7 +353,8 @@ class GraphedDecoder:
 
     def __init__(self, model, cache: HieraSparseCache):
         if not isinstance(cache, HieraSparseCache) or cache.settings.backend != "kernels":
-            raise ValueError("GraphedDecoder needs a HieraSparseCache on the kernels backend")
+            raise InputError("GraphedDecoder needs a HieraSparseCache on the kernels backend. Fix: enable the "
+                             "model with backend='kernels' and pass the cache make_cache() returns")
         self.model, self.cache = model, cache
         device = next(model.parameters()).device
         self.ids = torch.zeros(cache.batch, 1, dtype=torch.long, device=device)

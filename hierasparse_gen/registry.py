@@ -11,56 +11,29 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from .abi import ABIS, SIZE_QUERIES, declare, declare_runtime
 from .compiler import MANIFEST, build
-from .errors import CudaError, DispatchError
-from .variants import SM90_PREFILL_TEMPLATE, arch_capability
+from .errors import BuildNotFoundError, CudaError, DispatchError
+from .variants import FAMILIES, SM90_PREFILL_HEAD_DIMS, SM90_TABLE_BLOCK, arch_capability
 
-_c = ctypes
-_i64, _i32, _f32, _f64, _p = _c.c_longlong, _c.c_int, _c.c_float, _c.c_double, _c.c_void_p
+_i32 = ctypes.c_int
 
-#: C signatures of the entry points, by variant kind and symbol suffix.
-SIGNATURES = {
-    ("decode", ""): [_p, _i64, _i64, _p, _p, _p, _p, _p, _i32, _i32, _i32, _f32, _i32,
-                     _p, _p, _p, _i64, _i64, _p, _p],
-    ("decode", "_smem_bytes"): [],
-    ("decode", "_threads"): [],
-    ("compress", "_k"): [_p, _i64, _i64, _i64, _i32, _i32, _i32, _i32, _p, _p, _p],
-    ("compress", "_v"): [_p, _i64, _i64, _i64, _i32, _i32, _i32, _i32, _p, _p, _p],
-    ("compress", "_fill_k"): [_p, _i64, _i64, _i64, _i32, _i32, _i32, _p, _i32, _i32, _p, _i32, _p, _p, _i32, _p],
-    ("compress", "_fill_v"): [_p, _i64, _i64, _i64, _i32, _i32, _i32, _p, _i32, _i32, _p, _i32, _p, _p, _i32, _p],
-    ("compress", "_select"): [_p, _i32, _i32, _i32, _i32, _i32, _i32, _p, _i32, _p],
-    ("compress", "_score_k"): [_p, _i64, _i64, _i64, _i32, _i32, _i32, _i32, _p, _p],
-    ("compress", "_score_v"): [_p, _i64, _i64, _i64, _i32, _i32, _i32, _i32, _p, _p],
-    # k, its strides, v, its strides, seqlens, ctrl, ctrl_width, batch, heads, max_blocks, block,
-    # sink/window blocks, max_len; K then V pools (table, dense, vals, meta, n_dense, n_sparse, ratio)
-    ("compress", "_append"): [_p, _i64, _i64, _p, _i64, _i64, _p, _p, *[_i32] * 8,
-                              *[_p, _p, _p, _p, _i32, _i32, _f64] * 2, _p],
-    ("decode_mixed", ""): [_p, _i64, _i64, _p, _p, _i32, _p, _p, _i32, _i32, _p, _p, _p, _p, _i32, _i32,
-                           _p, _i32, _i32, _f32, _i32, _p, _p, _p, _i64, _i64, _p, _p],
-    # q, its strides; K then V source (table, max_blocks, block, dense, n_dense, vals, meta,
-    # n_sparse, tail, tail strides x3, tail_start); seqlens, qlens, max_len, batch, Hq, Hkv, Lq,
-    # scale, out, its strides, lse, stream
-    ("prefill", ""): [_p, _i64, _i64, _i64,
-                      *[_p, _i32, _i32, _p, _i32, _p, _p, _i32, _p, _i64, _i64, _i64, _p] * 2,
-                      _p, _p, _i32, _i32, _i32, _i32, _i32, _f32, _p, _i64, _i64, _i64, _p, _p],
-    ("prefill", "_smem_bytes"): [],
-    # sm_90a wgmma prefill: q, its strides, K values, K meta, V values, V meta, capacity, batch, Hq, Hkv,
-    # queries, scale, out, lse, stream
-    ("prefill_sm90", ""): [_p, _i64, _i64, _i64, _p, _p, _p, _p, _i32, _i32, _i32, _i32, _i32, _f32, _p, _p, _p],
-    ("prefill_sm90", "_smem_bytes"): [],
-    # the same with dense K: q, its strides, K, its strides, K's token count, V values, V meta, capacity, ...
-    ("prefill_sm90_kd", ""): [_p, _i64, _i64, _i64, _p, _i64, _i64, _i64, _i32, _p, _p, _i32, _i32, _i32, _i32,
-                              _i32, _f32, _p, _p, _p],
-    ("prefill_sm90_kd", "_smem_bytes"): [],
-    # the same over the cache's block tables: q, its strides, K table, V table, max_blocks; K then V pools (dense,
-    # n_dense, values, meta, n_sparse); dense K rows and their strides (or null: K's table); seqlens, qlens (or both
-    # null); batch, Hq, Hkv, queries, scale, out, lse, stream
-    ("prefill_sm90_table", ""): [_p, _i64, _i64, _i64, _p, _p, _i32, *[_p, _i32, _p, _p, _i32] * 2,
-                                 _p, _i64, _i64, _i64, _p, _p, _i32, _i32, _i32, _i32, _f32, _p, _p, _p],
-    ("prefill_sm90_table", "_smem_bytes"): [],
-    ("decode_mixed", "_smem_bytes"): [],
-    ("decode_mixed", "_threads"): [],
-}
+#: The table of loaded libraries, by key (the library file's path): the custom ops receive a
+#: library's key (a string traces through torch.compile) and look the library up here.
+_LIBRARIES: dict[str, "Library"] = {}
+
+
+def register(lib: "Library") -> None:
+    _LIBRARIES[lib.key] = lib
+
+
+def lookup(key: str) -> "Library":
+    """The loaded library of a key (see :attr:`Library.key`)."""
+    try:
+        return _LIBRARIES[key]
+    except KeyError:
+        raise DispatchError(f"no library loaded under {key!r}. Fix: load it with hierasparse_gen.load(...) "
+                            f"in this process") from None
 
 
 @dataclass(frozen=True)
@@ -75,6 +48,8 @@ class KernelVariant:
     tier: tuple[str, str] | None
     tiles: dict
     symbol: str
+    family: str              # "mma_sp" (warp-level), "wgmma" (sm_90a) or "host" (see variants.FAMILIES)
+    abi: str                 # the C signature set of its entry points (see abi.py)
     block_size: int = 0      # kernels over the block table (mixed tiers): cache block size
     smem_bytes: int = 0      # decode: dynamic shared memory per CTA (read from the library)
     threads: int = 0         # decode: threads per CTA
@@ -91,7 +66,7 @@ class KernelVariant:
 
     @property
     def wgmma(self) -> bool:
-        return self.template == SM90_PREFILL_TEMPLATE
+        return self.family == "wgmma"
 
     def runs_on(self, cc: tuple[int, int]) -> bool:
         """A cubin for sm_XY runs on devices of major X and minor >= Y; one for sm_XYa only on X.Y."""
@@ -120,46 +95,45 @@ def _spec_hint(kind: str, **want) -> str:
 
 
 class Library:
-    """A loaded build: the manifest, the ctypes handle and dispatch."""
+    """A loaded build: the manifest, the ctypes handle and dispatch (:meth:`select`). The torch ops
+    over it live in :mod:`hierasparse_gen.ops`; :func:`hierasparse_gen.load` returns a
+    :class:`hierasparse_gen.library.KernelLibrary`, this class with the ops as methods.
 
-    def __init__(self, manifest_path: str | Path):
+    ``cdll`` (tests): an object standing in for the ctypes library; the library file is then not opened.
+    """
+
+    def __init__(self, manifest_path: str | Path, *, cdll=None):
         manifest_path = Path(manifest_path)
         self.dir = manifest_path.parent
         try:
             self.manifest = json.loads(manifest_path.read_text())
         except (OSError, ValueError) as e:
-            raise FileNotFoundError(f"cannot read build manifest {manifest_path}: {e}") from None
+            raise BuildNotFoundError(f"cannot read build manifest {manifest_path}: {e}. Fix: build it with "
+                                     f"`hierasparse-gen build SPEC --out {self.dir}`") from None
+        rebuild = f"`hierasparse-gen build {self.manifest.get('spec_source', 'SPEC')}`"
         self.path = (self.dir / self.manifest["library"]).resolve()
-        if not self.path.is_file():
-            raise FileNotFoundError(f"{self.path} is missing; rebuild with "
-                                    f"`hierasparse-gen build {self.manifest.get('spec_source', 'SPEC')}`")
-        self._cdll = ctypes.CDLL(str(self.path))
+        if cdll is None and not self.path.is_file():
+            raise BuildNotFoundError(f"{self.path} is missing. Fix: rebuild with {rebuild}")
+        self._cdll = ctypes.CDLL(str(self.path)) if cdll is None else cdll
         self.variants: list[KernelVariant] = []
-        self._picked: dict[tuple, KernelVariant] = {}  # dispatch memo: the manifest never changes
+        self._picked: dict[tuple, KernelVariant | str] = {}  # dispatch memo (a str: the refusal)
         for v in self.manifest["variants"]:
+            if v.get("family") not in FAMILIES or v.get("abi") not in ABIS:
+                raise BuildNotFoundError(
+                    f"{manifest_path}: variant {v.get('name')!r} has no kernel family or C ABI this version knows "
+                    f"(family {v.get('family')!r}, abi {v.get('abi')!r}): the build is from an older "
+                    f"hierasparse-gen. Fix: rebuild with {rebuild}")
             tier = v.get("tier")
             symbol = f"hsg_{v['name']}"
-            kind_key = "decode_mixed" if v["kind"] == "decode" and v.get("block_size") else v["kind"]
-            if v.get("template") == SM90_PREFILL_TEMPLATE:
-                kind_key = {"dense": "prefill_sm90_kd", "mixed": "prefill_sm90_table"}.get(tier["k"], "prefill_sm90")
-            for (kind, suffix), argtypes in SIGNATURES.items():
-                if kind == kind_key:
-                    fn = getattr(self._cdll, symbol + suffix)
-                    fn.argtypes, fn.restype = argtypes, _i32
-            sizes = {}
-            if v["kind"] == "decode":  # host-only queries, answered without a GPU
-                sizes = dict(smem_bytes=getattr(self._cdll, symbol + "_smem_bytes")(),
-                             threads=getattr(self._cdll, symbol + "_threads")())
+            declare(self._cdll, symbol, v["abi"])
+            # host-only size queries, answered without a GPU
+            sizes = {suffix[1:]: getattr(self._cdll, symbol + suffix)() for suffix in SIZE_QUERIES.get(v["abi"], ())}
             self.variants.append(KernelVariant(
                 v["name"], v["kind"], v["arch"], v["dtype"], v["head_dim"], v.get("group"),
-                (tier["k"], tier["v"]) if tier else None, v.get("tiles") or {}, symbol,
+                (tier["k"], tier["v"]) if tier else None, v.get("tiles") or {}, symbol, v["family"], v["abi"],
                 v.get("block_size") or 0, **sizes, template=v.get("template", "")))
-        self._cdll.hsg_device_count.argtypes = [_c.POINTER(_i32)]
-        self._cdll.hsg_device_count.restype = _i32
-        self._cdll.hsg_error_string.argtypes = [_i32]
-        self._cdll.hsg_error_string.restype = _c.c_char_p
-        from . import ops  # registers the torch custom ops
-        ops.register_library(self)
+        declare_runtime(self._cdll)
+        register(self)
 
     # --- introspection -------------------------------------------------------------------
     @property
@@ -171,7 +145,7 @@ class Library:
         return self.manifest["spec"]["name"]
 
     def __repr__(self) -> str:
-        return f"Library({self.spec_name!r}, {len(self.variants)} variants, {self.path})"
+        return f"{type(self).__name__}({self.spec_name!r}, {len(self.variants)} variants, {self.path})"
 
     def function(self, symbol: str):
         return getattr(self._cdll, symbol)
@@ -182,10 +156,11 @@ class Library:
     def device_count(self) -> int:
         """Visible CUDA devices, or a CudaError that says why there are none."""
         n = _i32(0)
-        code = self._cdll.hsg_device_count(_c.byref(n))
+        code = self._cdll.hsg_device_count(ctypes.byref(n))
         if code != 0:
             raise CudaError(f"no CUDA device available to {self.path.name}: "
-                            f"{self.error_string(code)} (cudaError {code})")
+                            f"{self.error_string(code)} (cudaError {code}). Fix: run on a machine with an "
+                            f"NVIDIA GPU and its driver")
         return n.value
 
     def check(self, code: int, what: str) -> None:
@@ -193,30 +168,37 @@ class Library:
             raise CudaError(f"{what} failed: {self.error_string(code)} (cudaError {code})", code)
 
     # --- dispatch --------------------------------------------------------------------------
-    def find_wgmma_prefill(self, *, head_dim: int, dtype: str, cc: tuple[int, int], group: int,
-                           tier: tuple[str, str] = ("sparse24", "sparse24")) -> KernelVariant | None:
-        """The sm_90a prefill kernel for a whole-prompt call over these (K, V) tiers (all-2:4, dense K and 2:4 V,
-        or the cache's block tables: ("mixed", "mixed")), if the library has one that runs here."""
-        key = ("wgmma", head_dim, dtype, cc, group, tier)
-        if key not in self._picked:
-            self._picked[key] = next((v for v in self.variants if v.wgmma and v.head_dim == head_dim
-                                      and v.dtype == dtype and v.group == group and v.tier == tier
-                                      and v.runs_on(cc)), None)
-        return self._picked[key]
-
     def select(self, kind: str, *, head_dim: int, dtype: str, cc: tuple[int, int],
                group: int | None = None, tier: tuple[str, str] | None = None,
-               block_size: int | None = None) -> KernelVariant:
-        """The best general variant for a call (the warp-level family; see find_wgmma_prefill for
-        the sm_90a prefill kernel), or a DispatchError listing every rejection."""
-        key = (kind, head_dim, dtype, cc, group, tier, block_size)
-        if key in self._picked:
-            return self._picked[key]
+               block_size: int | None = None, family: str | None = None) -> KernelVariant:
+        """The variant for a call, of any family (``family``: only that one, "mma_sp" or "wgmma"), or a
+        DispatchError listing every candidate of the kind and why it was rejected.
+
+        Among fitting variants: the newest arch, then the warp-level family (it takes every call shape;
+        whether a call is one the sm_90a kernels take is the caller's to say, see ops.prefilling)."""
+        key = (kind, head_dim, dtype, cc, group, tier, block_size, family)
+        picked = self._picked.get(key)
+        if picked is None:
+            picked = self._picked[key] = self._select(kind, head_dim, dtype, cc, group, tier, block_size, family)
+        if isinstance(picked, str):
+            raise DispatchError(picked)
+        return picked
+
+    def find(self, kind: str, **want) -> KernelVariant | None:
+        """:meth:`select`, or None where no variant fits."""
+        try:
+            return self.select(kind, **want)
+        except DispatchError:
+            return None
+
+    def _select(self, kind, head_dim, dtype, cc, group, tier, block_size, family) -> KernelVariant | str:
         fits, reasons = [], []
         for v in self.variants:
-            if v.kind != kind or v.wgmma:
+            if v.kind != kind:
                 continue
             why = []
+            if family is not None and v.family != family:
+                why.append(f"family {v.family}, not {family}")
             if v.head_dim != head_dim:
                 why.append(f"head_dim {v.head_dim} != {head_dim}")
             if group is not None and v.group != group:
@@ -231,8 +213,7 @@ class Library:
                 why.append(f"built for {v.arch}, device is sm_{cc[0]}{cc[1]}")
             (reasons.append(f"  {v.name}: " + "; ".join(why)) if why else fits.append(v))
         if fits:
-            self._picked[key] = max(fits, key=lambda v: v.compute_capability)
-            return self._picked[key]
+            return max(fits, key=lambda v: (v.compute_capability, v.family == "mma_sp"))
         want = dict(head_dim=head_dim, dtype=dtype, cc=cc)
         if group is not None:
             want["group"] = group
@@ -240,44 +221,25 @@ class Library:
             want["tier"] = tier
         if block_size is not None:
             want["block_size"] = block_size
-        call = ", ".join(f"{k}={v}" for k, v in want.items())
+        call = ", ".join(f"{k}={v}" for k, v in want.items()) + (f", family={family}" if family else "")
         listing = "\n".join(reasons) if reasons else f"  (the library has no {kind} kernels)"
-        raise DispatchError(
-            f"no {kind} kernel in {self.path.name} fits this call ({call}). Candidates:\n{listing}\n"
-            f"To add one, put {_spec_hint(kind, **want)} in the spec "
-            f"({self.manifest.get('spec_source', 'its YAML')}) and rebuild.")
-
-    # --- operations (see ops.py) ---------------------------------------------------------------
-    def compress_k(self, k, capacity: int | None = None):
-        """Prune K ``[B, Hkv, L, D]`` 2:4 along head_dim and pack it (GPU). Returns a PackedKV."""
-        from .ops import compress
-        return compress(self, k, "k", capacity)
-
-    def compress_v(self, v, capacity: int | None = None):
-        """Prune V ``[B, Hkv, L, D]`` 2:4 along tokens and pack it (GPU). Returns a PackedKV."""
-        from .ops import compress
-        return compress(self, v, "v", capacity)
-
-    def prefill(self, q, k, v, seqlens=None, *, qlens=None, scale: float | None = None):
-        """Causal attention of a query chunk ``q [B, Hq, Lq, D]`` (the last ``qlens[b]`` of
-        ``seqlens[b]`` tokens) over packed 2:4 V and K packed (all-2:4) or dense (balanced).
-        Returns (out, lse)."""
-        from .ops import prefill
-        return prefill(self, q, k, v, seqlens, qlens=qlens, scale=scale)
-
-    def decode(self, q, k, v, seqlens=None, *, scale: float | None = None,
-               num_splits: int | None = None, check_seqlens: bool = True):
-        """Decode attention of ``q [B, Hq, D]`` over packed K and V. Returns (out, lse)."""
-        from .ops import decode
-        return decode(self, q, k, v, seqlens, scale=scale, num_splits=num_splits,
-                      check_seqlens=check_seqlens)
+        hint = _spec_hint(kind, **want)
+        if family == "wgmma":
+            hint += ("; sm_90a under `archs` (the wgmma kernels take head_dim "
+                     f"{', '.join(map(str, SM90_PREFILL_HEAD_DIMS))}, and cache.block_size {SM90_TABLE_BLOCK} for the "
+                     "block-table one)")
+        return (f"no {kind} kernel{f' of the {family} family' if family else ''} in {self.path.name} fits this "
+                f"call ({call}). Candidates:\n{listing}\nFix: put {hint} in the spec "
+                f"({self.manifest.get('spec_source', 'its YAML')}) and rebuild.")
 
 
-_LOADED: dict[str, Library] = {}
+_LOADED: dict[tuple[str, type], Library] = {}
 
 
-def load(path_or_spec: str | Path, *, rebuild: bool = True, out_dir: str | Path | None = None) -> Library:
-    """Load a build folder, a manifest.json, or a spec YAML (built first when needed)."""
+def load(path_or_spec: str | Path, *, rebuild: bool = True, out_dir: str | Path | None = None,
+         library_class: type[Library] = Library) -> Library:
+    """Load a build folder, a manifest.json, or a spec YAML (built first when needed), as a
+    ``library_class`` (hierasparse_gen.load passes the class with the torch ops)."""
     path = Path(path_or_spec)
     if path.suffix in (".yaml", ".yml"):
         if rebuild:
@@ -291,9 +253,9 @@ def load(path_or_spec: str | Path, *, rebuild: bool = True, out_dir: str | Path 
     else:
         manifest = path
     if not manifest.is_file():
-        raise FileNotFoundError(f"no {MANIFEST} at {manifest}: build it first with "
-                                f"`hierasparse-gen build SPEC --out {manifest.parent}`")
-    key = str(manifest.resolve())
+        raise BuildNotFoundError(f"no {MANIFEST} at {manifest}. Fix: build it first with "
+                                 f"`hierasparse-gen build SPEC --out {manifest.parent}`")
+    key = (str(manifest.resolve()), library_class)
     if key not in _LOADED:
-        _LOADED[key] = Library(manifest)
+        _LOADED[key] = library_class(manifest)
     return _LOADED[key]

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import torch
 
-from .cache import cache_settings, check_not_full, check_prefill_mode, check_ratios, check_room, ratio_count
 from .format import block_prune_loss, prune_k, prune_v
+from .policy import cache_settings, check_not_full, check_prefill_mode, check_ratios, check_room, eligible_blocks, \
+    ratio_count
 from .reference import decode_reference, prefill_reference
 
 
@@ -62,7 +63,7 @@ class SimulatedCache:
     def _fresh(self, b: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """An empty sequence takes a whole prompt: 2:4 blocks by least prune loss, per head."""
         L, S = k.shape[1], self.block
-        n_elig = max(0, L // S - self.sink_blocks - self.window_blocks)
+        n_elig = eligible_blocks(L // S, self.sink_blocks, self.window_blocks)
         for name, x in (("k", k), ("v", v)):
             self.x[name][b, :, :L] = x
             n_s = ratio_count(self.ratio[name], n_elig)
@@ -98,7 +99,9 @@ class SimulatedCache:
                 self._push(b, k[b, :, :n], v[b, :, :n])
 
     # --- the HieraCache API -------------------------------------------------------------------
-    def prefill(self, k, v, lengths=None, *, q=None, mode: str = "compress_then_attend", scale=None):
+    def prefill(self, k, v, lengths=None, *, q=None, mode: str = "compress_then_attend", scale=None,
+                kernel: str = "auto"):
+        """As HieraCache.prefill (``kernel`` is accepted for the same signature: the model has one)."""
         check_prefill_mode(mode)
         L = k.shape[2]
         lengths = [L] * self.batch if lengths is None else [int(n) for n in lengths]

@@ -9,7 +9,9 @@ metadata) in flight through cp.async. On sm_90 the defaults let two CTAs share a
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from functools import lru_cache
 
 from .errors import TileError
 
@@ -51,6 +53,29 @@ def decode_smem_bytes(head_dim: int, group: int, tiles: DecodeTiles, mixed: bool
 def ctas_per_sm(arch: str, smem_bytes: int, threads: int) -> int:
     by_smem = SMEM_PER_SM[arch] // (smem_bytes + 1024)
     return max(0, min(by_smem, 2048 // threads, 32))
+
+
+@lru_cache(maxsize=4096)  # pure, and on every decode call's host path
+def choose_splits(batch_heads: int, chunks: int, warps: int, sms: int, resident: int) -> int:
+    """Splits of the sequence per (batch, kv head) for a memory-bound decode (the launch-time half of
+    the decode tiles: ``chunks`` of the variant's ``chunk_tokens``, its ``warps``, the GPU's ``sms``,
+    ``resident`` CTAs an SM from :func:`ctas_per_sm`).
+
+    Every SM should stream the same number of bytes, so the CTA count should be a multiple
+    of the SM count (at most ``resident`` CTAs an SM at once). Among split counts whose
+    balance is within 5 % of the best, take the smallest (fewer partials to merge); never
+    give a warp less than two chunks on average.
+    """
+    most = max(1, min(256, chunks // (2 * warps)))
+    slots = sms * max(1, resident)
+    balance = []
+    for s in range(1, most + 1):
+        ctas = batch_heads * s
+        rounds = math.ceil(ctas / sms)  # CTAs per SM, rounded up
+        waves = math.ceil(ctas / slots)
+        balance.append(ctas / (rounds * sms) / waves ** 0.25 if ctas >= 1 else 0.0)
+    top = max(balance)
+    return next(s for s, b in enumerate(balance, 1) if b >= 0.95 * top)
 
 
 def decode_tiles(head_dim: int, group: int, arch: str, warps: int | None = None,

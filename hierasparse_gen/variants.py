@@ -18,8 +18,26 @@ from .tiles import TileError, decode_tiles, prefill_tiles
 DTYPE_TAG = {"float16": "f16", "bfloat16": "bf16"}
 TIER_TAG = {"sparse24": "24", "dense": "d", "mixed": "m"}
 SM90_PREFILL_TEMPLATE = "prefill_sm90.cu.j2"
+#: Kernel families: the warp-level mma.sp kernels (any sm_80+ arch; also compression), the sm_90a
+#: warpgroup kernels (wgmma.mma_async.sp, bulk/TMA copies), and the host-only runtime helpers.
+FAMILIES = ("mma_sp", "wgmma", "host")
 #: head_dims the sm_90a prefill kernel is written for (others use the warp-level kernels)
 SM90_PREFILL_HEAD_DIMS = (128,)
+
+
+def c_abi(kind: str, family: str, tier: Tier | None, block_size: int = 0) -> str:
+    """The C signature set of a variant's entry points (the keys of abi.SIGNATURES).
+
+    Warp-level prefill has one ABI for every tier mix (each of K and V is described by a source:
+    table, pools, tail rows); the sm_90a kernels have one each: all-2:4 ("prefill_wgmma"), balanced
+    = dense K + 2:4 V ("prefill_wgmma_balanced") and the cache's block-table tiers ("..._table")."""
+    if kind == "runtime":
+        return "runtime"
+    if kind == "prefill" and family == "wgmma":
+        return {"dense": "prefill_wgmma_balanced", "mixed": "prefill_wgmma_table"}.get(tier.k, "prefill_wgmma")
+    if kind == "decode" and block_size:
+        return "decode_table"
+    return kind
 
 
 def arch_capability(arch: str) -> tuple[int, int]:
@@ -39,6 +57,14 @@ class Variant:
     tier: Tier | None = None       # decode: K and V tiers read
     block_size: int = 0            # decode over mixed tiers: tokens per cache block
     tiles: dict = field(default_factory=dict, hash=False, compare=False)
+    family: str = "mma_sp"         # see FAMILIES
+    abi: str = ""                  # C signature set of the entry points (see abi.py); derived when empty
+
+    def __post_init__(self):
+        if self.family not in FAMILIES:
+            raise SpecError(f"variant family {self.family!r} is unknown. Fix: use one of {', '.join(FAMILIES)}")
+        if not self.abi:  # frozen: set once, here
+            object.__setattr__(self, "abi", c_abi(self.kind, self.family, self.tier, self.block_size))
 
     @property
     def name(self) -> str:
@@ -78,7 +104,7 @@ class Variant:
     @property
     def wgmma(self) -> bool:
         """The Hopper-only kernel family (sm_90a: wgmma.mma_async.sp, TMA-style bulk copies)."""
-        return self.template == SM90_PREFILL_TEMPLATE
+        return self.family == "wgmma"
 
     @property
     def entry_points(self) -> dict[str, str]:
@@ -132,13 +158,13 @@ class Variant:
                 "head_dim": self.head_dim, "group": self.group or None,
                 "tier": {"k": self.tier.k, "v": self.tier.v} if self.tier else None,
                 "tiles": dict(self.tiles), "template": self.template, "block_size": self.block_size or None,
-                "entry_points": self.entry_points}
+                "family": self.family, "abi": self.abi, "entry_points": self.entry_points}
 
 
 def expand(spec: Spec) -> list[Variant]:
     """All variants of a spec, in a stable order, without duplicates."""
     # host-only helpers (device count, error strings), compiled once for the first arch
-    runtime = Variant("runtime", "runtime.cu.j2", spec.archs[0], spec.dtypes[0], 0)
+    runtime = Variant("runtime", "runtime.cu.j2", spec.archs[0], spec.dtypes[0], 0, family="host")
     out: dict[str, Variant] = {runtime.name: runtime}
     head_dims = sorted({s.head_dim for s in spec.shapes})
     groups = sorted({(s.head_dim, s.group) for s in spec.shapes})
@@ -173,7 +199,7 @@ def _arch_specific(spec: Spec, arch: str, groups, out: dict) -> None:
             if d in SM90_PREFILL_HEAD_DIMS:
                 for tier, block, stages in tiers:
                     v = Variant("prefill", SM90_PREFILL_TEMPLATE, arch, dtype, d, g, tier, block_size=block,
-                                tiles={"stages": stages})
+                                tiles={"stages": stages}, family="wgmma")
                     out.setdefault(v.name, v)
 
 

@@ -73,7 +73,7 @@ def matrix(matrix_build):
 @pytest.fixture
 def poison():
     """Outputs of the ops start as NaN / 0x7FFF, so unwritten elements fail the checks."""
-    from hierasparse_gen import ops
-    ops.POISON = True
+    from hierasparse_gen.ops import base
+    base.POISON = True
     yield
-    ops.POISON = False
+    base.POISON = False

@@ -71,6 +71,9 @@ def test_manifest_records_variants_hashes_and_tools(llama3_build):
     assert dec["tiles"] == {"warps": 4, "stages": 3, "chunk_tokens": 32}
     assert "hsg_decode_d128_g4_f16_k24_v24_sm90" in dec["entry_points"]
     assert "arch=compute_90,code=sm_90" in dec["flags"]
+    assert (dec["family"], dec["abi"]) == ("mma_sp", "decode")  # the registry declares its ctypes by these
+    wg = next(v for v in m["variants"] if v["name"] == "prefill_d128_g4_f16_km_vm_b64_wg_sm90a")
+    assert (wg["family"], wg["abi"]) == ("wgmma", "prefill_wgmma_table")
 
 
 def test_sass_uses_sparse_tensor_cores_without_traps_or_local_memory(llama3_build):
@@ -177,16 +180,18 @@ def test_dispatch_prefers_the_newest_matching_arch_and_explains_rejections(llama
     assert "specs/llama3.yaml" in msg
     with pytest.raises(DispatchError, match="built for sm_90, device is sm_100"):
         lib.select("compress", head_dim=128, dtype="float16", cc=(10, 0))
-    # the sm_90a wgmma prefill: only on compute capability 9.0 exactly, and only through its own lookup
-    find = lambda cc, dtype="float16", group=4: lib.find_wgmma_prefill(head_dim=128, dtype=dtype, cc=cc, group=group)
+    # the sm_90a wgmma prefill: only on compute capability 9.0 exactly, selected by its family
+    wgmma = dict(family="wgmma", head_dim=128)
+    find = lambda cc, dtype="float16", group=4: lib.find("prefill", dtype=dtype, cc=cc, group=group,
+                                                         tier=("sparse24", "sparse24"), **wgmma)
     assert find((9, 0)).name == "prefill_d128_g4_f16_k24_v24_wg_sm90a"
     assert find((9, 0), "bfloat16").name == "prefill_d128_g4_bf16_k24_v24_wg_sm90a"
     assert find((8, 9)) is None and find((10, 0)) is None and find((9, 0), group=8) is None
-    assert lib.find_wgmma_prefill(head_dim=128, dtype="float16", cc=(9, 0), group=4,
-                                  tier=("dense", "sparse24")).name == "prefill_d128_g4_f16_kd_v24_wg_sm90a"
-    assert lib.find_wgmma_prefill(head_dim=128, dtype="float16", cc=(9, 0), group=4,
-                                  tier=("mixed", "mixed")).name == "prefill_d128_g4_f16_km_vm_b64_wg_sm90a"
-    assert lib.find_wgmma_prefill(head_dim=128, dtype="float16", cc=(9, 0), group=8, tier=("mixed", "mixed")) is None
+    assert lib.find("prefill", dtype="float16", cc=(9, 0), group=4,
+                    tier=("dense", "sparse24"), **wgmma).name == "prefill_d128_g4_f16_kd_v24_wg_sm90a"
+    assert lib.find("prefill", dtype="float16", cc=(9, 0), group=4,
+                    tier=("mixed", "mixed"), **wgmma).name == "prefill_d128_g4_f16_km_vm_b64_wg_sm90a"
+    assert lib.find("prefill", dtype="float16", cc=(9, 0), group=8, tier=("mixed", "mixed"), **wgmma) is None
     assert lib.select("prefill", head_dim=128, dtype="float16", cc=(9, 0), group=4,
                       tier=("sparse24", "sparse24")).name == "prefill_d128_g4_f16_k24_v24_sm90"
 

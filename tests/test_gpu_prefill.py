@@ -219,12 +219,12 @@ def _against_warp_level(lib, cache, q, lengths, out, k_tail=None):
     from hierasparse_gen.ops import prefill_cache
     find = dict(head_dim=128, dtype="float16" if q.dtype == torch.float16 else "bfloat16",
                 cc=torch.cuda.get_device_capability(), group=4, tier=("mixed", "mixed"))
-    wgmma = lib.find_wgmma_prefill(**find)
+    wgmma = lib.find("prefill", family="wgmma", **find)
     if torch.cuda.get_device_capability() == (9, 0):
         assert wgmma, "the build has no sm_90a block-table kernel"
     qlens = torch.tensor(lengths, dtype=torch.int32, device="cuda")
     tails = {} if k_tail is None else dict(k_tail=k_tail, tail_start=torch.zeros_like(qlens))
-    warp_out, warp_lse = prefill_cache(lib, q, cache, cache.seqlens, qlens, wgmma=False, **tails)
+    warp_out, warp_lse = prefill_cache(lib, q, cache, cache.seqlens, qlens, kernel="mma_sp", **tails)
     launched = []
     function = lib.function
     lib.function = lambda symbol: launched.append(symbol) or function(symbol)  # which kernel runs
@@ -365,7 +365,7 @@ def _count_wgmma_calls(lib, monkeypatch, tier, op_name):
     """Counts calls of an sm_90a prefill op (the query shapes); skips where the build or the device has no
     kernel of these tiers."""
     cc = torch.cuda.get_device_capability()
-    if lib.find_wgmma_prefill(head_dim=128, dtype="float16", cc=cc, group=4, tier=tier) is None:
+    if lib.find("prefill", family="wgmma", head_dim=128, dtype="float16", cc=cc, group=4, tier=tier) is None:
         pytest.skip(f"no sm_90a prefill kernel over {tier} for sm_{cc[0]}{cc[1]} in this build")
     calls = []
     op = getattr(torch.ops.hierasparse, op_name)

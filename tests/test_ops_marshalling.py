@@ -7,8 +7,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from hierasparse_gen import ops
-from hierasparse_gen.registry import SIGNATURES
+from hierasparse_gen import ops, registry
+from hierasparse_gen.abi import SIGNATURES
+from hierasparse_gen.errors import DispatchError
+from hierasparse_gen.ops import base, cache_kernels, checks, decoding, packing
 
 B, HQ, HKV, D, CAP = 2, 8, 2, 64, 128
 
@@ -20,26 +22,33 @@ class FakeLib:
         self.calls = []
         self.wgmma = False  # whether an sm_90a prefill kernel "exists"
 
-    def find_wgmma_prefill(self, tier=("sparse24", "sparse24"), **want):
-        kd = "_kd" if tier == ("dense", "sparse24") else ""
-        return SimpleNamespace(symbol=f"hsg_prefill_sm90a{kd}", tier=tier, **want) if self.wgmma else None
-
-    def select(self, kind, **want):
+    def select(self, kind, family=None, **want):
+        if family == "wgmma":
+            if not self.wgmma:
+                raise DispatchError("no wgmma kernel")
+            kd = "_kd" if want.get("tier") == ("dense", "sparse24") else ""
+            return SimpleNamespace(symbol=f"hsg_prefill_sm90a{kd}", **want)
         tiles = {"warps": 4, "stages": 2, "chunk_tokens": 32}
         mixed = want.get("tier") == ("mixed", "mixed") and kind == "decode"
         return SimpleNamespace(symbol=f"hsg_{kind}{'_mixed' if mixed else ''}", arch="sm_90", tiles=tiles,
                                smem_bytes=100_000, threads=128, kind="decode_mixed" if mixed else kind)
 
+    def find(self, kind, **want):
+        try:
+            return self.select(kind, **want)
+        except DispatchError:
+            return None
+
 
 @pytest.fixture
 def lib(monkeypatch):
     fake = FakeLib()
-    monkeypatch.setitem(ops._LIBRARIES, fake.key, fake)
-    monkeypatch.setattr(ops, "_device_cc", lambda device: (9, 0))
-    monkeypatch.setattr(ops, "_sm_count", lambda index: 132)
+    monkeypatch.setitem(registry._LIBRARIES, fake.key, fake)
+    monkeypatch.setattr(base, "device_cc", lambda device: (9, 0))
+    monkeypatch.setattr(base, "sm_count", lambda index: 132)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
-    monkeypatch.setattr(ops, "_check_cuda", lambda t, what: None)  # CPU tensors stand in for GPU ones
-    monkeypatch.setattr(ops, "_launch", lambda lib, symbol, device, *args: lib.calls.append((symbol, args)))
+    monkeypatch.setattr(checks, "check_cuda", lambda t, what: None)  # CPU tensors stand in for GPU ones
+    monkeypatch.setattr(base, "launch", lambda lib, symbol, device, *args: lib.calls.append((symbol, args)))
     return fake
 
 
@@ -64,7 +73,7 @@ def _packed(dtype=torch.float16):
 def test_decode_op_arguments(lib, splits):
     q = torch.randn(B, HQ, D, dtype=torch.float16)
     seqlens = torch.tensor([CAP, 5], dtype=torch.int32)
-    out, lse = ops._decode_op(lib.key, q, *_packed(), seqlens, 0.125, splits)
+    out, lse = decoding._decode_op(lib.key, q, *_packed(), seqlens, 0.125, splits)
     assert out.shape == (B, HQ, D) and lse.shape == (B, HQ)
     (symbol, args), = lib.calls
     assert symbol == "hsg_decode"
@@ -83,10 +92,10 @@ def _cache_pools():
 def test_decode_mixed_op_arguments(lib):
     q = torch.randn(B, HQ, D, dtype=torch.float16)
     table, dense, vals, meta = _cache_pools()
-    ops._decode_mixed_op(lib.key, q, table, table, dense, dense, vals, meta, vals, meta,
+    cache_kernels._decode_table_op(lib.key, q, table, table, dense, dense, vals, meta, vals, meta,
                          torch.tensor([100, 7], dtype=torch.int32), 64, 0.0, 2)
     (symbol, args), = lib.calls
-    _assert_matches_signature("decode_mixed", "", args)
+    _assert_matches_signature("decode_table", "", args)
     assert args[5] == 4 and args[8:10] == (3, 3) and args[14:16] == (2, 2) and args[19] == 0.0
 
 
@@ -131,7 +140,7 @@ def test_whole_prompt_goes_to_the_wgmma_kernel_where_there_is_one(lib, dtype):
     assert out.shape == q.shape and lse.shape == (B, HQ, L)
     (symbol, args), = lib.calls
     assert symbol == "hsg_prefill_sm90a"
-    _assert_matches_signature("prefill_sm90", "", args)
+    _assert_matches_signature("prefill_wgmma", "", args)
     assert args[:4] == (q.data_ptr(), *q.stride()[:3])
     assert args[4:8] == (k.values.data_ptr(), k.meta.data_ptr(), v.values.data_ptr(), v.meta.data_ptr())
     assert args[8:14] == (CAP, B, HQ, HKV, L, -0.25)
@@ -156,7 +165,7 @@ def test_whole_prompt_with_dense_k_goes_to_the_balanced_wgmma_kernel(lib, dtype)
     assert out.shape == q.shape and lse.shape == (B, HQ, L)
     (symbol, args), = lib.calls
     assert symbol == "hsg_prefill_sm90a_kd"
-    _assert_matches_signature("prefill_sm90_kd", "", args)
+    _assert_matches_signature("prefill_wgmma_balanced", "", args)
     assert args[:4] == (q.data_ptr(), *q.stride()[:3])
     assert args[4:9] == (kd.data_ptr(), *kd.stride()[:3], L)  # the prompt's rows: zeros past them
     assert args[9:17] == (v.values.data_ptr(), v.meta.data_ptr(), CAP, B, HQ, HKV, L, 0.5)
@@ -175,10 +184,10 @@ def test_whole_prompt_with_dense_k_goes_to_the_balanced_wgmma_kernel(lib, dtype)
     def unsupported(lib, symbol, device, *args):
         raise CudaError(f"{symbol} failed: operation not supported (cudaError 801)", 801)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(ops, "_launch", unsupported)
+        mp.setattr(base, "launch", unsupported)
         with pytest.raises(CudaError, match=r"no cuTensorMapEncodeTiled .* Fix: update the driver, or pass seqlens"):
             ops.prefill(lib, q, kd, v)
-        mp.setattr(ops, "_launch", lambda *a: (_ for _ in ()).throw(CudaError("other failure", 700)))
+        mp.setattr(base, "launch", lambda *a: (_ for _ in ()).throw(CudaError("other failure", 700)))
         with pytest.raises(CudaError, match=r"^other failure$"):
             ops.prefill(lib, q, kd, v)
     # K on another device than q: refused before any launch
@@ -236,10 +245,10 @@ def test_prefill_cache_on_the_wgmma_table_kernel(lib):
     ops.prefill_cache(lib, q, cache, seqlens, qlens, whole=True)                      # a whole prompt
     ops.prefill_cache(lib, q, cache, seqlens, qlens, k_tail=k, tail_start=zero, whole=True)  # balanced, whole
     ops.prefill_cache(lib, q, cache, seqlens, qlens, k_tail=k, tail_start=zero)       # balanced chunk: warp-level
-    ops.prefill_cache(lib, q, cache, seqlens, qlens, wgmma=False)
+    ops.prefill_cache(lib, q, cache, seqlens, qlens, kernel="mma_sp")
     assert [c[0] for c in lib.calls] == ["hsg_prefill_sm90a"] * 3 + ["hsg_prefill"] * 2
     for _, args in lib.calls[:3]:
-        _assert_matches_signature("prefill_sm90_table", "", args)
+        _assert_matches_signature("prefill_wgmma_table", "", args)
         assert args[4:7] == (cache.k.table.data_ptr(), cache.v.table.data_ptr(), 8)
         assert args[7:17] == (cache.k.dense.data_ptr(), 3, cache.k.sparse_vals.data_ptr(),
                               cache.k.sparse_meta.data_ptr(), 2, cache.v.dense.data_ptr(), 4,
@@ -278,7 +287,7 @@ def test_compress_op_arguments(lib, monkeypatch, kind):
     monkeypatch.setattr(torch.cuda, "device", lambda device: __import__("contextlib").nullcontext())
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: SimpleNamespace(cuda_stream=0))
     x = torch.randn(B, HKV, 100, D, dtype=torch.float16)[:, :, :, :]
-    vals, meta = ops._compress_op(lib.key, x, CAP, kind)
+    vals, meta = packing._compress_op(lib.key, x, CAP, kind)
     (args,) = calls
     _assert_matches_signature("compress", f"_{kind}", args[:-1])
     assert args[4:8] == (B, HKV, 100, CAP)
@@ -288,12 +297,12 @@ def test_compress_op_arguments(lib, monkeypatch, kind):
 def test_misaligned_rows_are_copied_once():
     base = torch.randn(2 * 8 * 100 * 64 + 1, dtype=torch.float16)
     x = base[1:].view(2, 8, 100, 64)           # contiguous, but 2 bytes off a 16-byte boundary
-    y = ops._rows16(x)
+    y = checks.rows16(x)
     assert y.data_ptr() % 16 == 0 and torch.equal(x, y)
     strided = torch.randn(2, 8, 100, 70, dtype=torch.float16)[..., :64]  # row stride 70: not 16-byte rows
-    assert ops._rows16(strided).stride(2) == 64
+    assert checks.rows16(strided).stride(2) == 64
     aligned = torch.randn(2, 8, 100, 64, dtype=torch.float16)
-    assert ops._rows16(aligned) is aligned
+    assert checks.rows16(aligned) is aligned
 
 
 def test_prefill_refuses_bad_inputs_before_any_call(lib):
@@ -316,7 +325,7 @@ def test_cache_append_arguments(lib):
     table, dense, vals, meta = _cache_pools()
     seqlens = torch.tensor([100, 7], dtype=torch.int32)
     ctrl = torch.zeros(B, 6 + 3 + 3, dtype=torch.int32)
-    ops._cache_append_impl(lib.key, k, k, seqlens, ctrl, table, dense, vals, meta, table, dense, vals, meta,
+    cache_kernels._cache_append_impl(lib.key, k, k, seqlens, ctrl, table, dense, vals, meta, table, dense, vals, meta,
                            64, 1, 4, 256, 0.5, 1.0)
     (symbol, args), = lib.calls
     assert symbol == "hsg_compress_append"

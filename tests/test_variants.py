@@ -202,3 +202,28 @@ def test_build_path_does_not_import_torch():
     code = ("import sys, hierasparse_gen.compiler, hierasparse_gen.cli; "
             "sys.exit(1 if 'torch' in sys.modules else 0)")
     assert subprocess.run([sys.executable, "-c", code], cwd=REPO).returncode == 0
+
+
+def test_manifest_records_each_variants_family_and_c_abi(llama3):
+    """A variant's kernel family and C ABI are explicit fields, written to the manifest (describe()); the
+    registry declares the ctypes signatures by the ABI, never by the template's file name."""
+    from hierasparse_gen.abi import ABIS
+    described = {v.name: v.describe() for v in expand(llama3)}
+    abi = {name: d["abi"] for name, d in described.items()}
+    family = {name: d["family"] for name, d in described.items()}
+    assert set(abi.values()) <= ABIS
+    assert (family["runtime"], abi["runtime"]) == ("host", "runtime")
+    assert (family["compress_d128_f16_sm90"], abi["compress_d128_f16_sm90"]) == ("mma_sp", "compress")
+    assert (family["decode_d128_g4_f16_k24_v24_sm90"], abi["decode_d128_g4_f16_k24_v24_sm90"]) == ("mma_sp", "decode")
+    assert abi["decode_d128_g4_f16_km_vm_b64_sm90"] == "decode_table"
+    for tier in ("k24_v24", "kd_v24", "km_vm_b64"):  # the warp-level prefill: one ABI for every tier mix
+        assert (family[f"prefill_d128_g4_f16_{tier}_sm90"], abi[f"prefill_d128_g4_f16_{tier}_sm90"]) == \
+            ("mma_sp", "prefill")
+    assert {abi[f"prefill_d128_g4_bf16_{tier}_wg_sm90a"]: family[f"prefill_d128_g4_bf16_{tier}_wg_sm90a"]
+            for tier in ("k24_v24", "kd_v24", "km_vm_b64")} == {
+        "prefill_wgmma": "wgmma", "prefill_wgmma_balanced": "wgmma", "prefill_wgmma_table": "wgmma"}
+    # wgmma is the family field, not the template: a variant of the sm_90a template marked warp-level is not wgmma
+    v = next(v for v in expand(llama3) if v.wgmma)
+    assert not dataclasses.replace(v, family="mma_sp", abi="").wgmma
+    with pytest.raises(SpecError, match="variant family 'tensor' is unknown. Fix: use one of mma_sp, wgmma, host"):
+        dataclasses.replace(v, family="tensor")

@@ -1,0 +1,78 @@
+"""ctypes signatures of the C entry points, keyed by a variant's ABI (recorded in the manifest).
+
+A variant's ``abi`` field names the signature set of its entry points: ``SIGNATURES[(abi, suffix)]``
+holds the argument types of symbol ``hsg_<variant name><suffix>``; every entry point returns a
+cudaError_t (int). The runtime helpers (``hsg_device_count``, ``hsg_error_string``) are declared
+by :func:`declare_runtime`.
+"""
+
+from __future__ import annotations
+
+import ctypes as _c
+
+_i64, _i32, _f32, _f64, _p = _c.c_longlong, _c.c_int, _c.c_float, _c.c_double, _c.c_void_p
+
+#: (abi, symbol suffix) -> argument types; the last argument of a kernel entry point is the stream.
+SIGNATURES = {
+    ("decode", ""): [_p, _i64, _i64, _p, _p, _p, _p, _p, _i32, _i32, _i32, _f32, _i32,
+                     _p, _p, _p, _i64, _i64, _p, _p],
+    ("decode", "_smem_bytes"): [],
+    ("decode", "_threads"): [],
+    ("compress", "_k"): [_p, _i64, _i64, _i64, _i32, _i32, _i32, _i32, _p, _p, _p],
+    ("compress", "_v"): [_p, _i64, _i64, _i64, _i32, _i32, _i32, _i32, _p, _p, _p],
+    ("compress", "_fill_k"): [_p, _i64, _i64, _i64, _i32, _i32, _i32, _p, _i32, _i32, _p, _i32, _p, _p, _i32, _p],
+    ("compress", "_fill_v"): [_p, _i64, _i64, _i64, _i32, _i32, _i32, _p, _i32, _i32, _p, _i32, _p, _p, _i32, _p],
+    ("compress", "_select"): [_p, _i32, _i32, _i32, _i32, _i32, _i32, _p, _i32, _p],
+    ("compress", "_score_k"): [_p, _i64, _i64, _i64, _i32, _i32, _i32, _i32, _p, _p],
+    ("compress", "_score_v"): [_p, _i64, _i64, _i64, _i32, _i32, _i32, _i32, _p, _p],
+    # k, its strides, v, its strides, seqlens, ctrl, ctrl_width, batch, heads, max_blocks, block,
+    # sink/window blocks, max_len; K then V pools (table, dense, vals, meta, n_dense, n_sparse, ratio)
+    ("compress", "_append"): [_p, _i64, _i64, _p, _i64, _i64, _p, _p, *[_i32] * 8,
+                              *[_p, _p, _p, _p, _i32, _i32, _f64] * 2, _p],
+    # decode over the cache's block tables
+    ("decode_table", ""): [_p, _i64, _i64, _p, _p, _i32, _p, _p, _i32, _i32, _p, _p, _p, _p, _i32, _i32,
+                           _p, _i32, _i32, _f32, _i32, _p, _p, _p, _i64, _i64, _p, _p],
+    ("decode_table", "_smem_bytes"): [],
+    ("decode_table", "_threads"): [],
+    # q, its strides; K then V source (table, max_blocks, block, dense, n_dense, vals, meta,
+    # n_sparse, tail, tail strides x3, tail_start); seqlens, qlens, max_len, batch, Hq, Hkv, Lq,
+    # scale, out, its strides, lse, stream
+    ("prefill", ""): [_p, _i64, _i64, _i64,
+                      *[_p, _i32, _i32, _p, _i32, _p, _p, _i32, _p, _i64, _i64, _i64, _p] * 2,
+                      _p, _p, _i32, _i32, _i32, _i32, _i32, _f32, _p, _i64, _i64, _i64, _p, _p],
+    ("prefill", "_smem_bytes"): [],
+    # sm_90a, all-2:4: q, its strides, K values, K meta, V values, V meta, capacity, batch, Hq, Hkv,
+    # queries, scale, out, lse, stream
+    ("prefill_wgmma", ""): [_p, _i64, _i64, _i64, _p, _p, _p, _p, _i32, _i32, _i32, _i32, _i32, _f32, _p, _p, _p],
+    ("prefill_wgmma", "_smem_bytes"): [],
+    # sm_90a, balanced (dense K): q, its strides, K, its strides, K's token count, V values, V meta, capacity, ...
+    ("prefill_wgmma_balanced", ""): [_p, _i64, _i64, _i64, _p, _i64, _i64, _i64, _i32, _p, _p, _i32, _i32, _i32,
+                                     _i32, _i32, _f32, _p, _p, _p],
+    ("prefill_wgmma_balanced", "_smem_bytes"): [],
+    # sm_90a over the cache's block tables: q, its strides, K table, V table, max_blocks; K then V pools (dense,
+    # n_dense, values, meta, n_sparse); dense K rows and their strides (or null: K's table); seqlens, qlens (or both
+    # null); batch, Hq, Hkv, queries, scale, out, lse, stream
+    ("prefill_wgmma_table", ""): [_p, _i64, _i64, _i64, _p, _p, _i32, *[_p, _i32, _p, _p, _i32] * 2,
+                                  _p, _i64, _i64, _i64, _p, _p, _i32, _i32, _i32, _i32, _f32, _p, _p, _p],
+    ("prefill_wgmma_table", "_smem_bytes"): [],
+}
+
+#: ABIs with host-side size queries answered at load time (no GPU needed)
+SIZE_QUERIES = {"decode": ("_smem_bytes", "_threads"), "decode_table": ("_smem_bytes", "_threads")}
+
+ABIS = frozenset(abi for abi, _ in SIGNATURES) | {"runtime"}
+
+
+def declare(cdll, symbol: str, abi: str) -> None:
+    """Give every entry point of a variant (``symbol`` + each suffix of its ABI) its ctypes signature."""
+    for (name, suffix), argtypes in SIGNATURES.items():
+        if name == abi:
+            fn = getattr(cdll, symbol + suffix)
+            fn.argtypes, fn.restype = argtypes, _i32
+
+
+def declare_runtime(cdll) -> None:
+    cdll.hsg_device_count.argtypes = [_c.POINTER(_i32)]
+    cdll.hsg_device_count.restype = _i32
+    cdll.hsg_error_string.argtypes = [_i32]
+    cdll.hsg_error_string.restype = _c.c_char_p

@@ -1,0 +1,95 @@
+"""What every op shares: the packed tensor type, output allocation, device queries and the launch
+of a C entry point of a library (looked up in the registry's table by its key)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..registry import Library, lookup
+
+DTYPES = {torch.float16: "float16", torch.bfloat16: "bfloat16"}
+
+#: When True, outputs are filled with NaN (values) / 0x7FFF (metadata) before each launch,
+#: so an element a kernel fails to write cannot pass a test.
+POISON = False
+
+
+@dataclass(frozen=True)
+class PackedKV:
+    """One packed 2:4 tensor of the cache (K or V): values + metadata in the kernel layout."""
+    values: torch.Tensor
+    meta: torch.Tensor
+    kind: str          # "k" or "v"
+    length: int        # tokens compressed (the rest of the capacity holds zeros)
+
+    @property
+    def capacity(self) -> int:
+        return self.meta.shape[2] * (1 if self.kind == "k" else 16)
+
+    @property
+    def head_dim(self) -> int:
+        return self.values.shape[3] * (2 if self.kind == "k" else 1)
+
+    def nbytes(self) -> int:
+        return self.values.nbytes + self.meta.nbytes
+
+
+def library(key: str) -> Library:
+    """The loaded library a custom op was called with (ops pass its key: a string traces)."""
+    return lookup(key)
+
+
+def alloc(shape, dtype, device) -> torch.Tensor:
+    if not POISON:
+        return torch.empty(shape, dtype=dtype, device=device)
+    fill = 0x7FFF if dtype == torch.int16 else float("nan")
+    return torch.full(shape, fill, dtype=dtype, device=device)
+
+
+def fake_alloc(q: torch.Tensor):
+    """The allocator of the ops' fake (meta) implementations."""
+    return lambda shape, dtype, device: q.new_empty(shape, dtype=dtype)
+
+
+_CC: dict[int, tuple[int, int]] = {}
+_SM_COUNT: dict[int, int] = {}
+
+
+def device_cc(device: torch.device) -> tuple[int, int]:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _CC:
+        _CC[index] = torch.cuda.get_device_capability(index)
+    return _CC[index]
+
+
+def sm_count(index: int) -> int:
+    if index not in _SM_COUNT:
+        _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _SM_COUNT[index]
+
+
+def launch(lib, symbol: str, device: torch.device, *args) -> None:
+    """Call a C entry point (its last argument, the stream, is the current stream of ``device``)
+    and raise a CudaError naming it when it fails."""
+    with torch.cuda.device(device):
+        code = lib.function(symbol)(*args, torch.cuda.current_stream(device).cuda_stream)
+    lib.check(code, symbol)
+
+
+def ptr(t: torch.Tensor | None):
+    return None if t is None else t.data_ptr()
+
+
+def softmax_scale(scale: float | None, head_dim: int) -> float:
+    """The softmax scale: 1/sqrt(head_dim) unless given (0.0 is a valid scale)."""
+    return 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
+
+
+def eager_or_op(impl, op):
+    """The custom op under torch.compile; its implementation, called directly, otherwise: a
+    decode step runs these once a layer, and the dispatcher's host time adds up (CUDA graph
+    capture sees the same kernel launches either way)."""
+    return op if torch.compiler.is_compiling() else impl

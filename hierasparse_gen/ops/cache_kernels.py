@@ -1,0 +1,222 @@
+"""The kernels over a HieraCache's block tables ("table": per block, dense or 2:4, K and V apart):
+scoring, selecting and filling blocks at prefill, the decode-step append, decode attention
+(``hierasparse::decode_mixed``) and prefill (the warp-level kernel or, on Hopper, the sm_90a
+table kernel ``hierasparse::prefill_sm90_table``). :class:`~hierasparse_gen.cache.HieraCache`
+checks the arguments and calls these."""
+
+from __future__ import annotations
+
+import torch
+
+from . import base, checks
+from .base import DTYPES
+from .checks import fail
+from .decoding import decode_outputs
+from .packing import compress_variant
+from .prefilling import Source, choose_kernel, prefill_mma_sp, prefill_outputs
+
+#: the tier pair of the cache's block tables, as variants and the manifest name it
+TABLE = ("mixed", "mixed")
+
+
+def score_blocks(lib, x: torch.Tensor, kind: str, block_size: int) -> torch.Tensor:
+    """2:4 prune loss of every whole block of ``x [B, H, L, D]``: float32 ``[B, H, L // block]``."""
+    checks.check_cuda(x, kind)
+    checks.check_dtype(x, kind)
+    x = checks.rows16(x)
+    B, H, L, D = x.shape
+    loss = base.alloc((B, H, L // block_size), torch.float32, x.device)
+    if L >= block_size:
+        base.launch(lib, f"{compress_variant(lib, x).symbol}_score_{kind}", x.device, x.data_ptr(), x.stride(0),
+                    x.stride(1), x.stride(2), B, H, L, block_size, loss.data_ptr())
+    return loss
+
+
+def select_blocks(lib, x: torch.Tensor, loss: torch.Tensor | None, first: int, n_elig: int, n_sparse: int,
+                  blocks: int, table: torch.Tensor) -> None:
+    """Per (batch, head) of ``table [B, H, max_blocks]``: the ``n_sparse`` eligible blocks of least
+    loss become 2:4, the rest dense, sink and window after them (see select_kernel)."""
+    rows = table.shape[0] * table.shape[1]
+    base.launch(lib, f"{compress_variant(lib, x).symbol}_select", table.device,
+                None if loss is None else loss.data_ptr(), rows, first + n_elig if loss is None else loss.shape[2],
+                first, n_elig, n_sparse, blocks, table.data_ptr(), table.shape[2])
+
+
+def fill_blocks(lib, x: torch.Tensor, kind: str, table: torch.Tensor, block: int, dense: torch.Tensor,
+                vals: torch.Tensor, meta: torch.Tensor) -> None:
+    """Write the blocks of ``x [B, H, L, D]`` into a cache's pools where ``table [B, H, max_blocks]``
+    says: dense slot (copied) or 2:4 slot (compressed). Runs on the current stream."""
+    B, H, L, D = x.shape
+    x = checks.rows16(x)
+    for t in (table, dense, vals, meta):
+        if not t.is_contiguous():
+            fail("fill_blocks", "the table and pools must be contiguous", "pass the cache's own tensors")
+    base.launch(lib, f"{compress_variant(lib, x).symbol}_fill_{kind}", x.device, x.data_ptr(), x.stride(0),
+                x.stride(1), x.stride(2), B, H, L, table.data_ptr(), table.shape[2], block, dense.data_ptr(),
+                dense.shape[2], vals.data_ptr(), meta.data_ptr(), vals.shape[2])
+
+
+# --- decode step: append -------------------------------------------------------------------
+
+def append_cache(lib, cache, k: torch.Tensor, v: torch.Tensor) -> None:
+    """One decode step into a HieraCache (its append checks the arguments): the append kernel
+    pair, through a custom op so that torch.compile keeps it in the graph."""
+    kt, vt = cache.k, cache.v
+    base.eager_or_op(_cache_append_impl, torch.ops.hierasparse.cache_append)(
+        lib.key, k, v, cache.seqlens, cache.ctrl, kt.table, kt.dense, kt.sparse_vals, kt.sparse_meta,
+        vt.table, vt.dense, vt.sparse_vals, vt.sparse_meta, cache.block, cache.sink_blocks, cache.window_blocks,
+        cache.max_seq_len, kt.ratio, vt.ratio)
+
+
+def _cache_append_impl(lib_key: str, k: torch.Tensor, v: torch.Tensor, seqlens: torch.Tensor, ctrl: torch.Tensor,
+                       k_table: torch.Tensor, k_dense: torch.Tensor, k_vals: torch.Tensor, k_meta: torch.Tensor,
+                       v_table: torch.Tensor, v_dense: torch.Tensor, v_vals: torch.Tensor, v_meta: torch.Tensor,
+                       block: int, sink_blocks: int, window_blocks: int, max_len: int,
+                       k_ratio: float, v_ratio: float) -> None:
+    lib = base.library(lib_key)
+    B, H, D = k.shape
+    checks.check_aligned(k, "k", 16)
+    checks.check_aligned(v, "v", 16)
+    base.launch(lib, f"{compress_variant(lib, k).symbol}_append", k.device, k.data_ptr(), k.stride(0), k.stride(1),
+                v.data_ptr(), v.stride(0), v.stride(1), seqlens.data_ptr(), ctrl.data_ptr(), ctrl.shape[1], B, H,
+                k_table.shape[2], block, sink_blocks, window_blocks, max_len,
+                k_table.data_ptr(), k_dense.data_ptr(), k_vals.data_ptr(), k_meta.data_ptr(), k_dense.shape[2],
+                k_vals.shape[2], k_ratio, v_table.data_ptr(), v_dense.data_ptr(), v_vals.data_ptr(),
+                v_meta.data_ptr(), v_dense.shape[2], v_vals.shape[2], v_ratio)
+
+
+_cache_append_op = torch.library.custom_op(
+    "hierasparse::cache_append", _cache_append_impl,
+    mutates_args=("seqlens", "ctrl", "k_table", "k_dense", "k_vals", "k_meta", "v_table", "v_dense", "v_vals",
+                  "v_meta"))
+
+
+@_cache_append_op.register_fake
+def _(lib_key, k, v, seqlens, ctrl, k_table, k_dense, k_vals, k_meta, v_table, v_dense, v_vals, v_meta,
+      block, sink_blocks, window_blocks, max_len, k_ratio, v_ratio):
+    return None
+
+
+# --- decode attention ----------------------------------------------------------------------
+
+def decode_cache(lib, q: torch.Tensor, cache, *, scale: float | None = None, num_splits: int | None = None):
+    """Decode attention over a :class:`~hierasparse_gen.cache.HieraCache`'s block tables."""
+    checks.check_cuda(q, "q")
+    checks.check_dtype(q, "q")
+    if q.dim() != 3 or q.shape[0] != cache.batch or q.shape[2] != cache.head_dim or q.shape[1] % cache.heads:
+        fail("q", f"shape {tuple(q.shape)} does not fit the cache (batch {cache.batch}, {cache.heads} KV heads, "
+             f"head_dim {cache.head_dim})", f"pass [{cache.batch}, num_kv_heads * group, {cache.head_dim}]")
+    if q.dtype != cache.dtype:
+        fail("q", f"dtype {q.dtype} but the cache holds {cache.dtype}", "use one dtype for Q and the cache")
+    if q.device != cache.device:
+        fail("q", f"on {q.device} but the cache is on {cache.device}", "keep Q and the cache on one GPU")
+    if q.stride(2) != 1 or q.stride(0) % 2 or q.stride(1) % 2:
+        fail("q", f"strides {q.stride()} not supported", "pass q.contiguous()")
+    checks.check_num_splits(num_splits)
+    k, v = cache.k, cache.v
+    return base.eager_or_op(_decode_table_impl, torch.ops.hierasparse.decode_mixed)(
+        lib.key, q, k.table, v.table, k.dense, v.dense, k.sparse_vals, k.sparse_meta, v.sparse_vals,
+        v.sparse_meta, cache.seqlens, cache.block, base.softmax_scale(scale, q.shape[2]), int(num_splits or 0))
+
+
+def _decode_table_impl(lib_key: str, q: torch.Tensor, k_table: torch.Tensor, v_table: torch.Tensor,
+                       k_dense: torch.Tensor, v_dense: torch.Tensor, k_vals: torch.Tensor, k_meta: torch.Tensor,
+                       v_vals: torch.Tensor, v_meta: torch.Tensor, seqlens: torch.Tensor, block_size: int,
+                       scale: float, num_splits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    lib = base.library(lib_key)
+    B, Hq, D = q.shape
+    Hkv, max_blocks = k_table.shape[1], k_table.shape[2]
+    variant = lib.select("decode", head_dim=D, dtype=DTYPES[q.dtype], cc=base.device_cc(q.device),
+                         group=Hq // Hkv, tier=TABLE, block_size=block_size)
+    checks.check_aligned(q, "q", 4)
+    num_splits, out, lse, o_part, lse_part = decode_outputs(variant, q, B * Hkv, max_blocks * block_size, num_splits)
+    base.launch(lib, variant.symbol, q.device, q.data_ptr(), q.stride(0), q.stride(1), k_table.data_ptr(),
+                v_table.data_ptr(), max_blocks, k_dense.data_ptr(), v_dense.data_ptr(), k_dense.shape[2],
+                v_dense.shape[2], k_vals.data_ptr(), k_meta.data_ptr(), v_vals.data_ptr(), v_meta.data_ptr(),
+                k_vals.shape[2], v_vals.shape[2], seqlens.data_ptr(), B, Hkv, scale, num_splits, base.ptr(o_part),
+                base.ptr(lse_part), out.data_ptr(), out.stride(0), out.stride(1), lse.data_ptr())
+    return out, lse
+
+
+_decode_table_op = torch.library.custom_op("hierasparse::decode_mixed", _decode_table_impl, mutates_args=())
+
+
+@_decode_table_op.register_fake
+def _(lib_key, q, k_table, v_table, k_dense, v_dense, k_vals, k_meta, v_vals, v_meta, seqlens, block_size,
+      scale, num_splits):
+    B, Hq, D = q.shape
+    return q.new_empty((B, Hq, D)), q.new_empty((B, Hq), dtype=torch.float32)
+
+
+# --- prefill -------------------------------------------------------------------------------
+
+def table_prefill_family(lib, q: torch.Tensor, cache, kernel: str, *, k_tail: bool, v_tail: bool,
+                         whole: bool) -> str:
+    """The kernel family of a prefill over the cache (see choose_kernel): what the sm_90a table kernel
+    does not take, and the call's shape."""
+    refusals = [r for r, no in (
+        ("dense V rows (attend_then_compress) are not read by the sm_90a table kernel", v_tail),
+        ("dense K rows of a chunk (balanced, not a whole prompt into an empty cache)", k_tail and not whole)) if no]
+    return choose_kernel(lib, kernel, refusals, head_dim=cache.head_dim, dtype=DTYPES[q.dtype],
+                         cc=base.device_cc(q.device), group=q.shape[1] // cache.k.table.shape[1], tier=TABLE,
+                         block_size=cache.block)
+
+
+def prefill_cache(lib, q: torch.Tensor, cache, seqlens: torch.Tensor, qlens: torch.Tensor, *,
+                  k_tail: torch.Tensor | None = None, v_tail: torch.Tensor | None = None,
+                  tail_start: torch.Tensor | None = None, scale: float | None = None, kernel: str = "auto",
+                  whole: bool = False):
+    """Causal attention of a query chunk (sequence b: the last ``qlens[b]`` of its ``seqlens[b]``
+    tokens) over a HieraCache's block tables; keys from ``tail_start[b]`` on come from the dense
+    ``k_tail``/``v_tail`` rows instead, when given. ``whole`` (every sequence holds exactly the
+    chunk's tokens: a prompt into an empty cache) lets the sm_90a table kernel skip the
+    per-sequence lengths and take a dense ``k_tail`` (which then starts at token 0) as all of K.
+    ``kernel``: see :func:`~hierasparse_gen.ops.prefilling.choose_kernel` (the sm_90a table kernel
+    takes no V tail, and a K tail only for a whole prompt). Used by :meth:`HieraCache.prefill`,
+    which checks the arguments."""
+    ks, vs = cache.k, cache.v
+    D = cache.head_dim
+    family = table_prefill_family(lib, q, cache, kernel, k_tail=k_tail is not None, v_tail=v_tail is not None,
+                                  whole=whole)
+    if family == "wgmma":
+        k_rows = None if k_tail is None else k_tail[:, :, :q.shape[2]]
+        return torch.ops.hierasparse.prefill_sm90_table(lib.key, q, ks.table, vs.table, ks.dense, ks.sparse_vals,
+                                                        ks.sparse_meta, vs.dense, vs.sparse_vals, vs.sparse_meta,
+                                                        k_rows, None if whole else seqlens,
+                                                        None if whole else qlens, base.softmax_scale(scale, D))
+    ksrc = Source(ks.table, cache.block, ks.dense, ks.sparse_vals, ks.sparse_meta, ks.sparse_vals.shape[2],
+                  k_tail, tail_start if k_tail is not None else None)
+    vsrc = Source(vs.table, cache.block, vs.dense, vs.sparse_vals, vs.sparse_meta, vs.sparse_vals.shape[2],
+                  v_tail, tail_start if v_tail is not None else None)
+    return prefill_mma_sp(lib, q, TABLE, cache.block, ksrc, vsrc, seqlens, qlens, cache.max_seq_len,
+                          base.softmax_scale(scale, cache.head_dim))
+
+
+@torch.library.custom_op("hierasparse::prefill_sm90_table", mutates_args=())
+def _prefill_wgmma_table_op(lib_key: str, q: torch.Tensor, k_table: torch.Tensor, v_table: torch.Tensor,
+                            k_dense: torch.Tensor, k_vals: torch.Tensor, k_meta: torch.Tensor,
+                            v_dense: torch.Tensor, v_vals: torch.Tensor, v_meta: torch.Tensor,
+                            k_rows: torch.Tensor | None, seqlens: torch.Tensor | None, qlens: torch.Tensor | None,
+                            scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    lib = base.library(lib_key)
+    B, Hq, L, D = q.shape
+    Hkv = k_table.shape[1]
+    variant = lib.select("prefill", family="wgmma", head_dim=D, dtype=DTYPES[q.dtype], cc=base.device_cc(q.device),
+                         group=Hq // Hkv, tier=TABLE)
+    q = checks.rows16_strided(q)
+    k_rows = None if k_rows is None else checks.rows16_strided(k_rows)
+    for t, name in ((k_dense, "k dense pool"), (k_vals, "k 2:4 pool"), (k_meta, "k metadata pool"),
+                    (v_dense, "v dense pool"), (v_vals, "v 2:4 pool"), (v_meta, "v metadata pool")):
+        checks.check_aligned(t, name, 16)
+    out, lse = prefill_outputs(q, base.alloc)
+    base.launch(lib, variant.symbol, q.device, q.data_ptr(), *q.stride()[:3], k_table.data_ptr(), v_table.data_ptr(),
+                k_table.shape[2], k_dense.data_ptr(), k_dense.shape[2], k_vals.data_ptr(), k_meta.data_ptr(),
+                k_vals.shape[2], v_dense.data_ptr(), v_dense.shape[2], v_vals.data_ptr(), v_meta.data_ptr(),
+                v_vals.shape[2], base.ptr(k_rows), *(k_rows.stride()[:3] if k_rows is not None else (0, 0, 0)),
+                base.ptr(seqlens), base.ptr(qlens), B, Hq, Hkv, L, scale, out.data_ptr(), lse.data_ptr())
+    return out, lse
+
+
+@_prefill_wgmma_table_op.register_fake
+def _(lib_key, q, k_table, v_table, k_dense, k_vals, k_meta, v_dense, v_vals, v_meta, k_rows, seqlens, qlens, scale):
+    return prefill_outputs(q, base.fake_alloc(q))

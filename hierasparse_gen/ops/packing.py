@@ -1,0 +1,68 @@
+"""2:4 compression of dense K or V into the packed kernel layout (``hierasparse::compress``)."""
+
+from __future__ import annotations
+
+import torch
+
+from ..format import CHUNK, round_capacity
+from . import base, checks
+from .base import DTYPES, PackedKV
+
+
+def packed_shapes(kind: str, B: int, H: int, cap: int, D: int):
+    if kind == "k":
+        return (B, H, cap, D // 2), (B, H, cap, D // 16)
+    return (B, H, cap // 2, D), (B, H, cap // 16, D)
+
+
+def compress(lib, x: torch.Tensor, kind: str, capacity: int | None = None) -> PackedKV:
+    what = "k" if kind == "k" else "v"
+    checks.check_cuda(x, what)
+    checks.check_dtype(x, what)
+    if x.dim() != 4:
+        checks.fail(what, f"expected 4 dims [batch, kv_heads, tokens, head_dim], got shape {tuple(x.shape)}",
+                    "reshape to [batch, kv_heads, tokens, head_dim]")
+    B, H, L, D = x.shape
+    if B < 1 or H < 1:
+        checks.fail(what, f"empty batch or head dimension in shape {tuple(x.shape)}", "pass at least one")
+    if x.stride(3) != 1:
+        checks.fail(what, f"head_dim must be contiguous (stride 1), got strides {x.stride()}",
+                    f"pass {what}.contiguous()")
+    cap = round_capacity(L) if capacity is None else int(capacity)
+    if cap % CHUNK or cap < L or cap < CHUNK:
+        checks.fail("capacity", f"{cap} cannot hold {L} tokens in whole {CHUNK}-token chunks",
+                    f"use a multiple of {CHUNK} that is at least {max(L, CHUNK)} (e.g. {round_capacity(L)})")
+    vals, meta = torch.ops.hierasparse.compress(lib.key, x, cap, kind)
+    return PackedKV(vals, meta, kind, L)
+
+
+def compress_variant(lib, x: torch.Tensor):
+    """The compression variant (its entry points also score, select, fill and append cache blocks)."""
+    return lib.select("compress", head_dim=x.shape[-1], dtype=DTYPES[x.dtype], cc=base.device_cc(x.device))
+
+
+# Dispatch happens inside the custom ops: it runs eagerly at launch time, so torch.compile
+# sees only the shape checks above and an opaque op.
+
+@torch.library.custom_op("hierasparse::compress", mutates_args=())
+def _compress_op(lib_key: str, x: torch.Tensor, capacity: int, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+    lib = base.library(lib_key)
+    B, H, L, D = x.shape
+    symbol = f"{compress_variant(lib, x).symbol}_{kind}"
+    x = checks.rows16(x)
+    vshape, mshape = packed_shapes(kind, B, H, capacity, D)
+    vals = base.alloc(vshape, x.dtype, x.device)
+    meta = base.alloc(mshape, torch.int16, x.device)
+    with torch.cuda.device(x.device):
+        stream = torch.cuda.current_stream(x.device).cuda_stream
+        code = lib.function(symbol)(x.data_ptr(), x.stride(0), x.stride(1), x.stride(2), B, H, L,
+                                    capacity, vals.data_ptr(), meta.data_ptr(), stream)
+    lib.check(code, symbol)
+    return vals, meta
+
+
+@_compress_op.register_fake
+def _(lib_key, x, capacity, kind):
+    B, H, _, D = x.shape
+    vshape, mshape = packed_shapes(kind, B, H, capacity, D)
+    return x.new_empty(vshape), x.new_empty(mshape, dtype=torch.int16)

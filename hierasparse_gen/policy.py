@@ -1,0 +1,86 @@
+"""The hierarchical cache's policy, shared by :class:`~hierasparse_gen.cache.HieraCache` and its
+pure-torch model :class:`~hierasparse_gen.simulate.SimulatedCache`: settings, ratios, how many
+blocks are eligible and 2:4, pool sizes, capacity and prefill-mode checks.
+
+Plain Python (no kernels, no compiler): the simulation imports it without loading ops,
+the registry, the compiler or jinja2.
+"""
+
+from __future__ import annotations
+
+import math
+
+from .errors import CacheFullError, InputError
+
+#: How a prompt chunk attends during HieraCache.prefill (see its docstring).
+PREFILL_MODES = ("compress_then_attend", "attend_then_compress", "balanced")
+
+
+def cache_settings(lib, block_size: int | None, sink: int | None, window: int | None) -> tuple[int, int, int]:
+    """(block_size, sink, local_window): the given values, else the library spec's ``cache``
+    section (64, 64, 256 without a library or section), checked."""
+    cfg = lib.manifest["spec"].get("cache", {}) if lib is not None else {}
+    block = int(block_size or cfg.get("block_size", 64))
+    sink = int(cfg.get("sink", 64) if sink is None else sink)
+    window = int(cfg.get("local_window", 256) if window is None else window)
+    if block <= 0 or block % 32 or sink < 0 or window < 0 or sink % block or window % block:
+        raise InputError(f"block_size {block} must be a multiple of 32 and sink {sink} and window {window} "
+                         f"multiples of it. Fix: use the spec's cache values")
+    return block, sink, window
+
+
+def check_ratios(key_ratio: float, value_ratio: float) -> None:
+    for name, r in (("key_ratio", key_ratio), ("value_ratio", value_ratio)):
+        if not 0.0 <= r <= 1.0:
+            raise InputError(f"{name}: {r} is outside [0, 1]. Fix: pass the fraction of eligible "
+                             f"blocks to store 2:4 (0 = all dense, 1 = all 2:4)")
+
+
+def check_prefill_mode(mode: str, what: str = "mode") -> None:
+    if mode not in PREFILL_MODES:
+        raise InputError(f"{what} {mode!r} is not a prefill mode. Fix: use one of {', '.join(PREFILL_MODES)}")
+
+
+def check_room(current: list[int], adding: list[int], capacity: int) -> None:
+    """A prefill chunk must fit every sequence whole (else nothing is written)."""
+    most = max(n0 + n for n0, n in zip(current, adding))
+    if most > capacity:
+        raise CacheFullError(f"sequences would hold up to {most} tokens, more than the cache capacity {capacity}; "
+                             f"nothing was written. Fix: build the cache with a larger max_seq_len")
+
+
+def check_not_full(lengths: list[int], capacity: int) -> None:
+    """A decode step needs room for one more token in every sequence."""
+    full = [b for b, n in enumerate(lengths) if n >= capacity]
+    if full:
+        raise CacheFullError(f"sequences {full} hold {capacity} tokens, the cache capacity; nothing was written. "
+                             f"Fix: build the cache with a larger max_seq_len")
+
+
+def ratio_count(ratio: float, eligible: int) -> int:
+    """2:4 blocks among ``eligible`` blocks for a ratio (round half up, never more than all)."""
+    return min(eligible, math.floor(ratio * eligible + 0.5))
+
+
+def eligible_blocks(full_blocks: int, sink_blocks: int, window_blocks: int) -> int:
+    """Blocks between the sink and the window among a sequence's ``full_blocks`` whole blocks."""
+    return max(0, full_blocks - sink_blocks - window_blocks)
+
+
+def pool_sizes(ratio: float, max_seq_len: int, block: int, sink_blocks: int, window_blocks: int) -> tuple[int, int]:
+    """(dense slots, 2:4 slots) a sequence can ever need: the most blocks dense at once, and the
+    2:4 blocks of a full sequence (at least one of each, so every pool has a slot)."""
+    max_blocks = -(-max_seq_len // block)
+    most_dense = 0
+    for full in range(max_blocks + 1):
+        held = ratio_count(ratio, eligible_blocks(full, sink_blocks, window_blocks))
+        if full * block <= max_seq_len:         # every block full
+            most_dense = max(most_dense, full - held)
+        if full * block + 1 <= max_seq_len:     # one more, partial, block
+            most_dense = max(most_dense, full + 1 - held)
+    n_sparse = ratio_count(ratio, eligible_blocks(max_seq_len // block, sink_blocks, window_blocks))
+    return max(most_dense, 1), max(n_sparse, 1)
+
+
+__all__ = ["PREFILL_MODES", "cache_settings", "check_ratios", "check_prefill_mode", "check_room", "check_not_full",
+           "ratio_count", "eligible_blocks", "pool_sizes"]
