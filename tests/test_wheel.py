@@ -41,6 +41,8 @@ def test_installed_wheel_builds_a_spec_from_any_folder(tmp_path):
         if t.is_file():
             assert f"hierasparse_gen/templates/{t.relative_to(REPO / 'templates').as_posix()}" in names
     assert "hierasparse_gen/specs/llama3.yaml" in names
+    for py in (REPO / "hierasparse_gen").rglob("*.py"):  # every module, subpackages (ops/, ...) included
+        assert py.relative_to(REPO).as_posix() in names
 
     site = tmp_path / "site"
     _run(*pip, "install", "--no-deps", "--no-index", "--target", site, wheel, cwd=tmp_path)
