@@ -127,7 +127,7 @@ __device__ __forceinline__ void mma_dense(float (&d)[32], const uint32_t (&a)[4]
                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b));
 }
 // d (64 x 64, f32) (+)= A (64 x 16, dense, shared memory by descriptor; kTransA 1: MN-major) * B (16 x 64, shared
-// memory, K-major): the block-table kernel's dense blocks (benchmarks/wgmma_tiers_probe.cu).
+// memory, K-major): the block-table kernel's dense blocks (experiments/mma_probes/wgmma_tiers_probe.cu).
 template <bool kZero, int kTransA>
 __device__ __forceinline__ void mma_dense_ss(float (&d)[32], uint64_t a, uint64_t b) {
   if constexpr (kZero)
