@@ -169,3 +169,40 @@ def test_byte_tokenizer_and_markdown():
     md = "# Hamlet\n\n## ACT I\n\n**BERNARDO**  \nWho's there?\n\n_Exit_\n"
     assert _markdown_to_text(md) == "Hamlet\n\nACT I\n\nBERNARDO\nWho's there?\n\nExit\n"
     assert torch.tensor(tok.encode("é")).tolist() == [195, 169]
+
+
+def test_shortcuts_give_the_exact_numbers(model_dir, text_file, tmp_path):
+    """The memoised simulation and the reused dense prefill (fastsim) against the plain path."""
+    got = {}
+    for name, extra in (("fast", []), ("exact", ["--exact"])):
+        path = tmp_path / f"{name}.json"
+        assert eval_main(_args(model_dir, text_file, "--key-ratios", "0.5", "--value-ratios", "1", "--decode", "80",
+                               "--check-steps", "0", "--json", str(path), *extra)) == 0
+        got[name] = json.loads(path.read_text())
+    fast, exact = got["fast"]["rows"][0], got["exact"]["rows"][0]
+    assert fast["memo_simulation"] and fast["prefill_reused"]
+    assert not exact["memo_simulation"] and not exact["prefill_reused"]
+    for key in ("nll", "kl", "top1", "bytes_per_token"):
+        assert fast[key] == pytest.approx(exact[key], rel=1e-5, abs=1e-7), key
+
+
+def test_memo_store_matches_the_simulation_across_flushes():
+    from hierasparse_gen.evaluate.fastsim import MemoSimulatedCache
+    from hierasparse_gen.simulate import SimulatedCache
+    g = torch.Generator().manual_seed(0)
+    kw = dict(batch=2, num_kv_heads=2, head_dim=64, max_seq_len=640, key_ratio=0.5, value_ratio=1.0,
+              dtype=torch.float32, block_size=64, sink=64, local_window=64)
+    plain, memo = SimulatedCache(**kw), MemoSimulatedCache(**kw)
+    k, v = torch.randn(2, 2, 300, 64, generator=g), torch.randn(2, 2, 300, 64, generator=g)
+    for c in (plain, memo):
+        c.prefill(k, v)
+    for step in range(200):  # crosses three block flushes
+        kn, vn, q = (torch.randn(2, 2, 64, generator=g), torch.randn(2, 2, 64, generator=g),
+                     torch.randn(2, 4, 64, generator=g))
+        for c in (plain, memo):
+            c.append(kn, vn)
+        a, b = plain.attend(q)[0], memo.attend(q)[0]
+        assert torch.equal(a, b), step
+    assert memo.tiers("v").sum() > plain.tiers("v")[:, :, :4].sum()  # flushes happened
+    for name in "kv":
+        assert torch.equal(memo._memo[name], plain.view(name))

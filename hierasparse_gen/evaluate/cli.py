@@ -71,6 +71,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--passkey-trials", type=int, default=1, help="keys per (length, depth)")
     ap.add_argument("--check-steps", type=int, default=4,
                     help="dense decode steps run one at a time against the dense chunk")
+    ap.add_argument("--exact", action="store_true",
+                    help="no shortcuts: prefill each setting through the model and prune the simulated cache whole "
+                         "at every step (same numbers, much slower; see evaluate/fastsim.py)")
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--plot", help="write the bytes-versus-quality curve here (PNG)")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -121,7 +124,7 @@ def run(args) -> dict:
                       backend=args.backend, lib=lib, block_size=args.block_size,
                       passkey_lengths=args.passkey_lengths, passkey_depths=args.passkey_depths,
                       passkey_trials=args.passkey_trials, filler_ids=loaded.tokenizer.encode(text, first=False),
-                      check_steps=args.check_steps, progress=not args.quiet, meta=meta)
+                      check_steps=args.check_steps, exact=args.exact, progress=not args.quiet, meta=meta)
     print(report.table(result))
     pk = report.passkey_table(result)
     if pk:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import hf
+from .fastsim import dense_prefill_kv, prefill_from
 
 
 @dataclass(frozen=True)
@@ -60,11 +61,14 @@ def dense_cache(model):
 
 
 @torch.no_grad()
-def dense_reference(model, ids: torch.Tensor, prefill: int, decode: int, check_steps: int = 4) -> dict:
-    """Dense logits of the decode steps ``[T, vocab]``, and the step-by-step check."""
+def dense_reference(model, ids: torch.Tensor, prefill: int, decode: int, check_steps: int = 4,
+                    keep_kv: bool = False) -> dict:
+    """Dense logits of the decode steps ``[T, vocab]``, the step-by-step check, and (keep_kv)
+    the prompt's K/V per layer for ``fastsim.prefill_from``."""
     model.set_attn_implementation("sdpa")
     cache = dense_cache(model)
     _forward(model, ids[:prefill], 0, cache, keep=1)
+    kv = dense_prefill_kv(cache) if keep_kv else None
     chunk = _forward(model, ids[prefill:prefill + decode], prefill, cache)
     worst = 0.0
     steps = min(check_steps, decode)
@@ -73,7 +77,7 @@ def dense_reference(model, ids: torch.Tensor, prefill: int, decode: int, check_s
         for i in range(steps):
             step = _forward(model, ids[prefill + i:prefill + i + 1], prefill + i, cache)
             worst = max(worst, float((step[-1] - chunk[i]).abs().max()))
-    return {"logits": chunk, "check_steps": steps, "check_max_abs": worst}
+    return {"logits": chunk, "check_steps": steps, "check_max_abs": worst, "kv": kv}
 
 
 def enable_setting(model, setting: Setting, *, backend: str, lib, block_size: int | None):
@@ -84,16 +88,19 @@ def enable_setting(model, setting: Setting, *, backend: str, lib, block_size: in
 
 
 @torch.no_grad()
-def sparse_decode(model, ids: torch.Tensor, prefill: int, decode: int, tick=None):
-    """Logits ``[T, vocab]`` of the decode steps through the model's sparse cache, and the cache."""
+def sparse_decode(model, ids: torch.Tensor, prefill: int, decode: int, tick=None, prefill_kv=None):
+    """Logits ``[T, vocab]`` of the decode steps through the model's sparse cache, the cache, and
+    whether ``prefill_kv`` (a dense prefill's K/V; attend-then-compress only) filled it."""
     cache = hf.make_cache(model, batch_size=1, max_cache_len=prefill + decode)
-    _forward(model, ids[:prefill], 0, cache, keep=1)
+    reused = prefill_kv is not None and prefill_from(cache, prefill_kv)
+    if not reused:
+        _forward(model, ids[:prefill], 0, cache, keep=1)
     out = []
     for i in range(decode):
         out.append(_forward(model, ids[prefill + i:prefill + i + 1], prefill + i, cache)[-1])
         if tick:
             tick()
-    return torch.stack(out), cache
+    return torch.stack(out), cache, reused
 
 
 def compare(dense_logits: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor) -> dict:

@@ -12,6 +12,7 @@ from ..errors import InputError
 from . import passkey as pk
 from .quality import (POLICIES, Setting, cache_bytes_per_token, compare, dense_reference, enable_setting, nll_of,
                       sparse_decode)
+from .fastsim import use_memo_store
 from .report import Progress
 
 
@@ -49,8 +50,10 @@ def machine() -> str:
 def evaluate(model, tokenizer, text_ids: list[int], settings: list[Setting], *, prefill: int, decode: int,
              backend: str = "simulate", lib=None, block_size: int | None = None,
              passkey_lengths=(), passkey_depths=(), passkey_trials: int = 1, filler_ids: list[int] | None = None,
-             check_steps: int = 4, progress: bool = True, meta: dict | None = None) -> dict:
-    """Run the dense reference and every setting; returns the result dict (what --json writes)."""
+             check_steps: int = 4, exact: bool = False, progress: bool = True, meta: dict | None = None) -> dict:
+    """Run the dense reference and every setting; returns the result dict (what --json writes).
+    ``exact``: no shortcuts (see fastsim): every setting prefills through the model and the
+    simulation prunes its whole cache at every step; same numbers, much slower."""
     if prefill < 1 or decode < 1:
         raise InputError(f"prefill {prefill} and decode {decode} must be positive. Fix: e.g. --prefill 2048 "
                          f"--decode 128")
@@ -70,7 +73,8 @@ def evaluate(model, tokenizer, text_ids: list[int], settings: list[Setting], *, 
 
     bar = Progress((len(settings) + 1) * (decode + len(cases)), enabled=progress)
     bar.set("dense")
-    ref = dense_reference(model, ids, prefill, decode, check_steps)
+    reuse = not exact and any(s.prefill_mode == "attend_then_compress" for s in settings)
+    ref = dense_reference(model, ids, prefill, decode, check_steps, keep_kv=reuse)
     bar.tick(decode)
     dense_logits = ref["logits"]
     dense_nll = nll_of(dense_logits, targets)
@@ -82,9 +86,12 @@ def evaluate(model, tokenizer, text_ids: list[int], settings: list[Setting], *, 
     for s in settings:
         bar.set(f"{s.policy} {s.label()} {s.prefill_mode}")
         enable_setting(model, s, backend=backend, lib=lib, block_size=block_size)
-        logits, cache = sparse_decode(model, ids, prefill, decode, tick=bar.tick)
+        memo = not exact and backend == "simulate" and use_memo_store(model)
+        kv = ref["kv"] if reuse and s.prefill_mode == "attend_then_compress" else None
+        logits, cache, reused = sparse_decode(model, ids, prefill, decode, tick=bar.tick, prefill_kv=kv)
         row = {"policy": s.policy, "key_ratio": s.key_ratio, "value_ratio": s.value_ratio, "sink": s.sink,
-               "window": s.window, "prefill_mode": s.prefill_mode}
+               "window": s.window, "prefill_mode": s.prefill_mode, "memo_simulation": memo,
+               "prefill_reused": reused}
         row.update(compare(dense_logits, logits, targets))
         row["ppl_ratio"] = row["ppl"] / torch.tensor(dense_nll).exp().item()
         row.update(cache_bytes_per_token(cache))
@@ -104,6 +111,7 @@ def evaluate(model, tokenizer, text_ids: list[int], settings: list[Setting], *, 
         "backend": backend, "prefill": prefill, "decode": decode,
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": machine(), "torch": torch.__version__, "dtype": str(next(model.parameters()).dtype),
+        "exact": exact,
         "dense_check": {"steps": ref["check_steps"], "max_abs_logit_diff": ref["check_max_abs"]},
         "dense": {"nll": dense_nll, "ppl": float(torch.tensor(dense_nll).exp()), "bytes_per_token": dense_bytes,
                   "passkey": pk.accuracy(dense_pk), "passkey_answers": dense_pk},
