@@ -176,7 +176,7 @@ def test_shortcuts_give_the_exact_numbers(model_dir, text_file, tmp_path):
     got = {}
     for name, extra in (("fast", []), ("exact", ["--exact"])):
         path = tmp_path / f"{name}.json"
-        assert eval_main(_args(model_dir, text_file, "--key-ratios", "0.5", "--value-ratios", "1", "--decode", "80",
+        assert eval_main(_args(model_dir, text_file, "--key-ratios", "0.5", "--value-ratios", "1", "--decode", "70",
                                "--check-steps", "0", "--json", str(path), *extra)) == 0
         got[name] = json.loads(path.read_text())
     fast, exact = got["fast"]["rows"][0], got["exact"]["rows"][0]
@@ -186,23 +186,27 @@ def test_shortcuts_give_the_exact_numbers(model_dir, text_file, tmp_path):
         assert fast[key] == pytest.approx(exact[key], rel=1e-5, abs=1e-7), key
 
 
-def test_memo_store_matches_the_simulation_across_flushes():
+@pytest.mark.parametrize("batch", [1, 2])
+def test_memo_store_matches_the_simulation_across_flushes(batch):
     from hierasparse_gen.evaluate.fastsim import MemoSimulatedCache
     from hierasparse_gen.simulate import SimulatedCache
     g = torch.Generator().manual_seed(0)
-    kw = dict(batch=2, num_kv_heads=2, head_dim=64, max_seq_len=640, key_ratio=0.5, value_ratio=1.0,
+    kw = dict(batch=batch, num_kv_heads=2, head_dim=64, max_seq_len=640, key_ratio=0.5, value_ratio=1.0,
               dtype=torch.float32, block_size=64, sink=64, local_window=64)
     plain, memo = SimulatedCache(**kw), MemoSimulatedCache(**kw)
-    k, v = torch.randn(2, 2, 300, 64, generator=g), torch.randn(2, 2, 300, 64, generator=g)
+    k, v = torch.randn(batch, 2, 300, 64, generator=g), torch.randn(batch, 2, 300, 64, generator=g)
     for c in (plain, memo):
         c.prefill(k, v)
     for step in range(200):  # crosses three block flushes
-        kn, vn, q = (torch.randn(2, 2, 64, generator=g), torch.randn(2, 2, 64, generator=g),
-                     torch.randn(2, 4, 64, generator=g))
+        kn, vn, q = (torch.randn(batch, 2, 64, generator=g), torch.randn(batch, 2, 64, generator=g),
+                     torch.randn(batch, 4, 64, generator=g))
         for c in (plain, memo):
             c.append(kn, vn)
-        a, b = plain.attend(q)[0], memo.attend(q)[0]
-        assert torch.equal(a, b), step
+        (a, la), (b, lb) = plain.attend(q), memo.attend(q)
+        if batch > 1:  # the same call to the reference
+            assert torch.equal(a, b) and torch.equal(la, lb), step
+        else:  # the reference's arithmetic on the live keys only
+            assert torch.allclose(a, b, rtol=1e-6, atol=1e-6) and torch.allclose(la, lb, rtol=1e-6), step
     assert memo.tiers("v").sum() > plain.tiers("v")[:, :, :4].sum()  # flushes happened
     for name in "kv":
-        assert torch.equal(memo._memo[name], plain.view(name))
+        assert torch.equal(memo._memo[name], plain.view(name).double())

@@ -17,6 +17,7 @@ both give the same numbers.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import torch
 
@@ -34,7 +35,7 @@ class MemoSimulatedCache(SimulatedCache):
 
     def _memo_get(self) -> dict:
         if getattr(self, "_memo", None) is None:
-            self._memo = {n: self.view(n) for n in "kv"}
+            self._memo = {n: self.view(n).double() for n in "kv"}  # attention runs in float64
             self._flags = {n: self.sparse[n].clone() for n in "kv"}
         return self._memo
 
@@ -66,9 +67,18 @@ class MemoSimulatedCache(SimulatedCache):
 
     def attend(self, q: torch.Tensor, *, scale=None, num_splits=None):
         memo = self._memo_get()
-        out, lse = decode_reference(q, memo["k"], memo["v"], torch.tensor(self.lengths), scale)
-        return out.to(q.dtype), lse.float()
-
+        if self.batch != 1:
+            out, lse = decode_reference(q, memo["k"], memo["v"], torch.tensor(self.lengths), scale)
+            return out.to(q.dtype), lse.float()
+        # decode_reference's float64 arithmetic on the live keys only (one sequence: no masks)
+        n, D = self.lengths[0], q.shape[-1]
+        k, v = (memo[name][:, :, :n] for name in "kv")
+        group = q.shape[1] // self.heads
+        scale = 1.0 / math.sqrt(D) if scale is None else scale
+        s = torch.einsum("bhgd,bhld->bhgl", q.double().view(1, self.heads, group, D), k) * scale
+        lse = torch.logsumexp(s, -1)
+        out = torch.einsum("bhgl,bhld->bhgd", torch.exp(s - lse.unsqueeze(-1)), v)
+        return out.reshape(1, -1, D).to(q.dtype), lse.reshape(1, -1).float()
 
 def use_memo_store(model) -> bool:
     """Make the model's simulated caches MemoSimulatedCache; False when the settings are not
