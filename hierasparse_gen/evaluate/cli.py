@@ -124,7 +124,8 @@ def run(args) -> dict:
                       backend=args.backend, lib=lib, block_size=args.block_size,
                       passkey_lengths=args.passkey_lengths, passkey_depths=args.passkey_depths,
                       passkey_trials=args.passkey_trials, filler_ids=loaded.tokenizer.encode(text, first=False),
-                      check_steps=args.check_steps, exact=args.exact, progress=not args.quiet, meta=meta)
+                      check_steps=args.check_steps, exact=args.exact, progress=not args.quiet, meta=meta,
+                      on_row=(lambda r: report.write_json(r, args.json)) if args.json else None)
     print(report.table(result))
     pk = report.passkey_table(result)
     if pk:

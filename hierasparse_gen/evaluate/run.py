@@ -50,10 +50,12 @@ def machine() -> str:
 def evaluate(model, tokenizer, text_ids: list[int], settings: list[Setting], *, prefill: int, decode: int,
              backend: str = "simulate", lib=None, block_size: int | None = None,
              passkey_lengths=(), passkey_depths=(), passkey_trials: int = 1, filler_ids: list[int] | None = None,
-             check_steps: int = 4, exact: bool = False, progress: bool = True, meta: dict | None = None) -> dict:
+             check_steps: int = 4, exact: bool = False, progress: bool = True, meta: dict | None = None,
+             on_row=None) -> dict:
     """Run the dense reference and every setting; returns the result dict (what --json writes).
     ``exact``: no shortcuts (see fastsim): every setting prefills through the model and the
-    simulation prunes its whole cache at every step; same numbers, much slower."""
+    simulation prunes its whole cache at every step; same numbers, much slower. ``on_row(result)``
+    is called with the result so far after every setting (long runs keep what they finished)."""
     if prefill < 1 or decode < 1:
         raise InputError(f"prefill {prefill} and decode {decode} must be positive. Fix: e.g. --prefill 2048 "
                          f"--decode 128")
@@ -83,6 +85,21 @@ def evaluate(model, tokenizer, text_ids: list[int], settings: list[Setting], *, 
         dense_pk.append(pk.answer_case(model, tokenizer, c, sparse=False))
         bar.tick()
     rows = []
+
+    def result() -> dict:
+        return {
+            **(meta or {}),
+            "backend": backend, "prefill": prefill, "decode": decode,
+            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "machine": machine(), "torch": torch.__version__, "dtype": str(next(model.parameters()).dtype),
+            "exact": exact,
+            "dense_check": {"steps": ref["check_steps"], "max_abs_logit_diff": ref["check_max_abs"]},
+            "dense": {"nll": dense_nll, "ppl": float(torch.tensor(dense_nll).exp()),
+                      "bytes_per_token": _dense_bytes(model), "passkey": pk.accuracy(dense_pk),
+                      "passkey_answers": dense_pk},
+            "rows": rows,
+        }
+
     for s in settings:
         bar.set(f"{s.policy} {s.label()} {s.prefill_mode}")
         enable_setting(model, s, backend=backend, lib=lib, block_size=block_size)
@@ -103,20 +120,11 @@ def evaluate(model, tokenizer, text_ids: list[int], settings: list[Setting], *, 
         row["passkey"] = pk.accuracy(answers)
         row["passkey_answers"] = answers
         rows.append(row)
+        if on_row:
+            on_row(result())
     bar.close()
     model.set_attn_implementation("sdpa")  # leave the model dense, as it came
-    dense_bytes = _dense_bytes(model)
-    return {
-        **(meta or {}),
-        "backend": backend, "prefill": prefill, "decode": decode,
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": machine(), "torch": torch.__version__, "dtype": str(next(model.parameters()).dtype),
-        "exact": exact,
-        "dense_check": {"steps": ref["check_steps"], "max_abs_logit_diff": ref["check_max_abs"]},
-        "dense": {"nll": dense_nll, "ppl": float(torch.tensor(dense_nll).exp()), "bytes_per_token": dense_bytes,
-                  "passkey": pk.accuracy(dense_pk), "passkey_answers": dense_pk},
-        "rows": rows,
-    }
+    return result()
 
 
 def _dense_bytes(model) -> float:
