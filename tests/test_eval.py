@@ -210,3 +210,10 @@ def test_memo_store_matches_the_simulation_across_flushes(batch):
     assert memo.tiers("v").sum() > plain.tiers("v")[:, :, :4].sum()  # flushes happened
     for name in "kv":
         assert torch.equal(memo._memo[name], plain.view(name).double())
+
+
+def test_packaged_model_not_installed_is_explained(monkeypatch):
+    from hierasparse_gen.evaluate import load
+    monkeypatch.setitem(load.PACKAGED_MODELS, "nosuch", ("no_such_package_xyz", "m.gguf", "pip install nosuch"))
+    with pytest.raises(InputError, match=r"is not installed\. Fix: pip install nosuch"):
+        resolve_model("nosuch")
