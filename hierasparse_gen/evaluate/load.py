@@ -118,12 +118,16 @@ def load_model(name: str, *, dtype: torch.dtype, device: str, tokenizer: str = "
         tok = ByteTokenizer()
     else:
         where = str(folder) if tokenizer == "auto" else tokenizer
+        label = "the model's own" if tokenizer == "auto" else tokenizer
         try:
-            tok = HFTokenizer(AutoTokenizer.from_pretrained(where, **(kw if tokenizer == "auto" else {})), where)
+            tok = HFTokenizer(AutoTokenizer.from_pretrained(where, **(kw if tokenizer == "auto" else {})), label)
         except (OSError, ValueError) as e:
             raise InputError(f"no tokenizer could be read from {where}: {e}. Fix: save one beside the model, "
                              f"pass --tokenizer FOLDER, or --tokenizer bytes for a byte-level vocabulary") from e
-    source = str(folder / gguf) if gguf else str(folder)
+    if name in PACKAGED_MODELS:
+        source = f"{PACKAGED_MODELS[name][0]}:{gguf}"
+    else:
+        source = name
     return Loaded(model, tok, name, source)
 
 
