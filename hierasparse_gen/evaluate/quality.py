@@ -1,0 +1,150 @@
+"""Teacher-forced decode after a long prefill, dense against sparse, and the bytes a sparse
+cache holds per token.
+
+Protocol: the first P tokens of the text are the prompt; the next T are fed one at a time
+through the cache (teacher forcing). Step i's logits predict token P + i + 1, so the metrics
+cover the decode tokens only. The dense reference is one prefill of the prompt, then the T
+decode tokens as one causal chunk after it (the same logits a step-by-step dense run gives,
+much faster); ``dense_reference`` also runs the first few steps one at a time and reports how
+far they are from the chunk (``check_max_abs``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .. import hf
+from .fastsim import dense_prefill_kv, prefill_from
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One sparse configuration. ``policy`` names how 2:4 blocks are chosen (see POLICIES)."""
+    key_ratio: float
+    value_ratio: float
+    sink: int
+    window: int
+    prefill_mode: str = "attend_then_compress"
+    policy: str = "prune_loss"
+
+    def label(self) -> str:
+        return f"k{self.key_ratio:g}/v{self.value_ratio:g}"
+
+
+def _prune_loss(setting: Setting) -> dict:
+    """The cache's built-in choice: the eligible blocks of least prune loss are 2:4."""
+    return {}
+
+
+# Block-selection policies: name -> extra keyword arguments for ``hierasparse_gen.enable``.
+# Today the cache has one built-in choice; a new policy adds an entry here (and the option it
+# passes to enable), and ``--policies`` picks it up.
+POLICIES = {"prune_loss": _prune_loss}
+
+
+def _forward(model, ids: torch.Tensor, start: int, cache, keep: int | None = None):
+    """Logits ``[n, vocab]`` (float32) of ``ids`` (1-D) placed at positions start.. in ``cache``."""
+    n = ids.shape[0]
+    pos = torch.arange(start, start + n, device=ids.device).unsqueeze(0)
+    kwargs = {hf.cache_argument(model): cache} if cache is not None else {}
+    out = model(input_ids=ids.unsqueeze(0), position_ids=pos, use_cache=cache is not None,
+                logits_to_keep=keep or 0, **kwargs)
+    return out.logits[0].float()
+
+
+def dense_cache(model):
+    from transformers import DynamicCache
+    return DynamicCache(config=model.config)
+
+
+@torch.no_grad()
+def dense_reference(model, ids: torch.Tensor, prefill: int, decode: int, check_steps: int = 4,
+                    keep_kv: bool = False) -> dict:
+    """Dense logits of the decode steps ``[T, vocab]``, the step-by-step check, and (keep_kv)
+    the prompt's K/V per layer for ``fastsim.prefill_from``."""
+    model.set_attn_implementation("sdpa")
+    cache = dense_cache(model)
+    _forward(model, ids[:prefill], 0, cache, keep=1)
+    kv = dense_prefill_kv(cache) if keep_kv else None
+    chunk = _forward(model, ids[prefill:prefill + decode], prefill, cache)
+    worst = 0.0
+    steps = min(check_steps, decode)
+    if steps:
+        cache.crop(-decode)  # back to the prompt (a negative count removes tokens)
+        for i in range(steps):
+            step = _forward(model, ids[prefill + i:prefill + i + 1], prefill + i, cache)
+            worst = max(worst, float((step[-1] - chunk[i]).abs().max()))
+    return {"logits": chunk, "check_steps": steps, "check_max_abs": worst, "kv": kv}
+
+
+def enable_setting(model, setting: Setting, *, backend: str, lib, block_size: int | None):
+    extra = POLICIES[setting.policy](setting)
+    return hf.enable(model, lib, key_ratio=setting.key_ratio, value_ratio=setting.value_ratio, sink=setting.sink,
+                     window=setting.window, block_size=block_size, prefill_mode=setting.prefill_mode,
+                     backend=backend, cuda_graph=False, **extra)
+
+
+@torch.no_grad()
+def sparse_decode(model, ids: torch.Tensor, prefill: int, decode: int, tick=None, prefill_kv=None):
+    """Logits ``[T, vocab]`` of the decode steps through the model's sparse cache, the cache, and
+    whether ``prefill_kv`` (a dense prefill's K/V; attend-then-compress only) filled it."""
+    cache = hf.make_cache(model, batch_size=1, max_cache_len=prefill + decode)
+    reused = prefill_kv is not None and prefill_from(cache, prefill_kv)
+    if not reused:
+        _forward(model, ids[:prefill], 0, cache, keep=1)
+    out = []
+    for i in range(decode):
+        out.append(_forward(model, ids[prefill + i:prefill + i + 1], prefill + i, cache)[-1])
+        if tick:
+            tick()
+    return torch.stack(out), cache, reused
+
+
+def compare(dense_logits: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor) -> dict:
+    """NLL and perplexity of ``targets`` under ``logits``, mean KL(dense || sparse), top-1 agreement."""
+    lp = torch.log_softmax(logits.double(), -1)
+    lq = torch.log_softmax(dense_logits.double(), -1)
+    nll = float(-lp.gather(1, targets.view(-1, 1)).mean())
+    kl = float((lq.exp() * (lq - lp)).sum(-1).mean().clamp(min=0))
+    top1 = float((logits.argmax(-1) == dense_logits.argmax(-1)).double().mean())
+    return {"nll": nll, "ppl": math.exp(nll), "kl": kl, "top1": top1}
+
+
+def nll_of(logits: torch.Tensor, targets: torch.Tensor) -> float:
+    return float(-torch.log_softmax(logits.double(), -1).gather(1, targets.view(-1, 1)).mean())
+
+
+def layer_nbytes(store, itemsize: int = 2) -> dict:
+    """Bytes one layer's cache holds as the kernels store it (16-bit K/V; a 2:4 block costs half
+    its values plus 2 bits of metadata per kept element), and the dense bytes of the same tokens.
+
+    A cache with ``nbytes()`` (HieraCache) answers itself; for one without (the simulation, or a
+    float32 model) the same account is made from its tier flags.
+    """
+    if hasattr(store, "nbytes") and getattr(store, "dtype", None) in (torch.float16, torch.bfloat16):
+        got = store.nbytes()
+        return {"total": got["total"], "dense_equivalent": got["dense_equivalent"]}
+    S, D, H = store.block, store.head_dim, store.heads
+    dense_block, sparse_block = S * D * itemsize, S * D * itemsize // 2 + S * D // 8
+    blocks = sum(-(-n // S) for n in store.lengths) * H
+    total = 0
+    for name in "kv":
+        n_sparse = int(store.tiers(name).sum())
+        total += (blocks - n_sparse) * dense_block + n_sparse * sparse_block
+    table = 2 * store.batch * H * store.max_blocks * 4
+    return {"total": total + table, "dense_equivalent": 2 * blocks * dense_block}
+
+
+def cache_bytes_per_token(cache) -> dict:
+    """Bytes per cached token over all layers, sparse and dense, and their ratio."""
+    total = dense = tokens = 0
+    for layer in cache.layers:
+        got = layer_nbytes(layer.store)
+        total += got["total"]
+        dense += got["dense_equivalent"]
+        tokens = max(tokens, sum(layer.store.lengths))
+    return {"bytes_per_token": total / tokens, "dense_bytes_per_token": dense / tokens,
+            "bytes_fraction": total / dense}
