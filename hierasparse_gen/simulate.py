@@ -2,7 +2,8 @@
 the same prefill modes, computed with dense tensors, per-block tier flags and the float64
 reference attention. It runs anywhere torch runs (CPU included); the tests use it as the
 independent account of what the kernels must compute, and it serves accuracy studies on
-machines without a GPU. It is slow (every call prunes the whole cache): small models only.
+machines without a GPU. It keeps the cache as stored (2:4 blocks pruned) and updates it as rows
+arrive and blocks re-tier, so a decode step costs one float64 attention over the live keys.
 
 Policy (identical to HieraCache): the first ``sink`` tokens and the window are dense; of the
 eligible blocks in between, ``ratio_count(ratio, eligible)`` per head are 2:4, chosen at a
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from .errors import InputError
 from .format import block_prune_loss, prune_k, prune_v
 from .policy import cache_settings, check_not_full, check_prefill_mode, check_ratios, check_room, eligible_blocks, \
     ratio_count
@@ -35,6 +37,8 @@ class SimulatedCache:
         cap = self.max_blocks * block_size
         self.ratio = {"k": key_ratio, "v": value_ratio}
         self.x = {n: torch.zeros(batch, num_kv_heads, cap, head_dim, dtype=dtype, device=device) for n in "kv"}
+        # as stored: x with its 2:4 blocks pruned, kept current by every write and re-tiering (_restore)
+        self.stored = {n: self.x[n].clone() for n in "kv"}
         self.sparse = {n: torch.zeros(batch, num_kv_heads, self.max_blocks, dtype=torch.bool, device=device)
                        for n in "kv"}
         self.n_sparse = {n: [0] * batch for n in "kv"}
@@ -44,11 +48,29 @@ class SimulatedCache:
 
     # --- what the cache holds ---------------------------------------------------------------
     def view(self, name: str) -> torch.Tensor:
-        """The tensor as stored: ``[B, Hkv, capacity, D]``, 2:4 blocks pruned, zeros past lengths."""
-        x = self.x[name]
+        """A copy of the tensor as stored: ``[B, Hkv, capacity, D]``, 2:4 blocks pruned."""
+        return self.stored[name].clone()
+
+    def _restore(self, name: str, b: int, t0: int, t1: int) -> None:
+        """Recompute what sequence b stores of tokens [t0, t1) (t0 on a block boundary; whole blocks)."""
+        t1 = -(-t1 // self.block) * self.block
+        x = self.x[name][b, :, t0:t1]
         pruned = prune_k(x) if name == "k" else prune_v(x)
-        flags = self.sparse[name].repeat_interleave(self.block, -1).unsqueeze(-1)
-        return torch.where(flags, pruned, x)
+        flags = self.sparse[name][b, :, t0 // self.block:t1 // self.block].repeat_interleave(self.block, -1)
+        self.stored[name][b, :, t0:t1] = torch.where(flags.unsqueeze(-1), pruned, x)
+
+    def set_tiers(self, name: str, sparse: torch.Tensor) -> None:
+        """Re-tier every block of K or V at once (``sparse [B, Hkv, max_blocks]``, True = 2:4): for studies of
+        other block choices than the cache's own; the counts follow the flags."""
+        counts = sparse.sum(-1)
+        if sparse.shape != self.sparse[name].shape or (counts != counts[:, :1]).any():
+            raise InputError(f"set_tiers: flags of shape {tuple(sparse.shape)} with per-head counts {counts.tolist()}. "
+                             f"Fix: pass {tuple(self.sparse[name].shape)} booleans, the same count of 2:4 blocks "
+                             f"in every head of a sequence (the cache's pools are sized that way)")
+        self.sparse[name].copy_(sparse)
+        self.n_sparse[name] = [int(n) for n in counts[:, 0]]
+        for b in range(self.batch):
+            self._restore(name, b, 0, self.x[name].shape[2])
 
     def to_dense(self):
         L = max(self.lengths)
@@ -72,6 +94,7 @@ class SimulatedCache:
                 chosen = torch.argsort(loss, dim=-1, stable=True)[:, :n_s] + self.sink_blocks
                 self.sparse[name][b].scatter_(1, chosen, True)
             self.n_sparse[name][b] = n_s
+            self._restore(name, b, 0, L)
         self.lengths[b] = L
         self.n_eligible[b] = n_elig
 
@@ -79,8 +102,9 @@ class SimulatedCache:
         """Append rows ``[Hkv, n, D]`` one at a time, flushing as decode does."""
         for i in range(k.shape[1]):
             pos = self.lengths[b]
-            self.x["k"][b, :, pos] = k[:, i]
-            self.x["v"][b, :, pos] = v[:, i]
+            for name, x in (("k", k), ("v", v)):  # the newest block is in the window: dense
+                self.x[name][b, :, pos] = x[:, i]
+                self.stored[name][b, :, pos] = x[:, i]
             self.lengths[b] = pos + 1
             if self.lengths[b] % self.block == 0:
                 blk = self.lengths[b] // self.block - self.window_blocks - 1
@@ -90,6 +114,7 @@ class SimulatedCache:
                         if self.n_sparse[name][b] < ratio_count(self.ratio[name], self.n_eligible[b]):
                             self.sparse[name][b, :, blk] = True
                             self.n_sparse[name][b] += 1
+                            self._restore(name, b, blk * self.block, (blk + 1) * self.block)
 
     def _insert(self, k: torch.Tensor, v: torch.Tensor, lengths: list[int]) -> None:
         for b, n in enumerate(lengths):
@@ -135,7 +160,9 @@ class SimulatedCache:
             self._push(b, k[b].unsqueeze(1), v[b].unsqueeze(1))
 
     def attend(self, q: torch.Tensor, *, scale=None, num_splits=None):
-        out, lse = decode_reference(q, self.view("k"), self.view("v"), torch.tensor(self.lengths), scale)
+        n = max(self.lengths)  # keys past every sequence's length are masked anyway
+        out, lse = decode_reference(q, self.stored["k"][:, :, :n], self.stored["v"][:, :, :n],
+                                    torch.tensor(self.lengths), scale)
         return out.to(q.dtype), lse.float()
 
     def sync(self) -> None:
@@ -144,6 +171,7 @@ class SimulatedCache:
     def reset(self) -> None:
         for name in "kv":
             self.sparse[name].zero_()
+            self.stored[name].copy_(self.x[name])
             self.n_sparse[name] = [0] * self.batch
         self.lengths = [0] * self.batch
         self.n_eligible = [0] * self.batch

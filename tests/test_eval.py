@@ -172,7 +172,7 @@ def test_byte_tokenizer_and_markdown():
 
 
 def test_shortcuts_give_the_exact_numbers(model_dir, text_file, tmp_path):
-    """The memoised simulation and the reused dense prefill (fastsim) against the plain path."""
+    """The reused dense prefill (fastsim) against prefilling through the model."""
     got = {}
     for name, extra in (("fast", []), ("exact", ["--exact"])):
         path = tmp_path / f"{name}.json"
@@ -180,36 +180,9 @@ def test_shortcuts_give_the_exact_numbers(model_dir, text_file, tmp_path):
                                "--check-steps", "0", "--json", str(path), *extra)) == 0
         got[name] = json.loads(path.read_text())
     fast, exact = got["fast"]["rows"][0], got["exact"]["rows"][0]
-    assert fast["memo_simulation"] and fast["prefill_reused"]
-    assert not exact["memo_simulation"] and not exact["prefill_reused"]
+    assert fast["prefill_reused"] and not exact["prefill_reused"]
     for key in ("nll", "kl", "top1", "bytes_per_token"):
         assert fast[key] == pytest.approx(exact[key], rel=1e-5, abs=1e-7), key
-
-
-@pytest.mark.parametrize("batch", [1, 2])
-def test_memo_store_matches_the_simulation_across_flushes(batch):
-    from hierasparse_gen.evaluate.fastsim import MemoSimulatedCache
-    from hierasparse_gen.simulate import SimulatedCache
-    g = torch.Generator().manual_seed(0)
-    kw = dict(batch=batch, num_kv_heads=2, head_dim=64, max_seq_len=640, key_ratio=0.5, value_ratio=1.0,
-              dtype=torch.float32, block_size=64, sink=64, local_window=64)
-    plain, memo = SimulatedCache(**kw), MemoSimulatedCache(**kw)
-    k, v = torch.randn(batch, 2, 300, 64, generator=g), torch.randn(batch, 2, 300, 64, generator=g)
-    for c in (plain, memo):
-        c.prefill(k, v)
-    for step in range(200):  # crosses three block flushes
-        kn, vn, q = (torch.randn(batch, 2, 64, generator=g), torch.randn(batch, 2, 64, generator=g),
-                     torch.randn(batch, 4, 64, generator=g))
-        for c in (plain, memo):
-            c.append(kn, vn)
-        (a, la), (b, lb) = plain.attend(q), memo.attend(q)
-        if batch > 1:  # the same call to the reference
-            assert torch.equal(a, b) and torch.equal(la, lb), step
-        else:  # the reference's arithmetic on the live keys only
-            assert torch.allclose(a, b, rtol=1e-6, atol=1e-6) and torch.allclose(la, lb, rtol=1e-6), step
-    assert memo.tiers("v").sum() > plain.tiers("v")[:, :, :4].sum()  # flushes happened
-    for name in "kv":
-        assert torch.equal(memo._memo[name], plain.view(name).double())
 
 
 def test_packaged_model_not_installed_is_explained(monkeypatch):

@@ -22,7 +22,7 @@ import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from hierasparse_gen import hf
-from hierasparse_gen.evaluate.fastsim import prefill_from, use_memo_store
+from hierasparse_gen.evaluate.fastsim import prefill_from
 from hierasparse_gen.evaluate.load import load_model, read_text
 from hierasparse_gen.evaluate.quality import (Setting, _forward, cache_bytes_per_token, compare, dense_cache,
                                               enable_setting, nll_of)
@@ -68,11 +68,11 @@ def retier(cache, masses) -> None:
         sb, elig = st.sink_blocks, st.n_eligible[0]
         for name in "kv":
             n = st.n_sparse[name][0]
-            st.sparse[name][0].zero_()
+            flags = torch.zeros_like(st.sparse[name])
             if n:
                 chosen = torch.argsort(mass[:, sb:sb + elig], dim=-1, stable=True)[:, :n] + sb
-                st.sparse[name][0].scatter_(1, chosen, True)
-        st._memo_drop()
+                flags[0].scatter_(1, chosen, True)
+            st.set_tiers(name, flags)
 
 
 def main(argv=None) -> int:
@@ -115,7 +115,6 @@ def main(argv=None) -> int:
             t0 = time.time()
             enable_setting(model, Setting(kr, vr, args.sink, args.window), backend="simulate", lib=None,
                            block_size=64)
-            assert use_memo_store(model)
             cache = hf.make_cache(model, batch_size=1, max_cache_len=P + T)
             assert prefill_from(cache, kv)
             if policy == "attention":

@@ -72,8 +72,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--check-steps", type=int, default=4,
                     help="dense decode steps run one at a time against the dense chunk")
     ap.add_argument("--exact", action="store_true",
-                    help="no shortcuts: prefill each setting through the model and prune the simulated cache whole "
-                         "at every step (same numbers, much slower; see evaluate/fastsim.py)")
+                    help="no shortcut: prefill each setting through the model instead of from one dense prefill's "
+                         "K/V (same numbers, slower; see evaluate/fastsim.py)")
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--plot", help="write the bytes-versus-quality curve here (PNG)")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")

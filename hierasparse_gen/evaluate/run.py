@@ -12,7 +12,6 @@ from ..errors import InputError
 from . import passkey as pk
 from .quality import (POLICIES, Setting, cache_bytes_per_token, compare, dense_reference, enable_setting, nll_of,
                       sparse_decode)
-from .fastsim import use_memo_store
 from .report import Progress
 
 
@@ -53,8 +52,8 @@ def evaluate(model, tokenizer, text_ids: list[int], settings: list[Setting], *, 
              check_steps: int = 4, exact: bool = False, progress: bool = True, meta: dict | None = None,
              on_row=None) -> dict:
     """Run the dense reference and every setting; returns the result dict (what --json writes).
-    ``exact``: no shortcuts (see fastsim): every setting prefills through the model and the
-    simulation prunes its whole cache at every step; same numbers, much slower. ``on_row(result)``
+    ``exact``: no shortcut (see fastsim): every setting prefills through the model; same numbers,
+    slower. ``on_row(result)``
     is called with the result so far after every setting (long runs keep what they finished)."""
     if prefill < 1 or decode < 1:
         raise InputError(f"prefill {prefill} and decode {decode} must be positive. Fix: e.g. --prefill 2048 "
@@ -103,12 +102,10 @@ def evaluate(model, tokenizer, text_ids: list[int], settings: list[Setting], *, 
     for s in settings:
         bar.set(f"{s.policy} {s.label()} {s.prefill_mode}")
         enable_setting(model, s, backend=backend, lib=lib, block_size=block_size)
-        memo = not exact and backend == "simulate" and use_memo_store(model)
         kv = ref["kv"] if reuse and s.prefill_mode == "attend_then_compress" else None
         logits, cache, reused = sparse_decode(model, ids, prefill, decode, tick=bar.tick, prefill_kv=kv)
         row = {"policy": s.policy, "key_ratio": s.key_ratio, "value_ratio": s.value_ratio, "sink": s.sink,
-               "window": s.window, "prefill_mode": s.prefill_mode, "memo_simulation": memo,
-               "prefill_reused": reused}
+               "window": s.window, "prefill_mode": s.prefill_mode, "prefill_reused": reused}
         row.update(compare(dense_logits, logits, targets))
         row["ppl_ratio"] = row["ppl"] / torch.tensor(dense_nll).exp().item()
         row.update(cache_bytes_per_token(cache))
