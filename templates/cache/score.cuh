@@ -1,5 +1,5 @@
-// Prune loss of 2:4 per cache block, the input of select.cuh. Included inside the variant's namespace after
-// its constants (Element, kHeadDim).
+// Scoring of cache blocks for select.cuh. Included inside the variant's namespace after its constants
+// (Element, kHeadDim).
 
 // Prune loss of 2:4 per cache block: the summed |x| of the 2 smallest of every group of 4
 // (K: groups along head_dim; V: groups of 4 tokens per channel). Grid (blocks, H, B).

@@ -1,5 +1,4 @@
-// Which blocks of a cache prefill become 2:4 (least prune loss) and the table slots of every block. Included
-// inside the variant's namespace.
+// The block table of a cache prefill from score.cuh's losses. Included inside the variant's namespace.
 
 // Block selection for one cache prefill, per (batch, head) CTA: of the n_elig eligible blocks
 // (first, first + n_elig), the n_sparse of least prune loss (ties: lower block) become 2:4,
