@@ -80,7 +80,7 @@ class HieraCache(CacheInspection):
         self.n_eligible = [0] * batch
         self.k = self._make("k", key_ratio)
         self.v = self._make("v", value_ratio)
-        # device bookkeeping, one row a sequence (columns: see append_kernel in compress.cu.j2):
+        # device bookkeeping, one row a sequence (columns: templates/cache/append.cuh):
         # eligible blocks, K 2:4 count, K free-stack height, V's two, status, K stack, V stack
         self.ctrl = torch.zeros(batch, _CTRL_STACK + self.k.dense.shape[2] + self.v.dense.shape[2],
                                 dtype=torch.int32, device=self.device)

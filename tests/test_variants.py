@@ -184,6 +184,23 @@ def test_hopper_headers_are_inlined_and_hashed(llama3, tmp_path, monkeypatch):
     assert render(w, llama3) == before
 
 
+def test_cache_headers_are_inlined_into_the_compress_kernels(llama3):
+    """compress.cu.j2 is a thin instantiation over the plain headers of cache/: every one inlined once, none
+    left to nvcc's include paths, no Jinja inside them (they are C++ as they stand)."""
+    from hierasparse_gen import render as render_module
+    folder = render_module.templates_dir() / "cache"
+    v = next(v for v in expand(llama3) if v.kind == "compress")
+    src = render(v, llama3)
+    headers = sorted(folder.glob("*.cuh"))
+    assert headers and '#include "cache/' not in src
+    for path in headers:
+        assert src.count(f"// ---- cache/{path.name} ----") == 1, path.name
+        assert "{{" not in path.read_text() and "{%" not in path.read_text(), path.name
+    for kernel in ("compress_k_kernel", "compress_v_kernel", "score_kernel", "select_kernel", "append_kernel",
+                   "commit_kernel"):
+        assert f"{kernel}(" in src, kernel
+
+
 def test_changing_a_tile_changes_only_decode_sources(llama3):
     other = dataclasses.replace(llama3, decode=dataclasses.replace(llama3.decode, warps=2))
     before = {v.name: render(v, llama3) for v in expand(llama3)}

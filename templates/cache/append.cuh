@@ -1,0 +1,121 @@
+// Decode-step append into the hierarchical cache and the re-tiering of the block leaving the window
+// (HieraCache.append). Included inside the variant's namespace after pack.cuh (Dest, compress_k_unit,
+// compress_v_unit).
+
+// Graph-capturable: every decision is made on the device from the cache's own state, so a
+// captured step replays correctly. Per sequence b, ctrl[b] holds (column):
+constexpr int kCtrlElig = 0;      // blocks that have left the window past the sink
+constexpr int kCtrlNsp = 1;       // + 2 * tensor: 2:4 blocks held
+constexpr int kCtrlTop = 2;       // + 2 * tensor: free dense slots (stack height)
+constexpr int kCtrlStatus = 5;    // 0 ok, 1 an append found the cache full (nothing written), 2 no free slot
+constexpr int kCtrlStack = 6;     // free dense slot stacks: K's n_dense entries, then V's
+
+struct Pools {                    // one tensor (K or V) of the cache
+  int* table;                     // [B, H, max_blocks]: e >= 0 dense slot, e < 0 2:4 slot -e-1
+  Element* dense;                 // [B, H, n_dense, block, D]
+  uint4* vals;                    // [B, H, n_sparse, block * D / 2]
+  uint32_t* meta;
+  int n_dense, n_sparse;
+  double ratio;                   // 2:4 blocks per eligible block
+};
+
+struct AppendArgs {
+  const Element* x[2];            // the new rows [B, H, D] of K and V (channel stride 1)
+  long long sb[2], sh[2];
+  int* seqlens;                   // [B] tokens held before the step
+  int* ctrl;                      // [B, ctrl_width]
+  int ctrl_width, heads, max_blocks, block, sink_blocks, window_blocks, max_len;
+  Pools t[2];
+};
+
+// Same rounding as cache.ratio_count: round half up, never more than all.
+__device__ __forceinline__ int ratio_count(double ratio, int eligible) {
+  return min(eligible, int(floor(ratio * eligible + 0.5)));
+}
+
+// What one step does to sequence b's tensor z, decided from the state before it.
+struct StepPlan {
+  bool skip;         // full, or an earlier failure: nothing happens
+  int blk, row;      // where the new row goes
+  int out;           // the block leaving the window, or -1
+  bool flush;        // ... and it becomes 2:4
+};
+
+__device__ __forceinline__ StepPlan plan_step(const AppendArgs& a, int b, int z) {
+  const int* c = a.ctrl + (long long)b * a.ctrl_width;
+  const int pos = a.seqlens[b];
+  StepPlan p{c[kCtrlStatus] != 0 || pos >= a.max_len, pos / a.block, pos % a.block, -1, false};
+  if (!p.skip && (pos + 1) % a.block == 0) {
+    const int out = (pos + 1) / a.block - a.window_blocks - 1;
+    if (out >= a.sink_blocks) {
+      p.out = out;
+      const int nsp = c[kCtrlNsp + 2 * z];
+      p.flush = nsp < ratio_count(a.t[z].ratio, c[kCtrlElig] + 1) && nsp < a.t[z].n_sparse;
+    }
+  }
+  return p;
+}
+
+// Grid (H, B, 2: K and V). Writes the row into the newest dense block (taking a free slot
+// when a block starts); when a block leaves the window and the ratio asks for it, compresses
+// it into the next 2:4 slot, repoints the table and returns its dense slot to the stack.
+__global__ void __launch_bounds__(128) append_kernel(const AppendArgs a) {
+  const int h = blockIdx.x, b = blockIdx.y, z = blockIdx.z;
+  const StepPlan p = plan_step(a, b, z);
+  if (p.skip) return;
+  const Pools& t = a.t[z];
+  int* c = a.ctrl + (long long)b * a.ctrl_width;
+  int* stack = c + kCtrlStack + (z ? a.t[0].n_dense : 0);
+  const int top = c[kCtrlTop + 2 * z];
+  const long long bh = (long long)b * a.heads + h;
+  int* row = t.table + bh * a.max_blocks;
+  if (p.row == 0 && top == 0) return;  // no free slot: the commit flags it
+  const int slot = p.row == 0 ? stack[top - 1] : row[p.blk];
+  const uint4* src = reinterpret_cast<const uint4*>(a.x[z] + b * a.sb[z] + h * a.sh[z]);
+  uint4* dst = reinterpret_cast<uint4*>(t.dense + ((bh * t.n_dense + slot) * a.block + p.row) * kHeadDim);
+  for (int i = threadIdx.x; i < kHeadDim / 8; i += blockDim.x) dst[i] = src[i];
+  if (!p.flush) {
+    if (p.row == 0 && threadIdx.x == 0) row[p.blk] = slot;
+    return;
+  }
+  // a block starting and one leaving the window never share a step (block >= 32)
+  const int out_slot = p.out == p.blk ? slot : row[p.out];
+  const int nsp = c[kCtrlNsp + 2 * z];
+  __syncthreads();  // the row just written may be in the block (window 0)
+  const Element* base = t.dense + (bh * t.n_dense + out_slot) * (long long)a.block * kHeadDim;
+  const Dest d{t.vals, t.meta, nullptr, 0, 0, 0, 0, nullptr};
+  const int warp = threadIdx.x / 32, warps = blockDim.x / 32;
+  if (z == 0) {
+    for (int u = warp; u < a.block / 16 * kKSteps; u += warps)
+      compress_k_unit(base, kHeadDim, a.block, u / kKSteps, u % kKSteps,
+                      (bh * t.n_sparse + nsp) * (a.block / 16) + u / kKSteps, d);
+  } else {
+    for (int u = warp; u < a.block / 32 * kMTiles; u += warps) {
+      compress_v_unit(base, kHeadDim, a.block, u / kMTiles, u % kMTiles,
+                      (bh * t.n_sparse + nsp) * (a.block / 32) + u / kMTiles, d);
+      __syncwarp();  // the warp's staging tile is reused by its next unit
+    }
+  }
+  if (threadIdx.x == 0) {
+    row[p.out] = -(nsp + 1);
+    if (h == 0) stack[top] = out_slot;  // the commit raises the stack height
+  }
+}
+
+// One thread per sequence, after append_kernel: advance the counters it planned from.
+__global__ void __launch_bounds__(128) commit_kernel(const AppendArgs a, int batch) {
+  const int b = blockIdx.x * blockDim.x + threadIdx.x;
+  if (b >= batch) return;
+  int* c = a.ctrl + (long long)b * a.ctrl_width;
+  if (c[kCtrlStatus]) return;
+  if (a.seqlens[b] >= a.max_len) { c[kCtrlStatus] = 1; return; }
+  const StepPlan p[2] = {plan_step(a, b, 0), plan_step(a, b, 1)};
+  for (int z = 0; z < 2; ++z)
+    if (p[z].row == 0 && c[kCtrlTop + 2 * z] == 0) { c[kCtrlStatus] = 2; return; }
+  for (int z = 0; z < 2; ++z) {
+    c[kCtrlTop + 2 * z] += (p[z].flush ? 1 : 0) - (p[z].row == 0 ? 1 : 0);
+    c[kCtrlNsp + 2 * z] += p[z].flush ? 1 : 0;
+  }
+  if (p[0].out >= 0) c[kCtrlElig] += 1;
+  a.seqlens[b] += 1;
+}

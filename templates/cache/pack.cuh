@@ -1,0 +1,141 @@
+// 2:4 pruning of one fragment tile and its metadata registers, and where the tile goes (flat packed tensors
+// or the hierarchical cache's pools): the per-warp units the fill and append kernels share. Included inside
+// the variant's namespace after its constants (Element, kHeadDim, kKSteps, kMTiles, kWarpsPerBlock).
+
+// Keep the 2 largest |x| of 4 (ties to the lower index); returns the nibble i0 | i1 << 2.
+__device__ __forceinline__ uint32_t select_2of4(const Element (&x)[4], Element& v0, Element& v1) {
+  float a[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) a[i] = fabsf(float(x[i]));
+  int i0 = 4, i1 = -1;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    int beaten = 0;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) beaten += (a[j] > a[i]) || (a[j] == a[i] && j < i);
+    if (beaten < 2) { i0 = min(i0, i); i1 = max(i1, i); }
+  }
+  // selects, not x[i0]: a run-time index would move x to local memory
+  v0 = i0 == 0 ? x[0] : i0 == 1 ? x[1] : x[2];
+  v1 = i1 == 3 ? x[3] : i1 == 2 ? x[2] : x[1];
+  return uint32_t(i0) | (uint32_t(i1) << 2);
+}
+
+// Metadata register of lanes q in {0, 1}: nibble `mine` of group slot q of rows (r0, r1)
+// is OR-ed across the quad into 16-bit words.
+__device__ __forceinline__ uint32_t quad_words(uint32_t nib_r0, uint32_t nib_r1, int q) {
+  uint32_t w = (nib_r0 << (4 * q)) | (nib_r1 << (16 + 4 * q));
+  w |= __shfl_xor_sync(0xffffffffu, w, 1);
+  w |= __shfl_xor_sync(0xffffffffu, w, 2);
+  return w;
+}
+
+struct alignas(16) Fragment { Element v[8]; };
+
+// Where compressed tiles go. Flat: packed tensors [B*H, cap, ...], tile after tile. Table:
+// the hierarchical cache's pools; entry e = table[bh][block] sends the block's tiles to 2:4
+// slot -e-1 (compressed) or copies its rows to dense slot e.
+struct Dest {
+  uint4* vals;             // 2:4 values (flat tensor, or pool [B*H, n_sparse, block*D/2])
+  uint32_t* meta;          // 2:4 metadata registers
+  const int* table;        // nullptr: flat
+  int max_blocks, block, n_sparse, n_dense;
+  Element* dense;          // dense pool [B*H, n_dense, block, D]
+};
+
+// Tile `unit` (16 tokens for K, 32 for V) of sequence bh: its index among the 2:4 tiles of
+// the destination, or -1 - dense row offset (in elements) when the block is dense.
+template <int kUnit>
+__device__ __forceinline__ long long place(const Dest& d, long long bh, int unit, int units_per_seq) {
+  if (!d.table) return bh * units_per_seq + unit;
+  const int per_block = d.block / kUnit, blk = unit / per_block, in_blk = unit % per_block;
+  const int e = d.table[bh * d.max_blocks + blk];
+  if (e < 0) return (bh * d.n_sparse + (-e - 1)) * per_block + in_blk;
+  return -1 - ((bh * d.n_dense + e) * d.block + (long long)in_blk * kUnit) * kHeadDim;
+}
+
+// One warp: 16-token tile T, k-step ks of one K sequence (rows base + t * st, t < length) to
+// 2:4 tile `tile` of d (tile >= 0) or to the dense rows at element -1 - tile of d.dense.
+__device__ __forceinline__ void compress_k_unit(const Element* __restrict__ base, long long st, int length,
+                                                int T, int ks, long long tile, const Dest& d) {
+  const int lane = threadIdx.x % 32, g = lane >> 2, q = lane & 3;
+  if (tile < 0) {  // dense block: lane copies half a row (16 channels) of this 16 x 32 piece
+    const int row = T * 16 + lane / 2, c0 = ks * 32 + (lane % 2) * 16;
+    uint4 v[2] = {};
+    if (row < length) {
+      v[0] = *reinterpret_cast<const uint4*>(base + row * st + c0);
+      v[1] = *reinterpret_cast<const uint4*>(base + row * st + c0 + 8);
+    }
+    Element* dst = d.dense + (-1 - tile) + (long long)(lane / 2) * kHeadDim + c0;
+    reinterpret_cast<uint4*>(dst)[0] = v[0];
+    reinterpret_cast<uint4*>(dst)[1] = v[1];
+    return;
+  }
+  Fragment f;
+  uint32_t nib[2][2];  // [group slot: q, 4+q][row: g, g+8]
+#pragma unroll
+  for (int slot = 0; slot < 2; ++slot)
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int row = T * 16 + g + 8 * r;
+      Element x[4];
+      if (row < length) {
+        const uint2 raw = *reinterpret_cast<const uint2*>(base + row * st + ks * 32 + slot * 16 + 4 * q);
+        const Element* xr = reinterpret_cast<const Element*>(&raw);
+#pragma unroll
+        for (int i = 0; i < 4; ++i) x[i] = xr[i];
+      } else {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) x[i] = Element(0.f);
+      }
+      // fragment element e = 4*slot + 2*r + {0,1}: row g + 8r, kept column 8*slot + 2q + {0,1}
+      nib[slot][r] = select_2of4(x, f.v[4 * slot + 2 * r], f.v[4 * slot + 2 * r + 1]);
+    }
+  d.vals[(tile * kKSteps + ks) * 32 + lane] = *reinterpret_cast<uint4*>(&f);
+  const uint32_t w_lo = quad_words(nib[0][0], nib[0][1], q);  // dense columns [0, 16)
+  const uint32_t w_hi = quad_words(nib[1][0], nib[1][1], q);  // dense columns [16, 32)
+  if (q < 2) d.meta[(tile * 16 + g * 2 + q) * kKSteps + ks] = q == 0 ? w_lo : w_hi;
+}
+
+// One warp: 32-token chunk C, 16-channel tile mt of one V sequence, 2:4 along tokens per
+// channel, to 2:4 chunk `chunk` of d (chunk >= 0) or to the dense rows at -1 - chunk.
+__device__ __forceinline__ void compress_v_unit(const Element* __restrict__ base, long long st, int length,
+                                                int C, int mt, long long chunk, const Dest& d) {
+  const int lane = threadIdx.x % 32, g = lane >> 2, q = lane & 3;
+  // lane reads token C*32 + lane, the tile's 16 channels (two 16-byte loads)
+  const int tok = C * 32 + lane;
+  uint4 row[2] = {};
+  if (tok < length) {
+    row[0] = *reinterpret_cast<const uint4*>(base + tok * st + mt * 16);
+    row[1] = *reinterpret_cast<const uint4*>(base + tok * st + mt * 16 + 8);
+  }
+  if (chunk < 0) {  // dense block: the rows go to the pool as they are
+    Element* dst = d.dense + (-1 - chunk) + (long long)lane * kHeadDim + mt * 16;
+    reinterpret_cast<uint4*>(dst)[0] = row[0];
+    reinterpret_cast<uint4*>(dst)[1] = row[1];
+    return;
+  }
+  // 2:4 along tokens: the warp's 32 x 16 tile goes through shared memory to the lanes whose
+  // groups need it (each lane then reads 4 tokens of 2 channels)
+  __shared__ uint4 tile_smem[kWarpsPerBlock][32][2];
+  uint4 (&tile)[32][2] = tile_smem[threadIdx.x / 32];
+  tile[lane][0] = row[0];
+  tile[lane][1] = row[1];
+  __syncwarp();
+  const Element* t_el = reinterpret_cast<const Element*>(&tile[0][0]);  // [32 tokens][16 channels]
+  Fragment f;
+  uint32_t nib[2][2];  // [group slot: q, 4+q][channel: g, g+8]
+#pragma unroll
+  for (int slot = 0; slot < 2; ++slot)
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      Element x[4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) x[i] = t_el[(slot * 16 + 4 * q + i) * 16 + g + 8 * r];
+      nib[slot][r] = select_2of4(x, f.v[4 * slot + 2 * r], f.v[4 * slot + 2 * r + 1]);
+    }
+  d.vals[(chunk * kMTiles + mt) * 32 + lane] = *reinterpret_cast<uint4*>(&f);
+  const uint32_t w_lo = quad_words(nib[0][0], nib[0][1], q);  // tokens [0, 16) of the chunk
+  const uint32_t w_hi = quad_words(nib[1][0], nib[1][1], q);  // tokens [16, 32)
+  if (q < 2) d.meta[(chunk * 16 + g * 2 + q) * kMTiles + mt] = q == 0 ? w_lo : w_hi;
+}
