@@ -111,3 +111,11 @@ def test_hopper_probes_compile_to_sparse_wgmma_without_serialization(tmp_path, p
     assert instruction in sass
     if probe == "wgmma_tiers_probe.cu":  # the dense forms beside the sparse one, V^T read MN-major
         assert "HGMMA.64x64x16.F32" in sass and ".tnspA" in sass
+
+
+@pytest.mark.nvcc
+def test_stmatrix_probe_compiles_with_the_kernels_store_p(tmp_path):
+    """experiments/mma_probes/stmatrix_wavefront_probe.cu times the kernel's own store_p (templates/sm90/softmax.cuh,
+    included): it keeps building against that header, transposed and straight stmatrix both in the SASS."""
+    _, sass = _compile_sm90a(EXPERIMENTS / "mma_probes" / "stmatrix_wavefront_probe.cu", tmp_path)
+    assert "STSM.16.MT88.4" in sass and "STSM.16.M88.4" in sass

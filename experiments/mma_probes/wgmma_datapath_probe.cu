@@ -20,9 +20,11 @@
 //   for l in 0 1 2 3 4; do for p in 0 1; do
 //     nvcc -std=c++17 -O3 -gencode arch=compute_90a,code=sm_90a -DNQ=64 -DNWG=2 -DLOADS=$l -DPSTORE=$p \
 //          experiments/mma_probes/wgmma_datapath_probe.cu -o probe && ./probe; done; done
+#include <cuda.h>  // CUtensorMap, named by ptx.cuh
+#include <cuda_runtime.h>
+
 #include <cstdint>
 #include <cstdio>
-#include <cuda_runtime.h>
 
 #ifndef NWG
 #define NWG 2
@@ -45,12 +47,9 @@ constexpr int kAcc = NQ / 2;  // f32 accumulators a thread of a m64nNQ tile
 constexpr int kIters = 4096, kStages = 4, kStageBytes = 18432;  // the kernel's 2:4 K + V stage
 constexpr int kVVals = 9216, kKMeta = 8192, kVMeta = 17408;
 
-__device__ __forceinline__ uint32_t smem_addr(const void* p) { return (uint32_t)__cvta_generic_to_shared(p); }
-
-// K-major operand in 128B-swizzled shared memory (8-row atoms of 1024 bytes)
-__device__ __forceinline__ uint64_t desc_sw128(uint32_t addr) {
-  return uint64_t((addr & 0x3FFFF) >> 4) | (uint64_t(1) << 16) | (uint64_t(1024 >> 4) << 32) | (uint64_t(1) << 62);
-}
+// The kernel's descriptors, swizzle, fences and barriers (templates/sm90/ptx.cuh), f16 operands.
+#define HSG_WGMMA_TYPE "f16"
+#include "../../templates/sm90/ptx.cuh"
 
 #if NQ == 128
 #define ACC "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63}"
@@ -68,6 +67,8 @@ __device__ __forceinline__ uint64_t desc_sw128(uint32_t addr) {
       "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
 #endif
 
+// The probe's own wgmma forms: N = NQ (64 or 128) and the shared-memory 2:4 A, where the header has the kernel's
+// m64n64 register-A form only (for NQ = 64 mma_rs issues the same instruction as its mma_sp<false>).
 // d (64 x NQ, f32) += A (2:4, registers) * B (shared memory)
 __device__ __forceinline__ void mma_rs(float (&d)[kAcc], uint4 a, uint64_t b, uint32_t meta) {
   asm volatile("wgmma.mma_async.sp.sync.aligned." SHAPE ".f32.f16.f16 " ACC ", " OPS_RS ", 0, 1, 1, 1, 0;\n"
@@ -80,10 +81,12 @@ __device__ __forceinline__ void mma_ss(float (&d)[kAcc], uint64_t a, uint64_t b,
                : ACC_OUT(d)
                : "l"(a), "l"(b), "r"(meta));
 }
-__device__ __forceinline__ void fence_acc(float (&d)[kAcc]) {
+#if NQ == 128  // the header's fence_acc pins the 32 accumulators of a m64n64 tile; m64n128 has 64
+__device__ __forceinline__ void fence_acc(float (&d)[64]) {
 #pragma unroll
-  for (int i = 0; i < kAcc; ++i) asm volatile("" : "+f"(d[i])::"memory");
+  for (int i = 0; i < 64; ++i) asm volatile("" : "+f"(d[i])::"memory");
 }
+#endif
 __device__ __forceinline__ uint4 ld_global(const void* p) {  // not kept in L1 (the kernel's stage is shared memory)
   uint4 r;
   asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];\n"
@@ -129,21 +132,22 @@ __device__ __forceinline__ void load_frags(Frags& f, const unsigned char* src, i
 }
 
 // P^T of a slab (placeholder values) with the kernel's NQ / 16 transposed stmatrix a thread into a
-// [query][key] 128B-swizzled tile; then, as chosen, the proxy fence and the warpgroup's named barrier.
+// [query][key] 128B-swizzled tile; then, as chosen, the proxy fence and the warpgroup's named barrier. Not the
+// kernel's store_p (templates/sm90/softmax.cuh): same addresses for NQ = 64, but NQ / 16 stores, placeholder
+// registers and the fence and barrier as options.
 template <bool kFence, bool kBarrier>
 __device__ __forceinline__ void store_p(unsigned char* tile, int j, int w, int lane, int bar) {
   const int mi = lane >> 3, r = lane & 7;
 #pragma unroll
   for (int t = 0; t < NQ / 16; ++t) {
     const int row = 8 * (2 * t + (mi >> 1)) + r, col = 16 * w + 8 * (mi & 1);
-    const uint32_t off = row * 128 + (((col >> 3) ^ (row & 7)) << 4);
     asm volatile("stmatrix.sync.aligned.m8n8.x4.trans.shared.b16 [%0], {%1, %2, %3, %4};\n" ::"r"(
-                     smem_addr(tile + off)),
+                     smem_addr(tile + sw128(row, col))),
                  "r"(j), "r"(j + 1), "r"(j + 2), "r"(j + 3)
                  : "memory");
   }
-  if constexpr (kFence) asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-  if constexpr (kBarrier) asm volatile("bar.sync %0, 128;\n" ::"r"(bar) : "memory");
+  if constexpr (kFence) async_proxy_fence();
+  if constexpr (kBarrier) named_barrier(bar, 128);
 }
 
 __global__ void __launch_bounds__(NWG * 128, 1) slabs(float* out, const unsigned char* gsrc) {
@@ -151,7 +155,7 @@ __global__ void __launch_bounds__(NWG * 128, 1) slabs(float* out, const unsigned
   Smem& sm = *reinterpret_cast<Smem*>(raw + ((1024u - (smem_addr(raw) & 1023u)) & 1023u));
   for (int i = threadIdx.x; i < (int)sizeof(Smem) / 4; i += blockDim.x)  // finite f16 values in [1, 2)
     reinterpret_cast<uint32_t*>(&sm)[i] = 0x3c003c00u ^ (i * 0x9e3779b9u & 0x03ff03ffu);
-  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+  async_proxy_fence();
   __syncthreads();
   const int wg = __shfl_sync(~0u, threadIdx.x / 128, 0), w = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
   float s[kAcc], o0[kAcc], o1[kAcc];
@@ -175,7 +179,7 @@ __global__ void __launch_bounds__(NWG * 128, 1) slabs(float* out, const unsigned
     fence_acc(s);
     fence_acc(o0);
     fence_acc(o1);
-    asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+    mma_fence();
 #pragma unroll
     for (int ks = 0; ks < 4; ++ks) {
       const uint64_t b = desc_sw128(smem_addr(sm.q[wg][ks / 2]) + (ks % 2) * 64);
@@ -199,11 +203,11 @@ __global__ void __launch_bounds__(NWG * 128, 1) slabs(float* out, const unsigned
 #pragma unroll
     for (int kk = 0; kk < 2; ++kk) mma_rs(o1, f.va[1][kk], desc_sw128(smem_addr(pt) + kk * 64), f.ve[1][kk]);
 #endif
-    asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+    mma_commit();
 #if PSTORE == 1 || PSTORE == 2 || PSTORE == 3
     store_p<PSTORE != 2, PSTORE != 3>(sm.p[wg][j & 1], j, w, lane, 1 + wg);
 #endif
-    asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+    mma_wait<0>();
     fence_acc(s);
     fence_acc(o0);
     fence_acc(o1);

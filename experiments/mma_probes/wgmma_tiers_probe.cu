@@ -23,6 +23,8 @@
 // unless all are 0; then a control that flips imm-trans-a of the dense V^T operand and must differ.
 #include <cuda_fp16.h>
 
+#include <cuda.h>  // CUtensorMap, named by ptx.cuh
+
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -36,37 +38,11 @@
 constexpr int NS = 4;  // slabs of 64 keys
 constexpr int kTileBytes = 64 * 128;  // 64 rows of 64 halves
 
-// Byte offset of half (row, col < 64) in a 1024-byte-aligned 128B-swizzled region of 128-byte rows.
-__host__ __device__ inline uint32_t sw128(int row, int col) {
-  return row * 128 + (((col >> 3) ^ (row & 7)) << 4) + (col & 7) * 2;
-}
-__device__ inline uint32_t smem_addr(const void* p) { return static_cast<uint32_t>(__cvta_generic_to_shared(p)); }
-__device__ inline uint64_t desc_sw128(uint32_t addr) {
-  return uint64_t((addr & 0x3FFFF) >> 4) | (uint64_t(1) << 16) | (uint64_t(1024 >> 4) << 32) | (uint64_t(1) << 62);
-}
+// The wgmma wrappers, descriptors and swizzle of the prefill kernel (templates/sm90/ptx.cuh), f16 operands.
+#define HSG_WGMMA_TYPE "f16"
+#include "../../templates/sm90/ptx.cuh"
 
-#define ACC(c) c(d[0]), c(d[1]), c(d[2]), c(d[3]), c(d[4]), c(d[5]), c(d[6]), c(d[7]), c(d[8]), c(d[9]), c(d[10]), \
-    c(d[11]), c(d[12]), c(d[13]), c(d[14]), c(d[15]), c(d[16]), c(d[17]), c(d[18]), c(d[19]), c(d[20]), c(d[21]),  \
-    c(d[22]), c(d[23]), c(d[24]), c(d[25]), c(d[26]), c(d[27]), c(d[28]), c(d[29]), c(d[30]), c(d[31])
-#define REGS "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, " \
-    "%22, %23, %24, %25, %26, %27, %28, %29, %30, %31}"
-
-__device__ __forceinline__ void mma_sp(float (&d)[32], const uint32_t (&a)[4], uint64_t b, uint32_t e) {
-  asm volatile("wgmma.mma_async.sp.sync.aligned.m64n64k32.f32.f16.f16 " REGS
-               ", {%32, %33, %34, %35}, %36, %37, 0, 1, 1, 1, 0;\n"
-               : ACC("+f")
-               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(e));
-}
-template <int kTransA>  // d += A (64 x 16, shared memory) * B (16 x 64, shared memory, K-major)
-__device__ __forceinline__ void mma_dense_ss(float (&d)[32], uint64_t a, uint64_t b) {
-  asm volatile("wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 " REGS ", %32, %33, 1, 1, 1, %34, 0;\n"
-               : ACC("+f")
-               : "l"(a), "l"(b), "n"(kTransA));
-}
-__device__ __forceinline__ void pin(float (&d)[32]) {
-#pragma unroll
-  for (int i = 0; i < 32; ++i) asm volatile("" : "+f"(d[i])::"memory");
-}
+// An A fragment of a 2:4 block read from the dense tile: elements (r0, c0) and (r1, c1) packed low first.
 __device__ __forceinline__ uint32_t pair(const unsigned char* tile, int r0, int c0, int r1, int c1) {
   const __half lo = *reinterpret_cast<const __half*>(tile + sw128(r0, c0));
   const __half hi = *reinterpret_cast<const __half*>(tile + sw128(r1, c1));
@@ -97,7 +73,7 @@ __global__ void __launch_bounds__(128, 1) probe(const __half* q, const __half* k
       if (c < 64) *reinterpret_cast<__half*>(sm.p[j] + sw128(r, c)) = p[j * 4096 + r * 64 + c];
     }
   }
-  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // generic stores -> wgmma reads
+  async_proxy_fence();  // generic stores -> wgmma reads
   __syncthreads();
 
   constexpr uint32_t kMeta = 0x44444444u;  // every group keeps elements 0 and 1: nibble i0 | i1 << 2 = 0b0100
@@ -134,32 +110,37 @@ __global__ void __launch_bounds__(128, 1) probe(const __half* q, const __half* k
     float s[32];
 #pragma unroll
     for (int i = 0; i < 32; ++i) s[i] = 0.f;
-    pin(s), pin(o[0]), pin(o[1]);
-    asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+    fence_acc(s), fence_acc(o[0]), fence_acc(o[1]);
+    mma_fence();
     if (k_sparse) {
 #pragma unroll
-      for (int ks = 0; ks < 4; ++ks) mma_sp(s, ka[ks], desc_sw128(smem_addr(sm.q[ks / 2]) + (ks % 2) * 64), kMeta);
+      for (int ks = 0; ks < 4; ++ks)
+        mma_sp<false>(s, make_uint4(ka[ks][0], ka[ks][1], ka[ks][2], ka[ks][3]),
+                      desc_sw128(smem_addr(sm.q[ks / 2]) + (ks % 2) * 64), kMeta);
     } else {
 #pragma unroll
       for (int ks = 0; ks < 8; ++ks)
-        mma_dense_ss<0>(s, desc_sw128(smem_addr(sm.k[j][ks / 4]) + (ks % 4) * 32),
-                        desc_sw128(smem_addr(sm.q[ks / 4]) + (ks % 4) * 32));
+        mma_dense_ss<false, 0>(s, desc_sw128(smem_addr(sm.k[j][ks / 4]) + (ks % 4) * 32),
+                               desc_sw128(smem_addr(sm.q[ks / 4]) + (ks % 4) * 32));
     }
     if (v_sparse) {
 #pragma unroll
       for (int mb = 0; mb < 2; ++mb)
 #pragma unroll
-        for (int kk = 0; kk < 2; ++kk) mma_sp(o[mb], va[mb][kk], desc_sw128(smem_addr(sm.p[j]) + kk * 64), kMeta);
+        for (int kk = 0; kk < 2; ++kk)
+          mma_sp<false>(o[mb], make_uint4(va[mb][kk][0], va[mb][kk][1], va[mb][kk][2], va[mb][kk][3]),
+                        desc_sw128(smem_addr(sm.p[j]) + kk * 64), kMeta);
     } else {
 #pragma unroll
       for (int mb = 0; mb < 2; ++mb)
 #pragma unroll
         for (int ks = 0; ks < 4; ++ks)
-          mma_dense_ss<kVTrans>(o[mb], desc_sw128(smem_addr(sm.v[j][mb]) + ks * 2048),
-                                desc_sw128(smem_addr(sm.p[j]) + ks * 32));
+          mma_dense_ss<false, kVTrans>(o[mb], desc_sw128(smem_addr(sm.v[j][mb]) + ks * 2048),
+                                       desc_sw128(smem_addr(sm.p[j]) + ks * 32));
     }
-    asm volatile("wgmma.commit_group.sync.aligned;\nwgmma.wait_group.sync.aligned 0;\n" ::: "memory");
-    pin(s), pin(o[0]), pin(o[1]);
+    mma_commit();
+    mma_wait<0>();
+    fence_acc(s), fence_acc(o[0]), fence_acc(o[1]);
 #pragma unroll
     for (int i = 0; i < 32; ++i) {  // accumulator i: row 16w + g + 8 ((i >> 1) & 1), column 8 (i >> 2) + 2 qq + (i & 1)
       const int row = 16 * w + g + 8 * ((i >> 1) & 1), col = 8 * (i >> 2) + 2 * qq + (i & 1);

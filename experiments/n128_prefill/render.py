@@ -7,7 +7,8 @@ library's kernel, so the result builds and times beside it
 
 Run from the repository with the package installed. The template includes the library's `common.cuh.j2`
 (the spec header, the export macro), so it is rendered with Jinja2 here, looking in this folder first and
-then in the package's templates folder; the package's own render() knows only the library's templates.
+then in the package's templates folder; the package's own render() knows only the library's templates. Its
+`#include "sm90/ptx.cuh"` is inlined as the library's build does (one self-contained source).
 """
 import argparse
 import dataclasses
@@ -16,7 +17,7 @@ from pathlib import Path
 import jinja2
 
 import hierasparse_gen
-from hierasparse_gen.render import templates_dir
+from hierasparse_gen.render import inline_headers, templates_dir
 from hierasparse_gen.spec import load_spec
 from hierasparse_gen.variants import expand
 
@@ -30,10 +31,10 @@ def render_experiment(stages: int = 4, spec_path: Path = Path("specs/llama3.yaml
     variant = dataclasses.replace(variant, tiles={**variant.tiles, "stages": stages})
     env = jinja2.Environment(loader=jinja2.FileSystemLoader([str(HERE), str(templates_dir())]),
                              undefined=jinja2.StrictUndefined, keep_trailing_newline=True, autoescape=False)
-    return env.get_template(TEMPLATE.name).render(
+    return inline_headers(env.get_template(TEMPLATE.name).render(
         variant=variant, spec=spec, template=f"experiments/n128_prefill/{TEMPLATE.name}",
         generator_version=hierasparse_gen.__version__, namespace=f"{variant.name}_impl", symbol=variant.symbol,
-        head_dim=variant.head_dim, group=variant.group, stages=stages)
+        head_dim=variant.head_dim, group=variant.group, stages=stages), templates_dir())
 
 
 if __name__ == "__main__":
