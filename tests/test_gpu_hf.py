@@ -139,7 +139,7 @@ def test_compiled_decode_step_keeps_the_attention_ops_in_the_graph(llama3):
     print(explanation)
     assert explanation.graph_break_count == 0
     ops = [str(n.target) for g in explanation.graphs for n in g.graph.nodes if n.op == "call_function"]
-    assert any("cache_append" in o for o in ops) and any("decode_mixed" in o for o in ops), ops
+    assert any("cache_append" in o for o in ops) and any("decode_table" in o for o in ops), ops
 
 
 def test_graphed_decoder_greedy_tokens_equal_eager_ones(llama3):
@@ -180,7 +180,7 @@ def test_compiled_model_decode_step_breaks_nowhere_in_the_sparse_attention(llama
     print(f"{explanation.graph_break_count} graph breaks; reasons: {[r.reason[:80] for r in explanation.break_reasons]}")
     assert not ours, ours[0].reason
     ops = [str(n.target) for g in explanation.graphs for n in g.graph.nodes if n.op == "call_function"]
-    assert sum("cache_append" in o for o in ops) == 2 and sum("decode_mixed" in o for o in ops) == 2
+    assert sum("cache_append" in o for o in ops) == 2 and sum("decode_table" in o for o in ops) == 2
 
 
 def test_generate_with_graphed_decode_equals_eager_generate(llama3):

@@ -379,7 +379,7 @@ def _count_wgmma_calls(lib, monkeypatch, tier, op_name):
 
 @pytest.fixture
 def wgmma_calls(lib, monkeypatch):
-    return _count_wgmma_calls(lib, monkeypatch, ("sparse24", "sparse24"), "prefill_sm90")
+    return _count_wgmma_calls(lib, monkeypatch, ("sparse24", "sparse24"), "prefill_wgmma")
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -452,7 +452,7 @@ def test_calls_the_wgmma_kernel_does_not_take_use_the_warp_level_one(lib, poison
 
 @pytest.fixture
 def wgmma_kd_calls(lib, monkeypatch):
-    return _count_wgmma_calls(lib, monkeypatch, ("dense", "sparse24"), "prefill_sm90_kd")
+    return _count_wgmma_calls(lib, monkeypatch, ("dense", "sparse24"), "prefill_wgmma_balanced")
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

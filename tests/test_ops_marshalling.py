@@ -31,7 +31,7 @@ class FakeLib:
         tiles = {"warps": 4, "stages": 2, "chunk_tokens": 32}
         mixed = want.get("tier") == ("mixed", "mixed") and kind == "decode"
         return SimpleNamespace(symbol=f"hsg_{kind}{'_mixed' if mixed else ''}", arch="sm_90", tiles=tiles,
-                               smem_bytes=100_000, threads=128, kind="decode_mixed" if mixed else kind)
+                               smem_bytes=100_000, threads=128, kind="decode_table" if mixed else kind)
 
     def find(self, kind, **want):
         try:
@@ -89,7 +89,7 @@ def _cache_pools():
             torch.zeros(B, HKV, 2, 64 * D // 16, dtype=torch.int16))
 
 
-def test_decode_mixed_op_arguments(lib):
+def test_decode_table_op_arguments(lib):
     q = torch.randn(B, HQ, D, dtype=torch.float16)
     table, dense, vals, meta = _cache_pools()
     cache_kernels._decode_table_op(lib.key, q, table, table, dense, dense, vals, meta, vals, meta,

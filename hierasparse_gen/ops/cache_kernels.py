@@ -1,7 +1,7 @@
 """The kernels over a HieraCache's block tables ("table": per block, dense or 2:4, K and V apart):
 scoring, selecting and filling blocks at prefill, the decode-step append, decode attention
-(``hierasparse::decode_mixed``) and prefill (the warp-level kernel or, on Hopper, the sm_90a
-table kernel ``hierasparse::prefill_sm90_table``). :class:`~hierasparse_gen.cache.HieraCache`
+(``hierasparse::decode_table``) and prefill (the warp-level kernel or, on Hopper, the sm_90a
+table kernel ``hierasparse::prefill_wgmma_table``). :class:`~hierasparse_gen.cache.HieraCache`
 checks the arguments and calls these."""
 
 from __future__ import annotations
@@ -114,7 +114,7 @@ def decode_cache(lib, q: torch.Tensor, cache, *, scale: float | None = None, num
         fail("q", f"strides {q.stride()} not supported", "pass q.contiguous()")
     checks.check_num_splits(num_splits)
     k, v = cache.k, cache.v
-    return base.eager_or_op(_decode_table_impl, torch.ops.hierasparse.decode_mixed)(
+    return base.eager_or_op(_decode_table_impl, torch.ops.hierasparse.decode_table)(
         lib.key, q, k.table, v.table, k.dense, v.dense, k.sparse_vals, k.sparse_meta, v.sparse_vals,
         v.sparse_meta, cache.seqlens, cache.block, base.softmax_scale(scale, q.shape[2]), int(num_splits or 0))
 
@@ -138,7 +138,7 @@ def _decode_table_impl(lib_key: str, q: torch.Tensor, k_table: torch.Tensor, v_t
     return out, lse
 
 
-_decode_table_op = torch.library.custom_op("hierasparse::decode_mixed", _decode_table_impl, mutates_args=())
+_decode_table_op = torch.library.custom_op("hierasparse::decode_table", _decode_table_impl, mutates_args=())
 
 
 @_decode_table_op.register_fake
@@ -180,7 +180,7 @@ def prefill_cache(lib, q: torch.Tensor, cache, seqlens: torch.Tensor, qlens: tor
                                   whole=whole)
     if family == "wgmma":
         k_rows = None if k_tail is None else k_tail[:, :, :q.shape[2]]
-        return torch.ops.hierasparse.prefill_sm90_table(lib.key, q, ks.table, vs.table, ks.dense, ks.sparse_vals,
+        return torch.ops.hierasparse.prefill_wgmma_table(lib.key, q, ks.table, vs.table, ks.dense, ks.sparse_vals,
                                                         ks.sparse_meta, vs.dense, vs.sparse_vals, vs.sparse_meta,
                                                         k_rows, None if whole else seqlens,
                                                         None if whole else qlens, base.softmax_scale(scale, D))
@@ -192,7 +192,7 @@ def prefill_cache(lib, q: torch.Tensor, cache, seqlens: torch.Tensor, qlens: tor
                           base.softmax_scale(scale, cache.head_dim))
 
 
-@torch.library.custom_op("hierasparse::prefill_sm90_table", mutates_args=())
+@torch.library.custom_op("hierasparse::prefill_wgmma_table", mutates_args=())
 def _prefill_wgmma_table_op(lib_key: str, q: torch.Tensor, k_table: torch.Tensor, v_table: torch.Tensor,
                             k_dense: torch.Tensor, k_vals: torch.Tensor, k_meta: torch.Tensor,
                             v_dense: torch.Tensor, v_vals: torch.Tensor, v_meta: torch.Tensor,

@@ -111,9 +111,9 @@ def prefill(lib, q: torch.Tensor, k, v: PackedKV, seqlens=None, *, qlens=None, s
                            group=q.shape[1] // Hkv, tier=tier)
     if family == "wgmma":
         if tier[0] == "dense":  # the prompt's rows only (past them the tensor map reads zeros)
-            return torch.ops.hierasparse.prefill_sm90_kd(lib.key, q, k[:, :, :length], v.values, v.meta,
+            return torch.ops.hierasparse.prefill_wgmma_balanced(lib.key, q, k[:, :, :length], v.values, v.meta,
                                                          v.capacity, base.softmax_scale(scale, D))
-        return torch.ops.hierasparse.prefill_sm90(lib.key, q, k.values, k.meta, v.values, v.meta, k.capacity,
+        return torch.ops.hierasparse.prefill_wgmma(lib.key, q, k.values, k.meta, v.values, v.meta, k.capacity,
                                                   base.softmax_scale(scale, D))
     vsrc = Source(vals=v.values, meta=v.meta, n_sparse=v.capacity // 32)
     fix = "pass torch.tensor(lengths, dtype=torch.int32, device=q.device)"
@@ -131,7 +131,7 @@ def _wgmma_variant(lib, q: torch.Tensor, Hkv: int, tier: tuple[str, str]):
                       group=Hq // Hkv, tier=tier)
 
 
-@torch.library.custom_op("hierasparse::prefill_sm90", mutates_args=())
+@torch.library.custom_op("hierasparse::prefill_wgmma", mutates_args=())
 def _prefill_wgmma_op(lib_key: str, q: torch.Tensor, k_vals: torch.Tensor, k_meta: torch.Tensor,
                       v_vals: torch.Tensor, v_meta: torch.Tensor, capacity: int,
                       scale: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -154,7 +154,7 @@ def _(lib_key, q, k_vals, k_meta, v_vals, v_meta, capacity, scale):
     return prefill_outputs(q, base.fake_alloc(q))
 
 
-@torch.library.custom_op("hierasparse::prefill_sm90_kd", mutates_args=())
+@torch.library.custom_op("hierasparse::prefill_wgmma_balanced", mutates_args=())
 def _prefill_wgmma_balanced_op(lib_key: str, q: torch.Tensor, k: torch.Tensor, v_vals: torch.Tensor,
                                v_meta: torch.Tensor, capacity: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """The sm_90a balanced prefill: dense K rows ([B, Hkv, >= Lq, D], read through a TMA tensor map) and 2:4 V."""
