@@ -131,6 +131,13 @@ class PrefillTiles:
                 "warp_queries": self.warp_queries, "step_keys": self.step_keys, "min_ctas": self.min_ctas}
 
 
+def wgmma_prefill_stages(k_tier: str) -> int:
+    """Stage ring depth of the sm_90a prefill kernels, measured at 32K on an H200: all-2:4 4 (5 and 6 ~1 %
+    slower), dense K (balanced) 5 (+1 % over 4; 3 starves the pipelined loop: -25 %), block tables 4 (34 KB
+    stages)."""
+    return {"sparse24": 4, "dense": 5, "mixed": 4}[k_tier]
+
+
 def prefill_piece_bytes(head_dim: int, tier: str) -> int:
     """Shared memory of one 32-token piece of K or V: dense rows, or 2:4 values + metadata."""
     return 32 * head_dim * 2 if tier != "sparse24" else 32 * head_dim + 32 * head_dim // 8

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from .errors import SpecError
 from .spec import Spec, Tier
-from .tiles import TileError, decode_tiles, prefill_tiles
+from .tiles import TileError, decode_tiles, prefill_tiles, wgmma_prefill_stages
 
 DTYPE_TAG = {"float16": "f16", "bfloat16": "bf16"}
 TIER_TAG = {"sparse24": "24", "dense": "d", "mixed": "m"}
@@ -189,17 +189,15 @@ def _arch_specific(spec: Spec, arch: str, groups, out: dict) -> None:
         return
     tiers = []
     if any(t.k == t.v == "sparse24" for t in spec.tiers):
-        # stage ring depth, measured at 32K on an H200: all-2:4 4 (5 and 6 ~1 % slower), dense K 5
-        # (+1 % over 4; 3 starves the pipelined loop: -25 %)
-        tiers += [(Tier("sparse24", "sparse24"), 0, 4), (Tier("dense", "sparse24"), 0, 5)]
+        tiers += [(Tier("sparse24", "sparse24"), 0), (Tier("dense", "sparse24"), 0)]
     if any(t.k == "mixed" for t in spec.tiers) and spec.cache.block_size == SM90_TABLE_BLOCK:
-        tiers.append((Tier("mixed", "mixed"), SM90_TABLE_BLOCK, 4))  # 34 KB stages
+        tiers.append((Tier("mixed", "mixed"), SM90_TABLE_BLOCK))
     for dtype in spec.dtypes:
         for d, g in groups:
             if d in SM90_PREFILL_HEAD_DIMS:
-                for tier, block, stages in tiers:
+                for tier, block in tiers:
                     v = Variant("prefill", SM90_PREFILL_TEMPLATE, arch, dtype, d, g, tier, block_size=block,
-                                tiles={"stages": stages}, family="wgmma")
+                                tiles={"stages": wgmma_prefill_stages(tier.k)}, family="wgmma")
                     out.setdefault(v.name, v)
 
 
