@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 
 import torch
 
+from .errors import HieraSparseError
 from .ops.base import DTYPES as _DTYPES
 
 L2_BYTES = 60 << 20
@@ -279,9 +281,14 @@ def main(argv=None) -> int:
     ap.add_argument("--prefill", action="store_true", help="causal prefill (all-2:4, balanced, block table) against dense SDPA")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
-        print("hierasparse-gen bench: no CUDA device")
+        print("hierasparse-gen bench: error: no CUDA device. Fix: run it on a machine with an NVIDIA GPU",
+              file=sys.stderr)
         return 2
-    lib = hierasparse_gen.load(args.build)
+    try:
+        lib = hierasparse_gen.load(args.build)
+    except HieraSparseError as e:
+        print(f"hierasparse-gen bench: error: {e}", file=sys.stderr)
+        return 2
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, dtype {args.dtype}")
     if args.prefill:
         rows = bench_prefill(lib, dtype=getattr(torch, args.dtype))

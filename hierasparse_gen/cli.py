@@ -60,13 +60,16 @@ def cmd_list(args) -> int:
     manifest = path / MANIFEST if path.is_dir() else path
     try:
         data = json.loads(manifest.read_text())
+        lines = [f"{data['spec']['name']}: {data['library']} (nvcc {data['tools']['nvcc']}, "
+                 f"CUTLASS {data['tools']['cutlass']})"]
+        lines += [f"  {v['name']:<40} {v['arch']:<6} {v['dtype']:<9} {v['hash'][:12]}  "
+                  f"{', '.join(v['entry_points'])}" for v in data["variants"]]
     except (OSError, ValueError) as e:
         return _err(f"cannot read {manifest}: {e}. Fix: pass a folder written by `hierasparse-gen build`")
-    print(f"{data['spec']['name']}: {data['library']} (nvcc {data['tools']['nvcc']}, "
-          f"CUTLASS {data['tools']['cutlass']})")
-    for v in data["variants"]:
-        print(f"  {v['name']:<40} {v['arch']:<6} {v['dtype']:<9} {v['hash'][:12]}  "
-              f"{', '.join(v['entry_points'])}")
+    except (KeyError, TypeError, AttributeError) as e:
+        return _err(f"{manifest} is not a build manifest of this version (missing {e}). Fix: rebuild it with "
+                    f"`hierasparse-gen build SPEC`")
+    print("\n".join(lines))
     return 0
 
 
@@ -120,7 +123,7 @@ def main(argv=None) -> int:
     ev.set_defaults(fn=cmd_eval)
     args = ap.parse_args(argv)
     if getattr(args, "jobs", None) is not None and args.jobs < 1:
-        return _err(f"--jobs {args.jobs} must be at least 1")
+        return _err(f"--jobs {args.jobs} must be at least 1. Fix: pass --jobs 1 or more, or leave it out")
     return args.fn(args)
 
 

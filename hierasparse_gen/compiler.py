@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Callable
 
 from . import __version__
-from .errors import CompileError, ToolchainError
+from .errors import BuildNotFoundError, CompileError, ToolchainError
 from .render import render
 from .spec import Spec, find_spec_file, load_spec
 from .variants import Variant, expand
@@ -78,10 +78,12 @@ def _nvcc_version(nvcc: str) -> str:
     try:
         text = subprocess.run([nvcc, "--version"], capture_output=True, text=True, check=True).stdout
     except (OSError, subprocess.CalledProcessError) as e:
-        raise ToolchainError(f"could not run {nvcc} --version: {e}") from None
+        raise ToolchainError(f"could not run {nvcc} --version: {e}. Fix: install the CUDA toolkit (nvcc >= 12.4) or "
+                             f"set CUDA_HOME to it") from None
     m = re.search(r"V(\d+\.\d+\.\d+)", text)
     if not m:
-        raise ToolchainError(f"unrecognised `nvcc --version` output:\n{text}")
+        raise ToolchainError(f"unrecognised `nvcc --version` output:\n{text}\nFix: point CUDA_HOME (or PATH) at a CUDA "
+                             f"toolkit's nvcc >= 12.4")
     return m.group(1)
 
 
@@ -304,7 +306,8 @@ def clean(out_dir: str | Path) -> list[Path]:
     """Remove a build folder made by :func:`build` (refuses folders without a manifest)."""
     out = Path(out_dir)
     if not (out / MANIFEST).is_file() and not (out / "obj").is_dir():
-        raise FileNotFoundError(f"{out} is not a hierasparse-gen build folder (no {MANIFEST})")
+        raise BuildNotFoundError(f"{out} is not a hierasparse-gen build folder (no {MANIFEST}). Fix: pass a folder "
+                                 f"written by `hierasparse-gen build`")
     with build_lock(out):
         removed = sorted(p for p in out.iterdir() if p.name != ".lock")
         for p in removed:

@@ -226,7 +226,8 @@ def _check_model(config) -> tuple[int, int, int]:
     layer_types = set(getattr(config, "layer_types", None) or ["full_attention"])
     if layer_types != {"full_attention"}:
         raise InputError(f"{type(config).__name__}: layer types {sorted(layer_types)}; only full-attention layers "
-                         f"are supported")
+                         f"are supported. Fix: use a model whose every layer is full attention (Llama, Mistral "
+                         f"without a sliding window, Qwen3)")
     return heads, kv, head_dim
 
 

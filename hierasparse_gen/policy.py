@@ -36,6 +36,15 @@ def check_ratios(key_ratio: float, value_ratio: float) -> None:
                              f"blocks to store 2:4 (0 = all dense, 1 = all 2:4)")
 
 
+#: prefill kernel choices (ops.prefilling.choose_kernel holds the rule of "auto")
+KERNELS = ("auto", "wgmma", "mma_sp")
+
+
+def check_kernel(kernel: str) -> None:
+    if kernel not in KERNELS:
+        raise InputError(f"kernel: {kernel!r} is not a prefill kernel. Fix: pass one of {', '.join(map(repr, KERNELS))}")
+
+
 def check_prefill_mode(mode: str, what: str = "mode") -> None:
     if mode not in PREFILL_MODES:
         raise InputError(f"{what} {mode!r} is not a prefill mode. Fix: use one of {', '.join(PREFILL_MODES)}")

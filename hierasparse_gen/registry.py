@@ -110,7 +110,14 @@ class Library:
         except (OSError, ValueError) as e:
             raise BuildNotFoundError(f"cannot read build manifest {manifest_path}: {e}. Fix: build it with "
                                      f"`hierasparse-gen build SPEC --out {self.dir}`") from None
-        rebuild = f"`hierasparse-gen build {self.manifest.get('spec_source', 'SPEC')}`"
+        rebuild = f"`hierasparse-gen build {self.manifest.get('spec_source', 'SPEC')}`" \
+            if isinstance(self.manifest, dict) else "`hierasparse-gen build SPEC`"
+        if not (isinstance(self.manifest, dict) and isinstance(self.manifest.get("library"), str)
+                and isinstance(self.manifest.get("variants"), list)
+                and all(isinstance(v, dict) and {"name", "kind", "arch", "dtype", "head_dim"} <= v.keys()
+                        for v in self.manifest["variants"])):
+            raise BuildNotFoundError(f"{manifest_path} is not a build manifest of this hierasparse-gen version (no "
+                                     f"library or variants). Fix: rebuild with {rebuild}")
         self.path = (self.dir / self.manifest["library"]).resolve()
         if cdll is None and not self.path.is_file():
             raise BuildNotFoundError(f"{self.path} is missing. Fix: rebuild with {rebuild}")

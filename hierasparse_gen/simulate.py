@@ -17,8 +17,8 @@ import torch
 
 from .errors import InputError
 from .format import block_prune_loss, prune_k, prune_v
-from .policy import cache_settings, check_not_full, check_prefill_mode, check_ratios, check_room, eligible_blocks, \
-    ratio_count
+from .policy import (cache_settings, check_kernel, check_not_full, check_prefill_mode, check_ratios, check_room,
+                     eligible_blocks, ratio_count)
 from .reference import decode_reference, prefill_reference
 
 
@@ -62,6 +62,13 @@ class SimulatedCache:
     def set_tiers(self, name: str, sparse: torch.Tensor) -> None:
         """Re-tier every block of K or V at once (``sparse [B, Hkv, max_blocks]``, True = 2:4): for studies of
         other block choices than the cache's own; the counts follow the flags."""
+        blk = torch.arange(self.max_blocks, device=sparse.device)
+        first = self.sink_blocks
+        eligible = (blk >= first) & (blk < first + torch.tensor(self.n_eligible, device=sparse.device).view(-1, 1))
+        if sparse.shape == self.sparse[name].shape and (sparse & ~eligible.unsqueeze(1)).any():
+            raise InputError(f"set_tiers: a 2:4 flag outside the eligible blocks (full blocks between the sink and "
+                             f"the window: {first} to {first} + {self.n_eligible}). Fix: flag only those; the sink, "
+                             f"the window and the newest partial block stay dense")
         counts = sparse.sum(-1)
         if sparse.shape != self.sparse[name].shape or (counts != counts[:, :1]).any():
             raise InputError(f"set_tiers: flags of shape {tuple(sparse.shape)} with per-head counts {counts.tolist()}. "
@@ -128,6 +135,7 @@ class SimulatedCache:
                 kernel: str = "auto"):
         """As HieraCache.prefill (``kernel`` is accepted for the same signature: the model has one)."""
         check_prefill_mode(mode)
+        check_kernel(kernel)
         L = k.shape[2]
         lengths = [L] * self.batch if lengths is None else [int(n) for n in lengths]
         check_room(self.lengths, lengths, self.max_seq_len)

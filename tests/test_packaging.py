@@ -86,3 +86,22 @@ def test_cli_unknown_spec_fails_without_traceback(tmp_path):
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "spec file not found" in r.stderr and "shipped: llama3" in r.stderr
     assert not (tmp_path / "generated").exists()
+
+
+@pytest.mark.parametrize("manifest", [{}, {"library": "libx.so"}, {"library": "libx.so", "variants": [{"name": "x"}]},
+                                      []])
+def test_a_foreign_manifest_is_refused_with_a_fix(tmp_path, manifest):
+    from hierasparse_gen.errors import BuildNotFoundError
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BuildNotFoundError, match="not a build manifest.*Fix: rebuild"):
+        hierasparse_gen.load(tmp_path)
+    r = subprocess.run([sys.executable, "-m", "hierasparse_gen.cli", "list", str(tmp_path)], capture_output=True,
+                       text=True, cwd=tmp_path, env={"PYTHONPATH": str(REPO), "PATH": ""})
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "Fix:" in r.stderr, r.stderr
+
+
+def test_cli_clean_of_a_folder_that_is_no_build_explains(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "hierasparse_gen.cli", "clean", str(tmp_path)], capture_output=True,
+                       text=True, cwd=tmp_path, env={"PYTHONPATH": str(REPO), "PATH": ""})
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "not a hierasparse-gen build folder" in r.stderr and "Fix:" in r.stderr

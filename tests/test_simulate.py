@@ -51,3 +51,22 @@ def test_set_tiers_restores_and_checks_counts():
     flags[0, 0, 3] = True  # head 0 would hold two 2:4 blocks, head 1 one
     with pytest.raises(InputError, match="same count"):
         c.set_tiers("k", flags)
+
+
+def test_set_tiers_refuses_blocks_outside_the_eligible_ones():
+    g = torch.Generator().manual_seed(2)
+    c = _cache(1)
+    c.prefill(torch.randn(1, 2, 300, 64, generator=g), torch.randn(1, 2, 300, 64, generator=g))
+    flags = torch.zeros_like(c.sparse["v"])
+    flags[0, :, 0] = True  # the sink
+    with pytest.raises(InputError, match="eligible"):
+        c.set_tiers("v", flags)
+    flags[0, :, 0], flags[0, :, 4] = False, True  # the newest, partial block
+    with pytest.raises(InputError, match="eligible"):
+        c.set_tiers("v", flags)
+
+
+def test_an_unknown_prefill_kernel_is_refused():
+    c = _cache(1)
+    with pytest.raises(InputError, match="not a prefill kernel"):
+        c.prefill(torch.randn(1, 2, 64, 64), torch.randn(1, 2, 64, 64), kernel="fast")

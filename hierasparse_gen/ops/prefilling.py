@@ -13,12 +13,12 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import CudaError, DispatchError
+from ..policy import KERNELS, check_kernel
 from . import base, checks
 from .base import DTYPES, PackedKV
 from .checks import fail
 
 #: prefill's ``kernel=`` choices (see choose_kernel)
-KERNELS = ("auto", "wgmma", "mma_sp")
 _CUDA_ERROR_NOT_SUPPORTED = 801  # cudaErrorNotSupported
 
 
@@ -33,8 +33,7 @@ def choose_kernel(lib, kernel: str, refusals: list[str], **want) -> str:
     a forced wgmma that cannot run raises DispatchError with every reason (no silent fallback);
     the mma_sp kernel is selected, with its own reasons, when the op launches.
     """
-    if kernel not in KERNELS:
-        fail("kernel", f"{kernel!r} is not a prefill kernel", f"pass one of {', '.join(map(repr, KERNELS))}")
+    check_kernel(kernel)
     if kernel == "mma_sp":
         return "mma_sp"
     if kernel == "auto":
