@@ -128,6 +128,10 @@ def test_table_on_stdout(model_dir, text_file, capsys):
     (["--policies", "psychic"], "policy 'psychic' is not known. Fix:"),
     (["--text", "no/such/file.txt"], "does not exist. Fix:"),
     (["--passkey-lengths", "99999"], "Fix:"),
+    (["--sink", "10"], "Fix:"),
+    (["--decode", "0"], "must be at least 1. Fix:"),
+    (["--json", "no/such/folder/out.json"], "is not a writable folder. Fix:"),
+    (["--plot", "no/such/folder/out.png"], "is not a writable folder. Fix:"),
 ])
 def test_bad_input_is_explained(model_dir, text_file, extra, message, capsys):
     assert eval_main(_args(model_dir, text_file, *extra)) == 2

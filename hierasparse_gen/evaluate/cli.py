@@ -7,11 +7,14 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from pathlib import Path
 
 import torch
 
 from ..errors import HieraSparseError, InputError
+from ..policy import cache_settings
 
 
 def _floats(flag: str):
@@ -110,6 +113,15 @@ def run(args) -> dict:
         if not 0.0 <= d <= 1.0:
             raise InputError(f"--passkey-depths {d:g} is outside [0, 1]. Fix: depths are fractions of the filler, "
                              f"e.g. 0,0.5,1")
+    if args.prefill < 1 or args.decode < 1:
+        raise InputError(f"--prefill {args.prefill} and --decode {args.decode} must be at least 1. Fix: e.g. "
+                         f"--prefill 2048 --decode 64")
+    cache_settings(None, args.block_size, args.sink, args.window)  # before minutes of model loading
+    for out in (args.json, args.plot):
+        folder = Path(out).resolve().parent if out else None
+        if folder is not None and not (folder.is_dir() and os.access(folder, os.W_OK)):
+            raise InputError(f"cannot write {out}: {folder} is not a writable folder. Fix: create it or name "
+                             f"another path")
     device, dtype = _device_dtype(args)
     text, text_source = read_text(args.text)
     lib = None

