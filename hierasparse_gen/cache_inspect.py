@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from .format import unpack_k, unpack_v
+from .policy import cache_nbytes
 
 
 class CacheInspection:
@@ -50,22 +51,9 @@ class CacheInspection:
     def nbytes(self) -> dict:
         """Bytes held by the live blocks, by tier, and the compression ratio against dense."""
         self.sync()
-        S, D, item = self.block, self.head_dim, torch.empty((), dtype=self.dtype).element_size()
-        dense_block, sparse_block = S * D * item, S * D * item // 2 + S * D // 8
-        out = {}
-        blocks_total = 0
-        for t in (self.k, self.v):
-            n_sp = sum(t.n_sparse) * self.heads
-            n_all = sum(-(-n // S) for n in self._lengths) * self.heads
-            blocks_total += n_all
-            out[f"{t.name}_dense"] = (n_all - n_sp) * dense_block
-            out[f"{t.name}_sparse"] = n_sp * sparse_block
-        out["table"] = 2 * self.batch * self.heads * self.max_blocks * 4
-        data = sum(v for k, v in out.items() if k != "table")
-        out["total"] = data + out["table"]
-        out["dense_equivalent"] = blocks_total * dense_block
-        out["compression_ratio"] = out["dense_equivalent"] / data if data else 1.0
-        return out
+        return cache_nbytes(block=self.block, head_dim=self.head_dim, itemsize=self.dtype.itemsize,
+                            batch=self.batch, heads=self.heads, max_blocks=self.max_blocks, lengths=self._lengths,
+                            sparse_blocks={t.name: sum(t.n_sparse) * self.heads for t in (self.k, self.v)})
 
     def allocated_nbytes(self) -> int:
         """Bytes of every preallocated pool and table."""

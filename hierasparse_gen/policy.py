@@ -93,3 +93,22 @@ def pool_sizes(ratio: float, max_seq_len: int, block: int, sink_blocks: int, win
 
 __all__ = ["PREFILL_MODES", "cache_settings", "check_ratios", "check_prefill_mode", "check_room", "check_not_full",
            "ratio_count", "eligible_blocks", "pool_sizes"]
+
+
+def cache_nbytes(*, block: int, head_dim: int, itemsize: int, batch: int, heads: int, max_blocks: int,
+                 lengths: list[int], sparse_blocks: dict[str, int]) -> dict:
+    """Bytes a cache holds, as the kernels store it: a dense block S x D values; a 2:4 block half its values
+    plus 2 bits of metadata per kept element; two int32 block tables. ``sparse_blocks``: 2:4 blocks of K and
+    of V over all sequences and heads. Also the dense bytes of the same tokens and the ratio."""
+    dense_block, sparse_block = block * head_dim * itemsize, block * head_dim * itemsize // 2 + block * head_dim // 8
+    blocks = sum(-(-n // block) for n in lengths) * heads
+    out = {}
+    for name in ("k", "v"):
+        out[f"{name}_dense"] = (blocks - sparse_blocks[name]) * dense_block
+        out[f"{name}_sparse"] = sparse_blocks[name] * sparse_block
+    out["table"] = 2 * batch * heads * max_blocks * 4
+    data = sum(v for k, v in out.items() if k != "table")
+    out["total"] = data + out["table"]
+    out["dense_equivalent"] = 2 * blocks * dense_block
+    out["compression_ratio"] = out["dense_equivalent"] / data if data else 1.0
+    return out

@@ -17,7 +17,7 @@ import torch
 
 from .errors import InputError
 from .format import block_prune_loss, prune_k, prune_v
-from .policy import (cache_settings, check_kernel, check_not_full, check_prefill_mode, check_ratios, check_room,
+from .policy import (cache_nbytes, cache_settings, check_kernel, check_not_full, check_prefill_mode, check_ratios, check_room,
                      eligible_blocks, ratio_count)
 from .reference import decode_reference, prefill_reference
 
@@ -87,6 +87,13 @@ class SimulatedCache:
         live = torch.arange(self.max_blocks, device=self.device).view(1, 1, -1) < torch.tensor(
             [-(-n // self.block) for n in self.lengths], device=self.device).view(-1, 1, 1)
         return self.sparse[name] & live
+
+    def nbytes(self, itemsize: int | None = None) -> dict:
+        """As HieraCache.nbytes: the bytes the kernels' cache would hold for these blocks (``itemsize``: bytes
+        of a stored value, by default the dtype's; 2 accounts a float32 study as the fp16/bf16 cache)."""
+        return cache_nbytes(block=self.block, head_dim=self.head_dim, itemsize=itemsize or self.dtype.itemsize,
+                            batch=self.batch, heads=self.heads, max_blocks=self.max_blocks, lengths=self.lengths,
+                            sparse_blocks={n: int(self.tiers(n).sum()) for n in "kv"})
 
     # --- insertion ----------------------------------------------------------------------------
     def _fresh(self, b: int, k: torch.Tensor, v: torch.Tensor) -> None:

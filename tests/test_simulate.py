@@ -70,3 +70,18 @@ def test_an_unknown_prefill_kernel_is_refused():
     c = _cache(1)
     with pytest.raises(InputError, match="not a prefill kernel"):
         c.prefill(torch.randn(1, 2, 64, 64), torch.randn(1, 2, 64, 64), kernel="fast")
+
+
+def test_nbytes_counts_blocks_as_the_kernels_cache_does():
+    g = torch.Generator().manual_seed(3)
+    c = _cache(2)
+    c.prefill(torch.randn(2, 2, 512, 64, generator=g), torch.randn(2, 2, 512, 64, generator=g), [512, 300])
+    got = c.nbytes(itemsize=2)
+    S, D, H = 64, 64, 2
+    blocks = (8 + 5) * H  # 512 and 300 tokens in 64-token blocks
+    n_k = int(c.tiers("k").sum())
+    assert n_k > 0 and int(c.tiers("v").sum()) > n_k  # key ratio 0.5, value ratio 1
+    assert got["k_sparse"] == n_k * (S * D + S * D // 8) and got["k_dense"] == (blocks - n_k) * S * D * 2
+    assert got["dense_equivalent"] == 2 * blocks * S * D * 2 and got["table"] == 2 * 2 * H * c.max_blocks * 4
+    assert got["total"] == got["k_dense"] + got["k_sparse"] + got["v_dense"] + got["v_sparse"] + got["table"]
+    assert c.nbytes()["k_dense"] == 2 * got["k_dense"]  # float32 values by default

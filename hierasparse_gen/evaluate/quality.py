@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import hf
+from ..simulate import SimulatedCache
 from .fastsim import dense_prefill_kv, prefill_from
 
 
@@ -117,25 +118,11 @@ def nll_of(logits: torch.Tensor, targets: torch.Tensor) -> float:
     return float(-torch.log_softmax(logits.double(), -1).gather(1, targets.view(-1, 1)).mean())
 
 
-def layer_nbytes(store, itemsize: int = 2) -> dict:
-    """Bytes one layer's cache holds as the kernels store it (16-bit K/V; a 2:4 block costs half
-    its values plus 2 bits of metadata per kept element), and the dense bytes of the same tokens.
-
-    A cache with ``nbytes()`` (HieraCache) answers itself; for one without (the simulation, or a
-    float32 model) the same account is made from its tier flags.
-    """
-    if hasattr(store, "nbytes") and getattr(store, "dtype", None) in (torch.float16, torch.bfloat16):
-        got = store.nbytes()
-        return {"total": got["total"], "dense_equivalent": got["dense_equivalent"]}
-    S, D, H = store.block, store.head_dim, store.heads
-    dense_block, sparse_block = S * D * itemsize, S * D * itemsize // 2 + S * D // 8
-    blocks = sum(-(-n // S) for n in store.lengths) * H
-    total = 0
-    for name in "kv":
-        n_sparse = int(store.tiers(name).sum())
-        total += (blocks - n_sparse) * dense_block + n_sparse * sparse_block
-    table = 2 * store.batch * H * store.max_blocks * 4
-    return {"total": total + table, "dense_equivalent": 2 * blocks * dense_block}
+def layer_nbytes(store) -> dict:
+    """Bytes one layer's cache holds as the kernels store it (16-bit K/V, as a float32 study on the
+    simulation would be served), and the dense bytes of the same tokens."""
+    got = store.nbytes(itemsize=2) if isinstance(store, SimulatedCache) else store.nbytes()
+    return {"total": got["total"], "dense_equivalent": got["dense_equivalent"]}
 
 
 def cache_bytes_per_token(cache) -> dict:
