@@ -53,7 +53,6 @@ class KernelVariant:
     block_size: int = 0      # kernels over the block table (mixed tiers): cache block size
     smem_bytes: int = 0      # decode: dynamic shared memory per CTA (read from the library)
     threads: int = 0         # decode: threads per CTA
-    template: str = ""
 
     @property
     def compute_capability(self) -> tuple[int, int]:
@@ -138,7 +137,7 @@ class Library:
             self.variants.append(KernelVariant(
                 v["name"], v["kind"], v["arch"], v["dtype"], v["head_dim"], v.get("group"),
                 (tier["k"], tier["v"]) if tier else None, v.get("tiles") or {}, symbol, v["family"], v["abi"],
-                v.get("block_size") or 0, **sizes, template=v.get("template", "")))
+                v.get("block_size") or 0, **sizes))
         declare_runtime(self._cdll)
         register(self)
 

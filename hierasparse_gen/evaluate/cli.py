@@ -17,23 +17,15 @@ from ..errors import HieraSparseError, InputError
 from ..policy import cache_settings
 
 
-def _floats(flag: str):
-    def parse(text: str) -> list[float]:
+def _numbers(flag: str, kind=float, example: str = "0,0.25,0.5"):
+    """An argparse type: a comma-separated list of ``kind`` values, with a usage error that shows an example."""
+    def parse(text: str) -> list:
         try:
-            return [float(x) for x in text.split(",") if x.strip()]
+            return [kind(x) for x in text.split(",") if x.strip()]
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{flag} {text!r}: not a comma-separated list of numbers. "
-                                             f"Fix: e.g. {flag} 0,0.25,0.5") from None
-    return parse
-
-
-def _ints(flag: str):
-    def parse(text: str) -> list[int]:
-        try:
-            return [int(x) for x in text.split(",") if x.strip()]
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{flag} {text!r}: not a comma-separated list of integers. "
-                                             f"Fix: e.g. {flag} 2048,4096") from None
+            what = "integers" if kind is int else "numbers"
+            raise argparse.ArgumentTypeError(f"{flag} {text!r}: not a comma-separated list of {what}. "
+                                             f"Fix: e.g. {flag} {example}") from None
     return parse
 
 
@@ -57,8 +49,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--device", default="auto", help="cpu, cuda or auto (cuda when there is one)")
     ap.add_argument("--dtype", choices=("auto", "float32", "float16", "bfloat16"), default="auto",
                     help="auto: float32 on the CPU, float16 on a GPU")
-    ap.add_argument("--key-ratios", type=_floats("--key-ratios"), default=[0.0])
-    ap.add_argument("--value-ratios", type=_floats("--value-ratios"), default=[0.0, 0.5, 1.0])
+    ap.add_argument("--key-ratios", type=_numbers("--key-ratios"), default=[0.0])
+    ap.add_argument("--value-ratios", type=_numbers("--value-ratios"), default=[0.0, 0.5, 1.0])
     ap.add_argument("--grid", choices=("product", "axes"), default="product",
                     help="product: every (key, value) pair; axes: each ratio with the other at 0")
     ap.add_argument("--sink", type=int, default=64)
@@ -68,9 +60,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--policies", type=_names, default=["prune_loss"], help="block selection policies")
     ap.add_argument("--prefill", type=int, default=2048, help="prompt tokens before the decode")
     ap.add_argument("--decode", type=int, default=128, help="teacher-forced decode tokens measured")
-    ap.add_argument("--passkey-lengths", type=_ints("--passkey-lengths"), default=[],
+    ap.add_argument("--passkey-lengths", type=_numbers("--passkey-lengths", int, "2048,4096"), default=[],
                     help="context lengths of the passkey prompts (none: no passkey test)")
-    ap.add_argument("--passkey-depths", type=_floats("--passkey-depths"), default=[0.0, 0.25, 0.5, 0.75, 1.0])
+    ap.add_argument("--passkey-depths", type=_numbers("--passkey-depths"), default=[0.0, 0.25, 0.5, 0.75, 1.0])
     ap.add_argument("--passkey-trials", type=int, default=1, help="keys per (length, depth)")
     ap.add_argument("--check-steps", type=int, default=4,
                     help="dense decode steps run one at a time against the dense chunk")
