@@ -8,8 +8,9 @@ where: entry ``e >= 0`` is dense slot ``e``, ``e < 0`` is 2:4 slot ``-e - 1``.
 * The first ``sink`` tokens and the window (the last ``local_window`` tokens in whole blocks,
   plus the newest, partial block) are always dense.
 * Eligible blocks (between sink and window) are 2:4 in the proportion of each tensor's ratio:
-  ``round(ratio * eligible)`` of them, per (batch, kv head). At prefill the blocks with the
-  smallest prune loss (summed |x| that 2:4 drops) are chosen, per head; when decode pushes a
+  ``round(ratio * eligible)`` of them, per (batch, kv head). At prefill the blocks of least
+  score are chosen, per head, by the cache's ``selection`` (:mod:`hierasparse_gen.selection`:
+  prune loss, the attention mass of the prompt's last queries, or both); when decode pushes a
   block out of the window it becomes 2:4 exactly when that keeps the count at the ratio, so
   every head of a sequence holds the same number of dense and 2:4 blocks and pools can be
   sized up front.
@@ -30,12 +31,13 @@ from dataclasses import dataclass, field
 import torch
 
 from .cache_inspect import CacheInspection
-from .errors import CacheFullError, InputError
+from .errors import CacheFullError, InputError, UnsupportedError
 from .ops import cache_kernels as _kernels
 from .ops.checks import check_queries
 # (the policy names also stay importable from here: PREFILL_MODES, ratio_count, cache_settings, ...)
 from .policy import (PREFILL_MODES, cache_settings, check_not_full, check_prefill_mode, check_ratios, check_room,
                      eligible_blocks, pool_sizes, ratio_count)
+from .selection import attention_mass, block_scores, check_selection, needs_queries, observed_queries, resolve
 
 _CTRL_STACK = 6  # ctrl columns before the free-slot stacks
 _STATUS = 5      # ctrl column: 1 = a captured append found the sequence full, 2 = no free dense slot
@@ -60,10 +62,17 @@ class HieraCache(CacheInspection):
 
     def __init__(self, lib, *, batch: int, num_kv_heads: int, head_dim: int, max_seq_len: int,
                  key_ratio: float, value_ratio: float, dtype=torch.float16, device="cuda",
-                 block_size: int | None = None, sink: int | None = None, local_window: int | None = None):
+                 block_size: int | None = None, sink: int | None = None, local_window: int | None = None,
+                 selection: str = "auto", key_channels: str = "magnitude", observe: int = 64):
         self.lib = lib
         self.block, self.sink, self.window = cache_settings(lib, block_size, sink, local_window)
         check_ratios(key_ratio, value_ratio)
+        check_selection(selection, key_channels, observe)
+        if key_channels != "magnitude":
+            raise UnsupportedError(f"key_channels {key_channels!r}: the GPU compressors keep each group's 2 largest "
+                                   f"|k|; the query-weighted choice runs in SimulatedCache only. Fix: use "
+                                   f"key_channels='magnitude' with HieraCache")
+        self.selection, self.key_channels, self.observe = selection, key_channels, int(observe)
         if batch < 1 or num_kv_heads < 1 or max_seq_len < 1:
             raise InputError(f"batch {batch}, num_kv_heads {num_kv_heads} and max_seq_len {max_seq_len} must be "
                              f"positive. Fix: pass sizes of at least 1")
@@ -113,7 +122,8 @@ class HieraCache(CacheInspection):
 
     # --- prefill ------------------------------------------------------------------------------
     def prefill(self, k: torch.Tensor, v: torch.Tensor, lengths=None, *, q: torch.Tensor | None = None,
-                mode: str = "compress_then_attend", scale: float | None = None, kernel: str = "auto"):
+                mode: str = "compress_then_attend", scale: float | None = None, kernel: str = "auto",
+                select_q: torch.Tensor | None = None):
         """Add a prompt chunk's dense K/V ``[B, Hkv, L, D]`` after what each sequence holds
         (sequence b takes the first ``lengths[b] <= L`` rows; default all L).
 
@@ -132,6 +142,10 @@ class HieraCache(CacheInspection):
         ``kernel``: the attention's kernel family, "auto", "wgmma" or "mma_sp" (the rule:
         :func:`hierasparse_gen.ops.choose_kernel`; the sm_90a table kernel takes compress_then_attend
         chunks, and balanced prompts into an empty cache).
+
+        ``select_q``: the prompt's queries ``[B, Hq, L, D]`` for a selection that reads them
+        (attention, expected_error), when ``q`` is not given (default: ``q``); only the last
+        ``observe`` rows of each sequence are read.
         """
         self.sync()
         self._check_dense(k, "k", 4)
@@ -146,6 +160,15 @@ class HieraCache(CacheInspection):
                              f"{self.batch} lengths, none above the chunk's {L} rows")
         check_room(self._lengths, lengths, self.max_seq_len)
         after = [n0 + n for n0, n in zip(self._lengths, lengths)]
+        select_q = q if select_q is None else select_q
+        if select_q is not None and select_q is not q:
+            self._check_queries(select_q, L)
+        if select_q is None and needs_queries(self.selection, self.key_channels) and \
+                any(n0 == 0 and n for n0, n in zip(self._lengths, lengths)):
+            raise InputError(f"selection {self.selection!r} chooses blocks by the prompt's queries, and this prefill "
+                             f"has none; nothing was written. Fix: pass q= (or select_q=) with the prompt, or build "
+                             f"the cache with selection='prune_loss'")
+        sel = (select_q, scale)
         if q is not None:
             self._check_queries(q, L)
             # the kernel is chosen (a forced one that cannot run refused) before anything is written
@@ -153,7 +176,7 @@ class HieraCache(CacheInspection):
             _kernels.table_prefill_family(self.lib, q, self, kernel, k_tail=mode != "compress_then_attend",
                                           v_tail=mode == "attend_then_compress", whole=whole)
         if q is None:
-            self._extend(k, v, lengths)
+            self._extend(k, v, lengths, *sel)
             return None
         old = list(self._lengths)
         qlens = torch.tensor(lengths, dtype=torch.int32, device=self.device)
@@ -162,7 +185,7 @@ class HieraCache(CacheInspection):
             out = _kernels.prefill_cache(self.lib, q, self, seqlens, qlens, k_tail=k, v_tail=v,
                                 tail_start=torch.tensor(old, dtype=torch.int32, device=self.device), scale=scale,
                                 kernel=kernel)
-            self._extend(k, v, lengths)
+            self._extend(k, v, lengths, *sel)
             return out
         whole = all(n0 == 0 for n0 in old) and all(n == L for n in lengths)  # a prompt into an empty cache
         if mode == "balanced":
@@ -170,7 +193,7 @@ class HieraCache(CacheInspection):
             # the partial block before the chunk are copied now, while still dense, so no
             # kernel piece straddles cache and tail after the chunk's blocks are re-tiered.
             k_tail, start = self._aligned_tail(k, lengths)
-        self._extend(k, v, lengths)
+        self._extend(k, v, lengths, *sel)
         if mode == "compress_then_attend":  # no tails: the sm_90a kernel over the tables may take it
             return _kernels.prefill_cache(self.lib, q, self, self.seqlens, qlens, scale=scale, whole=whole,
                                           kernel=kernel)
@@ -195,14 +218,18 @@ class HieraCache(CacheInspection):
         start = torch.tensor([n0 - r for n0, r in zip(self._lengths, heads)], dtype=torch.int32, device=self.device)
         return tail, start
 
-    def _extend(self, k: torch.Tensor, v: torch.Tensor, lengths: list[int]) -> None:
+    def _extend(self, k: torch.Tensor, v: torch.Tensor, lengths: list[int], select_q=None, scale=None) -> None:
         fresh = [b for b in range(self.batch) if self._lengths[b] == 0 and lengths[b] > 0]
         # one batched pass when every sequence is empty with one length; else sequence by sequence
         if len(fresh) == self.batch and len(set(lengths)) == 1:
-            self._prefill_group(0, self.batch, k[:, :, :lengths[0]], v[:, :, :lengths[0]])
+            n = lengths[0]
+            self._prefill_group(0, self.batch, k[:, :, :n], v[:, :, :n],
+                                None if select_q is None else select_q[:, :, :n], scale)
         else:
             for b in fresh:
-                self._prefill_group(b, b + 1, k[b:b + 1, :, :lengths[b]], v[b:b + 1, :, :lengths[b]])
+                n = lengths[b]
+                self._prefill_group(b, b + 1, k[b:b + 1, :, :n], v[b:b + 1, :, :n],
+                                    None if select_q is None else select_q[b:b + 1, :, :n], scale)
         for b in range(self.batch):
             if b not in fresh and lengths[b]:
                 self._extend_sequence(b, k[b], v[b], lengths[b])
@@ -267,7 +294,7 @@ class HieraCache(CacheInspection):
             dev = t.dense.device
             t.dense[b, :, slots[idx].long().to(dev), (pos[idx] % S).to(dev)] = x[:, idx.to(x.device)]
 
-    def _prefill_group(self, b0: int, b1: int, k: torch.Tensor, v: torch.Tensor) -> None:
+    def _prefill_group(self, b0: int, b1: int, k: torch.Tensor, v: torch.Tensor, select_q=None, scale=None) -> None:
         """Sequences b0..b1-1, all with the prompt length L: select, fill the table, then one
         fill kernel per tensor writes every block to its dense or 2:4 slot."""
         L, S = k.shape[2], self.block
@@ -276,12 +303,20 @@ class HieraCache(CacheInspection):
         n_elig = self._eligible(full)
         window0 = first + n_elig            # first block of the window (or of the tail)
         uniform = list(range(min(first, blocks))) + list(range(max(window0, min(first, blocks)), blocks))
+        selection = resolve(self.selection, select_q is not None)
+        mass = None
+        if selection != "prune_loss" and n_elig:  # attention of the prompt's last queries, per block
+            mass = torch.stack([attention_mass(qo, k[i], S, scale) for i, qo in
+                                enumerate(observed_queries(select_q, [L] * (b1 - b0), self.observe))])
         for t, x in ((self.k, k), (self.v, v)):
             n_s = ratio_count(t.ratio, n_elig)
             n_de = n_elig - n_s
-            # per head: the n_s eligible blocks of least prune loss become 2:4 (slots in block
+            # per head: the n_s eligible blocks of least score become 2:4 (slots in block
             # order), then one fill kernel copies or compresses every block to its slot
-            loss = self._score(x, t.name) if n_s else None
+            loss = None
+            if n_s:
+                gpu_loss = None if selection == "attention" else self._score(x, t.name)
+                loss = block_scores(selection, x, t.name, S, mass, gpu_loss).contiguous()
             _kernels.select_blocks(self.lib, x, loss, first, n_elig, n_s, blocks, t.table[b0:b1])
             _kernels.fill_blocks(self.lib, x, t.name, t.table[b0:b1], S, t.dense[b0:b1], t.sparse_vals[b0:b1],
                         t.sparse_meta[b0:b1])

@@ -62,17 +62,20 @@ def round_capacity(length: int) -> int:
     return max(CHUNK, -(-length // CHUNK) * CHUNK)
 
 
-def keep_mask_2to4(x: torch.Tensor) -> torch.Tensor:
+def keep_mask_2to4(x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
     """Boolean mask of the 2 largest-magnitude elements of each group of 4 along the last dim.
 
     Element i of a group is kept when fewer than 2 elements beat it, where j beats i if
     |x_j| > |x_i|, or |x_j| == |x_i| and j < i. The CUDA compressor uses the same rule.
+    ``weight`` (broadcast to x, float32): rank by |x| * weight instead (error-aware choices).
     """
     if x.shape[-1] % 4:
         raise ValueError(f"last dimension {x.shape[-1]} is not a multiple of 4")
     a = x.abs()
     if a.dtype in (torch.float16, torch.bfloat16):
         a = a.float()  # exact; keeps float64 inputs at full precision
+    if weight is not None:
+        a = a * weight.to(a.dtype)
     a = a.unflatten(-1, (-1, 4))
     ai, aj = a.unsqueeze(-1), a.unsqueeze(-2)  # [..., 4 (i), 1], [..., 1, 4 (j)]
     idx = torch.arange(4, device=x.device)
@@ -81,15 +84,18 @@ def keep_mask_2to4(x: torch.Tensor) -> torch.Tensor:
     return (beats.sum(-1) < 2).flatten(-2)
 
 
-def prune_2to4(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
-    """Zero the 2 smallest-magnitude elements of every group of 4 along ``dim``."""
+def prune_2to4(x: torch.Tensor, dim: int = -1, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Zero the 2 smallest-magnitude elements of every group of 4 along ``dim`` (by |x| * weight
+    when a weight broadcastable to x is given)."""
     xt = x.movedim(dim, -1)
-    return torch.where(keep_mask_2to4(xt), xt, torch.zeros_like(xt)).movedim(-1, dim)
+    wt = None if weight is None else weight.expand_as(x).movedim(dim, -1)
+    return torch.where(keep_mask_2to4(xt, wt), xt, torch.zeros_like(xt)).movedim(-1, dim)
 
 
-def prune_k(k: torch.Tensor) -> torch.Tensor:
-    """K pruned 2:4 along head_dim (what the kernels attend to)."""
-    return prune_2to4(k, -1)
+def prune_k(k: torch.Tensor, channel_weight: torch.Tensor | None = None) -> torch.Tensor:
+    """K pruned 2:4 along head_dim (what the kernels attend to); ``channel_weight [..., 1, D]``
+    ranks channels by |k| * weight (selection.channel_weights)."""
+    return prune_2to4(k, -1, channel_weight)
 
 
 def prune_v(v: torch.Tensor) -> torch.Tensor:
@@ -225,14 +231,17 @@ def packed_nbytes(batch: int, kv_heads: int, capacity: int, head_dim: int, items
     return elems // 2 * itemsize + elems // WORD * 2
 
 
-def block_prune_loss(x: torch.Tensor, kind: str, block: int) -> torch.Tensor:
+def block_prune_loss(x: torch.Tensor, kind: str, block: int, channel_weight: torch.Tensor | None = None) -> torch.Tensor:
     """Summed |x| that 2:4 drops, per whole block of tokens: ``[B, H, L // block]`` (float32).
 
     K ``[B, H, L, D]`` groups along head_dim, V groups of 4 tokens per channel (the GPU
-    scoring kernel computes the same in one pass).
+    scoring kernel computes the same in one pass). ``channel_weight [B, H, 1, D]`` (K): the
+    dropped |k| * weight, with the channels chosen by that product.
     """
     n = x.shape[-2] // block
     xb = x[..., : n * block, :].float()
+    if kind == "k" and channel_weight is not None:
+        xb = xb * channel_weight.float()
     kept = prune_k(xb) if kind == "k" else prune_v(xb)
     dropped = (xb.abs() - kept.abs()).unflatten(-2, (n, block))
     return dropped.sum((-1, -2))

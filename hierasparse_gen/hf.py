@@ -32,6 +32,7 @@ from .cache import HieraCache
 from .errors import CacheFullError, InputError, UnsupportedError
 from .ops.graphs import capture_graph
 from .policy import cache_settings, check_prefill_mode, check_ratios
+from .selection import check_selection
 from .simulate import SimulatedCache
 
 ATTENTION = "hierasparse"
@@ -52,12 +53,16 @@ class SparseKV:
     prefill_mode: str
     backend: str                # "kernels" | "simulate"
     cuda_graph: bool = False    # decode steps of a forward replay one captured graph (GraphedDecoder)
+    selection: str = "auto"     # how eligible blocks are chosen (hierasparse_gen.selection)
+    key_channels: str = "magnitude"
+    observe: int = 64
 
     def make_store(self, *, batch: int, heads: int, head_dim: int, max_len: int, dtype, device):
         cls = HieraCache if self.backend == "kernels" else SimulatedCache
         return cls(self.lib, batch=batch, num_kv_heads=heads, head_dim=head_dim, max_seq_len=max_len,
                    key_ratio=self.key_ratio, value_ratio=self.value_ratio, dtype=dtype, device=device,
-                   block_size=self.block_size, sink=self.sink, local_window=self.window)
+                   block_size=self.block_size, sink=self.sink, local_window=self.window,
+                   selection=self.selection, key_channels=self.key_channels, observe=self.observe)
 
 
 class HieraLayer(CacheLayerMixin):
@@ -188,7 +193,7 @@ def hierasparse_attention(module, query: torch.Tensor, key: torch.Tensor, value:
     if settings.prefill_mode == "attend_then_compress" and fresh:
         # exact dense attention over the prompt: the best dense kernel, then compression
         out = _dense_causal(query, key, value, scaling)
-        store.prefill(key, value, lengths)
+        store.prefill(key, value, lengths, select_q=query, scale=scaling)
     else:
         out, _ = store.prefill(key, value, lengths, q=query, mode=settings.prefill_mode, scale=scaling)
     if valid is not None:
@@ -248,7 +253,8 @@ def _check_library(lib, head_dim: int, group: int, block_size: int, dtype) -> No
 
 def enable(model, lib=None, *, key_ratio: float, value_ratio: float, sink: int | None = None,
            window: int | None = None, block_size: int | None = None,
-           prefill_mode: str = "attend_then_compress", backend: str = "kernels", cuda_graph: bool = True):
+           prefill_mode: str = "attend_then_compress", backend: str = "kernels", cuda_graph: bool = True,
+           selection: str = "auto", key_channels: str = "magnitude", observe: int = 64):
     """Turn ``model`` (a transformers causal LM) to sparse-KV attention; returns the model.
 
     ``key_ratio``/``value_ratio``: fraction of the eligible blocks (outside sink and window)
@@ -258,6 +264,10 @@ def enable(model, lib=None, *, key_ratio: float, value_ratio: float, sink: int |
     (CPU or GPU, no library): slow, for small models and accuracy studies. ``cuda_graph``
     (kernels backend): one-token forwards with a HieraSparseCache (generate()'s decode steps)
     replay a CUDA graph captured at the first one, instead of running 32 layers of Python.
+    ``selection``: which eligible blocks become 2:4 at prefill (:mod:`hierasparse_gen.selection`):
+    "auto" (= "attention" here: the blocks the prompt's last ``observe`` queries read least),
+    "expected_error", or "prune_loss" (the paper's). ``key_channels="query"`` (simulate backend only): K keeps the
+    channels of largest |k| * E|q|.
     """
     if backend not in ("kernels", "simulate"):
         raise InputError(f"backend {backend!r} is unknown. Fix: use 'kernels' or 'simulate'")
@@ -266,6 +276,10 @@ def enable(model, lib=None, *, key_ratio: float, value_ratio: float, sink: int |
                          "or backend='simulate'")
     check_prefill_mode(prefill_mode, "prefill_mode")
     check_ratios(key_ratio, value_ratio)
+    check_selection(selection, key_channels, observe)
+    if backend == "kernels" and key_channels != "magnitude":
+        raise UnsupportedError(f"key_channels {key_channels!r} runs in the simulation only (the GPU compressors keep "
+                               f"the largest |k|). Fix: backend='simulate', or key_channels='magnitude'")
     block, sink, window = cache_settings(lib, block_size, sink, window)
     heads, kv, head_dim = _check_model(_text_config(model))
     if heads % kv:
@@ -274,7 +288,8 @@ def enable(model, lib=None, *, key_ratio: float, value_ratio: float, sink: int |
     if backend == "kernels":
         _check_library(lib, head_dim, heads // kv, block, model.dtype)
     model._sparse_kv = SparseKV(lib, float(key_ratio), float(value_ratio), sink, window, block, prefill_mode,
-                                backend, bool(cuda_graph) and backend == "kernels")
+                                backend, bool(cuda_graph) and backend == "kernels", selection, key_channels,
+                                int(observe))
     if "forward" not in vars(model):  # wrap once: decode steps may replay a graph
         model._sparse_kv_forward = model.forward
         model.forward = _graph_forward(model, model.forward)

@@ -7,8 +7,9 @@ arrive and blocks re-tier, so a decode step costs one float64 attention over the
 
 Policy (identical to HieraCache): the first ``sink`` tokens and the window are dense; of the
 eligible blocks in between, ``ratio_count(ratio, eligible)`` per head are 2:4, chosen at a
-first prefill by least prune loss (ties: lower block) and, afterwards, as blocks leave the
-window (a block becomes 2:4 exactly when that keeps the count at the ratio).
+first prefill by least score of the cache's ``selection`` (:mod:`hierasparse_gen.selection`;
+ties: lower block) and, afterwards, as blocks leave the window (a block becomes 2:4 exactly
+when that keeps the count at the ratio).
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from .format import block_prune_loss, prune_k, prune_v
 from .policy import (cache_nbytes, cache_settings, check_kernel, check_not_full, check_prefill_mode, check_ratios, check_room,
                      eligible_blocks, ratio_count)
 from .reference import decode_reference, prefill_reference
+from .selection import (attention_mass, block_scores, channel_weights, check_selection, needs_queries,
+                        observed_queries, resolve)
 
 
 class SimulatedCache:
@@ -27,9 +30,12 @@ class SimulatedCache:
 
     def __init__(self, lib=None, *, batch: int, num_kv_heads: int, head_dim: int, max_seq_len: int,
                  key_ratio: float, value_ratio: float, dtype=torch.float16, device="cpu",
-                 block_size: int = 64, sink: int = 64, local_window: int = 256):
+                 block_size: int = 64, sink: int = 64, local_window: int = 256,
+                 selection: str = "auto", key_channels: str = "magnitude", observe: int = 64):
         block_size, sink, local_window = cache_settings(None, block_size, sink, local_window)
         check_ratios(key_ratio, value_ratio)
+        check_selection(selection, key_channels, observe)
+        self.selection, self.key_channels, self.observe = selection, key_channels, int(observe)
         self.batch, self.heads, self.head_dim, self.dtype = batch, num_kv_heads, head_dim, dtype
         self.block, self.sink, self.window, self.max_seq_len = block_size, sink, local_window, max_seq_len
         self.sink_blocks, self.window_blocks = sink // block_size, local_window // block_size
@@ -45,6 +51,8 @@ class SimulatedCache:
         self.lengths = [0] * batch
         self.n_eligible = [0] * batch
         self.device = self.x["k"].device
+        # per (sequence, head) weight of K's channels in the 2:4 choice (key_channels="query"; set at a first prefill)
+        self.key_weight = torch.ones(batch, num_kv_heads, 1, head_dim, device=self.device)
 
     # --- what the cache holds ---------------------------------------------------------------
     def view(self, name: str) -> torch.Tensor:
@@ -55,7 +63,7 @@ class SimulatedCache:
         """Recompute what sequence b stores of tokens [t0, t1) (t0 on a block boundary; whole blocks)."""
         t1 = -(-t1 // self.block) * self.block
         x = self.x[name][b, :, t0:t1]
-        pruned = prune_k(x) if name == "k" else prune_v(x)
+        pruned = prune_k(x, self.key_weight[b]) if name == "k" else prune_v(x)
         flags = self.sparse[name][b, :, t0 // self.block:t1 // self.block].repeat_interleave(self.block, -1)
         self.stored[name][b, :, t0:t1] = torch.where(flags.unsqueeze(-1), pruned, x)
 
@@ -96,16 +104,26 @@ class SimulatedCache:
                             sparse_blocks={n: int(self.tiers(n).sum()) for n in "kv"})
 
     # --- insertion ----------------------------------------------------------------------------
-    def _fresh(self, b: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        """An empty sequence takes a whole prompt: 2:4 blocks by least prune loss, per head."""
+    def _fresh(self, b: int, k: torch.Tensor, v: torch.Tensor, q_obs: torch.Tensor | None, scale) -> None:
+        """An empty sequence takes a whole prompt: 2:4 blocks by least score, per head (``q_obs
+        [Hq, W, D]``: the prompt's last queries, for the selections that read them)."""
         L, S = k.shape[1], self.block
         n_elig = eligible_blocks(L // S, self.sink_blocks, self.window_blocks)
+        if self.key_channels == "query":
+            self.key_weight[b] = channel_weights(q_obs, self.heads).unsqueeze(1)
+        selection = resolve(self.selection, q_obs is not None)
+        mass = None
+        if selection != "prune_loss" and n_elig:
+            mass = attention_mass(q_obs, k, S, scale).unsqueeze(0)
         for name, x in (("k", k), ("v", v)):
             self.x[name][b, :, :L] = x
             n_s = ratio_count(self.ratio[name], n_elig)
             if n_s:
-                loss = block_prune_loss(x.unsqueeze(0), name, S)[0, :, self.sink_blocks:self.sink_blocks + n_elig]
-                chosen = torch.argsort(loss, dim=-1, stable=True)[:, :n_s] + self.sink_blocks
+                weight = self.key_weight[b:b + 1] if name == "k" and self.key_channels == "query" else None
+                loss = None if selection == "attention" else block_prune_loss(x.unsqueeze(0), name, S, weight)
+                score = block_scores(selection, x.unsqueeze(0), name, S, mass, loss)
+                score = score[0, :, self.sink_blocks:self.sink_blocks + n_elig]
+                chosen = torch.argsort(score, dim=-1, stable=True)[:, :n_s] + self.sink_blocks
                 self.sparse[name][b].scatter_(1, chosen, True)
             self.n_sparse[name][b] = n_s
             self._restore(name, b, 0, L)
@@ -130,16 +148,22 @@ class SimulatedCache:
                             self.n_sparse[name][b] += 1
                             self._restore(name, b, blk * self.block, (blk + 1) * self.block)
 
-    def _insert(self, k: torch.Tensor, v: torch.Tensor, lengths: list[int]) -> None:
+    def _insert(self, k: torch.Tensor, v: torch.Tensor, lengths: list[int], select_q=None, scale=None) -> None:
+        fresh = [b for b, n in enumerate(lengths) if n and self.lengths[b] == 0]
+        if fresh and select_q is None and needs_queries(self.selection, self.key_channels):
+            raise InputError(f"selection {self.selection!r} with key_channels {self.key_channels!r} chooses blocks by "
+                             f"the prompt's queries, and this prefill has none. Fix: pass q= (or select_q=) with the "
+                             f"prompt, or use selection='prune_loss', key_channels='magnitude'")
+        q_obs = observed_queries(select_q, lengths, self.observe) if select_q is not None else [None] * len(lengths)
         for b, n in enumerate(lengths):
             if n and self.lengths[b] == 0:
-                self._fresh(b, k[b, :, :n], v[b, :, :n])
+                self._fresh(b, k[b, :, :n], v[b, :, :n], q_obs[b], scale)
             elif n:
                 self._push(b, k[b, :, :n], v[b, :, :n])
 
     # --- the HieraCache API -------------------------------------------------------------------
     def prefill(self, k, v, lengths=None, *, q=None, mode: str = "compress_then_attend", scale=None,
-                kernel: str = "auto"):
+                kernel: str = "auto", select_q=None):
         """As HieraCache.prefill (``kernel`` is accepted for the same signature: the model has one)."""
         check_prefill_mode(mode)
         check_kernel(kernel)
@@ -149,14 +173,15 @@ class SimulatedCache:
         old = list(self.lengths)
         after = torch.tensor([n0 + n for n0, n in zip(old, lengths)])
         qlens = torch.tensor(lengths)
+        select_q = q if select_q is None else select_q
         if q is not None and mode == "attend_then_compress":
             keys, vals = self.view("k"), self.view("v")
             for b, (n0, n) in enumerate(zip(old, lengths)):
                 keys[b, :, n0:n0 + n] = k[b, :, :n]
                 vals[b, :, n0:n0 + n] = v[b, :, :n]
-            self._insert(k, v, lengths)
+            self._insert(k, v, lengths, select_q, scale)
             return self._prefill_out(q, keys, vals, after, qlens, scale)
-        self._insert(k, v, lengths)
+        self._insert(k, v, lengths, select_q, scale)
         if q is None:
             return None
         keys = self.view("k")
@@ -190,3 +215,4 @@ class SimulatedCache:
             self.n_sparse[name] = [0] * self.batch
         self.lengths = [0] * self.batch
         self.n_eligible = [0] * self.batch
+        self.key_weight.fill_(1.0)

@@ -57,6 +57,13 @@ def matrix_build(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def smollm2(tmp_path_factory):
+    """The loaded specs/smollm2.yaml library (or $HIERASPARSE_SMOLLM2_BUILD): the real-activation tests."""
+    import hierasparse_gen
+    return hierasparse_gen.load(_build_or_reuse("specs/smollm2.yaml", "HIERASPARSE_SMOLLM2_BUILD", tmp_path_factory))
+
+
+@pytest.fixture(scope="session")
 def llama3(llama3_build):
     """The loaded llama3 library (GPU tests)."""
     import hierasparse_gen

@@ -175,13 +175,14 @@ def test_byte_tokenizer_and_markdown():
     assert torch.tensor(tok.encode("é")).tolist() == [195, 169]
 
 
-def test_shortcuts_give_the_exact_numbers(model_dir, text_file, tmp_path):
-    """The reused dense prefill (fastsim) against prefilling through the model."""
+@pytest.mark.parametrize("policy", ["prune_loss", "attention+query_k", "expected_error"])
+def test_shortcuts_give_the_exact_numbers(model_dir, text_file, tmp_path, policy):
+    """The reused dense prefill (fastsim, with its captured queries) against prefilling through the model."""
     got = {}
     for name, extra in (("fast", []), ("exact", ["--exact"])):
         path = tmp_path / f"{name}.json"
         assert eval_main(_args(model_dir, text_file, "--key-ratios", "0.5", "--value-ratios", "1", "--decode", "70",
-                               "--check-steps", "0", "--json", str(path), *extra)) == 0
+                               "--check-steps", "0", "--policies", policy, "--json", str(path), *extra)) == 0
         got[name] = json.loads(path.read_text())
     fast, exact = got["fast"]["rows"][0], got["exact"]["rows"][0]
     assert fast["prefill_reused"] and not exact["prefill_reused"]

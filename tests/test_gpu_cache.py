@@ -85,6 +85,29 @@ def test_prefill_selects_lowest_loss_blocks_per_head(lib, poison, dtype):
     _check_attend(cache, model, seed=5)
 
 
+@pytest.mark.parametrize("selection", ["attention", "expected_error"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_prefill_selection_by_the_prompts_queries(lib, poison, selection, dtype):
+    """The GPU path of the attention-aware selections (scores on the device, the select kernel)
+    makes the simulation's choice, per head, for sequences of different lengths, and stores
+    what it stores."""
+    from hierasparse_gen.simulate import SimulatedCache
+    lengths = [3000, 1111]
+    kw = dict(batch=2, num_kv_heads=HKV, head_dim=D, max_seq_len=3100, key_ratio=0.5, value_ratio=0.75, dtype=dtype,
+              selection=selection, observe=48)
+    cache, sim = HieraCache(lib, **kw), SimulatedCache(device="cuda", **kw)
+    k, v = (_rand(2, HKV, 3000, D, seed=s, dtype=dtype) for s in (31, 32))
+    q = _rand(2, HQ, 3000, D, seed=33, dtype=dtype) * 2
+    cache.prefill(k, v, lengths, select_q=q)
+    sim.prefill(k, v, lengths, select_q=q)
+    for name in "kv":
+        assert torch.equal(cache.tiers(name), sim.tiers(name)), name
+    assert torch.equal(cache.to_dense()[0], sim.to_dense()[0]) and torch.equal(cache.to_dense()[1], sim.to_dense()[1])
+    prune = HieraCache(lib, **{**kw, "selection": "prune_loss"})
+    prune.prefill(k, v, lengths, select_q=q)
+    assert not torch.equal(prune.tiers("v"), cache.tiers("v")), "the policy should change the choice"
+
+
 @pytest.mark.parametrize("ratios", [(0.5, 0.25), (0.0, 1.0), (1.0, 0.0)])
 def test_decode_with_flushes_matches_reference_every_step(lib, ratios):
     kr, vr = ratios

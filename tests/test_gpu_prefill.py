@@ -8,8 +8,7 @@ import torch
 
 from hierasparse_gen import format as fmt
 from hierasparse_gen.cache import HieraCache
-from hierasparse_gen.reference import prefill_reference
-from helpers import rand
+from helpers import cache_chunk as _cache_chunk, check_prefill as check, rand
 
 pytestmark = pytest.mark.gpu
 
@@ -17,39 +16,6 @@ pytestmark = pytest.mark.gpu
 @pytest.fixture(scope="module")
 def lib(llama3):
     return llama3
-
-
-def _lowp(q, k, v, seqlens, qlens=None):
-    """Same-precision yardstick: the torch math path on the same (pruned) K/V."""
-    B, Hq, Lq, D = q.shape
-    Hkv, L = k.shape[1], k.shape[2]
-    n = torch.full((B,), Lq, device=q.device) if qlens is None else qlens.to(q.device).long()
-    rows = torch.arange(Lq, device=q.device).view(1, Lq, 1)
-    pos = seqlens.view(B, 1, 1) - n.view(B, 1, 1) + rows
-    keys = torch.arange(L, device=q.device).view(1, 1, L)
-    mask = (keys <= pos) & (keys < seqlens.view(B, 1, 1)) & (rows < n.view(B, 1, 1))
-    with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
-        out = torch.nn.functional.scaled_dot_product_attention(
-            q, k.repeat_interleave(Hq // Hkv, 1), v.repeat_interleave(Hq // Hkv, 1), attn_mask=mask.unsqueeze(1))
-    return out.nan_to_num(0.0)
-
-
-def check(out, lse, q, k, v, seqlens, qlens=None, scale=None):
-    """Kernel output within 4x the same-precision torch error of the float64 reference; lse
-    finite exactly where the reference's is, and close there."""
-    ref, ref_lse = prefill_reference(q, k, v, seqlens, scale=scale, qlens=qlens)
-    assert out.shape == q.shape and lse.shape == q.shape[:3]
-    assert not out.isnan().any(), "unwritten or NaN output"
-    err = (out.double() - ref).abs().max().item()
-    if scale is None:
-        err_lowp = (_lowp(q, k, v, seqlens, qlens).double() - ref).abs().max().item()
-        assert err <= 4 * err_lowp + 1e-4, f"max error {err:.3g} vs same-precision torch {err_lowp:.3g}"
-    else:
-        assert err <= 2e-2, f"max error {err:.3g}"
-    finite = torch.isfinite(ref_lse)
-    assert torch.equal(torch.isfinite(lse), finite.to(lse.device))
-    assert torch.allclose(lse.double()[finite], ref_lse[finite], atol=2e-3, rtol=1e-4)
-    return err
 
 
 def _inputs(B, Lq, L, dtype, seed, hq, hkv, d):
@@ -148,39 +114,6 @@ def test_chunked_prefill_equals_single_shot(lib, poison, balanced):
 def _cache(lib, B, L, kr, vr, hq=32, hkv=8, d=128, dtype=torch.float16, **kw):
     return HieraCache(lib, batch=B, num_kv_heads=hkv, head_dim=d, max_seq_len=L, key_ratio=kr,
                       value_ratio=vr, dtype=dtype, **kw)
-
-
-def _cache_chunk(cache, mode, q, k, v, lengths):
-    """Prefill one chunk in `mode`; check it against the reference over the keys the mode
-    promises: the stored cache (compress_then_attend), the dense chunk after the cache as it
-    was (attend_then_compress), or stored V with dense chunk keys (balanced)."""
-    before_k, before_v = cache.to_dense()
-    old = list(cache.lengths)
-    out, lse = cache.prefill(k, v, lengths, q=q, mode=mode)
-    after_k, after_v = cache.to_dense()
-    B, Hkv, _, D = k.shape
-    total = [o + n for o, n in zip(old, lengths)]
-    assert cache.lengths == total
-    L = max(total)
-    kref = torch.zeros(B, Hkv, L, D, dtype=k.dtype, device="cuda")
-    vref = torch.zeros_like(kref)
-    for b in range(B):
-        o, n = old[b], lengths[b]
-        if mode == "compress_then_attend":
-            kref[b, :, :o + n], vref[b, :, :o + n] = after_k[b, :, :o + n], after_v[b, :, :o + n]
-        elif mode == "attend_then_compress":
-            kref[b, :, :o], vref[b, :, :o] = before_k[b, :, :o], before_v[b, :, :o]
-            kref[b, :, o:o + n], vref[b, :, o:o + n] = k[b, :, :n], v[b, :, :n]
-        else:  # balanced: keys from the last 32-token boundary before the chunk are dense
-            s = o - o % 32
-            kref[b, :, :s] = after_k[b, :, :s]
-            kref[b, :, s:o] = before_k[b, :, s:o]
-            kref[b, :, o:o + n] = k[b, :, :n]
-            vref[b, :, :o + n] = after_v[b, :, :o + n]
-    seqlens = torch.tensor(total, dtype=torch.int32, device="cuda")
-    qlens = torch.tensor(lengths, dtype=torch.int32, device="cuda")
-    check(out, lse, q, kref, vref, seqlens, qlens)
-    return out
 
 
 MODES = ["compress_then_attend", "attend_then_compress", "balanced"]

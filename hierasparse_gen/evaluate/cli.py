@@ -72,6 +72,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--plot", help="write the bytes-versus-quality curve here (PNG)")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
+    ap.add_argument("--capture", help="instead of evaluating: save the post-RoPE Q/K/V of --capture-layers over "
+                                      "the first --prefill tokens to this file (float16; for the GPU tests)")
+    ap.add_argument("--capture-layers", type=_numbers("--capture-layers", int, "0,15,29"), default=[0])
     return ap
 
 
@@ -116,6 +119,8 @@ def run(args) -> dict:
                              f"another path")
     device, dtype = _device_dtype(args)
     text, text_source = read_text(args.text)
+    if args.capture:
+        return _capture(args, text, text_source, device, dtype)
     lib = None
     if args.backend == "kernels":
         from .. import load
@@ -145,6 +150,21 @@ def run(args) -> dict:
         why = report.plot(result, args.plot)
         print(why if why else f"wrote {args.plot}", file=sys.stderr if why else sys.stdout)
     return result
+
+
+def _capture(args, text: str, text_source: str, device: str, dtype) -> dict:
+    from .capture import capture
+    from .load import load_model
+    loaded = load_model(args.model, dtype=dtype, device=device, tokenizer=args.tokenizer)
+    ids = loaded.tokenizer.encode(text, first=True)
+    if len(ids) < args.prefill:
+        raise InputError(f"--prefill {args.prefill}: the text has {len(ids)} tokens. Fix: a longer --text or a "
+                         f"smaller --prefill")
+    got = capture(loaded.model, ids[:args.prefill], args.capture_layers,
+                  meta={"model": loaded.name, "text": text_source})
+    torch.save(got, args.capture)
+    print(f"wrote {args.capture}: layers {got['layers']}, q {tuple(got['q'].shape)}, k/v {tuple(got['k'].shape)}")
+    return got
 
 
 def main(argv=None) -> int:

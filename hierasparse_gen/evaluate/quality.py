@@ -18,7 +18,7 @@ import torch
 
 from .. import hf
 from ..simulate import SimulatedCache
-from .fastsim import dense_prefill_kv, prefill_from
+from .fastsim import capture_queries, dense_prefill_kv, prefill_from
 
 
 @dataclass(frozen=True)
@@ -35,15 +35,16 @@ class Setting:
         return f"k{self.key_ratio:g}/v{self.value_ratio:g}"
 
 
-def _prune_loss(setting: Setting) -> dict:
-    """The cache's built-in choice: the eligible blocks of least prune loss are 2:4."""
-    return {}
-
-
-# Block-selection policies: name -> extra keyword arguments for ``hierasparse_gen.enable``.
-# Today the cache has one built-in choice; a new policy adds an entry here (and the option it
-# passes to enable), and ``--policies`` picks it up.
-POLICIES = {"prune_loss": _prune_loss}
+# Block-selection policies: name -> keyword arguments for ``hierasparse_gen.enable``
+# (hierasparse_gen.selection says what each does); ``--policies`` picks them by name.
+POLICIES = {
+    "prune_loss": {"selection": "prune_loss"},
+    "attention": {"selection": "attention"},
+    "expected_error": {"selection": "expected_error"},
+    "prune_loss+query_k": {"selection": "prune_loss", "key_channels": "query"},
+    "attention+query_k": {"selection": "attention", "key_channels": "query"},
+    "expected_error+query_k": {"selection": "expected_error", "key_channels": "query"},
+}
 
 
 def _forward(model, ids: torch.Tensor, start: int, cache, keep: int | None = None):
@@ -68,8 +69,9 @@ def dense_reference(model, ids: torch.Tensor, prefill: int, decode: int, check_s
     the prompt's K/V per layer for ``fastsim.prefill_from``."""
     model.set_attn_implementation("sdpa")
     cache = dense_cache(model)
-    _forward(model, ids[:prefill], 0, cache, keep=1)
-    kv = dense_prefill_kv(cache) if keep_kv else None
+    with capture_queries(model) as queries:
+        _forward(model, ids[:prefill], 0, cache, keep=1)
+    kv = dense_prefill_kv(cache, queries) if keep_kv else None
     chunk = _forward(model, ids[prefill:prefill + decode], prefill, cache)
     worst = 0.0
     steps = min(check_steps, decode)
@@ -82,7 +84,7 @@ def dense_reference(model, ids: torch.Tensor, prefill: int, decode: int, check_s
 
 
 def enable_setting(model, setting: Setting, *, backend: str, lib, block_size: int | None):
-    extra = POLICIES[setting.policy](setting)
+    extra = POLICIES[setting.policy]
     return hf.enable(model, lib, key_ratio=setting.key_ratio, value_ratio=setting.value_ratio, sink=setting.sink,
                      window=setting.window, block_size=block_size, prefill_mode=setting.prefill_mode,
                      backend=backend, cuda_graph=False, **extra)

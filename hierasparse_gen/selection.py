@@ -1,0 +1,97 @@
+"""Which eligible blocks become 2:4, and which pairs a 2:4 block keeps: the cache's selection
+policies, in plain torch (CPU or GPU), shared by HieraCache (on its GPU) and SimulatedCache.
+
+A block's score says how much pruning it would cost; the blocks of least score become 2:4,
+the same count per head as the ratio gives (so pools stay sized up front).
+
+* ``prune_loss``: the summed |x| that 2:4 drops (the paper's choice). Needs only K/V.
+* ``attention``: the attention mass that the prompt's last ``observe`` queries put on the block,
+  per KV head (summed over its group's query heads): blocks that attention reads stay dense.
+* ``expected_error``: attention mass times prune loss, the first-order change of the output.
+* ``auto`` (the default): ``attention`` when the prefill brings the prompt's queries (``q`` or
+  ``select_q``; the transformers integration always does), else ``prune_loss``.
+
+Inside a 2:4 block (``key_channels="query"``), K keeps per token the 2 of 4 channels of largest
+|k_c| * E|q_c| (the observation window's mean |q| per channel and KV head) instead of the largest
+|k_c|: a dropped channel moves a score by q_c * k_c, so channels that queries barely use go
+first. Same storage format, same kernels: only the choice of kept channels changes.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .errors import InputError
+from .format import block_prune_loss
+
+SELECTIONS = ("auto", "prune_loss", "attention", "expected_error")
+#: "auto": the measured best (benchmarks/RESULTS.md) when the prefill brings its queries, else prune loss
+AUTO_WITH_QUERIES = "attention"
+KEY_CHANNELS = ("magnitude", "query")
+
+
+def check_selection(selection: str, key_channels: str, observe: int) -> None:
+    if selection not in SELECTIONS:
+        raise InputError(f"selection {selection!r} is not a block selection. Fix: use one of {', '.join(SELECTIONS)}")
+    if key_channels not in KEY_CHANNELS:
+        raise InputError(f"key_channels {key_channels!r} is not known. Fix: use one of {', '.join(KEY_CHANNELS)}")
+    if int(observe) != observe or observe < 1:
+        raise InputError(f"observe {observe!r}: the observation window must be a positive number of queries. "
+                         f"Fix: e.g. observe=64")
+
+
+def resolve(selection: str, has_queries: bool) -> str:
+    """The selection a prefill runs: "auto" picks by whether the prompt's queries are there."""
+    if selection == "auto":
+        return AUTO_WITH_QUERIES if has_queries else "prune_loss"
+    return selection
+
+
+def needs_queries(selection: str, key_channels: str) -> bool:
+    return selection not in ("auto", "prune_loss") or key_channels == "query"
+
+
+def observed_queries(q: torch.Tensor, lengths: list[int], observe: int) -> list[torch.Tensor]:
+    """Each sequence's last ``observe`` queries of a chunk ``q [B, Hq, L, D]``: ``[Hq, W, D]`` each."""
+    return [q[b, :, max(0, n - observe):n] for b, n in enumerate(lengths)]
+
+
+def attention_mass(q_obs: torch.Tensor, k: torch.Tensor, block: int, scale: float | None) -> torch.Tensor:
+    """Attention mass per whole block ``[Hkv, n // block]`` (float32) of the last W queries
+    ``q_obs [Hq, W, D]`` of a prompt over its keys ``k [Hkv, n, D]``: causal (query i of the
+    window sits at position n - W + i), summed over the W queries and each KV head's group."""
+    Hq, W, D = q_obs.shape
+    Hkv, n = k.shape[0], k.shape[1]
+    scale = D ** -0.5 if scale is None else scale
+    G = Hq // Hkv
+    pos = torch.arange(n - W, n, device=k.device).view(W, 1)
+    late = torch.arange(n, device=k.device).view(1, n) > pos      # [W, n]: keys after the query
+    nb = n // block
+    out = torch.empty(Hkv, nb, dtype=torch.float32, device=k.device)
+    for h in range(Hkv):  # one KV head at a time: [G*W, n] scores, not [Hq*W, n]
+        s = (q_obs[h * G:(h + 1) * G].float() @ k[h].float().T) * scale   # [G, W, n]
+        p = torch.softmax(s.masked_fill(late, float("-inf")), -1).sum((0, 1))
+        out[h] = p[:nb * block].view(nb, block).sum(-1)
+    return out
+
+
+def channel_weights(q_obs: torch.Tensor, heads: int) -> torch.Tensor:
+    """E|q_c| per KV head ``[Hkv, D]`` (float32) over the window's queries of its group."""
+    Hq, W, D = q_obs.shape
+    return q_obs.float().abs().reshape(heads, Hq // heads * W, D).mean(1)
+
+
+def block_scores(selection: str, x: torch.Tensor, name: str, block: int, mass: torch.Tensor | None,
+                 loss: torch.Tensor | None = None) -> torch.Tensor:
+    """Score per whole block ``[B, H, L // block]`` of ``x [B, H, L, D]`` (lower: 2:4 first).
+    ``mass [B, H, L // block]``: attention mass (attention, expected_error); ``loss``: the prune
+    loss when already computed (the GPU scoring kernel's)."""
+    if selection == "attention":
+        return mass
+    if loss is None:
+        loss = block_prune_loss(x, name, block)
+    return loss if selection == "prune_loss" else loss * mass
+
+
+__all__ = ["SELECTIONS", "AUTO_WITH_QUERIES", "KEY_CHANNELS", "check_selection", "resolve", "needs_queries", "observed_queries", "attention_mass",
+           "channel_weights", "block_scores"]

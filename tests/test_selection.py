@@ -1,0 +1,145 @@
+"""Block selection policies (hierasparse_gen.selection) in the simulation: the attention mass
+against a float64 brute force, which blocks each policy makes 2:4, the query-weighted choice of
+K's channels, and the errors. (The kernels' path: tests/test_gpu_cache.py, test_gpu_real.py.)"""
+
+import pytest
+import torch
+
+from hierasparse_gen import format as fmt
+from hierasparse_gen.cache import HieraCache
+from hierasparse_gen.errors import InputError, UnsupportedError
+from hierasparse_gen.policy import ratio_count
+from hierasparse_gen.selection import attention_mass, channel_weights, resolve
+from hierasparse_gen.simulate import SimulatedCache
+
+H, G, D, S = 2, 3, 64, 32
+
+
+def _inputs(L, seed):
+    g = torch.Generator().manual_seed(seed)
+    k = torch.randn(1, H, L, D, generator=g)
+    v = torch.randn(1, H, L, D, generator=g)
+    q = torch.randn(1, H * G, L, D, generator=g) * 2  # peaked enough that blocks differ in mass
+    return q, k, v
+
+
+def _sim(L, **kw):
+    return SimulatedCache(batch=1, num_kv_heads=H, head_dim=D, max_seq_len=L, dtype=torch.float32, block_size=S,
+                          sink=S, local_window=2 * S, **kw)
+
+
+def test_attention_mass_against_brute_force():
+    q, k, _ = _inputs(300, 1)
+    W = 40
+    got = attention_mass(q[0, :, -W:], k[0], S, None)
+    want = torch.zeros(H, 300 // S, dtype=torch.float64)
+    for hq in range(H * G):
+        for i in range(W):
+            pos = 300 - W + i
+            s = (q[0, hq, pos].double() @ k[0, hq // G, :pos + 1].double().T) / D ** 0.5
+            p = torch.softmax(s, -1)
+            for blk in range(300 // S):
+                want[hq // G, blk] += p[blk * S:(blk + 1) * S].sum()
+    assert torch.allclose(got.double(), want, rtol=1e-4, atol=1e-6)
+    # every query's mass sums to 1 (the last, partial block holds the rest)
+    assert float(got.sum()) <= H * G * W + 1e-3
+
+
+@pytest.mark.parametrize("selection", ["attention", "expected_error", "prune_loss"])
+def test_each_policy_makes_its_least_scored_blocks_24(selection):
+    L = 20 * S
+    q, k, v = _inputs(L, 2)
+    sim = _sim(L, key_ratio=0.5, value_ratio=0.25, selection=selection, observe=48)
+    sim.prefill(k, v, q=q)
+    elig = 20 - 1 - 2
+    mass = attention_mass(q[0, :, -48:], k[0], S, None)[:, 1:1 + elig]
+    for name, x, ratio in (("k", k, 0.5), ("v", v, 0.25)):
+        loss = fmt.block_prune_loss(x, name, S)[0, :, 1:1 + elig]
+        score = {"attention": mass, "expected_error": mass * loss, "prune_loss": loss}[selection]
+        n = ratio_count(ratio, elig)
+        want = torch.zeros(H, 20, dtype=torch.bool)
+        want.scatter_(1, torch.argsort(score, dim=-1, stable=True)[:, :n] + 1, True)
+        assert torch.equal(sim.tiers(name)[0], want), name
+    # the policies disagree on these inputs, so the test can tell them apart
+    if selection == "attention":
+        other = _sim(L, key_ratio=0.5, value_ratio=0.25, selection="prune_loss")
+        other.prefill(k, v, q=q)
+        assert not torch.equal(other.tiers("k"), sim.tiers("k"))
+
+
+def test_auto_reads_queries_when_given():
+    L = 16 * S
+    q, k, v = _inputs(L, 3)
+    runs = {}
+    for name, selection, queries in (("auto+q", "auto", q), ("attention", "attention", q),
+                                     ("auto", "auto", None), ("prune_loss", "prune_loss", q)):
+        sim = _sim(L, key_ratio=0.5, value_ratio=0.5, selection=selection)
+        sim.prefill(k, v, q=queries)
+        runs[name] = sim.tiers("k")
+    assert torch.equal(runs["auto+q"], runs["attention"])
+    assert torch.equal(runs["auto"], runs["prune_loss"])
+    assert resolve("auto", True) == "attention" and resolve("auto", False) == "prune_loss"
+
+
+def test_select_q_chooses_without_attending():
+    """hf's attend-then-compress path passes the prompt's queries for selection only (no output)."""
+    L = 16 * S
+    q, k, v = _inputs(L, 4)
+    a, b = _sim(L, key_ratio=1, value_ratio=0.5), _sim(L, key_ratio=1, value_ratio=0.5)
+    assert a.prefill(k, v, select_q=q) is None
+    b.prefill(k, v, q=q, mode="attend_then_compress")
+    assert torch.equal(a.tiers("v"), b.tiers("v")) and torch.equal(a.to_dense()[0], b.to_dense()[0])
+
+
+def test_query_weighted_key_channels():
+    L = 16 * S
+    q, k, v = _inputs(L, 5)
+    q[..., 0::4] *= 50  # queries lean on the first channel of every group of 4: it must survive 2:4 in K
+    sim = _sim(L + S, key_ratio=1, value_ratio=0, key_channels="query", selection="prune_loss")
+    sim.prefill(k, v, q=q)
+    w = channel_weights(q[0, :, -64:], H)                       # [H, D]
+    assert torch.allclose(sim.key_weight[0, :, 0], w)
+    tiers = sim.tiers("k")[0].repeat_interleave(S, -1)[:, :L].unsqueeze(-1)  # [H, L, 1]
+    want = torch.where(tiers, fmt.prune_k(k[0], w.unsqueeze(1)), k[0])
+    got = sim.to_dense()[0][0]
+    assert torch.equal(got, want)
+    kept = got[tiers.squeeze(-1)] != 0                          # [2:4 rows, D]: the kept channels
+    assert kept[:, 0::4].float().mean() > 0.95 and kept[:, 1::4].float().mean() < 0.7
+    # the choice is by |k| * w: never keeps a channel whose product is below both dropped ones
+    plain = _sim(L + S, key_ratio=1, value_ratio=0, selection="prune_loss")
+    plain.prefill(k, v)
+    assert not torch.equal(plain.to_dense()[0], got)
+    # decode flushes keep the same weights
+    for i in range(S):  # the tokens again, as a block of new ones
+        sim.append(k[:, :, i], v[:, :, i])
+    blk = (L + S) // S - 2 - 1  # the block that left the window
+    flushed = sim.to_dense()[0][0, :, blk * S:(blk + 1) * S]
+    assert sim.tiers("k")[0, :, blk].all()
+    assert torch.equal(flushed, fmt.prune_k(k[0, :, blk * S:(blk + 1) * S], w.unsqueeze(1)))
+
+
+def test_ratio_zero_is_dense_under_every_policy():
+    L = 12 * S
+    q, k, v = _inputs(L, 6)
+    for selection in ("attention", "expected_error"):
+        sim = _sim(L, key_ratio=0, value_ratio=0, selection=selection, key_channels="query")
+        sim.prefill(k, v, q=q)
+        assert torch.equal(sim.to_dense()[0], k) and torch.equal(sim.to_dense()[1], v)
+
+
+def test_errors():
+    L = 8 * S
+    q, k, v = _inputs(L, 7)
+    with pytest.raises(InputError, match="selection 'nearest' is not a block selection. Fix: use one of auto"):
+        _sim(L, key_ratio=0, value_ratio=0, selection="nearest")
+    with pytest.raises(InputError, match="key_channels 'abs' is not known"):
+        _sim(L, key_ratio=0, value_ratio=0, key_channels="abs")
+    with pytest.raises(InputError, match="observe 0"):
+        _sim(L, key_ratio=0, value_ratio=0, observe=0)
+    sim = _sim(L, key_ratio=0.5, value_ratio=0, selection="attention")
+    with pytest.raises(InputError, match="chooses blocks by the prompt's queries, and this prefill has none"):
+        sim.prefill(k, v)
+    assert sim.lengths == [0]
+    with pytest.raises(UnsupportedError, match="key_channels 'query'.*Fix: use key_channels='magnitude'"):
+        HieraCache(None, batch=1, num_kv_heads=H, head_dim=D, max_seq_len=L, key_ratio=0, value_ratio=0,
+                   device="cpu", key_channels="query")
