@@ -162,3 +162,62 @@ def test_the_library_is_checked_at_the_rank_group():
     with pytest.raises(ValueError, match=r"no decode kernel for this model \(head_dim 64, GQA group 4 of this "
                                          r"rank's 4 query and 1 KV heads, tensor-parallel over 2, float16"):
         hf.enable(rank, Lib(), key_ratio=0.5, value_ratio=0.5)
+
+
+# --- specs for the per-rank shapes --------------------------------------------------------------
+
+def _rank_group(q: int, kv: int, tp: int) -> int:
+    """The group a rank's kernels need: heads split by tp, a KV head replicated when fewer than ranks."""
+    return (q // tp) // max(1, kv // tp)
+
+
+@pytest.mark.parametrize("spec, model, tps", [
+    ("specs/llama3.yaml", (32, 8), (1, 2, 4, 8)),          # Llama-3.1-8B: 16/4, 8/2, 4/1 a rank: group 4
+    ("specs/llama3_tp8.yaml", (64, 8), (2, 4, 8)),         # Llama-3.1-70B: group 8
+    ("specs/llama3_tp8.yaml", (128, 8), (8,)),             # Llama-3.1-405B: 16/1 a rank, group 16
+    ("specs/llama3_tp8.yaml", (128, 8), (16,)),            # 405B over 16: 8 query heads, the KV head replicated
+])
+def test_the_specs_cover_each_ranks_group(spec, model, tps):
+    from hierasparse_gen.spec import load_spec
+    from hierasparse_gen.variants import expand
+    variants = expand(load_spec(REPO / spec))
+    for tp in tps:
+        group = _rank_group(*model, tp)
+        for kind in ("decode", "prefill"):
+            assert any(v.kind == kind and v.head_dim == 128 and v.group == group and v.tier is not None and
+                       (v.tier.k, v.tier.v) == ("mixed", "mixed") and v.block_size == 64 for v in variants), \
+                (spec, tp, kind)
+
+
+def test_the_group_8_and_16_spec_renders_every_variant():
+    from hierasparse_gen.render import render
+    from hierasparse_gen.spec import load_spec
+    from hierasparse_gen.variants import expand
+    spec = load_spec(REPO / "specs/llama3_tp8.yaml")
+    variants = expand(spec)
+    groups = {v.group for v in variants if v.kind in ("decode", "prefill")}
+    assert groups == {8, 16}
+    assert sum(v.kind == "prefill" and v.name.endswith("_wg_sm90a") for v in variants) == 12  # 2 groups x 3 x 2
+    for v in variants:
+        src = render(v, spec)
+        if v.kind == "decode":
+            assert f"constexpr int kGroup = {v.group};" in src
+
+
+@pytest.mark.nvcc
+def test_the_group_16_mixed_decode_compiles_without_spills(tmp_path):
+    import re
+    from hierasparse_gen.compiler import find_toolchain, nvcc_flags
+    from hierasparse_gen.render import render
+    from hierasparse_gen.spec import load_spec
+    from hierasparse_gen.variants import expand
+    spec = load_spec(REPO / "specs/llama3_tp8.yaml")
+    v = next(v for v in expand(spec) if v.name == "decode_d128_g16_f16_km_vm_b64_sm90")
+    src = tmp_path / f"{v.name}.cu"
+    src.write_text(render(v, spec))
+    tools = find_toolchain()
+    proc = subprocess.run([tools.nvcc, *nvcc_flags(v.arch), *tools.includes, "-c", str(src), "-o",
+                           str(tmp_path / "x.o")], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", proc.stdout + proc.stderr)
+    assert spills and all(s == ("0", "0") for s in spills)
