@@ -109,6 +109,36 @@ def test_the_sparse_path_acts_in_those_settings(torchrun):
     assert (sparse["logits"][:, 1:] - dense["logits"][:, 1:]).abs().max() > 1e-3  # decode reads 2:4 blocks
 
 
+@pytest.mark.gpu
+def test_two_gpus_generate_what_one_does_with_the_kernels(llama3_build, tmp_path):
+    """NCCL on 2 GPUs, the kernels backend and CUDA-graph decode, against one GPU with the same kernels."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 CUDA devices")
+    tiny_model(heads=8, kv_heads=2, head_dim=128, seed=4).save_pretrained(tmp_path / "kv2_d128")
+    torch.save(torch.randint(0, 256, (2, 300), generator=torch.Generator().manual_seed(3)), tmp_path / "prompt.pt")
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1",
+               PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           str(REPO / "tests" / "tp_worker.py"), str(tmp_path), str(llama3_build)]
+    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, f"torchrun failed:\n{run.stdout[-3000:]}\n{run.stderr[-6000:]}"
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    import hierasparse_gen
+    lib = hierasparse_gen.load(llama3_build)
+    ids, mask = tp_worker.prompt_and_mask(tmp_path)
+    for case, (model_dir, _, mode, chunk) in tp_worker.GPU_CASES.items():
+        one = tp_worker.generate(tp_worker.load(tmp_path / model_dir, gpu=True), ids, mask, mode, chunk, lib=lib)
+        assert one["heads"] == [2, 2] and int(one["tiers"]["k"][0][0].sum()) == 2 * 4  # as on the CPU
+        for r, got in enumerate(ranks):
+            res = got[case]
+            assert res["rank"] == (4, 1, 2) and res["heads"] == [1, 1], (case, r)
+            # fp16 with the sums of two ranks in another order: equal tokens, logits within fp16 rounding
+            assert torch.equal(res["tokens"], one["tokens"]), (case, r)
+            assert (res["logits"] - one["logits"]).abs().max() < 2e-2, (case, r)
+            for n in "kv":
+                assert torch.equal(res["tiers"][n][0], one["tiers"][n][0][:, r:r + 1]), (case, r, n)
+
+
 # --- the per-rank head check, in one process: a rank's shard mimicked by narrower projections ---------
 
 def _shard(model, q_rows: int, kv_rows: int, tp: int):

@@ -26,6 +26,13 @@ CASES = {
 }
 
 
+#: the same on GPUs with the kernels (NCCL; a head_dim-128, group-4 model: specs/llama3.yaml's kernels)
+GPU_CASES = {
+    "whole": ("kv2_d128", "auto", "attend_then_compress", None),
+    "chunked": ("kv2_d128", "auto", "compress_then_attend", 128),
+}
+
+
 def prompt_and_mask(folder: str):
     ids = torch.load(os.path.join(folder, "prompt.pt"))
     mask = torch.ones_like(ids)
@@ -33,47 +40,62 @@ def prompt_and_mask(folder: str):
     return ids, mask
 
 
-def load(path: str, plan=None):
+def load(path: str, plan=None, gpu: bool = False):
+    """The saved model in one process (on GPU 0 with ``gpu``), or this rank's shard under ``plan``."""
     import transformers
     kwargs = {}
-    if plan is not None:
+    if plan is not None:  # the plan places each rank on its GPU (cuda:LOCAL_RANK) or on the CPU
         from transformers.distributed import DistributedConfig
         kwargs["distributed_config"] = DistributedConfig(tp_plan=plan)
-    return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kwargs).eval()
+    dtype = torch.float16 if gpu else torch.float32
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs).eval()
+    return model.cuda() if gpu and plan is None else model
 
 
 @torch.no_grad()
-def generate(model, ids, mask, mode: str, chunk: int | None, sparse: bool = True) -> dict:
-    """Greedy tokens, the logits of every step and what each layer's cache holds."""
+def generate(model, ids, mask, mode: str, chunk: int | None, sparse: bool = True, lib=None) -> dict:
+    """Greedy tokens, the logits of every step and what each layer's cache holds (``lib``: the kernels
+    backend with CUDA-graph decode, else the simulation)."""
     from hierasparse_gen import hf
     from hierasparse_gen.tensor_parallel import rank_heads
-    if sparse:
+    device = next(model.parameters()).device
+    ids, mask = ids.to(device), mask.to(device)
+    if sparse and lib is not None:
+        hf.enable(model, lib, backend="kernels", prefill_mode=mode, cuda_graph=True, **SETTINGS)
+    elif sparse:
         hf.enable(model, None, backend="simulate", prefill_mode=mode, **SETTINGS)
     out = model.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
                          do_sample=False, prefill_chunk_size=chunk, return_dict_in_generate=True,
                          output_logits=True)
-    result = {"tokens": out.sequences[:, ids.shape[1]:], "logits": torch.stack(out.logits, 1).float()}
+    result = {"tokens": out.sequences[:, ids.shape[1]:].cpu(), "logits": torch.stack(out.logits, 1).float().cpu()}
     if sparse:
         cache = getattr(out, "cache", None) or out.past_key_values  # renamed in transformers 5.2x
         stores = [layer.store for layer in cache.layers]
         config = model.config
         rank = rank_heads(model, config.num_attention_heads, config.num_key_value_heads, config.head_dim)
-        result.update(heads=[s.heads for s in stores], lengths=[s.lengths for s in stores],
-                      tiers={n: [s.tiers(n) for s in stores] for n in "kv"},
-                      keys=[s.view("k") for s in stores], rank=(rank.q_heads, rank.kv_heads, rank.tp_size))
+        result.update(heads=[s.heads for s in stores], lengths=[list(s.lengths) for s in stores],
+                      tiers={n: [s.tiers(n).cpu() for s in stores] for n in "kv"},
+                      rank=(rank.q_heads, rank.kv_heads, rank.tp_size))
+        if lib is None:
+            result["keys"] = [s.view("k") for s in stores]
     return result
 
 
-def main(folder: str) -> None:
+def main(folder: str, lib_path: str | None = None) -> None:
+    """Every case on this rank; ``lib_path``: the GPU cases with that build's kernels."""
     rank = int(os.environ["RANK"])
     ids, mask = prompt_and_mask(folder)
+    lib = None
+    if lib_path:
+        import hierasparse_gen
+        lib = hierasparse_gen.load(lib_path)
     results = {}
-    for name, (model_dir, plan, mode, chunk) in CASES.items():
-        model = load(os.path.join(folder, model_dir), plan)
-        results[name] = generate(model, ids, mask, mode, chunk)
+    for name, (model_dir, plan, mode, chunk) in (GPU_CASES if lib else CASES).items():
+        model = load(os.path.join(folder, model_dir), plan, gpu=lib is not None)
+        results[name] = generate(model, ids, mask, mode, chunk, lib=lib)
         del model
     torch.save(results, os.path.join(folder, f"rank{rank}.pt"))
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else None)
