@@ -26,7 +26,10 @@ CASES = {
 }
 
 
-#: the same on GPUs with the kernels (NCCL; a head_dim-128, group-4 model: specs/llama3.yaml's kernels)
+#: the same on GPUs with the kernels (NCCL; a head_dim-128, group-4 model: specs/llama3.yaml's kernels, whose
+#: block table has 64-token blocks: a 600-token prompt leaves 6 eligible blocks, 3 of them 2:4)
+GPU_SETTINGS = dict(key_ratio=0.5, value_ratio=0.5, sink=64, window=128, block_size=64)
+GPU_PROMPT = 600
 GPU_CASES = {
     "whole": ("kv2_d128", "auto", "attend_then_compress", None),
     "chunked": ("kv2_d128", "auto", "compress_then_attend", 128),
@@ -61,7 +64,7 @@ def generate(model, ids, mask, mode: str, chunk: int | None, sparse: bool = True
     device = next(model.parameters()).device
     ids, mask = ids.to(device), mask.to(device)
     if sparse and lib is not None:
-        hf.enable(model, lib, backend="kernels", prefill_mode=mode, cuda_graph=True, **SETTINGS)
+        hf.enable(model, lib, backend="kernels", prefill_mode=mode, cuda_graph=True, **GPU_SETTINGS)
     elif sparse:
         hf.enable(model, None, backend="simulate", prefill_mode=mode, **SETTINGS)
     out = model.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
