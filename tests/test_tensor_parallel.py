@@ -99,6 +99,14 @@ def test_two_ranks_generate_what_one_process_does(torchrun, case):
         assert (res["keys"][0] - one["keys"][0][:, heads]).abs().max() < 1e-4
 
 
+def test_a_plan_that_splits_the_kv_head_is_refused_on_every_rank(torchrun):
+    _, ranks = torchrun
+    for got in ranks:
+        assert got["refused"] is not None and got["refused"].startswith(
+            "tensor parallelism over 2 ranks leaves this rank 256 query and 32 key features: part of a head of 64")
+        assert "Fix: run with a tp_size that divides both head counts (KV heads 1: [1])" in got["refused"]
+
+
 def test_the_sparse_path_acts_in_those_settings(torchrun):
     folder, _ = torchrun
     ids, mask = tp_worker.prompt_and_mask(folder)

@@ -97,6 +97,14 @@ def main(folder: str, lib_path: str | None = None) -> None:
         model = load(os.path.join(folder, model_dir), plan, gpu=lib is not None)
         results[name] = generate(model, ids, mask, mode, chunk, lib=lib)
         del model
+    if lib is None:  # Llama's own plan cuts the one KV head in halves: enable must refuse it
+        from hierasparse_gen import hf
+        from hierasparse_gen.errors import UnsupportedError
+        try:
+            hf.enable(load(os.path.join(folder, "kv1"), "auto"), None, backend="simulate", **SETTINGS)
+            results["refused"] = None
+        except UnsupportedError as e:
+            results["refused"] = str(e)
     torch.save(results, os.path.join(folder, f"rank{rank}.pt"))
 
 
