@@ -14,7 +14,8 @@ key and value projections split by heads, output and down projections reduced ov
 sparse cache holds its KV heads (8B: 4 of 8 at TP=2, 1 at TP=8), all with GQA group 4, the group
 ``specs/llama3.yaml`` builds. Rows: ``dense``; ``sparse/eager`` (one Python forward a decode step, as
 ``generate()`` runs it); ``sparse/graph`` (decode steps replay one captured CUDA graph, NCCL all-reduces
-included). Timings are the slowest rank's; memory is each rank's peak (weights included). The weights are
+included). Timings are the slowest rank's; memory is each rank's peak (weights included) and the bytes its
+KV cache holds. The weights are
 random, so only the timings, the memory and the token equality mean anything. ``--tiny --device cpu
 --backend simulate`` runs the same flow on a small model on the CPU (gloo), to check the script.
 """
@@ -103,9 +104,12 @@ def run_row(model, lib, row: str, args, device) -> dict:
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
     result = {"row": row, "prompt": L, "batch": B, "new_tokens": args.new_tokens, "ttft_s": ttft,
               "tpot_ms": tpot * 1e3, "peak_gib": peak, "tokens": torch.cat(tokens, 1).tolist()}
-    if row != "dense":
-        store = cache.layers[0].store
-        result["kv_heads_per_rank"] = store.heads
+    if row == "dense":
+        held = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
+    else:
+        held = sum(layer.store.nbytes()["total"] for layer in cache.layers)
+        result["kv_heads_per_rank"] = cache.layers[0].store.heads
+    result["cache_gib"] = held / 2**30  # the bytes the KV cache holds on this rank (live blocks)
     del cache
     return result
 
@@ -113,11 +117,11 @@ def run_row(model, lib, row: str, args, device) -> dict:
 def gather(result: dict) -> dict:
     """One row for the whole run: the slowest rank's times, every rank's peak memory and KV heads."""
     if not dist.is_initialized():
-        return dict(result, peak_gib=[result["peak_gib"]])
+        return dict(result, peak_gib=[result["peak_gib"]], cache_gib=[result["cache_gib"]])
     every = [None] * dist.get_world_size()
     dist.all_gather_object(every, result)
     merged = dict(result, ttft_s=max(r["ttft_s"] for r in every), tpot_ms=max(r["tpot_ms"] for r in every),
-                  peak_gib=[r["peak_gib"] for r in every])
+                  peak_gib=[r["peak_gib"] for r in every], cache_gib=[r["cache_gib"] for r in every])
     if any(r["tokens"] != result["tokens"] for r in every):
         merged["ranks_disagree"] = True  # a check: every rank argmaxes the same gathered logits
     return merged
