@@ -89,15 +89,15 @@ def main(folder: str, lib_path: str | None = None) -> None:
     rank = int(os.environ["RANK"])
     ids, mask = prompt_and_mask(folder)
     lib = None
-    if lib_path:
-        import hierasparse_gen
-        lib = hierasparse_gen.load(lib_path)
     results = {}
-    for name, (model_dir, plan, mode, chunk) in (GPU_CASES if lib else CASES).items():
-        model = load(os.path.join(folder, model_dir), plan, gpu=lib is not None)
+    for name, (model_dir, plan, mode, chunk) in (GPU_CASES if lib_path else CASES).items():
+        model = load(os.path.join(folder, model_dir), plan, gpu=lib_path is not None)
+        if lib_path and lib is None:  # after the plan bound this rank to its GPU
+            import hierasparse_gen
+            lib = hierasparse_gen.load(lib_path)
         results[name] = generate(model, ids, mask, mode, chunk, lib=lib)
         del model
-    if lib is None:  # Llama's own plan cuts the one KV head in halves: enable must refuse it
+    if lib_path is None:  # Llama's own plan cuts the one KV head in halves: enable must refuse it
         from hierasparse_gen import hf
         from hierasparse_gen.errors import UnsupportedError
         try:
