@@ -1,7 +1,8 @@
 """Greedy generation of small saved models with the simulated sparse cache, one process or one rank
 of a tensor-parallel run: ``tests/test_tensor_parallel.py`` runs it in-process and under
 ``python -m torch.distributed.run --nproc-per-node 2 tests/tp_worker.py FOLDER`` (gloo, CPU), where
-each rank writes ``FOLDER/rank<r>.pt``."""
+each rank writes ``FOLDER/rank<r>.pt``. With a build as second argument the ranks run the GPU cases
+(NCCL, fp16, the kernels backend with CUDA-graph decode)."""
 
 from __future__ import annotations
 
