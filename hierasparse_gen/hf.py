@@ -34,6 +34,7 @@ from .ops.graphs import capture_graph
 from .policy import cache_settings, check_prefill_mode, check_ratios
 from .selection import check_selection
 from .simulate import SimulatedCache
+from .tensor_parallel import rank_heads
 
 ATTENTION = "hierasparse"
 
@@ -236,8 +237,9 @@ def _check_model(config) -> tuple[int, int, int]:
     return heads, kv, head_dim
 
 
-def _check_library(lib, head_dim: int, group: int, block_size: int, dtype) -> None:
-    """The library must hold mixed-tier decode and prefill kernels for the model's shape."""
+def _check_library(lib, head_dim: int, group: int, block_size: int, dtype, where: str = "") -> None:
+    """The library must hold mixed-tier decode and prefill kernels for the model's shape (``where``: which
+    heads, when a rank of a tensor-parallel run computes a slice of them)."""
     dt = {torch.float16: "float16", torch.bfloat16: "bfloat16"}.get(dtype)
     if dt is None:
         raise InputError(f"the model's dtype {dtype} has no kernels. Fix: model.to(torch.float16) or bfloat16")
@@ -245,7 +247,7 @@ def _check_library(lib, head_dim: int, group: int, block_size: int, dtype) -> No
         if not any(v.kind == kind and v.head_dim == head_dim and v.group == group and v.dtype == dt and
                    v.tier == ("mixed", "mixed") and v.block_size == block_size for v in lib.variants):
             raise InputError(f"{lib.path.name} has no {kind} kernel for this model (head_dim {head_dim}, GQA group "
-                             f"{group}, {dt}, block table of {block_size}-token blocks). Fix: add "
+                             f"{group}{where}, {dt}, block table of {block_size}-token blocks). Fix: add "
                              f"{{head_dim: {head_dim}, num_qo_heads: {group}, num_kv_heads: 1}} to the spec's shapes, "
                              f"{dt} to its dtypes, the tier {{k: mixed, v: mixed}} and cache.block_size "
                              f"{block_size}, then rebuild")
@@ -268,6 +270,10 @@ def enable(model, lib=None, *, key_ratio: float, value_ratio: float, sink: int |
     "auto" (= "attention" here: the blocks the prompt's last ``observe`` queries read least),
     "expected_error", or "prune_loss" (the paper's). ``key_channels="query"`` (simulate backend only): K keeps the
     channels of largest |k| * E|q|.
+
+    A model loaded tensor-parallel (``distributed_config=DistributedConfig(tp_plan="auto")`` under
+    ``torchrun``) is enabled on every rank the same way: each rank's cache and kernels take the heads
+    its attention computes (see :mod:`hierasparse_gen.tensor_parallel` and docs/tensor_parallel.md).
     """
     if backend not in ("kernels", "simulate"):
         raise InputError(f"backend {backend!r} is unknown. Fix: use 'kernels' or 'simulate'")
@@ -285,8 +291,12 @@ def enable(model, lib=None, *, key_ratio: float, value_ratio: float, sink: int |
     if heads % kv:
         raise InputError(f"{heads} attention heads do not divide into {kv} KV heads. Fix: use a model whose "
                          f"num_attention_heads is a multiple of num_key_value_heads")
+    # under a tensor-parallel plan the attention tensors carry this rank's heads, not the config's
+    rank = rank_heads(model, heads, kv, head_dim)
     if backend == "kernels":
-        _check_library(lib, head_dim, heads // kv, block, model.dtype)
+        where = (f" of this rank's {rank.q_heads} query and {rank.kv_heads} KV heads, tensor-parallel over "
+                 f"{rank.tp_size}") if rank.tp_size > 1 else ""
+        _check_library(lib, head_dim, rank.group, block, model.dtype, where)
     model._sparse_kv = SparseKV(lib, float(key_ratio), float(value_ratio), sink, window, block, prefill_mode,
                                 backend, bool(cuda_graph) and backend == "kernels", selection, key_channels,
                                 int(observe))
