@@ -69,7 +69,8 @@ def _single(folder, case: str) -> dict:
     if case not in _SINGLE:
         model_dir, _, mode, chunk = tp_worker.CASES[case]
         ids, mask = tp_worker.prompt_and_mask(folder)
-        _SINGLE[case] = _one_thread(tp_worker.generate, tp_worker.load(folder / model_dir), ids, mask, mode, chunk)
+        _SINGLE[case] = _one_thread(tp_worker.generate, tp_worker.load(folder / model_dir), ids, mask, mode, chunk,
+                                    selection=tp_worker.SELECTION.get(case, "auto"))
     return _SINGLE[case]
 
 
