@@ -63,15 +63,16 @@ class HieraCache(CacheInspection):
     def __init__(self, lib, *, batch: int, num_kv_heads: int, head_dim: int, max_seq_len: int,
                  key_ratio: float, value_ratio: float, dtype=torch.float16, device="cuda",
                  block_size: int | None = None, sink: int | None = None, local_window: int | None = None,
-                 selection: str = "auto", key_channels: str = "magnitude", observe: int = 64):
+                 selection: str = "auto", key_channels: str = "magnitude", observe: int = 64,
+                 value_tokens: str = "magnitude"):
         self.lib = lib
         self.block, self.sink, self.window = cache_settings(lib, block_size, sink, local_window)
         check_ratios(key_ratio, value_ratio)
-        check_selection(selection, key_channels, observe)
-        if key_channels != "magnitude":
-            raise UnsupportedError(f"key_channels {key_channels!r}: the GPU compressors keep each group's 2 largest "
-                                   f"|k|; the query-weighted choice runs in SimulatedCache only. Fix: use "
-                                   f"key_channels='magnitude' with HieraCache")
+        check_selection(selection, key_channels, observe, value_tokens)
+        if key_channels != "magnitude" or value_tokens != "magnitude":
+            raise UnsupportedError(f"key_channels {key_channels!r}, value_tokens {value_tokens!r}: the GPU compressors "
+                                   f"keep each group's 2 largest magnitudes; the weighted choices run in SimulatedCache "
+                                   f"only. Fix: use key_channels='magnitude' and value_tokens='magnitude' with HieraCache")
         self.selection, self.key_channels, self.observe = selection, key_channels, int(observe)
         if batch < 1 or num_kv_heads < 1 or max_seq_len < 1:
             raise InputError(f"batch {batch}, num_kv_heads {num_kv_heads} and max_seq_len {max_seq_len} must be "

@@ -98,9 +98,10 @@ def prune_k(k: torch.Tensor, channel_weight: torch.Tensor | None = None) -> torc
     return prune_2to4(k, -1, channel_weight)
 
 
-def prune_v(v: torch.Tensor) -> torch.Tensor:
-    """V ``[..., L, D]`` pruned 2:4 along the sequence (L must be a multiple of 4)."""
-    return prune_2to4(v, -2)
+def prune_v(v: torch.Tensor, token_weight: torch.Tensor | None = None) -> torch.Tensor:
+    """V ``[..., L, D]`` pruned 2:4 along the sequence (L must be a multiple of 4); ``token_weight
+    [..., L, 1]`` ranks tokens by |v| * weight (selection.token_weights)."""
+    return prune_2to4(v, -2, token_weight)
 
 
 def _to_int16(words: torch.Tensor) -> torch.Tensor:
@@ -231,17 +232,21 @@ def packed_nbytes(batch: int, kv_heads: int, capacity: int, head_dim: int, items
     return elems // 2 * itemsize + elems // WORD * 2
 
 
-def block_prune_loss(x: torch.Tensor, kind: str, block: int, channel_weight: torch.Tensor | None = None) -> torch.Tensor:
+def block_prune_loss(x: torch.Tensor, kind: str, block: int, channel_weight: torch.Tensor | None = None,
+                     token_weight: torch.Tensor | None = None) -> torch.Tensor:
     """Summed |x| that 2:4 drops, per whole block of tokens: ``[B, H, L // block]`` (float32).
 
     K ``[B, H, L, D]`` groups along head_dim, V groups of 4 tokens per channel (the GPU
     scoring kernel computes the same in one pass). ``channel_weight [B, H, 1, D]`` (K): the
-    dropped |k| * weight, with the channels chosen by that product.
+    dropped |k| * weight, with the channels chosen by that product; ``token_weight [B, H, L, 1]``
+    (V) likewise per token.
     """
     n = x.shape[-2] // block
     xb = x[..., : n * block, :].float()
     if kind == "k" and channel_weight is not None:
         xb = xb * channel_weight.float()
+    if kind == "v" and token_weight is not None:
+        xb = xb * token_weight[..., : n * block, :].float()
     kept = prune_k(xb) if kind == "k" else prune_v(xb)
     dropped = (xb.abs() - kept.abs()).unflatten(-2, (n, block))
     return dropped.sum((-1, -2))

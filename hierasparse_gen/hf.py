@@ -57,13 +57,15 @@ class SparseKV:
     selection: str = "auto"     # how eligible blocks are chosen (hierasparse_gen.selection)
     key_channels: str = "magnitude"
     observe: int = 64
+    value_tokens: str = "magnitude"
 
     def make_store(self, *, batch: int, heads: int, head_dim: int, max_len: int, dtype, device):
         cls = HieraCache if self.backend == "kernels" else SimulatedCache
         return cls(self.lib, batch=batch, num_kv_heads=heads, head_dim=head_dim, max_seq_len=max_len,
                    key_ratio=self.key_ratio, value_ratio=self.value_ratio, dtype=dtype, device=device,
                    block_size=self.block_size, sink=self.sink, local_window=self.window,
-                   selection=self.selection, key_channels=self.key_channels, observe=self.observe)
+                   selection=self.selection, key_channels=self.key_channels, observe=self.observe,
+                   value_tokens=self.value_tokens)
 
 
 class HieraLayer(CacheLayerMixin):
@@ -256,7 +258,8 @@ def _check_library(lib, head_dim: int, group: int, block_size: int, dtype, where
 def enable(model, lib=None, *, key_ratio: float, value_ratio: float, sink: int | None = None,
            window: int | None = None, block_size: int | None = None,
            prefill_mode: str = "attend_then_compress", backend: str = "kernels", cuda_graph: bool = True,
-           selection: str = "auto", key_channels: str = "magnitude", observe: int = 64):
+           selection: str = "auto", key_channels: str = "magnitude", observe: int = 64,
+           value_tokens: str = "magnitude"):
     """Turn ``model`` (a transformers causal LM) to sparse-KV attention; returns the model.
 
     ``key_ratio``/``value_ratio``: fraction of the eligible blocks (outside sink and window)
@@ -268,8 +271,9 @@ def enable(model, lib=None, *, key_ratio: float, value_ratio: float, sink: int |
     replay a CUDA graph captured at the first one, instead of running 32 layers of Python.
     ``selection``: which eligible blocks become 2:4 at prefill (:mod:`hierasparse_gen.selection`):
     "auto" (= "attention" here: the blocks the prompt's last ``observe`` queries read least),
-    "expected_error", or "prune_loss" (the paper's). ``key_channels="query"`` (simulate backend only): K keeps the
-    channels of largest |k| * E|q|.
+    "expected_error", or "prune_loss" (the paper's). ``key_channels="query"`` and
+    ``value_tokens="attention"`` (simulate backend only): K keeps the channels of largest
+    |k| * E|q|, V the tokens of largest |v| * attention mass.
 
     A model loaded tensor-parallel (``distributed_config=DistributedConfig(tp_plan="auto")`` under
     ``torchrun``) is enabled on every rank the same way: each rank's cache and kernels take the heads
@@ -282,10 +286,11 @@ def enable(model, lib=None, *, key_ratio: float, value_ratio: float, sink: int |
                          "or backend='simulate'")
     check_prefill_mode(prefill_mode, "prefill_mode")
     check_ratios(key_ratio, value_ratio)
-    check_selection(selection, key_channels, observe)
-    if backend == "kernels" and key_channels != "magnitude":
-        raise UnsupportedError(f"key_channels {key_channels!r} runs in the simulation only (the GPU compressors keep "
-                               f"the largest |k|). Fix: backend='simulate', or key_channels='magnitude'")
+    check_selection(selection, key_channels, observe, value_tokens)
+    if backend == "kernels" and (key_channels != "magnitude" or value_tokens != "magnitude"):
+        raise UnsupportedError(f"key_channels {key_channels!r}, value_tokens {value_tokens!r}: the weighted 2:4 "
+                               f"choices run in the simulation only (the GPU compressors keep the largest "
+                               f"magnitudes). Fix: backend='simulate', or leave both 'magnitude'")
     block, sink, window = cache_settings(lib, block_size, sink, window)
     heads, kv, head_dim = _check_model(_text_config(model))
     if heads % kv:
@@ -299,7 +304,7 @@ def enable(model, lib=None, *, key_ratio: float, value_ratio: float, sink: int |
         _check_library(lib, head_dim, rank.group, block, model.dtype, where)
     model._sparse_kv = SparseKV(lib, float(key_ratio), float(value_ratio), sink, window, block, prefill_mode,
                                 backend, bool(cuda_graph) and backend == "kernels", selection, key_channels,
-                                int(observe))
+                                int(observe), value_tokens)
     if "forward" not in vars(model):  # wrap once: decode steps may replay a graph
         model._sparse_kv_forward = model.forward
         model.forward = _graph_forward(model, model.forward)

@@ -14,7 +14,11 @@ the same count per head as the ratio gives (so pools stay sized up front).
 Inside a 2:4 block (``key_channels="query"``), K keeps per token the 2 of 4 channels of largest
 |k_c| * E|q_c| (the observation window's mean |q| per channel and KV head) instead of the largest
 |k_c|: a dropped channel moves a score by q_c * k_c, so channels that queries barely use go
-first. Same storage format, same kernels: only the choice of kept channels changes.
+first. Same storage format, same kernels: only the choice of kept channels changes. Likewise
+``value_tokens="attention"``: V keeps per channel the 2 of 4 tokens of largest |v| * a_t, a_t the
+token's attention mass from the observation window (normalized to mean 1 over the prompt; tokens
+that arrive later weigh 1). Both run in SimulatedCache only for now (the GPU compressors keep the
+largest magnitudes).
 """
 
 from __future__ import annotations
@@ -28,13 +32,16 @@ SELECTIONS = ("auto", "prune_loss", "attention", "expected_error")
 #: "auto": the measured best (benchmarks/RESULTS.md) when the prefill brings its queries, else prune loss
 AUTO_WITH_QUERIES = "attention"
 KEY_CHANNELS = ("magnitude", "query")
+VALUE_TOKENS = ("magnitude", "attention")
 
 
-def check_selection(selection: str, key_channels: str, observe: int) -> None:
+def check_selection(selection: str, key_channels: str, observe: int, value_tokens: str = "magnitude") -> None:
     if selection not in SELECTIONS:
         raise InputError(f"selection {selection!r} is not a block selection. Fix: use one of {', '.join(SELECTIONS)}")
     if key_channels not in KEY_CHANNELS:
         raise InputError(f"key_channels {key_channels!r} is not known. Fix: use one of {', '.join(KEY_CHANNELS)}")
+    if value_tokens not in VALUE_TOKENS:
+        raise InputError(f"value_tokens {value_tokens!r} is not known. Fix: use one of {', '.join(VALUE_TOKENS)}")
     if int(observe) != observe or observe < 1:
         raise InputError(f"observe {observe!r}: the observation window must be a positive number of queries. "
                          f"Fix: e.g. observe=64")
@@ -47,8 +54,8 @@ def resolve(selection: str, has_queries: bool) -> str:
     return selection
 
 
-def needs_queries(selection: str, key_channels: str) -> bool:
-    return selection not in ("auto", "prune_loss") or key_channels == "query"
+def needs_queries(selection: str, key_channels: str, value_tokens: str = "magnitude") -> bool:
+    return selection not in ("auto", "prune_loss") or key_channels == "query" or value_tokens == "attention"
 
 
 def observed_queries(q: torch.Tensor, lengths: list[int], observe: int) -> list[torch.Tensor]:
@@ -56,23 +63,34 @@ def observed_queries(q: torch.Tensor, lengths: list[int], observe: int) -> list[
     return [q[b, :, max(0, n - observe):n] for b, n in enumerate(lengths)]
 
 
-def attention_mass(q_obs: torch.Tensor, k: torch.Tensor, block: int, scale: float | None) -> torch.Tensor:
-    """Attention mass per whole block ``[Hkv, n // block]`` (float32) of the last W queries
-    ``q_obs [Hq, W, D]`` of a prompt over its keys ``k [Hkv, n, D]``: causal (query i of the
-    window sits at position n - W + i), summed over the W queries and each KV head's group."""
+def token_mass(q_obs: torch.Tensor, k: torch.Tensor, scale: float | None) -> torch.Tensor:
+    """Attention mass per key ``[Hkv, n]`` (float32) of the last W queries ``q_obs [Hq, W, D]`` of
+    a prompt over its keys ``k [Hkv, n, D]``: causal (query i of the window sits at position
+    n - W + i), summed over the W queries and each KV head's group."""
     Hq, W, D = q_obs.shape
     Hkv, n = k.shape[0], k.shape[1]
     scale = D ** -0.5 if scale is None else scale
     G = Hq // Hkv
     pos = torch.arange(n - W, n, device=k.device).view(W, 1)
     late = torch.arange(n, device=k.device).view(1, n) > pos      # [W, n]: keys after the query
-    nb = n // block
-    out = torch.empty(Hkv, nb, dtype=torch.float32, device=k.device)
+    out = torch.empty(Hkv, n, dtype=torch.float32, device=k.device)
     for h in range(Hkv):  # one KV head at a time: [G*W, n] scores, not [Hq*W, n]
         s = (q_obs[h * G:(h + 1) * G].float() @ k[h].float().T) * scale   # [G, W, n]
-        p = torch.softmax(s.masked_fill(late, float("-inf")), -1).sum((0, 1))
-        out[h] = p[:nb * block].view(nb, block).sum(-1)
+        out[h] = torch.softmax(s.masked_fill(late, float("-inf")), -1).sum((0, 1))
     return out
+
+
+def attention_mass(q_obs: torch.Tensor, k: torch.Tensor, block: int, scale: float | None,
+                   tokens: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`token_mass` summed per whole block: ``[Hkv, n // block]`` (``tokens``: it, if computed)."""
+    p = token_mass(q_obs, k, scale) if tokens is None else tokens
+    nb = k.shape[1] // block
+    return p[:, :nb * block].reshape(-1, nb, block).sum(-1)
+
+
+def token_weights(tokens: torch.Tensor) -> torch.Tensor:
+    """Per-token weights of V's 2:4 choice ``[Hkv, n]``: the mass normalized to mean 1 per head."""
+    return tokens / tokens.mean(-1, keepdim=True).clamp(min=1e-30)
 
 
 def channel_weights(q_obs: torch.Tensor, heads: int) -> torch.Tensor:
@@ -93,5 +111,6 @@ def block_scores(selection: str, x: torch.Tensor, name: str, block: int, mass: t
     return loss if selection == "prune_loss" else loss * mass
 
 
-__all__ = ["SELECTIONS", "AUTO_WITH_QUERIES", "KEY_CHANNELS", "check_selection", "resolve", "needs_queries", "observed_queries", "attention_mass",
-           "channel_weights", "block_scores"]
+__all__ = ["SELECTIONS", "AUTO_WITH_QUERIES", "KEY_CHANNELS", "VALUE_TOKENS", "check_selection", "resolve",
+           "needs_queries", "observed_queries", "token_mass", "attention_mass", "token_weights", "channel_weights",
+           "block_scores"]

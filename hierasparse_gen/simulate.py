@@ -22,7 +22,7 @@ from .policy import (cache_nbytes, cache_settings, check_kernel, check_not_full,
                      eligible_blocks, ratio_count)
 from .reference import decode_reference, prefill_reference
 from .selection import (attention_mass, block_scores, channel_weights, check_selection, needs_queries,
-                        observed_queries, resolve)
+                        observed_queries, resolve, token_mass, token_weights)
 
 
 class SimulatedCache:
@@ -31,11 +31,13 @@ class SimulatedCache:
     def __init__(self, lib=None, *, batch: int, num_kv_heads: int, head_dim: int, max_seq_len: int,
                  key_ratio: float, value_ratio: float, dtype=torch.float16, device="cpu",
                  block_size: int = 64, sink: int = 64, local_window: int = 256,
-                 selection: str = "auto", key_channels: str = "magnitude", observe: int = 64):
+                 selection: str = "auto", key_channels: str = "magnitude", observe: int = 64,
+                 value_tokens: str = "magnitude"):
         block_size, sink, local_window = cache_settings(None, block_size, sink, local_window)
         check_ratios(key_ratio, value_ratio)
-        check_selection(selection, key_channels, observe)
+        check_selection(selection, key_channels, observe, value_tokens)
         self.selection, self.key_channels, self.observe = selection, key_channels, int(observe)
+        self.value_tokens = value_tokens
         self.batch, self.heads, self.head_dim, self.dtype = batch, num_kv_heads, head_dim, dtype
         self.block, self.sink, self.window, self.max_seq_len = block_size, sink, local_window, max_seq_len
         self.sink_blocks, self.window_blocks = sink // block_size, local_window // block_size
@@ -53,6 +55,8 @@ class SimulatedCache:
         self.device = self.x["k"].device
         # per (sequence, head) weight of K's channels in the 2:4 choice (key_channels="query"; set at a first prefill)
         self.key_weight = torch.ones(batch, num_kv_heads, 1, head_dim, device=self.device)
+        # per token weight of V's 2:4 choice (value_tokens="attention"; prompt tokens at a first prefill)
+        self.value_weight = torch.ones(batch, num_kv_heads, cap, 1, device=self.device)
 
     # --- what the cache holds ---------------------------------------------------------------
     def view(self, name: str) -> torch.Tensor:
@@ -63,7 +67,7 @@ class SimulatedCache:
         """Recompute what sequence b stores of tokens [t0, t1) (t0 on a block boundary; whole blocks)."""
         t1 = -(-t1 // self.block) * self.block
         x = self.x[name][b, :, t0:t1]
-        pruned = prune_k(x, self.key_weight[b]) if name == "k" else prune_v(x)
+        pruned = prune_k(x, self.key_weight[b]) if name == "k" else prune_v(x, self.value_weight[b, :, t0:t1])
         flags = self.sparse[name][b, :, t0 // self.block:t1 // self.block].repeat_interleave(self.block, -1)
         self.stored[name][b, :, t0:t1] = torch.where(flags.unsqueeze(-1), pruned, x)
 
@@ -112,15 +116,19 @@ class SimulatedCache:
         if self.key_channels == "query":
             self.key_weight[b] = channel_weights(q_obs, self.heads).unsqueeze(1)
         selection = resolve(self.selection, q_obs is not None)
-        mass = None
-        if selection != "prune_loss" and n_elig:
-            mass = attention_mass(q_obs, k, S, scale).unsqueeze(0)
+        mass = tokens = None
+        if self.value_tokens == "attention" or (selection != "prune_loss" and n_elig):
+            tokens = token_mass(q_obs, k, scale)
+            mass = attention_mass(q_obs, k, S, scale, tokens).unsqueeze(0)
+        if self.value_tokens == "attention":
+            self.value_weight[b, :, :L, 0] = token_weights(tokens)
         for name, x in (("k", k), ("v", v)):
             self.x[name][b, :, :L] = x
             n_s = ratio_count(self.ratio[name], n_elig)
             if n_s:
-                weight = self.key_weight[b:b + 1] if name == "k" and self.key_channels == "query" else None
-                loss = None if selection == "attention" else block_prune_loss(x.unsqueeze(0), name, S, weight)
+                kw = self.key_weight[b:b + 1] if name == "k" and self.key_channels == "query" else None
+                vw = self.value_weight[b:b + 1, :, :L] if name == "v" and self.value_tokens == "attention" else None
+                loss = None if selection == "attention" else block_prune_loss(x.unsqueeze(0), name, S, kw, vw)
                 score = block_scores(selection, x.unsqueeze(0), name, S, mass, loss)
                 score = score[0, :, self.sink_blocks:self.sink_blocks + n_elig]
                 chosen = torch.argsort(score, dim=-1, stable=True)[:, :n_s] + self.sink_blocks
@@ -150,7 +158,7 @@ class SimulatedCache:
 
     def _insert(self, k: torch.Tensor, v: torch.Tensor, lengths: list[int], select_q=None, scale=None) -> None:
         fresh = [b for b, n in enumerate(lengths) if n and self.lengths[b] == 0]
-        if fresh and select_q is None and needs_queries(self.selection, self.key_channels):
+        if fresh and select_q is None and needs_queries(self.selection, self.key_channels, self.value_tokens):
             raise InputError(f"selection {self.selection!r} with key_channels {self.key_channels!r} chooses blocks by "
                              f"the prompt's queries, and this prefill has none. Fix: pass q= (or select_q=) with the "
                              f"prompt, or use selection='prune_loss', key_channels='magnitude'")
@@ -216,3 +224,4 @@ class SimulatedCache:
         self.lengths = [0] * self.batch
         self.n_eligible = [0] * self.batch
         self.key_weight.fill_(1.0)
+        self.value_weight.fill_(1.0)

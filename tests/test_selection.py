@@ -143,3 +143,24 @@ def test_errors():
     with pytest.raises(UnsupportedError, match="key_channels 'query'.*Fix: use key_channels='magnitude'"):
         HieraCache(None, batch=1, num_kv_heads=H, head_dim=D, max_seq_len=L, key_ratio=0, value_ratio=0,
                    device="cpu", key_channels="query")
+
+
+def test_attention_weighted_value_tokens():
+    L = 16 * S
+    q, k, v = _inputs(L, 8)
+    sim = _sim(L, key_ratio=0, value_ratio=1, selection="prune_loss", value_tokens="attention")
+    sim.prefill(k, v, q=q)
+    w = sim.value_weight[0, :, :L]                                  # [H, L, 1]
+    assert torch.allclose(w.mean(1), torch.ones(H, 1), atol=1e-5)  # normalized per head
+    tiers = sim.tiers("v")[0].repeat_interleave(S, -1)[:, :L].unsqueeze(-1)
+    want = torch.where(tiers, fmt.prune_v(v[0], w), v[0])
+    assert torch.equal(sim.to_dense()[1][0], want)
+    plain = _sim(L, key_ratio=0, value_ratio=1, selection="prune_loss")
+    plain.prefill(k, v)
+    assert not torch.equal(plain.to_dense()[1], sim.to_dense()[1])
+    # the most attended token of each head's 2:4 blocks keeps most of its channels (half, unweighted)
+    heavy = (w[..., 0] * tiers[..., 0]).argmax(-1)                 # [H]
+    for h in range(H):
+        kept = (sim.to_dense()[1][0, h, heavy[h]] != 0).float().mean()
+        plain_kept = (plain.to_dense()[1][0, h, heavy[h]] != 0).float().mean()
+        assert kept > 0.8 and kept > plain_kept

@@ -44,6 +44,8 @@ POLICIES = {
     "prune_loss+query_k": {"selection": "prune_loss", "key_channels": "query"},
     "attention+query_k": {"selection": "attention", "key_channels": "query"},
     "expected_error+query_k": {"selection": "expected_error", "key_channels": "query"},
+    "attention+weighted_v": {"selection": "attention", "value_tokens": "attention"},
+    "attention@256": {"selection": "attention", "observe": 256},
 }
 
 
