@@ -37,7 +37,8 @@ from .ops.checks import check_queries
 # (the policy names also stay importable from here: PREFILL_MODES, ratio_count, cache_settings, ...)
 from .policy import (PREFILL_MODES, cache_settings, check_not_full, check_prefill_mode, check_ratios, check_room,
                      eligible_blocks, pool_sizes, ratio_count)
-from .selection import attention_mass, block_scores, check_selection, needs_queries, observed_queries, resolve
+from .selection import (attention_mass, block_scores, check_selection, needs_queries, observed_queries, output_error,
+                        resolve)
 
 _CTRL_STACK = 6  # ctrl columns before the free-slot stacks
 _STATUS = 5      # ctrl column: 1 = a captured append found the sequence full, 2 = no free dense slot
@@ -306,7 +307,7 @@ class HieraCache(CacheInspection):
         uniform = list(range(min(first, blocks))) + list(range(max(window0, min(first, blocks)), blocks))
         selection = resolve(self.selection, select_q is not None)
         mass = None
-        if selection != "prune_loss" and n_elig:  # attention of the prompt's last queries, per block
+        if selection in ("attention", "expected_error") and n_elig:  # the prompt's last queries' mass, per block
             mass = torch.stack([attention_mass(qo, k[i], S, scale) for i, qo in
                                 enumerate(observed_queries(select_q, [L] * (b1 - b0), self.observe))])
         for t, x in ((self.k, k), (self.v, v)):
@@ -316,8 +317,13 @@ class HieraCache(CacheInspection):
             # order), then one fill kernel copies or compresses every block to its slot
             loss = None
             if n_s:
-                gpu_loss = None if selection == "attention" else self._score(x, t.name)
-                loss = block_scores(selection, x, t.name, S, mass, gpu_loss).contiguous()
+                gpu_loss = error = None
+                if selection == "output_error":
+                    error = torch.stack([output_error(qo, k[i], v[i], S, scale, t.name) for i, qo in
+                                         enumerate(observed_queries(select_q, [L] * (b1 - b0), self.observe))])
+                elif selection != "attention":
+                    gpu_loss = self._score(x, t.name)
+                loss = block_scores(selection, x, t.name, S, mass, gpu_loss, error).contiguous()
             _kernels.select_blocks(self.lib, x, loss, first, n_elig, n_s, blocks, t.table[b0:b1])
             _kernels.fill_blocks(self.lib, x, t.name, t.table[b0:b1], S, t.dense[b0:b1], t.sparse_vals[b0:b1],
                         t.sparse_meta[b0:b1])

@@ -7,7 +7,11 @@ the same count per head as the ratio gives (so pools stay sized up front).
 * ``prune_loss``: the summed |x| that 2:4 drops (the paper's choice). Needs only K/V.
 * ``attention``: the attention mass that the prompt's last ``observe`` queries put on the block,
   per KV head (summed over its group's query heads): blocks that attention reads stay dense.
-* ``expected_error``: attention mass times prune loss, the first-order change of the output.
+* ``expected_error``: attention mass times prune loss, a first-order proxy of the output change.
+* ``output_error``: the output change itself, to first order, that pruning the block would cause
+  for the observation window's queries (summed squared norm): for V, sum_t p_t (v_t - v^_t); for
+  K, sum_t p_t ds_t (v_t - o), ds_t the score change of the pruned key. It sees which entries 2:4
+  drops and how they cancel, where mass x loss sees only sizes.
 * ``auto`` (the default): ``attention`` when the prefill brings the prompt's queries (``q`` or
   ``select_q``; the transformers integration always does), else ``prune_loss``.
 
@@ -26,9 +30,9 @@ from __future__ import annotations
 import torch
 
 from .errors import InputError
-from .format import block_prune_loss
+from .format import block_prune_loss, prune_k, prune_v
 
-SELECTIONS = ("auto", "prune_loss", "attention", "expected_error")
+SELECTIONS = ("auto", "prune_loss", "attention", "expected_error", "output_error")
 #: "auto": the measured best (benchmarks/RESULTS.md) when the prefill brings its queries, else prune loss
 AUTO_WITH_QUERIES = "attention"
 KEY_CHANNELS = ("magnitude", "query")
@@ -88,6 +92,39 @@ def attention_mass(q_obs: torch.Tensor, k: torch.Tensor, block: int, scale: floa
     return p[:, :nb * block].reshape(-1, nb, block).sum(-1)
 
 
+def output_error(q_obs: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block: int, scale: float | None, name: str,
+                 channel_weight: torch.Tensor | None = None, token_weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Per whole block ``[Hkv, n // block]`` (float32): the summed squared first-order change of the
+    outputs of the window's queries ``q_obs [Hq, W, D]`` if that block of ``name`` (K or V, of ``k``/``v``
+    ``[Hkv, n, D]``) alone were 2:4 (pruned as the cache prunes it: ``channel_weight [Hkv, 1, D]``,
+    ``token_weight [Hkv, n, 1]``)."""
+    Hq, W, D = q_obs.shape
+    Hkv, n = k.shape[0], k.shape[1]
+    G, nb = Hq // Hkv, n // block
+    scale = D ** -0.5 if scale is None else scale
+    late = torch.arange(n, device=k.device).view(1, n) > torch.arange(n - W, n, device=k.device).view(W, 1)
+    out = torch.empty(Hkv, nb, dtype=torch.float32, device=k.device)
+    for h in range(Hkv):
+        qh = q_obs[h * G:(h + 1) * G].float()                                   # [G, W, D]
+        kh, vh = k[h].float(), v[h].float()
+        p = torch.softmax(((qh @ kh.T) * scale).masked_fill(late, float("-inf")), -1).reshape(G * W, n)
+        pb = p[:, :nb * block]
+        if name == "v":
+            tw = None if token_weight is None else token_weight[h, :nb * block]
+            dv = (vh[:nb * block] - prune_v(vh[:nb * block], tw)).view(nb, block, D)
+            delta = torch.einsum("qbs,bsd->qbd", pb.view(G * W, nb, block), dv)
+        else:
+            cw = None if channel_weight is None else channel_weight[h]
+            dk = kh[:nb * block] - prune_k(kh[:nb * block], cw)
+            ds = (qh.reshape(G * W, D) @ dk.T) * scale                          # [GW, nb * block]
+            o = p @ vh                                                          # [GW, D]
+            w = (pb * ds).view(G * W, nb, block)
+            delta = torch.einsum("qbs,bsd->qbd", w, vh[:nb * block].view(nb, block, D)) - \
+                w.sum(-1, keepdim=True) * o.unsqueeze(1)
+        out[h] = delta.pow(2).sum((0, 2))
+    return out
+
+
 def token_weights(tokens: torch.Tensor) -> torch.Tensor:
     """Per-token weights of V's 2:4 choice ``[Hkv, n]``: the mass normalized to mean 1 per head."""
     return tokens / tokens.mean(-1, keepdim=True).clamp(min=1e-30)
@@ -100,17 +137,19 @@ def channel_weights(q_obs: torch.Tensor, heads: int) -> torch.Tensor:
 
 
 def block_scores(selection: str, x: torch.Tensor, name: str, block: int, mass: torch.Tensor | None,
-                 loss: torch.Tensor | None = None) -> torch.Tensor:
+                 loss: torch.Tensor | None = None, error: torch.Tensor | None = None) -> torch.Tensor:
     """Score per whole block ``[B, H, L // block]`` of ``x [B, H, L, D]`` (lower: 2:4 first).
     ``mass [B, H, L // block]``: attention mass (attention, expected_error); ``loss``: the prune
-    loss when already computed (the GPU scoring kernel's)."""
+    loss when already computed (the GPU scoring kernel's); ``error``: :func:`output_error`."""
     if selection == "attention":
         return mass
+    if selection == "output_error":
+        return error
     if loss is None:
         loss = block_prune_loss(x, name, block)
     return loss if selection == "prune_loss" else loss * mass
 
 
 __all__ = ["SELECTIONS", "AUTO_WITH_QUERIES", "KEY_CHANNELS", "VALUE_TOKENS", "check_selection", "resolve",
-           "needs_queries", "observed_queries", "token_mass", "attention_mass", "token_weights", "channel_weights",
+           "needs_queries", "observed_queries", "token_mass", "attention_mass", "output_error", "token_weights", "channel_weights",
            "block_scores"]

@@ -22,7 +22,7 @@ from .policy import (cache_nbytes, cache_settings, check_kernel, check_not_full,
                      eligible_blocks, ratio_count)
 from .reference import decode_reference, prefill_reference
 from .selection import (attention_mass, block_scores, channel_weights, check_selection, needs_queries,
-                        observed_queries, resolve, token_mass, token_weights)
+                        observed_queries, output_error, resolve, token_mass, token_weights)
 
 
 class SimulatedCache:
@@ -117,7 +117,7 @@ class SimulatedCache:
             self.key_weight[b] = channel_weights(q_obs, self.heads).unsqueeze(1)
         selection = resolve(self.selection, q_obs is not None)
         mass = tokens = None
-        if self.value_tokens == "attention" or (selection != "prune_loss" and n_elig):
+        if self.value_tokens == "attention" or (selection in ("attention", "expected_error") and n_elig):
             tokens = token_mass(q_obs, k, scale)
             mass = attention_mass(q_obs, k, S, scale, tokens).unsqueeze(0)
         if self.value_tokens == "attention":
@@ -128,8 +128,13 @@ class SimulatedCache:
             if n_s:
                 kw = self.key_weight[b:b + 1] if name == "k" and self.key_channels == "query" else None
                 vw = self.value_weight[b:b + 1, :, :L] if name == "v" and self.value_tokens == "attention" else None
-                loss = None if selection == "attention" else block_prune_loss(x.unsqueeze(0), name, S, kw, vw)
-                score = block_scores(selection, x.unsqueeze(0), name, S, mass, loss)
+                loss = error = None
+                if selection == "output_error":
+                    error = output_error(q_obs, k, v, S, scale, name, None if kw is None else kw[0],
+                                         None if vw is None else vw[0]).unsqueeze(0)
+                elif selection != "attention":
+                    loss = block_prune_loss(x.unsqueeze(0), name, S, kw, vw)
+                score = block_scores(selection, x.unsqueeze(0), name, S, mass, loss, error)
                 score = score[0, :, self.sink_blocks:self.sink_blocks + n_elig]
                 chosen = torch.argsort(score, dim=-1, stable=True)[:, :n_s] + self.sink_blocks
                 self.sparse[name][b].scatter_(1, chosen, True)

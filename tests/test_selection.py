@@ -164,3 +164,39 @@ def test_attention_weighted_value_tokens():
         kept = (sim.to_dense()[1][0, h, heavy[h]] != 0).float().mean()
         plain_kept = (plain.to_dense()[1][0, h, heavy[h]] != 0).float().mean()
         assert kept > 0.8 and kept > plain_kept
+
+
+def test_output_error_of_v_is_the_windows_output_change():
+    """For V the first-order change is exact: pruning one block moves the window's outputs by
+    sum_t p_t (v_t - v^_t)."""
+    from hierasparse_gen.reference import prefill_reference
+    from hierasparse_gen.selection import output_error
+    L, W = 10 * S, 24
+    q, k, v = _inputs(L, 9)
+    got = output_error(q[0, :, -W:], k[0], v[0], S, None, "v")             # [H, blocks]
+    full, _ = prefill_reference(q[:, :, -W:], k, v, torch.tensor([L]), qlens=torch.tensor([W]))
+    for blk in (1, 4):
+        pruned = v.clone()
+        pruned[:, :, blk * S:(blk + 1) * S] = fmt.prune_v(v[:, :, blk * S:(blk + 1) * S])
+        out, _ = prefill_reference(q[:, :, -W:], k, pruned, torch.tensor([L]), qlens=torch.tensor([W]))
+        want = (out - full)[0].view(H, G * W, D).pow(2).sum((1, 2))
+        assert torch.allclose(got[:, blk].double(), want, rtol=1e-3), blk
+    # K: first order in the score change; a block whose pruning drops nothing costs nothing
+    k2 = k.clone()
+    k2[:, :, 2 * S:3 * S, 2::4] = 0
+    k2[:, :, 2 * S:3 * S, 3::4] = 0
+    err = output_error(q[0, :, -W:], k2[0], v[0], S, None, "k")
+    assert (err[:, 2] == 0).all() and (err[:, 3] > 0).all()
+
+
+def test_output_error_selection_in_the_cache():
+    L = 16 * S
+    q, k, v = _inputs(L, 10)
+    sim = _sim(L, key_ratio=0.5, value_ratio=0.5, selection="output_error")
+    sim.prefill(k, v, q=q)
+    from hierasparse_gen.selection import output_error
+    for name in "kv":
+        err = output_error(q[0, :, -64:], k[0], v[0], S, None, name)[:, 1:1 + 13]
+        chosen = sim.tiers(name)[0][:, 1:1 + 13]
+        assert (chosen.sum(-1) == ratio_count(0.5, 13)).all()
+        assert (torch.where(chosen, err, -1.0).amax(-1) <= torch.where(chosen, float("inf"), err).amin(-1)).all()

@@ -45,6 +45,8 @@ POLICIES = {
     "attention+query_k": {"selection": "attention", "key_channels": "query"},
     "expected_error+query_k": {"selection": "expected_error", "key_channels": "query"},
     "attention+weighted_v": {"selection": "attention", "value_tokens": "attention"},
+    "output_error": {"selection": "output_error"},
+    "output_error+query_k": {"selection": "output_error", "key_channels": "query"},
     "attention@256": {"selection": "attention", "observe": 256},
 }
 
