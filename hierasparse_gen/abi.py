@@ -18,17 +18,21 @@ SIGNATURES = {
                      _p, _p, _p, _i64, _i64, _p, _p],
     ("decode", "_smem_bytes"): [],
     ("decode", "_threads"): [],
-    ("compress", "_k"): [_p, _i64, _i64, _i64, _i32, _i32, _i32, _i32, _p, _p, _p],
-    ("compress", "_v"): [_p, _i64, _i64, _i64, _i32, _i32, _i32, _i32, _p, _p, _p],
-    ("compress", "_fill_k"): [_p, _i64, _i64, _i64, _i32, _i32, _i32, _p, _i32, _i32, _p, _i32, _p, _p, _i32, _p],
-    ("compress", "_fill_v"): [_p, _i64, _i64, _i64, _i32, _i32, _i32, _p, _i32, _i32, _p, _i32, _p, _p, _i32, _p],
-    ("compress", "_select"): [_p, _i32, _i32, _i32, _i32, _i32, _i32, _p, _i32, _p],
-    ("compress", "_score_k"): [_p, _i64, _i64, _i64, _i32, _i32, _i32, _i32, _p, _p],
-    ("compress", "_score_v"): [_p, _i64, _i64, _i64, _i32, _i32, _i32, _i32, _p, _p],
+    # (compress2: the fill and append entry points take K's channel weights of the 2:4 choice, or null)
+    ("compress2", "_k"): [_p, _i64, _i64, _i64, _i32, _i32, _i32, _i32, _p, _p, _p],
+    ("compress2", "_v"): [_p, _i64, _i64, _i64, _i32, _i32, _i32, _i32, _p, _p, _p],
+    ("compress2", "_fill_k"): [_p, _i64, _i64, _i64, _i32, _i32, _i32, _p, _i32, _i32, _p, _i32, _p, _p, _i32, _p,
+                               _p],
+    ("compress2", "_fill_v"): [_p, _i64, _i64, _i64, _i32, _i32, _i32, _p, _i32, _i32, _p, _i32, _p, _p, _i32, _p,
+                               _p],
+    ("compress2", "_select"): [_p, _i32, _i32, _i32, _i32, _i32, _i32, _p, _i32, _p],
+    ("compress2", "_score_k"): [_p, _i64, _i64, _i64, _i32, _i32, _i32, _i32, _p, _p],
+    ("compress2", "_score_v"): [_p, _i64, _i64, _i64, _i32, _i32, _i32, _i32, _p, _p],
     # k, its strides, v, its strides, seqlens, ctrl, ctrl_width, batch, heads, max_blocks, block,
-    # sink/window blocks, max_len; K then V pools (table, dense, vals, meta, n_dense, n_sparse, ratio)
-    ("compress", "_append"): [_p, _i64, _i64, _p, _i64, _i64, _p, _p, *[_i32] * 8,
-                              *[_p, _p, _p, _p, _i32, _i32, _f64] * 2, _p],
+    # sink/window blocks, max_len; K then V pools (table, dense, vals, meta, n_dense, n_sparse, ratio); K's
+    # channel weights (or null)
+    ("compress2", "_append"): [_p, _i64, _i64, _p, _i64, _i64, _p, _p, *[_i32] * 8,
+                               *[_p, _p, _p, _p, _i32, _i32, _f64] * 2, _p, _p],
     # decode over the cache's block tables
     ("decode_table", ""): [_p, _i64, _i64, _p, _p, _i32, _p, _p, _i32, _i32, _p, _p, _p, _p, _i32, _i32,
                            _p, _i32, _i32, _f32, _i32, _p, _p, _p, _i64, _i64, _p, _p],

@@ -37,8 +37,9 @@ from .ops.checks import check_queries
 # (the policy names also stay importable from here: PREFILL_MODES, ratio_count, cache_settings, ...)
 from .policy import (PREFILL_MODES, cache_settings, check_not_full, check_prefill_mode, check_ratios, check_room,
                      eligible_blocks, pool_sizes, ratio_count)
-from .selection import (attention_mass, block_scores, check_selection, needs_queries, observed_queries, output_error,
-                        resolve)
+from .format import block_prune_loss
+from .selection import (attention_mass, block_scores, channel_weights, check_selection, needs_queries,
+                        observed_queries, output_error, resolve, resolve_channels)
 
 _CTRL_STACK = 6  # ctrl columns before the free-slot stacks
 _STATUS = 5      # ctrl column: 1 = a captured append found the sequence full, 2 = no free dense slot
@@ -64,16 +65,16 @@ class HieraCache(CacheInspection):
     def __init__(self, lib, *, batch: int, num_kv_heads: int, head_dim: int, max_seq_len: int,
                  key_ratio: float, value_ratio: float, dtype=torch.float16, device="cuda",
                  block_size: int | None = None, sink: int | None = None, local_window: int | None = None,
-                 selection: str = "auto", key_channels: str = "magnitude", observe: int = 64,
+                 selection: str = "auto", key_channels: str = "auto", observe: int = 64,
                  value_tokens: str = "magnitude"):
         self.lib = lib
         self.block, self.sink, self.window = cache_settings(lib, block_size, sink, local_window)
         check_ratios(key_ratio, value_ratio)
         check_selection(selection, key_channels, observe, value_tokens)
-        if key_channels != "magnitude" or value_tokens != "magnitude":
-            raise UnsupportedError(f"key_channels {key_channels!r}, value_tokens {value_tokens!r}: the GPU compressors "
-                                   f"keep each group's 2 largest magnitudes; the weighted choices run in SimulatedCache "
-                                   f"only. Fix: use key_channels='magnitude' and value_tokens='magnitude' with HieraCache")
+        if value_tokens != "magnitude":
+            raise UnsupportedError(f"value_tokens {value_tokens!r}: the GPU compressors keep V's 2 largest magnitudes "
+                                   f"of 4 tokens; the attention-weighted choice runs in SimulatedCache only. Fix: use "
+                                   f"value_tokens='magnitude' with HieraCache")
         self.selection, self.key_channels, self.observe = selection, key_channels, int(observe)
         if batch < 1 or num_kv_heads < 1 or max_seq_len < 1:
             raise InputError(f"batch {batch}, num_kv_heads {num_kv_heads} and max_seq_len {max_seq_len} must be "
@@ -91,6 +92,11 @@ class HieraCache(CacheInspection):
         self.n_eligible = [0] * batch
         self.k = self._make("k", key_ratio)
         self.v = self._make("v", value_ratio)
+        # K's per-channel weights of the 2:4 choice (key_channels "query"/"auto": set by a sequence's first
+        # prefill when it brings queries, read by the fill and append kernels; ones weigh nothing); None: magnitudes
+        self.key_weight = torch.ones(batch, num_kv_heads, head_dim, dtype=torch.float32, device=self.device) \
+            if key_channels != "magnitude" else None
+        self.weighted = [False] * batch  # per sequence: its K channel weights were set
         # device bookkeeping, one row a sequence (columns: templates/cache/append.cuh):
         # eligible blocks, K 2:4 count, K free-stack height, V's two, status, K stack, V stack
         self.ctrl = torch.zeros(batch, _CTRL_STACK + self.k.dense.shape[2] + self.v.dense.shape[2],
@@ -279,10 +285,13 @@ class HieraCache(CacheInspection):
                 older = pos0 - blk * S  # rows of the block held before the chunk
                 if older > 0:
                     assembled[f, :, :older] = t.dense[b, :, slot, :older]
-            packed = (self.lib.compress_k if t.name == "k" else self.lib.compress_v)(assembled)
             sp = torch.tensor([f[2] for f in flushed], device=x.device)
-            t.sparse_vals[b, :, sp] = packed.values.reshape(len(flushed), self.heads, -1).transpose(0, 1)
-            t.sparse_meta[b, :, sp] = packed.meta.reshape(len(flushed), self.heads, -1).transpose(0, 1)
+            if t.name == "k" and self.weighted[b]:
+                self._fill_flushed(t, b, assembled, sp)
+            else:
+                packed = (self.lib.compress_k if t.name == "k" else self.lib.compress_v)(assembled)
+                t.sparse_vals[b, :, sp] = packed.values.reshape(len(flushed), self.heads, -1).transpose(0, 1)
+                t.sparse_meta[b, :, sp] = packed.meta.reshape(len(flushed), self.heads, -1).transpose(0, 1)
             # (blocks from before the chunk may leave the window too: outside first..last)
             t.table[b, :, blocks.to(t.table.device)] = -(sp.to(t.table.device, torch.int32) + 1)
             entries.update({blk: -(s + 1) for blk, _, s in flushed if blk >= first})
@@ -296,6 +305,15 @@ class HieraCache(CacheInspection):
             dev = t.dense.device
             t.dense[b, :, slots[idx].long().to(dev), (pos[idx] % S).to(dev)] = x[:, idx.to(x.device)]
 
+    def _fill_flushed(self, t: _Tensor, b: int, assembled: torch.Tensor, sp: torch.Tensor) -> None:
+        """Blocks ``assembled [F, H, S, D]`` of sequence b into 2:4 slots ``sp`` through the fill kernel, which
+        takes K's channel weights (the flat compressor keeps magnitudes)."""
+        F = assembled.shape[0]
+        x = assembled.transpose(0, 1).reshape(1, self.heads, F * self.block, self.head_dim)
+        table = (-(sp.to(torch.int32) + 1)).view(1, 1, F).expand(1, self.heads, F).contiguous().to(self.device)
+        _kernels.fill_blocks(self.lib, x, t.name, table, self.block, t.dense[b:b + 1], t.sparse_vals[b:b + 1],
+                             t.sparse_meta[b:b + 1], self.key_weight[b:b + 1])
+
     def _prefill_group(self, b0: int, b1: int, k: torch.Tensor, v: torch.Tensor, select_q=None, scale=None) -> None:
         """Sequences b0..b1-1, all with the prompt length L: select, fill the table, then one
         fill kernel per tensor writes every block to its dense or 2:4 slot."""
@@ -306,10 +324,15 @@ class HieraCache(CacheInspection):
         window0 = first + n_elig            # first block of the window (or of the tail)
         uniform = list(range(min(first, blocks))) + list(range(max(window0, min(first, blocks)), blocks))
         selection = resolve(self.selection, select_q is not None)
+        observed = observed_queries(select_q, [L] * (b1 - b0), self.observe) if select_q is not None else []
         mass = None
         if selection in ("attention", "expected_error") and n_elig:  # the prompt's last queries' mass, per block
-            mass = torch.stack([attention_mass(qo, k[i], S, scale) for i, qo in
-                                enumerate(observed_queries(select_q, [L] * (b1 - b0), self.observe))])
+            mass = torch.stack([attention_mass(qo, k[i], S, scale) for i, qo in enumerate(observed)])
+        weight = None  # K's channel weights, [b1 - b0, H, D]
+        if self.key_weight is not None and resolve_channels(self.key_channels, select_q is not None) == "query":
+            weight = self.key_weight[b0:b1]
+            weight.copy_(torch.stack([channel_weights(qo, self.heads) for qo in observed]))
+            self.weighted[b0:b1] = [True] * (b1 - b0)
         for t, x in ((self.k, k), (self.v, v)):
             n_s = ratio_count(t.ratio, n_elig)
             n_de = n_elig - n_s
@@ -318,15 +341,18 @@ class HieraCache(CacheInspection):
             loss = None
             if n_s:
                 gpu_loss = error = None
+                kw = weight if t.name == "k" else None
                 if selection == "output_error":
-                    error = torch.stack([output_error(qo, k[i], v[i], S, scale, t.name) for i, qo in
-                                         enumerate(observed_queries(select_q, [L] * (b1 - b0), self.observe))])
-                elif selection != "attention":
-                    gpu_loss = self._score(x, t.name)
+                    error = torch.stack([output_error(qo, k[i], v[i], S, scale, t.name,
+                                                      None if kw is None else kw[i].unsqueeze(1))
+                                         for i, qo in enumerate(observed)])
+                elif selection != "attention":  # weighted K: the same float32 sums as the simulation's
+                    gpu_loss = self._score(x, t.name) if kw is None else \
+                        block_prune_loss(x, "k", S, kw.unsqueeze(2))
                 loss = block_scores(selection, x, t.name, S, mass, gpu_loss, error).contiguous()
             _kernels.select_blocks(self.lib, x, loss, first, n_elig, n_s, blocks, t.table[b0:b1])
             _kernels.fill_blocks(self.lib, x, t.name, t.table[b0:b1], S, t.dense[b0:b1], t.sparse_vals[b0:b1],
-                        t.sparse_meta[b0:b1])
+                                 t.sparse_meta[b0:b1], weight if t.name == "k" else None)
             for b in range(b0, b1):
                 t.n_sparse[b] = n_s
                 t.uniform[b] = {blk: n_de + i for i, blk in enumerate(uniform)}
@@ -448,6 +474,9 @@ class HieraCache(CacheInspection):
             t.uniform = [{} for _ in range(self.batch)]
         self._lengths = [0] * self.batch
         self.n_eligible = [0] * self.batch
+        if self.key_weight is not None:
+            self.key_weight.fill_(1.0)
+        self.weighted = [False] * self.batch
         self.seqlens.zero_()
         self._push_ctrl()
 

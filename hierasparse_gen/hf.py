@@ -55,7 +55,7 @@ class SparseKV:
     backend: str                # "kernels" | "simulate"
     cuda_graph: bool = False    # decode steps of a forward replay one captured graph (GraphedDecoder)
     selection: str = "auto"     # how eligible blocks are chosen (hierasparse_gen.selection)
-    key_channels: str = "magnitude"
+    key_channels: str = "auto"
     observe: int = 64
     value_tokens: str = "magnitude"
 
@@ -258,7 +258,7 @@ def _check_library(lib, head_dim: int, group: int, block_size: int, dtype, where
 def enable(model, lib=None, *, key_ratio: float, value_ratio: float, sink: int | None = None,
            window: int | None = None, block_size: int | None = None,
            prefill_mode: str = "attend_then_compress", backend: str = "kernels", cuda_graph: bool = True,
-           selection: str = "auto", key_channels: str = "magnitude", observe: int = 64,
+           selection: str = "auto", key_channels: str = "auto", observe: int = 64,
            value_tokens: str = "magnitude"):
     """Turn ``model`` (a transformers causal LM) to sparse-KV attention; returns the model.
 
@@ -270,10 +270,12 @@ def enable(model, lib=None, *, key_ratio: float, value_ratio: float, sink: int |
     (kernels backend): one-token forwards with a HieraSparseCache (generate()'s decode steps)
     replay a CUDA graph captured at the first one, instead of running 32 layers of Python.
     ``selection``: which eligible blocks become 2:4 at prefill (:mod:`hierasparse_gen.selection`):
-    "auto" (= "attention" here: the blocks the prompt's last ``observe`` queries read least),
-    "expected_error", or "prune_loss" (the paper's). ``key_channels="query"`` and
-    ``value_tokens="attention"`` (simulate backend only): K keeps the channels of largest
-    |k| * E|q|, V the tokens of largest |v| * attention mass.
+    "auto" (= "output_error" here: the blocks whose pruning would move the outputs of the prompt's
+    last ``observe`` queries least), "attention" (least attended), "expected_error", or
+    "prune_loss" (the paper's). ``key_channels``: "auto" (= "query" here) keeps in K's 2:4 blocks
+    the channels of largest |k| * E|q| (the window's mean |q|), "magnitude" the largest |k|.
+    ``value_tokens="attention"`` (simulate backend only): V keeps the tokens of largest
+    |v| * attention mass.
 
     A model loaded tensor-parallel (``distributed_config=DistributedConfig(tp_plan="auto")`` under
     ``torchrun``) is enabled on every rank the same way: each rank's cache and kernels take the heads
@@ -287,10 +289,10 @@ def enable(model, lib=None, *, key_ratio: float, value_ratio: float, sink: int |
     check_prefill_mode(prefill_mode, "prefill_mode")
     check_ratios(key_ratio, value_ratio)
     check_selection(selection, key_channels, observe, value_tokens)
-    if backend == "kernels" and (key_channels != "magnitude" or value_tokens != "magnitude"):
-        raise UnsupportedError(f"key_channels {key_channels!r}, value_tokens {value_tokens!r}: the weighted 2:4 "
-                               f"choices run in the simulation only (the GPU compressors keep the largest "
-                               f"magnitudes). Fix: backend='simulate', or leave both 'magnitude'")
+    if backend == "kernels" and value_tokens != "magnitude":
+        raise UnsupportedError(f"value_tokens {value_tokens!r}: the attention-weighted choice of V's tokens runs in "
+                               f"the simulation only (the GPU compressors keep V's largest magnitudes). Fix: "
+                               f"backend='simulate', or value_tokens='magnitude'")
     block, sink, window = cache_settings(lib, block_size, sink, window)
     heads, kv, head_dim = _check_model(_text_config(model))
     if heads % kv:

@@ -12,8 +12,9 @@ the same count per head as the ratio gives (so pools stay sized up front).
   for the observation window's queries (summed squared norm): for V, sum_t p_t (v_t - v^_t); for
   K, sum_t p_t ds_t (v_t - o), ds_t the score change of the pruned key. It sees which entries 2:4
   drops and how they cancel, where mass x loss sees only sizes.
-* ``auto`` (the default): ``attention`` when the prefill brings the prompt's queries (``q`` or
-  ``select_q``; the transformers integration always does), else ``prune_loss``.
+* ``auto`` (the default): ``output_error`` when the prefill brings the prompt's queries (``q`` or
+  ``select_q``; the transformers integration always does), else ``prune_loss``; likewise
+  ``key_channels="auto"`` weighs K's channels (below) when the queries are there.
 
 Inside a 2:4 block (``key_channels="query"``), K keeps per token the 2 of 4 channels of largest
 |k_c| * E|q_c| (the observation window's mean |q| per channel and KV head) instead of the largest
@@ -21,8 +22,9 @@ Inside a 2:4 block (``key_channels="query"``), K keeps per token the 2 of 4 chan
 first. Same storage format, same kernels: only the choice of kept channels changes. Likewise
 ``value_tokens="attention"``: V keeps per channel the 2 of 4 tokens of largest |v| * a_t, a_t the
 token's attention mass from the observation window (normalized to mean 1 over the prompt; tokens
-that arrive later weigh 1). Both run in SimulatedCache only for now (the GPU compressors keep the
-largest magnitudes).
+that arrive later weigh 1). The K choice runs in both caches (the GPU fill and append kernels take
+the weights); the V choice in SimulatedCache only for now (the GPU compressors keep V's largest
+magnitudes).
 """
 
 from __future__ import annotations
@@ -34,8 +36,8 @@ from .format import block_prune_loss, prune_k, prune_v
 
 SELECTIONS = ("auto", "prune_loss", "attention", "expected_error", "output_error")
 #: "auto": the measured best (benchmarks/RESULTS.md) when the prefill brings its queries, else prune loss
-AUTO_WITH_QUERIES = "attention"
-KEY_CHANNELS = ("magnitude", "query")
+AUTO_WITH_QUERIES = "output_error"
+KEY_CHANNELS = ("auto", "magnitude", "query")
 VALUE_TOKENS = ("magnitude", "attention")
 
 
@@ -56,6 +58,13 @@ def resolve(selection: str, has_queries: bool) -> str:
     if selection == "auto":
         return AUTO_WITH_QUERIES if has_queries else "prune_loss"
     return selection
+
+
+def resolve_channels(key_channels: str, has_queries: bool) -> str:
+    """K's choice inside a 2:4 block for a prefill: "auto" weighs channels when the queries are there."""
+    if key_channels == "auto":
+        return "query" if has_queries else "magnitude"
+    return key_channels
 
 
 def needs_queries(selection: str, key_channels: str, value_tokens: str = "magnitude") -> bool:
@@ -150,6 +159,6 @@ def block_scores(selection: str, x: torch.Tensor, name: str, block: int, mass: t
     return loss if selection == "prune_loss" else loss * mass
 
 
-__all__ = ["SELECTIONS", "AUTO_WITH_QUERIES", "KEY_CHANNELS", "VALUE_TOKENS", "check_selection", "resolve",
+__all__ = ["SELECTIONS", "AUTO_WITH_QUERIES", "KEY_CHANNELS", "VALUE_TOKENS", "check_selection", "resolve", "resolve_channels",
            "needs_queries", "observed_queries", "token_mass", "attention_mass", "output_error", "token_weights", "channel_weights",
            "block_scores"]

@@ -22,7 +22,7 @@ from .policy import (cache_nbytes, cache_settings, check_kernel, check_not_full,
                      eligible_blocks, ratio_count)
 from .reference import decode_reference, prefill_reference
 from .selection import (attention_mass, block_scores, channel_weights, check_selection, needs_queries,
-                        observed_queries, output_error, resolve, token_mass, token_weights)
+                        observed_queries, output_error, resolve, resolve_channels, token_mass, token_weights)
 
 
 class SimulatedCache:
@@ -31,7 +31,7 @@ class SimulatedCache:
     def __init__(self, lib=None, *, batch: int, num_kv_heads: int, head_dim: int, max_seq_len: int,
                  key_ratio: float, value_ratio: float, dtype=torch.float16, device="cpu",
                  block_size: int = 64, sink: int = 64, local_window: int = 256,
-                 selection: str = "auto", key_channels: str = "magnitude", observe: int = 64,
+                 selection: str = "auto", key_channels: str = "auto", observe: int = 64,
                  value_tokens: str = "magnitude"):
         block_size, sink, local_window = cache_settings(None, block_size, sink, local_window)
         check_ratios(key_ratio, value_ratio)
@@ -113,7 +113,8 @@ class SimulatedCache:
         [Hq, W, D]``: the prompt's last queries, for the selections that read them)."""
         L, S = k.shape[1], self.block
         n_elig = eligible_blocks(L // S, self.sink_blocks, self.window_blocks)
-        if self.key_channels == "query":
+        channels = resolve_channels(self.key_channels, q_obs is not None)
+        if channels == "query":
             self.key_weight[b] = channel_weights(q_obs, self.heads).unsqueeze(1)
         selection = resolve(self.selection, q_obs is not None)
         mass = tokens = None
@@ -126,7 +127,7 @@ class SimulatedCache:
             self.x[name][b, :, :L] = x
             n_s = ratio_count(self.ratio[name], n_elig)
             if n_s:
-                kw = self.key_weight[b:b + 1] if name == "k" and self.key_channels == "query" else None
+                kw = self.key_weight[b:b + 1] if name == "k" and channels == "query" else None
                 vw = self.value_weight[b:b + 1, :, :L] if name == "v" and self.value_tokens == "attention" else None
                 loss = error = None
                 if selection == "output_error":

@@ -85,27 +85,46 @@ def test_prefill_selects_lowest_loss_blocks_per_head(lib, poison, dtype):
     _check_attend(cache, model, seed=5)
 
 
-@pytest.mark.parametrize("selection", ["attention", "expected_error"])
+@pytest.mark.parametrize("selection,key_channels", [("attention", "magnitude"), ("expected_error", "magnitude"),
+                                                    ("output_error", "query"), ("prune_loss", "query")])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_prefill_selection_by_the_prompts_queries(lib, poison, selection, dtype):
-    """The GPU path of the attention-aware selections (scores on the device, the select kernel)
-    makes the simulation's choice, per head, for sequences of different lengths, and stores
-    what it stores."""
+def test_prefill_selection_by_the_prompts_queries(lib, poison, selection, key_channels, dtype):
+    """The GPU path of the query-aware selections (scores on the device, the select kernel; K's
+    channel weights in the fill and append kernels) makes the simulation's choices, per head, for
+    sequences of different lengths, and stores what it stores: after the prompt, after a later
+    chunk (its flushed blocks through the fill kernel) and after decode flushes."""
     from hierasparse_gen.simulate import SimulatedCache
     lengths = [3000, 1111]
-    kw = dict(batch=2, num_kv_heads=HKV, head_dim=D, max_seq_len=3100, key_ratio=0.5, value_ratio=0.75, dtype=dtype,
-              selection=selection, observe=48)
+    kw = dict(batch=2, num_kv_heads=HKV, head_dim=D, max_seq_len=3600, key_ratio=0.5, value_ratio=0.75, dtype=dtype,
+              selection=selection, key_channels=key_channels, observe=48)
     cache, sim = HieraCache(lib, **kw), SimulatedCache(device="cuda", **kw)
-    k, v = (_rand(2, HKV, 3000, D, seed=s, dtype=dtype) for s in (31, 32))
+    k, v = (_rand(2, HKV, 3600, D, seed=s, dtype=dtype) for s in (31, 32))
     q = _rand(2, HQ, 3000, D, seed=33, dtype=dtype) * 2
-    cache.prefill(k, v, lengths, select_q=q)
-    sim.prefill(k, v, lengths, select_q=q)
-    for name in "kv":
-        assert torch.equal(cache.tiers(name), sim.tiers(name)), name
-    assert torch.equal(cache.to_dense()[0], sim.to_dense()[0]) and torch.equal(cache.to_dense()[1], sim.to_dense()[1])
-    prune = HieraCache(lib, **{**kw, "selection": "prune_loss"})
-    prune.prefill(k, v, lengths, select_q=q)
-    assert not torch.equal(prune.tiers("v"), cache.tiers("v")), "the policy should change the choice"
+    q[..., 0::4] *= 8  # queries lean on some channels, so the weighted K choice differs from magnitudes
+
+    def same():
+        for name in "kv":
+            assert torch.equal(cache.tiers(name), sim.tiers(name)), name
+        (ck, cv), (sk, sv) = cache.to_dense(), sim.to_dense()
+        assert torch.equal(ck, sk) and torch.equal(cv, sv)
+
+    cache.prefill(k[:, :, :3000], v[:, :, :3000], lengths, select_q=q)
+    sim.prefill(k[:, :, :3000], v[:, :, :3000], lengths, select_q=q)
+    same()
+    after_prompt = cache.to_dense()[0].clone()
+    chunk = [300, 300]  # a later chunk: blocks leave the window inside it
+    kc, vc = (torch.stack([x[b, :, n:n + 300] for b, n in enumerate(lengths)]) for x in (k, v))
+    cache.prefill(kc, vc, chunk)
+    sim.prefill(kc, vc, chunk)
+    same()
+    for _ in range(70):  # decode steps across a flush
+        pos = cache.lengths
+        cache.append(k[torch.arange(2), :, pos], v[torch.arange(2), :, pos])
+        sim.append(k[torch.arange(2), :, pos], v[torch.arange(2), :, pos])
+    same()
+    other = HieraCache(lib, **{**kw, "selection": "prune_loss", "key_channels": "magnitude"})
+    other.prefill(k[:, :, :3000], v[:, :, :3000], lengths, select_q=q)
+    assert not torch.equal(other.to_dense()[0], after_prompt), "the policy should change K"
 
 
 @pytest.mark.parametrize("ratios", [(0.5, 0.25), (0.0, 1.0), (1.0, 0.0)])

@@ -9,7 +9,7 @@ from hierasparse_gen import format as fmt
 from hierasparse_gen.cache import HieraCache
 from hierasparse_gen.errors import InputError, UnsupportedError
 from hierasparse_gen.policy import ratio_count
-from hierasparse_gen.selection import attention_mass, channel_weights, resolve
+from hierasparse_gen.selection import attention_mass, channel_weights, resolve, resolve_channels
 from hierasparse_gen.simulate import SimulatedCache
 
 H, G, D, S = 2, 3, 64, 32
@@ -49,7 +49,7 @@ def test_attention_mass_against_brute_force():
 def test_each_policy_makes_its_least_scored_blocks_24(selection):
     L = 20 * S
     q, k, v = _inputs(L, 2)
-    sim = _sim(L, key_ratio=0.5, value_ratio=0.25, selection=selection, observe=48)
+    sim = _sim(L, key_ratio=0.5, value_ratio=0.25, selection=selection, observe=48, key_channels="magnitude")
     sim.prefill(k, v, q=q)
     elig = 20 - 1 - 2
     mass = attention_mass(q[0, :, -48:], k[0], S, None)[:, 1:1 + elig]
@@ -71,14 +71,17 @@ def test_auto_reads_queries_when_given():
     L = 16 * S
     q, k, v = _inputs(L, 3)
     runs = {}
-    for name, selection, queries in (("auto+q", "auto", q), ("attention", "attention", q),
-                                     ("auto", "auto", None), ("prune_loss", "prune_loss", q)):
-        sim = _sim(L, key_ratio=0.5, value_ratio=0.5, selection=selection)
+    for name, selection, channels, queries in (("auto+q", "auto", "auto", q), ("best", "output_error", "query", q),
+                                               ("auto", "auto", "auto", None),
+                                               ("prune_loss", "prune_loss", "magnitude", q)):
+        sim = _sim(L, key_ratio=0.5, value_ratio=0.5, selection=selection, key_channels=channels)
         sim.prefill(k, v, q=queries)
-        runs[name] = sim.tiers("k")
-    assert torch.equal(runs["auto+q"], runs["attention"])
-    assert torch.equal(runs["auto"], runs["prune_loss"])
-    assert resolve("auto", True) == "attention" and resolve("auto", False) == "prune_loss"
+        runs[name] = (sim.tiers("k"), sim.to_dense()[0])
+    for a, b in (("auto+q", "best"), ("auto", "prune_loss")):
+        assert torch.equal(runs[a][0], runs[b][0]) and torch.equal(runs[a][1], runs[b][1]), (a, b)
+    assert not torch.equal(runs["auto+q"][1], runs["auto"][1])
+    assert resolve("auto", True) == "output_error" and resolve("auto", False) == "prune_loss"
+    assert resolve_channels("auto", True) == "query" and resolve_channels("auto", False) == "magnitude"
 
 
 def test_select_q_chooses_without_attending():
@@ -140,9 +143,9 @@ def test_errors():
     with pytest.raises(InputError, match="chooses blocks by the prompt's queries, and this prefill has none"):
         sim.prefill(k, v)
     assert sim.lengths == [0]
-    with pytest.raises(UnsupportedError, match="key_channels 'query'.*Fix: use key_channels='magnitude'"):
+    with pytest.raises(UnsupportedError, match="value_tokens 'attention'.*Fix: use value_tokens='magnitude'"):
         HieraCache(None, batch=1, num_kv_heads=H, head_dim=D, max_seq_len=L, key_ratio=0, value_ratio=0,
-                   device="cpu", key_channels="query")
+                   device="cpu", value_tokens="attention")
 
 
 def test_attention_weighted_value_tokens():
@@ -192,7 +195,7 @@ def test_output_error_of_v_is_the_windows_output_change():
 def test_output_error_selection_in_the_cache():
     L = 16 * S
     q, k, v = _inputs(L, 10)
-    sim = _sim(L, key_ratio=0.5, value_ratio=0.5, selection="output_error")
+    sim = _sim(L, key_ratio=0.5, value_ratio=0.5, selection="output_error", key_channels="magnitude")
     sim.prefill(k, v, q=q)
     from hierasparse_gen.selection import output_error
     for name in "kv":

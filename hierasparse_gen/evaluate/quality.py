@@ -38,16 +38,16 @@ class Setting:
 # Block-selection policies: name -> keyword arguments for ``hierasparse_gen.enable``
 # (hierasparse_gen.selection says what each does); ``--policies`` picks them by name.
 POLICIES = {
-    "prune_loss": {"selection": "prune_loss"},
-    "attention": {"selection": "attention"},
-    "expected_error": {"selection": "expected_error"},
+    "prune_loss": {"selection": "prune_loss", "key_channels": "magnitude"},
+    "attention": {"selection": "attention", "key_channels": "magnitude"},
+    "attention@256": {"selection": "attention", "key_channels": "magnitude", "observe": 256},
+    "expected_error": {"selection": "expected_error", "key_channels": "magnitude"},
+    "output_error": {"selection": "output_error", "key_channels": "magnitude"},
     "prune_loss+query_k": {"selection": "prune_loss", "key_channels": "query"},
     "attention+query_k": {"selection": "attention", "key_channels": "query"},
     "expected_error+query_k": {"selection": "expected_error", "key_channels": "query"},
-    "attention+weighted_v": {"selection": "attention", "value_tokens": "attention"},
-    "output_error": {"selection": "output_error"},
-    "output_error+query_k": {"selection": "output_error", "key_channels": "query"},
-    "attention@256": {"selection": "attention", "observe": 256},
+    "output_error+query_k": {"selection": "output_error", "key_channels": "query"},  # = enable's default
+    "attention+weighted_v": {"selection": "attention", "key_channels": "magnitude", "value_tokens": "attention"},
 }
 
 

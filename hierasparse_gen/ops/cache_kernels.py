@@ -43,17 +43,21 @@ def select_blocks(lib, x: torch.Tensor, loss: torch.Tensor | None, first: int, n
 
 
 def fill_blocks(lib, x: torch.Tensor, kind: str, table: torch.Tensor, block: int, dense: torch.Tensor,
-                vals: torch.Tensor, meta: torch.Tensor) -> None:
+                vals: torch.Tensor, meta: torch.Tensor, weight: torch.Tensor | None = None) -> None:
     """Write the blocks of ``x [B, H, L, D]`` into a cache's pools where ``table [B, H, max_blocks]``
-    says: dense slot (copied) or 2:4 slot (compressed). Runs on the current stream."""
+    says: dense slot (copied) or 2:4 slot (compressed; K by |k| * ``weight [B, H, D]`` when given).
+    Runs on the current stream."""
     B, H, L, D = x.shape
     x = checks.rows16(x)
     for t in (table, dense, vals, meta):
         if not t.is_contiguous():
             fail("fill_blocks", "the table and pools must be contiguous", "pass the cache's own tensors")
+    if weight is not None and (weight.dtype != torch.float32 or not weight.is_contiguous() or
+                               tuple(weight.shape) != (B, H, D) or kind != "k"):
+        fail("fill_blocks", f"weight {tuple(weight.shape)} {weight.dtype}", f"pass float32 [{B}, {H}, {D}] for K")
     base.launch(lib, f"{compress_variant(lib, x).symbol}_fill_{kind}", x.device, x.data_ptr(), x.stride(0),
                 x.stride(1), x.stride(2), B, H, L, table.data_ptr(), table.shape[2], block, dense.data_ptr(),
-                dense.shape[2], vals.data_ptr(), meta.data_ptr(), vals.shape[2])
+                dense.shape[2], vals.data_ptr(), meta.data_ptr(), vals.shape[2], base.ptr(weight))
 
 
 # --- decode step: append -------------------------------------------------------------------
@@ -65,14 +69,14 @@ def append_cache(lib, cache, k: torch.Tensor, v: torch.Tensor) -> None:
     base.eager_or_op(_cache_append_impl, torch.ops.hierasparse.cache_append)(
         lib.key, k, v, cache.seqlens, cache.ctrl, kt.table, kt.dense, kt.sparse_vals, kt.sparse_meta,
         vt.table, vt.dense, vt.sparse_vals, vt.sparse_meta, cache.block, cache.sink_blocks, cache.window_blocks,
-        cache.max_seq_len, kt.ratio, vt.ratio)
+        cache.max_seq_len, kt.ratio, vt.ratio, cache.key_weight)
 
 
 def _cache_append_impl(lib_key: str, k: torch.Tensor, v: torch.Tensor, seqlens: torch.Tensor, ctrl: torch.Tensor,
                        k_table: torch.Tensor, k_dense: torch.Tensor, k_vals: torch.Tensor, k_meta: torch.Tensor,
                        v_table: torch.Tensor, v_dense: torch.Tensor, v_vals: torch.Tensor, v_meta: torch.Tensor,
                        block: int, sink_blocks: int, window_blocks: int, max_len: int,
-                       k_ratio: float, v_ratio: float) -> None:
+                       k_ratio: float, v_ratio: float, k_weight: torch.Tensor | None) -> None:
     lib = base.library(lib_key)
     B, H, D = k.shape
     checks.check_aligned(k, "k", 16)
@@ -82,7 +86,7 @@ def _cache_append_impl(lib_key: str, k: torch.Tensor, v: torch.Tensor, seqlens: 
                 k_table.shape[2], block, sink_blocks, window_blocks, max_len,
                 k_table.data_ptr(), k_dense.data_ptr(), k_vals.data_ptr(), k_meta.data_ptr(), k_dense.shape[2],
                 k_vals.shape[2], k_ratio, v_table.data_ptr(), v_dense.data_ptr(), v_vals.data_ptr(),
-                v_meta.data_ptr(), v_dense.shape[2], v_vals.shape[2], v_ratio)
+                v_meta.data_ptr(), v_dense.shape[2], v_vals.shape[2], v_ratio, base.ptr(k_weight))
 
 
 _cache_append_op = torch.library.custom_op(
@@ -93,7 +97,7 @@ _cache_append_op = torch.library.custom_op(
 
 @_cache_append_op.register_fake
 def _(lib_key, k, v, seqlens, ctrl, k_table, k_dense, k_vals, k_meta, v_table, v_dense, v_vals, v_meta,
-      block, sink_blocks, window_blocks, max_len, k_ratio, v_ratio):
+      block, sink_blocks, window_blocks, max_len, k_ratio, v_ratio, k_weight):
     return None
 
 

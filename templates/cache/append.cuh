@@ -26,6 +26,7 @@ struct AppendArgs {
   int* ctrl;                      // [B, ctrl_width]
   int ctrl_width, heads, max_blocks, block, sink_blocks, window_blocks, max_len;
   Pools t[2];
+  const float* k_weight;          // K's per-channel weights [B*H, D] of the 2:4 choice, or null: magnitudes
 };
 
 // Same rounding as cache.ratio_count: round half up, never more than all.
@@ -86,9 +87,10 @@ __global__ void __launch_bounds__(128) append_kernel(const AppendArgs a) {
   const Dest d{t.vals, t.meta, nullptr, 0, 0, 0, 0, nullptr};
   const int warp = threadIdx.x / 32, warps = blockDim.x / 32;
   if (z == 0) {
+    const float* w = a.k_weight ? a.k_weight + bh * kHeadDim : nullptr;  // the prefill's channel weights
     for (int u = warp; u < a.block / 16 * kKSteps; u += warps)
       compress_k_unit(base, kHeadDim, a.block, u / kKSteps, u % kKSteps,
-                      (bh * t.n_sparse + nsp) * (a.block / 16) + u / kKSteps, d);
+                      (bh * t.n_sparse + nsp) * (a.block / 16) + u / kKSteps, d, w);
   } else {
     for (int u = warp; u < a.block / 32 * kMTiles; u += warps) {
       compress_v_unit(base, kHeadDim, a.block, u / kMTiles, u % kMTiles,

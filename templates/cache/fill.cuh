@@ -13,7 +13,8 @@ compress_k_kernel(const Element* __restrict__ k, long long sb, long long sh, lon
   const int T = int(bt % (tokens / 16));
   const long long bh = bt / (tokens / 16);
   const Element* base = k + (bh / heads) * sb + (bh % heads) * sh;
-  compress_k_unit(base, st, length, T, ks, place<16>(d, bh, T, tokens / 16), d);
+  compress_k_unit(base, st, length, T, ks, place<16>(d, bh, T, tokens / 16), d,
+                  d.kweight ? d.kweight + bh * kHeadDim : nullptr);
 }
 
 // V [B, H, L, D]: warp w = (bh, 32-token chunk C, 16-channel tile).

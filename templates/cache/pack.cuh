@@ -2,11 +2,14 @@
 // or the hierarchical cache's pools): the per-warp units the fill and append kernels share. Included inside
 // the variant's namespace after its constants (Element, kHeadDim, kKSteps, kMTiles, kWarpsPerBlock).
 
-// Keep the 2 largest |x| of 4 (ties to the lower index); returns the nibble i0 | i1 << 2.
-__device__ __forceinline__ uint32_t select_2of4(const Element (&x)[4], Element& v0, Element& v1) {
+// Keep the 2 largest |x| of 4 (ties to the lower index), or the 2 largest |x| * w[i] when weights are given
+// (the cache's query-weighted K channels; the same float32 products as format.keep_mask_2to4); returns the
+// nibble i0 | i1 << 2.
+__device__ __forceinline__ uint32_t select_2of4(const Element (&x)[4], Element& v0, Element& v1,
+                                                const float* __restrict__ w = nullptr) {
   float a[4];
 #pragma unroll
-  for (int i = 0; i < 4; ++i) a[i] = fabsf(float(x[i]));
+  for (int i = 0; i < 4; ++i) a[i] = w ? fabsf(float(x[i])) * w[i] : fabsf(float(x[i]));
   int i0 = 4, i1 = -1;
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
@@ -41,6 +44,7 @@ struct Dest {
   const int* table;        // nullptr: flat
   int max_blocks, block, n_sparse, n_dense;
   Element* dense;          // dense pool [B*H, n_dense, block, D]
+  const float* kweight = nullptr;  // K only: per-channel weights [B*H, D] of the 2:4 choice, or none
 };
 
 // Tile `unit` (16 tokens for K, 32 for V) of sequence bh: its index among the 2:4 tiles of
@@ -55,9 +59,11 @@ __device__ __forceinline__ long long place(const Dest& d, long long bh, int unit
 }
 
 // One warp: 16-token tile T, k-step ks of one K sequence (rows base + t * st, t < length) to
-// 2:4 tile `tile` of d (tile >= 0) or to the dense rows at element -1 - tile of d.dense.
+// 2:4 tile `tile` of d (tile >= 0) or to the dense rows at element -1 - tile of d.dense. `w`: the
+// sequence's channel weights [D] (or null: magnitudes).
 __device__ __forceinline__ void compress_k_unit(const Element* __restrict__ base, long long st, int length,
-                                                int T, int ks, long long tile, const Dest& d) {
+                                                int T, int ks, long long tile, const Dest& d,
+                                                const float* __restrict__ w = nullptr) {
   const int lane = threadIdx.x % 32, g = lane >> 2, q = lane & 3;
   if (tile < 0) {  // dense block: lane copies half a row (16 channels) of this 16 x 32 piece
     const int row = T * 16 + lane / 2, c0 = ks * 32 + (lane % 2) * 16;
@@ -89,7 +95,8 @@ __device__ __forceinline__ void compress_k_unit(const Element* __restrict__ base
         for (int i = 0; i < 4; ++i) x[i] = Element(0.f);
       }
       // fragment element e = 4*slot + 2*r + {0,1}: row g + 8r, kept column 8*slot + 2q + {0,1}
-      nib[slot][r] = select_2of4(x, f.v[4 * slot + 2 * r], f.v[4 * slot + 2 * r + 1]);
+      nib[slot][r] = select_2of4(x, f.v[4 * slot + 2 * r], f.v[4 * slot + 2 * r + 1],
+                                 w ? w + ks * 32 + slot * 16 + 4 * q : nullptr);
     }
   d.vals[(tile * kKSteps + ks) * 32 + lane] = *reinterpret_cast<uint4*>(&f);
   const uint32_t w_lo = quad_words(nib[0][0], nib[0][1], q);  // dense columns [0, 16)
