@@ -66,30 +66,14 @@ import torch
 
 from .errors import InputError
 from .format import WORD, compress_rows, decompress_rows, keep_mask_2to4
+# the byte account and the storage names are plain Python in policy (the cache and the simulation share them)
+from .policy import SCALE_BYTES, STORAGES, block_nbytes, check_storage
 
-#: Storage choices of K and of V.
-STORAGES = ("model", "float8_e4m3")
 #: e4m3's largest finite magnitude.
 E4M3_MAX = 448.0
-#: Bytes of one stored scale (float16), per token and KV head.
-SCALE_BYTES = 2
+#: dtype of the stored scales (SCALE_BYTES each).
+SCALE_DTYPE = torch.float16
 _F16_MAX = 65504.0
-
-
-def check_storage(storage: str, what: str = "storage") -> str:
-    if storage not in STORAGES:
-        raise InputError(f"{what} {storage!r} is not a storage. Fix: use one of {', '.join(map(repr, STORAGES))}")
-    return storage
-
-
-def block_nbytes(block: int, head_dim: int, *, storage: str, sparse: bool, itemsize: int) -> int:
-    """Bytes of one block of one KV head, as stored. ``itemsize``: bytes of a model-dtype value."""
-    check_storage(storage)
-    elems = block * head_dim
-    if storage == "model":
-        return elems * itemsize // 2 + elems // 8 if sparse else elems * itemsize
-    scales = block * SCALE_BYTES
-    return (elems // 2 + elems // 8 if sparse else elems) + scales
 
 
 def _round_up_f16(x: torch.Tensor) -> torch.Tensor:
@@ -187,6 +171,15 @@ def unpack_v_2to4(vals: torch.Tensor, words: torch.Tensor, scales: torch.Tensor,
     return dequantize(decompress_rows(vals, words).transpose(-1, -2), scales, dtype)
 
 
+def fake_quantize(x: torch.Tensor) -> torch.Tensor:
+    """``x [..., S, D]`` through e4m3 with its per-token scales and back, in ``x``'s dtype. On a block already
+    pruned 2:4 (dropped elements zero) this is exactly what :func:`stored_values` gives for the 2:4 tier: the
+    zeros stay zeros and the scale is the largest kept value's; so the simulation quantizes whatever its tier
+    rule kept."""
+    scales = token_scales(x)
+    return dequantize(quantize(x, scales), scales, x.dtype)
+
+
 def stored_values(x: torch.Tensor, kind: str, sparse: bool) -> torch.Tensor:
     """What an e4m3 cache holds of whole blocks ``x [..., S, D]`` of K (``kind`` "k") or V, dense or 2:4,
     dequantized into ``x``'s dtype: the values attention reads."""
@@ -197,6 +190,6 @@ def stored_values(x: torch.Tensor, kind: str, sparse: bool) -> torch.Tensor:
     return unpack_v_2to4(*pack_v_2to4(x), dtype=x.dtype)
 
 
-__all__ = ["STORAGES", "E4M3_MAX", "SCALE_BYTES", "check_storage", "block_nbytes", "token_scales", "quantize",
+__all__ = ["STORAGES", "E4M3_MAX", "SCALE_BYTES", "SCALE_DTYPE", "check_storage", "block_nbytes", "token_scales", "quantize",
            "dequantize", "pack_dense", "unpack_dense", "pack_k_2to4", "unpack_k_2to4", "pack_v_2to4",
-           "unpack_v_2to4", "stored_values"]
+           "unpack_v_2to4", "fake_quantize", "stored_values"]

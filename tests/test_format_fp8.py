@@ -225,6 +225,7 @@ def test_block_bytes_are_the_packed_tensors_bytes(S, D):
     assert dense == f8.block_nbytes(S, D, storage="float8_e4m3", sparse=False, itemsize=2) == S * D + 2 * S
     assert k24 == v24 == f8.block_nbytes(S, D, storage="float8_e4m3", sparse=True, itemsize=2)
     assert k24 == S * D // 2 + S * D // 8 + 2 * S
+    assert f8.SCALE_DTYPE.itemsize == f8.SCALE_BYTES
     k16 = sum(t.nbytes for t in fmt.compress_rows(x.half()))
     assert k16 == f8.block_nbytes(S, D, storage="model", sparse=True, itemsize=2)
     assert f8.block_nbytes(S, D, storage="model", sparse=False, itemsize=2) == S * D * 2
@@ -246,3 +247,12 @@ def test_stored_values_keep_the_dtype(kind, dtype):
             assert bool((got[pruned == 0] == 0).all())
         rel = (got.float() - (pruned if sparse else x).float()).abs() / x.float().abs().amax(-1, keepdim=True)
         assert float(rel.max()) <= 2 ** -4 + 2 ** -8  # half an e4m3 step at the top, plus the dtype's rounding
+
+
+@pytest.mark.parametrize("kind", ["k", "v"])
+def test_fake_quantize_of_the_pruned_block_is_the_2to4_store(kind):
+    g = torch.Generator().manual_seed(7)
+    x = _tokens(g, S=64, D=64, lo=-4, hi=4)
+    pruned = fmt.prune_k(x) if kind == "k" else fmt.prune_v(x)
+    assert torch.equal(f8.fake_quantize(pruned), f8.stored_values(x, kind, True))
+    assert torch.equal(f8.fake_quantize(x), f8.stored_values(x, kind, False))
