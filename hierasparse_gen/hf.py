@@ -31,7 +31,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from .cache import HieraCache
 from .errors import CacheFullError, InputError, UnsupportedError
 from .ops.graphs import capture_graph
-from .policy import cache_settings, check_prefill_mode, check_ratios
+from .policy import cache_settings, check_prefill_mode, check_ratios, check_storage
 from .simulate import SimulatedCache
 
 ATTENTION = "hierasparse"
@@ -52,12 +52,15 @@ class SparseKV:
     prefill_mode: str
     backend: str                # "kernels" | "simulate"
     cuda_graph: bool = False    # decode steps of a forward replay one captured graph (GraphedDecoder)
+    key_storage: str = "model"  # "model" | "float8_e4m3" (simulate backend only, for now)
+    value_storage: str = "model"
 
     def make_store(self, *, batch: int, heads: int, head_dim: int, max_len: int, dtype, device):
         cls = HieraCache if self.backend == "kernels" else SimulatedCache
+        storage = {} if cls is HieraCache else {"key_storage": self.key_storage, "value_storage": self.value_storage}
         return cls(self.lib, batch=batch, num_kv_heads=heads, head_dim=head_dim, max_seq_len=max_len,
                    key_ratio=self.key_ratio, value_ratio=self.value_ratio, dtype=dtype, device=device,
-                   block_size=self.block_size, sink=self.sink, local_window=self.window)
+                   block_size=self.block_size, sink=self.sink, local_window=self.window, **storage)
 
 
 class HieraLayer(CacheLayerMixin):
@@ -248,7 +251,8 @@ def _check_library(lib, head_dim: int, group: int, block_size: int, dtype) -> No
 
 def enable(model, lib=None, *, key_ratio: float, value_ratio: float, sink: int | None = None,
            window: int | None = None, block_size: int | None = None,
-           prefill_mode: str = "attend_then_compress", backend: str = "kernels", cuda_graph: bool = True):
+           prefill_mode: str = "attend_then_compress", backend: str = "kernels", cuda_graph: bool = True,
+           key_storage: str = "model", value_storage: str = "model"):
     """Turn ``model`` (a transformers causal LM) to sparse-KV attention; returns the model.
 
     ``key_ratio``/``value_ratio``: fraction of the eligible blocks (outside sink and window)
@@ -258,6 +262,8 @@ def enable(model, lib=None, *, key_ratio: float, value_ratio: float, sink: int |
     (CPU or GPU, no library): slow, for small models and accuracy studies. ``cuda_graph``
     (kernels backend): one-token forwards with a HieraSparseCache (generate()'s decode steps)
     replay a CUDA graph captured at the first one, instead of running 32 layers of Python.
+    ``key_storage``/``value_storage``: "model" (the model's dtype) or "float8_e4m3" (the eligible blocks in
+    e4m3 with per-token scales, see format_fp8; simulate backend only until the kernels read it).
     """
     if backend not in ("kernels", "simulate"):
         raise InputError(f"backend {backend!r} is unknown. Fix: use 'kernels' or 'simulate'")
@@ -266,6 +272,11 @@ def enable(model, lib=None, *, key_ratio: float, value_ratio: float, sink: int |
                          "or backend='simulate'")
     check_prefill_mode(prefill_mode, "prefill_mode")
     check_ratios(key_ratio, value_ratio)
+    check_storage(key_storage, "key_storage")
+    check_storage(value_storage, "value_storage")
+    if backend == "kernels" and (key_storage, value_storage) != ("model", "model"):
+        raise UnsupportedError(f"float8_e4m3 storage (key_storage {key_storage!r}, value_storage {value_storage!r}) "
+                               f"has no kernels yet. Fix: backend='simulate', or storage 'model'")
     block, sink, window = cache_settings(lib, block_size, sink, window)
     heads, kv, head_dim = _check_model(_text_config(model))
     if heads % kv:
@@ -274,7 +285,8 @@ def enable(model, lib=None, *, key_ratio: float, value_ratio: float, sink: int |
     if backend == "kernels":
         _check_library(lib, head_dim, heads // kv, block, model.dtype)
     model._sparse_kv = SparseKV(lib, float(key_ratio), float(value_ratio), sink, window, block, prefill_mode,
-                                backend, bool(cuda_graph) and backend == "kernels")
+                                backend, bool(cuda_graph) and backend == "kernels", key_storage=key_storage,
+                                value_storage=value_storage)
     if "forward" not in vars(model):  # wrap once: decode steps may replay a graph
         model._sparse_kv_forward = model.forward
         model.forward = _graph_forward(model, model.forward)
