@@ -190,6 +190,6 @@ def stored_values(x: torch.Tensor, kind: str, sparse: bool) -> torch.Tensor:
     return unpack_v_2to4(*pack_v_2to4(x), dtype=x.dtype)
 
 
-__all__ = ["STORAGES", "E4M3_MAX", "SCALE_BYTES", "SCALE_DTYPE", "check_storage", "block_nbytes", "token_scales", "quantize",
-           "dequantize", "pack_dense", "unpack_dense", "pack_k_2to4", "unpack_k_2to4", "pack_v_2to4",
+__all__ = ["STORAGES", "E4M3_MAX", "SCALE_BYTES", "SCALE_DTYPE", "check_storage", "block_nbytes", "token_scales",
+           "quantize", "dequantize", "pack_dense", "unpack_dense", "pack_k_2to4", "unpack_k_2to4", "pack_v_2to4",
            "unpack_v_2to4", "fake_quantize", "stored_values"]

@@ -43,8 +43,9 @@ def settings_grid(key_ratios, value_ratios, *, sink: int, window: int, prefill_m
     else:
         raise InputError(f"grid {grid!r} is not known. Fix: use product or axes")
     pairs = list(dict.fromkeys((float(k), float(v)) for k, v in pairs))
-    return [Setting(k, v, sink, window, m, p, key_storage=ks, value_storage=vs) for p in policies for m in prefill_modes
-            for ks, vs in dict.fromkeys(tuple(s) for s in storages) for k, v in pairs]
+    storages = list(dict.fromkeys(tuple(s) for s in storages))
+    return [Setting(k, v, sink, window, m, p, key_storage=ks, value_storage=vs)
+            for p in policies for m in prefill_modes for ks, vs in storages for k, v in pairs]
 
 
 def machine() -> str:
