@@ -126,7 +126,7 @@ def cache_nbytes(*, block: int, head_dim: int, itemsize: int, batch: int, heads:
     plus 2 bits of metadata per kept element; two int32 block tables. ``sparse_blocks``: 2:4 blocks of K and
     of V over all sequences and heads. ``storage`` (default "model" for both): a tensor in "float8_e4m3" holds
     its ``eligible`` blocks (over all sequences and heads) in e4m3 (1-byte values plus a float16 scale per
-    token: ``format_fp8.block_nbytes``): ``*_dense`` counts the model-dtype dense blocks, ``*_dense_fp8`` the
+    token: :func:`block_nbytes`): ``*_dense`` counts the model-dtype dense blocks, ``*_dense_fp8`` the
     e4m3 dense ones, ``*_sparse`` the 2:4 ones in the tensor's storage. Also the dense bytes of the same
     tokens (model dtype) and the ratio."""
     blocks = sum(-(-n // block) for n in lengths) * heads
