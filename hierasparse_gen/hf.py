@@ -31,7 +31,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from .cache import HieraCache
 from .errors import CacheFullError, InputError, UnsupportedError
 from .ops.graphs import capture_graph
-from .policy import cache_settings, check_prefill_mode, check_ratios
+from .policy import cache_settings, check_prefill_mode, check_ratios, check_storage
 from .selection import check_selection
 from .simulate import SimulatedCache
 from .tensor_parallel import rank_heads
@@ -58,14 +58,17 @@ class SparseKV:
     key_channels: str = "auto"
     observe: int = 64
     value_tokens: str = "magnitude"
+    key_storage: str = "model"  # "model" | "float8_e4m3" (simulate backend only, for now)
+    value_storage: str = "model"
 
     def make_store(self, *, batch: int, heads: int, head_dim: int, max_len: int, dtype, device):
         cls = HieraCache if self.backend == "kernels" else SimulatedCache
+        storage = {} if cls is HieraCache else {"key_storage": self.key_storage, "value_storage": self.value_storage}
         return cls(self.lib, batch=batch, num_kv_heads=heads, head_dim=head_dim, max_seq_len=max_len,
                    key_ratio=self.key_ratio, value_ratio=self.value_ratio, dtype=dtype, device=device,
                    block_size=self.block_size, sink=self.sink, local_window=self.window,
                    selection=self.selection, key_channels=self.key_channels, observe=self.observe,
-                   value_tokens=self.value_tokens)
+                   value_tokens=self.value_tokens, **storage)
 
 
 class HieraLayer(CacheLayerMixin):
@@ -259,7 +262,7 @@ def enable(model, lib=None, *, key_ratio: float, value_ratio: float, sink: int |
            window: int | None = None, block_size: int | None = None,
            prefill_mode: str = "attend_then_compress", backend: str = "kernels", cuda_graph: bool = True,
            selection: str = "auto", key_channels: str = "auto", observe: int = 64,
-           value_tokens: str = "magnitude"):
+           value_tokens: str = "magnitude", key_storage: str = "model", value_storage: str = "model"):
     """Turn ``model`` (a transformers causal LM) to sparse-KV attention; returns the model.
 
     ``key_ratio``/``value_ratio``: fraction of the eligible blocks (outside sink and window)
@@ -276,6 +279,8 @@ def enable(model, lib=None, *, key_ratio: float, value_ratio: float, sink: int |
     the channels of largest |k| * E|q| (the window's mean |q|), "magnitude" the largest |k|.
     ``value_tokens="attention"`` (simulate backend only): V keeps the tokens of largest
     |v| * attention mass.
+    ``key_storage``/``value_storage``: "model" (the model's dtype) or "float8_e4m3" (the eligible blocks in
+    e4m3 with per-token scales, see format_fp8; simulate backend only until the kernels read it).
 
     A model loaded tensor-parallel (``distributed_config=DistributedConfig(tp_plan="auto")`` under
     ``torchrun``) is enabled on every rank the same way: each rank's cache and kernels take the heads
@@ -293,6 +298,11 @@ def enable(model, lib=None, *, key_ratio: float, value_ratio: float, sink: int |
         raise UnsupportedError(f"value_tokens {value_tokens!r}: the attention-weighted choice of V's tokens runs in "
                                f"the simulation only (the GPU compressors keep V's largest magnitudes). Fix: "
                                f"backend='simulate', or value_tokens='magnitude'")
+    check_storage(key_storage, "key_storage")
+    check_storage(value_storage, "value_storage")
+    if backend == "kernels" and (key_storage, value_storage) != ("model", "model"):
+        raise UnsupportedError(f"float8_e4m3 storage (key_storage {key_storage!r}, value_storage {value_storage!r}) "
+                               f"has no kernels yet. Fix: backend='simulate', or storage 'model'")
     block, sink, window = cache_settings(lib, block_size, sink, window)
     heads, kv, head_dim = _check_model(_text_config(model))
     if heads % kv:
@@ -306,7 +316,7 @@ def enable(model, lib=None, *, key_ratio: float, value_ratio: float, sink: int |
         _check_library(lib, head_dim, rank.group, block, model.dtype, where)
     model._sparse_kv = SparseKV(lib, float(key_ratio), float(value_ratio), sink, window, block, prefill_mode,
                                 backend, bool(cuda_graph) and backend == "kernels", selection, key_channels,
-                                int(observe), value_tokens)
+                                int(observe), value_tokens, key_storage=key_storage, value_storage=value_storage)
     if "forward" not in vars(model):  # wrap once: decode steps may replay a graph
         model._sparse_kv_forward = model.forward
         model.forward = _graph_forward(model, model.forward)

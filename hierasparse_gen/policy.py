@@ -66,6 +66,30 @@ def check_not_full(lengths: list[int], capacity: int) -> None:
                              f"Fix: build the cache with a larger max_seq_len")
 
 
+#: How K and V may store their eligible blocks: the model's dtype, or e4m3 (see format_fp8).
+STORAGES = ("model", "float8_e4m3")
+#: Bytes of one e4m3 block's scale per token and KV head (float16: format_fp8.SCALE_DTYPE).
+SCALE_BYTES = 2
+
+
+def check_storage(storage: str, what: str = "storage") -> str:
+    if storage not in STORAGES:
+        raise InputError(f"{what} {storage!r} is not a storage. Fix: use one of {', '.join(map(repr, STORAGES))} "
+                         f"('float8_e4m3' stores the blocks between the sink and the window in e4m3)")
+    return storage
+
+
+def block_nbytes(block: int, head_dim: int, *, storage: str, sparse: bool, itemsize: int) -> int:
+    """Bytes of one block of one KV head as stored (format.py, format_fp8.py). ``itemsize``: bytes of a
+    model-dtype value. Model dtype: dense ``S*D*itemsize``, 2:4 ``S*D*itemsize/2 + S*D/8``; e4m3: dense
+    ``S*D + 2*S``, 2:4 ``S*D/2 + S*D/8 + 2*S`` (1-byte values, int16 metadata, float16 scales)."""
+    check_storage(storage)
+    elems = block * head_dim
+    if storage == "model":
+        return elems * itemsize // 2 + elems // 8 if sparse else elems * itemsize
+    return (elems // 2 + elems // 8 if sparse else elems) + block * SCALE_BYTES
+
+
 def ratio_count(ratio: float, eligible: int) -> int:
     """2:4 blocks among ``eligible`` blocks for a ratio (round half up, never more than all)."""
     return min(eligible, math.floor(ratio * eligible + 0.5))
@@ -92,23 +116,33 @@ def pool_sizes(ratio: float, max_seq_len: int, block: int, sink_blocks: int, win
 
 
 __all__ = ["PREFILL_MODES", "cache_settings", "check_ratios", "check_prefill_mode", "check_room", "check_not_full",
-           "ratio_count", "eligible_blocks", "pool_sizes"]
+           "ratio_count", "eligible_blocks", "pool_sizes", "STORAGES", "SCALE_BYTES", "check_storage", "block_nbytes"]
 
 
 def cache_nbytes(*, block: int, head_dim: int, itemsize: int, batch: int, heads: int, max_blocks: int,
-                 lengths: list[int], sparse_blocks: dict[str, int]) -> dict:
+                 lengths: list[int], sparse_blocks: dict[str, int], storage: dict[str, str] | None = None,
+                 eligible: int = 0) -> dict:
     """Bytes a cache holds, as the kernels store it: a dense block S x D values; a 2:4 block half its values
     plus 2 bits of metadata per kept element; two int32 block tables. ``sparse_blocks``: 2:4 blocks of K and
-    of V over all sequences and heads. Also the dense bytes of the same tokens and the ratio."""
-    dense_block, sparse_block = block * head_dim * itemsize, block * head_dim * itemsize // 2 + block * head_dim // 8
+    of V over all sequences and heads. ``storage`` (default "model" for both): a tensor in "float8_e4m3" holds
+    its ``eligible`` blocks (over all sequences and heads) in e4m3 (1-byte values plus a float16 scale per
+    token: :func:`block_nbytes`): ``*_dense`` counts the model-dtype dense blocks, ``*_dense_fp8`` the
+    e4m3 dense ones, ``*_sparse`` the 2:4 ones in the tensor's storage. Also the dense bytes of the same
+    tokens (model dtype) and the ratio."""
     blocks = sum(-(-n // block) for n in lengths) * heads
     out = {}
     for name in ("k", "v"):
-        out[f"{name}_dense"] = (blocks - sparse_blocks[name]) * dense_block
-        out[f"{name}_sparse"] = sparse_blocks[name] * sparse_block
+        st = (storage or {}).get(name, "model")
+        n_sparse = sparse_blocks[name]
+        fp8_dense = eligible - n_sparse if st != "model" else 0
+        out[f"{name}_dense"] = (blocks - n_sparse - fp8_dense) * block_nbytes(
+            block, head_dim, storage="model", sparse=False, itemsize=itemsize)
+        out[f"{name}_dense_fp8"] = fp8_dense * block_nbytes(block, head_dim, storage="float8_e4m3", sparse=False,
+                                                            itemsize=itemsize)
+        out[f"{name}_sparse"] = n_sparse * block_nbytes(block, head_dim, storage=st, sparse=True, itemsize=itemsize)
     out["table"] = 2 * batch * heads * max_blocks * 4
     data = sum(v for k, v in out.items() if k != "table")
     out["total"] = data + out["table"]
-    out["dense_equivalent"] = 2 * blocks * dense_block
+    out["dense_equivalent"] = 2 * blocks * block * head_dim * itemsize
     out["compression_ratio"] = out["dense_equivalent"] / data if data else 1.0
     return out

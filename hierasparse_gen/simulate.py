@@ -10,6 +10,11 @@ eligible blocks in between, ``ratio_count(ratio, eligible)`` per head are 2:4, c
 first prefill by least score of the cache's ``selection`` (:mod:`hierasparse_gen.selection`;
 ties: lower block) and, afterwards, as blocks leave the window (a block becomes 2:4 exactly
 when that keeps the count at the ratio).
+
+Storage (``key_storage``/``value_storage``): with ``"float8_e4m3"`` the eligible blocks of that
+tensor, dense or 2:4, are held as :mod:`format_fp8` stores them (per-token scales), dequantized, so
+attention reads exactly the values an e4m3 cache holds; the sink, the window and the newest partial
+block stay in the model's dtype.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import torch
 
 from .errors import InputError
 from .format import block_prune_loss, prune_k, prune_v
+from .format_fp8 import check_storage, fake_quantize
 from .policy import (cache_nbytes, cache_settings, check_kernel, check_not_full, check_prefill_mode, check_ratios, check_room,
                      eligible_blocks, ratio_count)
 from .reference import decode_reference, prefill_reference
@@ -32,12 +38,14 @@ class SimulatedCache:
                  key_ratio: float, value_ratio: float, dtype=torch.float16, device="cpu",
                  block_size: int = 64, sink: int = 64, local_window: int = 256,
                  selection: str = "auto", key_channels: str = "auto", observe: int = 64,
-                 value_tokens: str = "magnitude"):
+                 value_tokens: str = "magnitude", key_storage: str = "model", value_storage: str = "model"):
         block_size, sink, local_window = cache_settings(None, block_size, sink, local_window)
         check_ratios(key_ratio, value_ratio)
         check_selection(selection, key_channels, observe, value_tokens)
         self.selection, self.key_channels, self.observe = selection, key_channels, int(observe)
         self.value_tokens = value_tokens
+        self.storage = {"k": check_storage(key_storage, "key_storage"),
+                        "v": check_storage(value_storage, "value_storage")}
         self.batch, self.heads, self.head_dim, self.dtype = batch, num_kv_heads, head_dim, dtype
         self.block, self.sink, self.window, self.max_seq_len = block_size, sink, local_window, max_seq_len
         self.sink_blocks, self.window_blocks = sink // block_size, local_window // block_size
@@ -60,7 +68,7 @@ class SimulatedCache:
 
     # --- what the cache holds ---------------------------------------------------------------
     def view(self, name: str) -> torch.Tensor:
-        """A copy of the tensor as stored: ``[B, Hkv, capacity, D]``, 2:4 blocks pruned."""
+        """A copy of the tensor as stored: ``[B, Hkv, capacity, D]``, 2:4 blocks pruned (e4m3 blocks dequantized)."""
         return self.stored[name].clone()
 
     def _restore(self, name: str, b: int, t0: int, t1: int) -> None:
@@ -69,7 +77,19 @@ class SimulatedCache:
         x = self.x[name][b, :, t0:t1]
         pruned = prune_k(x, self.key_weight[b]) if name == "k" else prune_v(x, self.value_weight[b, :, t0:t1])
         flags = self.sparse[name][b, :, t0 // self.block:t1 // self.block].repeat_interleave(self.block, -1)
-        self.stored[name][b, :, t0:t1] = torch.where(flags.unsqueeze(-1), pruned, x)
+        self.stored[name][b, :, t0:t1] = self._as_stored(name, b, t0, torch.where(flags.unsqueeze(-1), pruned, x))
+
+    def _as_stored(self, name: str, b: int, t0: int, tiered: torch.Tensor) -> torch.Tensor:
+        """Tokens [t0, t0 + n) of sequence b, dense or pruned by tier (``tiered [Hkv, n, D]``), in the tensor's
+        storage: with e4m3, its eligible blocks (as counted now) go through e4m3 and back."""
+        if self.storage[name] == "model":
+            return tiered
+        a = max(t0, self.sink_blocks * self.block)
+        e = min(t0 + tiered.shape[1], (self.sink_blocks + self.n_eligible[b]) * self.block)
+        if a < e:
+            tiered = tiered.clone()
+            tiered[:, a - t0:e - t0] = fake_quantize(tiered[:, a - t0:e - t0])
+        return tiered
 
     def set_tiers(self, name: str, sparse: torch.Tensor) -> None:
         """Re-tier every block of K or V at once (``sparse [B, Hkv, max_blocks]``, True = 2:4): for studies of
@@ -105,7 +125,8 @@ class SimulatedCache:
         of a stored value, by default the dtype's; 2 accounts a float32 study as the fp16/bf16 cache)."""
         return cache_nbytes(block=self.block, head_dim=self.head_dim, itemsize=itemsize or self.dtype.itemsize,
                             batch=self.batch, heads=self.heads, max_blocks=self.max_blocks, lengths=self.lengths,
-                            sparse_blocks={n: int(self.tiers(n).sum()) for n in "kv"})
+                            sparse_blocks={n: int(self.tiers(n).sum()) for n in "kv"},
+                            storage=self.storage, eligible=sum(self.n_eligible) * self.heads)
 
     # --- insertion ----------------------------------------------------------------------------
     def _fresh(self, b: int, k: torch.Tensor, v: torch.Tensor, q_obs: torch.Tensor | None, scale) -> None:
@@ -143,6 +164,9 @@ class SimulatedCache:
             self._restore(name, b, 0, L)
         self.lengths[b] = L
         self.n_eligible[b] = n_elig
+        if "float8_e4m3" in self.storage.values():  # _restore ran before the eligible blocks were counted
+            for name in "kv":
+                self.stored[name][b, :, :L] = self._as_stored(name, b, 0, self.stored[name][b, :, :L])
 
     def _push(self, b: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Append rows ``[Hkv, n, D]`` one at a time, flushing as decode does."""
@@ -160,7 +184,8 @@ class SimulatedCache:
                         if self.n_sparse[name][b] < ratio_count(self.ratio[name], self.n_eligible[b]):
                             self.sparse[name][b, :, blk] = True
                             self.n_sparse[name][b] += 1
-                            self._restore(name, b, blk * self.block, (blk + 1) * self.block)
+                        # the block leaves the window: 2:4 or dense, in the tensor's storage
+                        self._restore(name, b, blk * self.block, (blk + 1) * self.block)
 
     def _insert(self, k: torch.Tensor, v: torch.Tensor, lengths: list[int], select_q=None, scale=None) -> None:
         fresh = [b for b, n in enumerate(lengths) if n and self.lengths[b] == 0]

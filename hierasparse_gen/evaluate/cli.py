@@ -2,6 +2,7 @@
 
     hierasparse-gen eval --model smollm2 --prefill 2048 --decode 128 \\
         --key-ratios 0,0.5 --value-ratios 0,0.5,1 --grid axes --json out.json --plot out.png
+    hierasparse-gen eval --model smollm2 --value-ratios 0,1 --storage model/model,model/float8_e4m3
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pathlib import Path
 import torch
 
 from ..errors import HieraSparseError, InputError
-from ..policy import cache_settings
+from ..policy import STORAGES, cache_settings
 
 
 def _numbers(flag: str, kind=float, example: str = "0,0.25,0.5"):
@@ -31,6 +32,19 @@ def _numbers(flag: str, kind=float, example: str = "0,0.25,0.5"):
 
 def _names(text: str) -> list[str]:
     return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def _storages(text: str) -> list[tuple[str, str]]:
+    """--storage: comma-separated KEY/VALUE storage pairs, e.g. model/model,model/float8_e4m3."""
+    pairs = []
+    for item in _names(text):
+        parts = item.split("/")
+        if len(parts) != 2 or not all(p in STORAGES for p in parts):
+            raise argparse.ArgumentTypeError(
+                f"--storage {item!r}: not a KEY/VALUE pair of {' or '.join(STORAGES)}. Fix: e.g. --storage "
+                f"model/model,model/float8_e4m3,float8_e4m3/float8_e4m3")
+        pairs.append((parts[0], parts[1]))
+    return pairs
 
 
 def parser() -> argparse.ArgumentParser:
@@ -53,6 +67,10 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--value-ratios", type=_numbers("--value-ratios"), default=[0.0, 0.5, 1.0])
     ap.add_argument("--grid", choices=("product", "axes"), default="product",
                     help="product: every (key, value) pair; axes: each ratio with the other at 0")
+    ap.add_argument("--storage", type=_storages, default=[("model", "model")],
+                    help="KEY/VALUE storage pairs crossed with the ratios: model (the model dtype) or float8_e4m3 "
+                         "(the blocks between sink and window in e4m3, dense or 2:4 by the ratio), e.g. "
+                         "model/model,model/float8_e4m3")
     ap.add_argument("--sink", type=int, default=64)
     ap.add_argument("--window", type=int, default=256)
     ap.add_argument("--block-size", type=int, default=None)
@@ -103,7 +121,8 @@ def run(args) -> dict:
     from .run import evaluate, settings_grid
     from . import report
     settings = settings_grid(args.key_ratios, args.value_ratios, sink=args.sink, window=args.window,
-                             prefill_modes=args.prefill_modes, policies=args.policies, grid=args.grid)
+                             prefill_modes=args.prefill_modes, policies=args.policies, grid=args.grid,
+                             storages=args.storage)
     if args.passkey_trials < 1:
         raise InputError(f"--passkey-trials {args.passkey_trials} must be at least 1. Fix: e.g. --passkey-trials 3")
     for d in args.passkey_depths:

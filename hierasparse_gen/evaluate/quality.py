@@ -30,9 +30,16 @@ class Setting:
     window: int
     prefill_mode: str = "attend_then_compress"
     policy: str = "prune_loss"
+    key_storage: str = "model"      # "model" | "float8_e4m3" (policy.STORAGES)
+    value_storage: str = "model"
+
+    def storage_label(self) -> str:
+        """"model/e4m3"-style: K's storage, then V's."""
+        return "/".join("e4m3" if s == "float8_e4m3" else s for s in (self.key_storage, self.value_storage))
 
     def label(self) -> str:
-        return f"k{self.key_ratio:g}/v{self.value_ratio:g}"
+        plain = (self.key_storage, self.value_storage) == ("model", "model")
+        return f"k{self.key_ratio:g}/v{self.value_ratio:g}" + ("" if plain else f" {self.storage_label()}")
 
 
 # Block-selection policies: name -> keyword arguments for ``hierasparse_gen.enable``
@@ -91,7 +98,8 @@ def enable_setting(model, setting: Setting, *, backend: str, lib, block_size: in
     extra = POLICIES[setting.policy]
     return hf.enable(model, lib, key_ratio=setting.key_ratio, value_ratio=setting.value_ratio, sink=setting.sink,
                      window=setting.window, block_size=block_size, prefill_mode=setting.prefill_mode,
-                     backend=backend, cuda_graph=False, **extra)
+                     backend=backend, cuda_graph=False, key_storage=setting.key_storage,
+                     value_storage=setting.value_storage, **extra)
 
 
 @torch.no_grad()
@@ -126,7 +134,8 @@ def nll_of(logits: torch.Tensor, targets: torch.Tensor) -> float:
 
 def layer_nbytes(store) -> dict:
     """Bytes one layer's cache holds as the kernels store it (16-bit K/V, as a float32 study on the
-    simulation would be served), and the dense bytes of the same tokens."""
+    simulation would be served; e4m3 blocks at 1 byte a value plus their scales), and the dense
+    16-bit bytes of the same tokens."""
     got = store.nbytes(itemsize=2) if isinstance(store, SimulatedCache) else store.nbytes()
     return {"total": got["total"], "dense_equivalent": got["dense_equivalent"]}
 

@@ -55,22 +55,29 @@ def _passkey_summary(row: dict) -> str:
     return f"{sum(a['accuracy'] for a in acc) / len(acc):.2f}"
 
 
+def storage(row: dict) -> str:
+    """K's and V's storage of a result row, "model/e4m3"-style (rows written before storage: model/model)."""
+    return "/".join("e4m3" if s == "float8_e4m3" else s
+                    for s in (row.get("key_storage", "model"), row.get("value_storage", "model")))
+
+
 def table(result: dict) -> str:
     """The results as a fixed-width table (one row per setting, the dense reference first)."""
-    head = (f"{'policy':<11} {'k':>5} {'v':>5} {'sink':>5} {'win':>5} {'prefill':<21} {'B/token':>9} "
+    head = (f"{'policy':<11} {'k':>5} {'v':>5} {'store k/v':<11} {'sink':>5} {'win':>5} {'prefill':<21} {'B/token':>9} "
             f"{'bytes':>6} {'nll':>7} {'ppl':>8} {'ppl/dense':>9} {'KL':>8} {'top1':>6} {'passkey':>7}")
     lines = [head, "-" * len(head)]
     d = result["dense"]
-    lines.append(f"{'dense':<11} {'-':>5} {'-':>5} {'-':>5} {'-':>5} {'-':<21} {d['bytes_per_token']:>9.0f} "
+    lines.append(f"{'dense':<11} {'-':>5} {'-':>5} {'-':<11} {'-':>5} {'-':>5} {'-':<21} {d['bytes_per_token']:>9.0f} "
                  f"{1.0:>6.3f} {d['nll']:>7.4f} {d['ppl']:>8.3f} {1.0:>9.4f} {0.0:>8.5f} {1.0:>6.3f} "
                  f"{_passkey_summary(d):>7}")
     for r in result["rows"]:
-        lines.append(f"{r['policy']:<11} {r['key_ratio']:>5g} {r['value_ratio']:>5g} {r['sink']:>5} "
+        lines.append(f"{r['policy']:<11} {r['key_ratio']:>5g} {r['value_ratio']:>5g} {storage(r):<11} {r['sink']:>5} "
                      f"{r['window']:>5} {r['prefill_mode']:<21} {r['bytes_per_token']:>9.0f} "
                      f"{r['bytes_fraction']:>6.3f} {r['nll']:>7.4f} {r['ppl']:>8.3f} {r['ppl_ratio']:>9.4f} "
                      f"{r['kl']:>8.5f} {r['top1']:>6.3f} {_passkey_summary(r):>7}")
     lines.append("")
-    lines.append(f"bytes: the cache's bytes per token over all layers (16-bit storage, block table included), "
+    lines.append(f"bytes: the cache's bytes per token over all layers (16-bit model dtype, e4m3 blocks at a byte a "
+                 f"value plus float16 per-token scales, block table included), "
                  f"as a fraction of dense; nll/ppl/KL/top1 over {result['decode']} teacher-forced decode tokens "
                  f"after a {result['prefill']}-token prefill; passkey: mean accuracy over lengths and depths")
     return "\n".join(lines)
@@ -83,11 +90,11 @@ def passkey_table(result: dict) -> str:
         return ""
     cols = [f"{a['length']}@{a['depth']:g}" for a in dense]
     width = max(9, *(len(c) for c in cols))
-    lines = [f"{'setting':<24} " + " ".join(f"{c:>{width}}" for c in cols)]
-    lines.append(f"{'dense':<24} " + " ".join(f"{a['accuracy']:>{width}.2f}" for a in dense))
+    lines = [f"{'setting':<36} " + " ".join(f"{c:>{width}}" for c in cols)]
+    lines.append(f"{'dense':<36} " + " ".join(f"{a['accuracy']:>{width}.2f}" for a in dense))
     for r in result["rows"]:
-        name = f"{r['policy']} k{r['key_ratio']:g} v{r['value_ratio']:g}"
-        lines.append(f"{name:<24} " + " ".join(f"{a['accuracy']:>{width}.2f}" for a in r["passkey"]))
+        name = f"{r['policy']} k{r['key_ratio']:g} v{r['value_ratio']:g} {storage(r)}"
+        lines.append(f"{name:<36} " + " ".join(f"{a['accuracy']:>{width}.2f}" for a in r["passkey"]))
     return "\n".join(lines)
 
 
@@ -109,16 +116,17 @@ def plot(result: dict, path: str) -> str | None:
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
     series: dict[tuple, list[dict]] = {}
     for r in result["rows"]:
-        series.setdefault((r["policy"], r["prefill_mode"]), []).append(r)
+        series.setdefault((r["policy"], r["prefill_mode"], storage(r)), []).append(r)
     dense_bpt = result["dense"]["bytes_per_token"]
-    for (policy, mode), rows in series.items():
+    for (policy, mode, store), rows in series.items():
         for tag, pick in (("K", lambda r: r["value_ratio"] == 0), ("V", lambda r: r["key_ratio"] == 0),
                           ("K+V", lambda r: r["key_ratio"] > 0 and r["value_ratio"] > 0)):
             pts = sorted((r for r in rows if pick(r)), key=lambda r: r["bytes_per_token"])
             if not pts:
                 continue
             xs = [r["bytes_per_token"] for r in pts]
-            label = f"{policy} {tag}" + ("" if mode == "attend_then_compress" else f" ({mode})")
+            label = (f"{policy} {tag}" + ("" if store == "model/model" else f" {store}")
+                     + ("" if mode == "attend_then_compress" else f" ({mode})"))
             ax1.plot(xs, [r["ppl_ratio"] for r in pts], marker="o", label=label)
             ax2.plot(xs, [max(r["kl"], 1e-9) for r in pts], marker="o", label=label)
             for r in pts:

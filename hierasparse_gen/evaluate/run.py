@@ -9,6 +9,7 @@ import torch
 
 from ..cache import PREFILL_MODES
 from ..errors import InputError
+from ..policy import check_storage
 from . import passkey as pk
 from .quality import (POLICIES, Setting, cache_bytes_per_token, compare, dense_reference, enable_setting, nll_of,
                       sparse_decode)
@@ -16,9 +17,11 @@ from .report import Progress
 
 
 def settings_grid(key_ratios, value_ratios, *, sink: int, window: int, prefill_modes=("attend_then_compress",),
-                  policies=("prune_loss",), grid: str = "product") -> list[Setting]:
-    """Settings of every (policy, prefill mode, key ratio, value ratio): all pairs ("product"),
-    or each ratio alone with the other at 0 ("axes": the two curves of K and V)."""
+                  policies=("prune_loss",), grid: str = "product",
+                  storages=(("model", "model"),)) -> list[Setting]:
+    """Settings of every (policy, prefill mode, storage, key ratio, value ratio): all ratio pairs
+    ("product"), or each ratio alone with the other at 0 ("axes": the two curves of K and V).
+    ``storages``: (key storage, value storage) pairs, each crossed with every ratio pair."""
     for name, ratios in (("key ratio", key_ratios), ("value ratio", value_ratios)):
         for r in ratios:
             if not 0.0 <= r <= 1.0:
@@ -27,6 +30,9 @@ def settings_grid(key_ratios, value_ratios, *, sink: int, window: int, prefill_m
     for p in policies:
         if p not in POLICIES:
             raise InputError(f"policy {p!r} is not known. Fix: use one of {', '.join(POLICIES)}")
+    for ks, vs in storages:
+        check_storage(ks, "key storage")
+        check_storage(vs, "value storage")
     for m in prefill_modes:
         if m not in PREFILL_MODES:
             raise InputError(f"prefill mode {m!r} is not known. Fix: use one of {', '.join(PREFILL_MODES)}")
@@ -37,7 +43,9 @@ def settings_grid(key_ratios, value_ratios, *, sink: int, window: int, prefill_m
     else:
         raise InputError(f"grid {grid!r} is not known. Fix: use product or axes")
     pairs = list(dict.fromkeys((float(k), float(v)) for k, v in pairs))
-    return [Setting(k, v, sink, window, m, p) for p in policies for m in prefill_modes for k, v in pairs]
+    storages = list(dict.fromkeys(tuple(s) for s in storages))
+    return [Setting(k, v, sink, window, m, p, key_storage=ks, value_storage=vs)
+            for p in policies for m in prefill_modes for ks, vs in storages for k, v in pairs]
 
 
 def machine() -> str:
@@ -105,7 +113,8 @@ def evaluate(model, tokenizer, text_ids: list[int], settings: list[Setting], *, 
         kv = ref["kv"] if reuse and s.prefill_mode == "attend_then_compress" else None
         logits, cache, reused = sparse_decode(model, ids, prefill, decode, tick=bar.tick, prefill_kv=kv)
         row = {"policy": s.policy, "key_ratio": s.key_ratio, "value_ratio": s.value_ratio, "sink": s.sink,
-               "window": s.window, "prefill_mode": s.prefill_mode, "prefill_reused": reused}
+               "window": s.window, "prefill_mode": s.prefill_mode, "prefill_reused": reused,
+               "key_storage": s.key_storage, "value_storage": s.value_storage}
         row.update(compare(dense_logits, logits, targets))
         row["ppl_ratio"] = row["ppl"] / torch.tensor(dense_nll).exp().item()
         row.update(cache_bytes_per_token(cache))
