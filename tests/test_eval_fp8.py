@@ -27,7 +27,8 @@ def result(tmp_path_factory):
     argv = ["--model", str(base / "model"), "--tokenizer", "bytes", "--text", str(base / "words.txt"),
             "--device", "cpu", "--sink", "64", "--window", "64", "--block-size", "64", "--prefill", str(PREFILL),
             "--decode", str(DECODE), "--check-steps", "0", "--quiet", "--value-ratios", "0,1", "--grid", "axes",
-            "--storage", "model/model,model/float8_e4m3,float8_e4m3/float8_e4m3", "--json", str(base / "r.json")]
+            "--storage", "model/model,model/float8_e4m3,float8_e4m3/float8_e4m3", "--policies", "prune_loss",
+            "--json", str(base / "r.json")]
     assert eval_main(argv) == 0
     return json.loads((base / "r.json").read_text())
 

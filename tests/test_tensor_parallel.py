@@ -70,7 +70,7 @@ def _single(folder, case: str) -> dict:
         model_dir, _, mode, chunk = tp_worker.CASES[case]
         ids, mask = tp_worker.prompt_and_mask(folder)
         _SINGLE[case] = _one_thread(tp_worker.generate, tp_worker.load(folder / model_dir), ids, mask, mode, chunk,
-                                    selection=tp_worker.SELECTION.get(case, "auto"))
+                                    policy=tp_worker.POLICY.get(case))
     return _SINGLE[case]
 
 

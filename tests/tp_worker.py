@@ -25,9 +25,9 @@ CASES = {
     "replicated": ("kv1", {"model.layers.*.self_attn.k_proj": "unit_colwise",
                            "model.layers.*.self_attn.v_proj": "unit_colwise"}, "balanced", None),
 }
-#: With a replicated KV head each rank scores blocks by the attention of its own query heads (4 of the 8), so
-#: the attention-aware choice ("auto") differs from one process's by design; prune loss reads only K/V.
-SELECTION = {"replicated": "prune_loss"}
+#: With a replicated KV head each rank scores blocks and weighs K's channels by its own query heads (4 of the
+#: 8), so the query-aware choices ("auto") differ from one process's by design; these read only K/V.
+POLICY = {"replicated": dict(selection="prune_loss", key_channels="magnitude")}
 
 
 #: the same on GPUs with the kernels (NCCL; a head_dim-128, group-4 model: specs/llama3.yaml's kernels, whose
@@ -61,7 +61,7 @@ def load(path: str, plan=None, gpu: bool = False):
 
 @torch.no_grad()
 def generate(model, ids, mask, mode: str, chunk: int | None, sparse: bool = True, lib=None,
-             selection: str = "auto") -> dict:
+             policy: dict | None = None) -> dict:
     """Greedy tokens, the logits of every step and what each layer's cache holds (``lib``: the kernels
     backend with CUDA-graph decode, else the simulation)."""
     from hierasparse_gen import hf
@@ -71,7 +71,7 @@ def generate(model, ids, mask, mode: str, chunk: int | None, sparse: bool = True
     if sparse and lib is not None:
         hf.enable(model, lib, backend="kernels", prefill_mode=mode, cuda_graph=True, **GPU_SETTINGS)
     elif sparse:
-        hf.enable(model, None, backend="simulate", prefill_mode=mode, selection=selection, **SETTINGS)
+        hf.enable(model, None, backend="simulate", prefill_mode=mode, **(policy or {}), **SETTINGS)
     out = model.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
                          do_sample=False, prefill_chunk_size=chunk, return_dict_in_generate=True,
                          output_logits=True)
@@ -100,7 +100,7 @@ def main(folder: str, lib_path: str | None = None) -> None:
         if lib_path and lib is None:  # after the plan bound this rank to its GPU
             import hierasparse_gen
             lib = hierasparse_gen.load(lib_path)
-        results[name] = generate(model, ids, mask, mode, chunk, lib=lib, selection=SELECTION.get(name, "auto"))
+        results[name] = generate(model, ids, mask, mode, chunk, lib=lib, policy=POLICY.get(name))
         del model
     if lib_path is None:  # Llama's own plan cuts the one KV head in halves: enable must refuse it
         from hierasparse_gen import hf
