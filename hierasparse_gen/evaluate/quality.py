@@ -54,6 +54,7 @@ POLICIES = {
     "attention+query_k": {"selection": "attention", "key_channels": "query"},
     "expected_error+query_k": {"selection": "expected_error", "key_channels": "query"},
     "output_error+query_k": {"selection": "output_error", "key_channels": "query"},  # = enable's default
+    "output_error@256": {"selection": "output_error", "key_channels": "query", "observe": 256},
     "attention+weighted_v": {"selection": "attention", "key_channels": "magnitude", "value_tokens": "attention"},
 }
 
