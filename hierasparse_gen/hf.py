@@ -273,9 +273,9 @@ def enable(model, lib=None, *, key_ratio: float, value_ratio: float, sink: int |
     (kernels backend): one-token forwards with a HieraSparseCache (generate()'s decode steps)
     replay a CUDA graph captured at the first one, instead of running 32 layers of Python.
     ``selection``: which eligible blocks become 2:4 at prefill (:mod:`hierasparse_gen.selection`):
-    "auto" (= "output_error" here: the blocks whose pruning would move the outputs of the prompt's
-    last ``observe`` queries least), "attention" (least attended), "expected_error", or
-    "prune_loss" (the paper's). ``key_channels``: "auto" (= "query" here) keeps in K's 2:4 blocks
+    "auto" (= "attention" here: the blocks the prompt's last ``observe`` queries attend to least),
+    "output_error" (the blocks whose pruning would move those queries' outputs least),
+    "expected_error", or "prune_loss" (the paper's). ``key_channels``: "auto" (= "query" here) keeps in K's 2:4 blocks
     the channels of largest |k| * E|q| (the window's mean |q|), "magnitude" the largest |k|.
     ``value_tokens="attention"`` (simulate backend only): V keeps the tokens of largest
     |v| * attention mass.

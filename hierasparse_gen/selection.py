@@ -12,7 +12,7 @@ the same count per head as the ratio gives (so pools stay sized up front).
   for the observation window's queries (summed squared norm): for V, sum_t p_t (v_t - v^_t); for
   K, sum_t p_t ds_t (v_t - o), ds_t the score change of the pruned key. It sees which entries 2:4
   drops and how they cancel, where mass x loss sees only sizes.
-* ``auto`` (the default): ``output_error`` when the prefill brings the prompt's queries (``q`` or
+* ``auto`` (the default): ``attention`` when the prefill brings the prompt's queries (``q`` or
   ``select_q``; the transformers integration always does), else ``prune_loss``; likewise
   ``key_channels="auto"`` weighs K's channels (below) when the queries are there.
 
@@ -35,8 +35,9 @@ from .errors import InputError
 from .format import block_prune_loss, prune_k, prune_v
 
 SELECTIONS = ("auto", "prune_loss", "attention", "expected_error", "output_error")
-#: "auto": the measured best (benchmarks/RESULTS.md) when the prefill brings its queries, else prune loss
-AUTO_WITH_QUERIES = "output_error"
+#: "auto": the measured best (benchmarks/RESULTS.md: as good as output_error, at a seventh of its fill time) when
+#: the prefill brings its queries, else prune loss
+AUTO_WITH_QUERIES = "attention"
 KEY_CHANNELS = ("auto", "magnitude", "query")
 VALUE_TOKENS = ("magnitude", "attention")
 
@@ -84,12 +85,14 @@ def token_mass(q_obs: torch.Tensor, k: torch.Tensor, scale: float | None) -> tor
     Hkv, n = k.shape[0], k.shape[1]
     scale = D ** -0.5 if scale is None else scale
     G = Hq // Hkv
-    pos = torch.arange(n - W, n, device=k.device).view(W, 1)
-    late = torch.arange(n, device=k.device).view(1, n) > pos      # [W, n]: keys after the query
+    late = torch.arange(n, device=k.device).view(1, n) > torch.arange(n - W, n, device=k.device).view(W, 1)
+    q = q_obs.reshape(Hkv, G * W, D)
     out = torch.empty(Hkv, n, dtype=torch.float32, device=k.device)
-    for h in range(Hkv):  # one KV head at a time: [G*W, n] scores, not [Hq*W, n]
-        s = (q_obs[h * G:(h + 1) * G].float() @ k[h].float().T) * scale   # [G, W, n]
-        out[h] = torch.softmax(s.masked_fill(late, float("-inf")), -1).sum((0, 1))
+    step = max(1, (1 << 26) // (G * W * n))  # KV heads a batch: scores of at most 64M floats
+    for h in range(0, Hkv, step):
+        s = torch.matmul(q[h:h + step].float(), k[h:h + step].float().transpose(1, 2)) * scale  # [h, GW, n]
+        s = s.view(-1, G, W, n).masked_fill(late, float("-inf"))
+        out[h:h + step] = torch.softmax(s, -1).sum((1, 2))
     return out
 
 

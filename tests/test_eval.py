@@ -50,7 +50,7 @@ def result(model_dir, text_file, tmp_path_factory):
     return json.loads((out / "r.json").read_text()), out
 
 
-def _row(res, k, v, policy="output_error+query_k"):
+def _row(res, k, v, policy="attention+query_k"):
     (row,) = [r for r in res["rows"] if r["key_ratio"] == k and r["value_ratio"] == v and r["policy"] == policy]
     return row
 
@@ -82,7 +82,7 @@ def test_json_has_every_field(result):
     for key in ("nll", "ppl", "bytes_per_token", "passkey"):
         assert key in res["dense"], key
     assert len(res["rows"]) == 8  # axes: (0,0), (0,0.5), (0,1), (1,0), for each of the two default policies
-    assert [r["policy"] for r in res["rows"]] == ["output_error+query_k"] * 4 + ["prune_loss"] * 4
+    assert [r["policy"] for r in res["rows"]] == ["attention+query_k"] * 4 + ["prune_loss"] * 4
     for row in res["rows"]:
         for key in ("policy", "key_ratio", "value_ratio", "sink", "window", "prefill_mode", "nll", "ppl", "ppl_ratio",
                     "kl", "top1", "bytes_per_token", "dense_bytes_per_token", "bytes_fraction", "passkey"):

@@ -71,7 +71,7 @@ def test_auto_reads_queries_when_given():
     L = 16 * S
     q, k, v = _inputs(L, 3)
     runs = {}
-    for name, selection, channels, queries in (("auto+q", "auto", "auto", q), ("best", "output_error", "query", q),
+    for name, selection, channels, queries in (("auto+q", "auto", "auto", q), ("best", "attention", "query", q),
                                                ("auto", "auto", "auto", None),
                                                ("prune_loss", "prune_loss", "magnitude", q)):
         sim = _sim(L, key_ratio=0.5, value_ratio=0.5, selection=selection, key_channels=channels)
@@ -80,7 +80,7 @@ def test_auto_reads_queries_when_given():
     for a, b in (("auto+q", "best"), ("auto", "prune_loss")):
         assert torch.equal(runs[a][0], runs[b][0]) and torch.equal(runs[a][1], runs[b][1]), (a, b)
     assert not torch.equal(runs["auto+q"][1], runs["auto"][1])
-    assert resolve("auto", True) == "output_error" and resolve("auto", False) == "prune_loss"
+    assert resolve("auto", True) == "attention" and resolve("auto", False) == "prune_loss"
     assert resolve_channels("auto", True) == "query" and resolve_channels("auto", False) == "magnitude"
 
 

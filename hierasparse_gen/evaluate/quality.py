@@ -51,9 +51,9 @@ POLICIES = {
     "expected_error": {"selection": "expected_error", "key_channels": "magnitude"},
     "output_error": {"selection": "output_error", "key_channels": "magnitude"},
     "prune_loss+query_k": {"selection": "prune_loss", "key_channels": "query"},
-    "attention+query_k": {"selection": "attention", "key_channels": "query"},
+    "attention+query_k": {"selection": "attention", "key_channels": "query"},  # = enable's default
     "expected_error+query_k": {"selection": "expected_error", "key_channels": "query"},
-    "output_error+query_k": {"selection": "output_error", "key_channels": "query"},  # = enable's default
+    "output_error+query_k": {"selection": "output_error", "key_channels": "query"},
     "output_error@256": {"selection": "output_error", "key_channels": "query", "observe": 256},
     "attention+weighted_v": {"selection": "attention", "key_channels": "magnitude", "value_tokens": "attention"},
 }
