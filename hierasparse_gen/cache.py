@@ -151,9 +151,10 @@ class HieraCache(CacheInspection):
         :func:`hierasparse_gen.ops.choose_kernel`; the sm_90a table kernel takes compress_then_attend
         chunks, and balanced prompts into an empty cache).
 
-        ``select_q``: the prompt's queries ``[B, Hq, L, D]`` for a selection that reads them
-        (attention, expected_error), when ``q`` is not given (default: ``q``); only the last
-        ``observe`` rows of each sequence are read.
+        ``select_q``: the prompt's queries ``[B, Hq, L, D]`` for the choices that read them (the
+        selections attention, expected_error, output_error and auto; query-weighted K channels),
+        when ``q`` is not given (default: ``q``); only the last ``observe`` rows of each sequence
+        are read.
         """
         self.sync()
         self._check_dense(k, "k", 4)
@@ -173,9 +174,10 @@ class HieraCache(CacheInspection):
             self._check_queries(select_q, L)
         if select_q is None and needs_queries(self.selection, self.key_channels) and \
                 any(n0 == 0 and n for n0, n in zip(self._lengths, lengths)):
-            raise InputError(f"selection {self.selection!r} chooses blocks by the prompt's queries, and this prefill "
-                             f"has none; nothing was written. Fix: pass q= (or select_q=) with the prompt, or build "
-                             f"the cache with selection='prune_loss'")
+            raise InputError(f"selection {self.selection!r} with key_channels {self.key_channels!r} chooses by the "
+                             f"prompt's queries, and this prefill has none; nothing was written. Fix: pass q= (or "
+                             f"select_q=) with the prompt, or build the cache with selection='auto' and "
+                             f"key_channels='auto'")
         sel = (select_q, scale)
         if q is not None:
             self._check_queries(q, L)
