@@ -18,20 +18,21 @@ SIGNATURES = {
                      _p, _p, _p, _i64, _i64, _p, _p],
     ("decode", "_smem_bytes"): [],
     ("decode", "_threads"): [],
-    # (compress2: the fill and append entry points take K's channel weights of the 2:4 choice, or null)
-    ("compress2", "_k"): [_p, _i64, _i64, _i64, _i32, _i32, _i32, _i32, _p, _p, _p],
-    ("compress2", "_v"): [_p, _i64, _i64, _i64, _i32, _i32, _i32, _i32, _p, _p, _p],
-    ("compress2", "_fill_k"): [_p, _i64, _i64, _i64, _i32, _i32, _i32, _p, _i32, _i32, _p, _i32, _p, _p, _i32, _p,
+    # (compress3: the fill entry points take the 2:4 choice's weights, K per channel, V per token (compress2:
+    # K only; its V fill ignored them), the append entry point K's channel weights; null: magnitudes)
+    ("compress3", "_k"): [_p, _i64, _i64, _i64, _i32, _i32, _i32, _i32, _p, _p, _p],
+    ("compress3", "_v"): [_p, _i64, _i64, _i64, _i32, _i32, _i32, _i32, _p, _p, _p],
+    ("compress3", "_fill_k"): [_p, _i64, _i64, _i64, _i32, _i32, _i32, _p, _i32, _i32, _p, _i32, _p, _p, _i32, _p,
                                _p],
-    ("compress2", "_fill_v"): [_p, _i64, _i64, _i64, _i32, _i32, _i32, _p, _i32, _i32, _p, _i32, _p, _p, _i32, _p,
+    ("compress3", "_fill_v"): [_p, _i64, _i64, _i64, _i32, _i32, _i32, _p, _i32, _i32, _p, _i32, _p, _p, _i32, _p,
                                _p],
-    ("compress2", "_select"): [_p, _i32, _i32, _i32, _i32, _i32, _i32, _p, _i32, _p],
-    ("compress2", "_score_k"): [_p, _i64, _i64, _i64, _i32, _i32, _i32, _i32, _p, _p],
-    ("compress2", "_score_v"): [_p, _i64, _i64, _i64, _i32, _i32, _i32, _i32, _p, _p],
+    ("compress3", "_select"): [_p, _i32, _i32, _i32, _i32, _i32, _i32, _p, _i32, _p],
+    ("compress3", "_score_k"): [_p, _i64, _i64, _i64, _i32, _i32, _i32, _i32, _p, _p],
+    ("compress3", "_score_v"): [_p, _i64, _i64, _i64, _i32, _i32, _i32, _i32, _p, _p],
     # k, its strides, v, its strides, seqlens, ctrl, ctrl_width, batch, heads, max_blocks, block,
     # sink/window blocks, max_len; K then V pools (table, dense, vals, meta, n_dense, n_sparse, ratio); K's
     # channel weights (or null)
-    ("compress2", "_append"): [_p, _i64, _i64, _p, _i64, _i64, _p, _p, *[_i32] * 8,
+    ("compress3", "_append"): [_p, _i64, _i64, _p, _i64, _i64, _p, _p, *[_i32] * 8,
                                *[_p, _p, _p, _p, _i32, _i32, _f64] * 2, _p, _p],
     # decode over the cache's block tables
     ("decode_table", ""): [_p, _i64, _i64, _p, _p, _i32, _p, _p, _i32, _i32, _p, _p, _p, _p, _i32, _i32,

@@ -39,7 +39,8 @@ from .policy import (PREFILL_MODES, cache_settings, check_not_full, check_prefil
                      eligible_blocks, pool_sizes, ratio_count)
 from .format import block_prune_loss
 from .selection import (attention_mass, block_scores, channel_weights, check_selection, needs_queries,
-                        observed_queries, output_error, resolve, resolve_channels)
+                        observed_queries, output_error, resolve, resolve_channels, resolve_tokens,
+                        token_mass, token_weights)
 
 _CTRL_STACK = 6  # ctrl columns before the free-slot stacks
 _STATUS = 5      # ctrl column: 1 = a captured append found the sequence full, 2 = no free dense slot
@@ -66,16 +67,13 @@ class HieraCache(CacheInspection):
                  key_ratio: float, value_ratio: float, dtype=torch.float16, device="cuda",
                  block_size: int | None = None, sink: int | None = None, local_window: int | None = None,
                  selection: str = "auto", key_channels: str = "auto", observe: int = 64,
-                 value_tokens: str = "magnitude"):
+                 value_tokens: str = "auto"):
         self.lib = lib
         self.block, self.sink, self.window = cache_settings(lib, block_size, sink, local_window)
         check_ratios(key_ratio, value_ratio)
         check_selection(selection, key_channels, observe, value_tokens)
-        if value_tokens != "magnitude":
-            raise UnsupportedError(f"value_tokens {value_tokens!r}: the GPU compressors keep V's 2 largest magnitudes "
-                                   f"of 4 tokens; the attention-weighted choice runs in SimulatedCache only. Fix: use "
-                                   f"value_tokens='magnitude' with HieraCache")
         self.selection, self.key_channels, self.observe = selection, key_channels, int(observe)
+        self.value_tokens = value_tokens
         if batch < 1 or num_kv_heads < 1 or max_seq_len < 1:
             raise InputError(f"batch {batch}, num_kv_heads {num_kv_heads} and max_seq_len {max_seq_len} must be "
                              f"positive. Fix: pass sizes of at least 1")
@@ -172,12 +170,12 @@ class HieraCache(CacheInspection):
         select_q = q if select_q is None else select_q
         if select_q is not None and select_q is not q:
             self._check_queries(select_q, L)
-        if select_q is None and needs_queries(self.selection, self.key_channels) and \
+        if select_q is None and needs_queries(self.selection, self.key_channels, self.value_tokens) and \
                 any(n0 == 0 and n for n0, n in zip(self._lengths, lengths)):
-            raise InputError(f"selection {self.selection!r} with key_channels {self.key_channels!r} chooses by the "
-                             f"prompt's queries, and this prefill has none; nothing was written. Fix: pass q= (or "
-                             f"select_q=) with the prompt, or build the cache with selection='auto' and "
-                             f"key_channels='auto'")
+            raise InputError(f"selection {self.selection!r} with key_channels {self.key_channels!r} and value_tokens "
+                             f"{self.value_tokens!r} chooses blocks by the prompt's queries, and this prefill has none; "
+                             f"nothing was written. Fix: pass q= (or select_q=) with the prompt, or build the cache "
+                             f"with selection='auto', key_channels='auto' and value_tokens='magnitude'")
         sel = (select_q, scale)
         if q is not None:
             self._check_queries(q, L)
@@ -327,9 +325,16 @@ class HieraCache(CacheInspection):
         uniform = list(range(min(first, blocks))) + list(range(max(window0, min(first, blocks)), blocks))
         selection = resolve(self.selection, select_q is not None)
         observed = observed_queries(select_q, [L] * (b1 - b0), self.observe) if select_q is not None else []
-        mass = None
-        if selection in ("attention", "expected_error") and n_elig:  # the prompt's last queries' mass, per block
-            mass = torch.stack([attention_mass(qo, k[i], S, scale) for i, qo in enumerate(observed)])
+        mass = vweight = None
+        weigh_v = resolve_tokens(self.value_tokens, select_q is not None) == "attention"
+        if (selection in ("attention", "expected_error") and n_elig) or weigh_v:
+            tokens = [token_mass(qo, k[i], scale) for i, qo in enumerate(observed)]  # per key, [H, L] each
+            mass = torch.stack([attention_mass(qo, k[i], S, scale, tokens[i]) for i, qo in enumerate(observed)])
+            if weigh_v:  # V's token weights over the blocks eligible now (as SimulatedCache; later flushes: 1)
+                end = (first + n_elig) * S
+                vweight = torch.ones(b1 - b0, self.heads, blocks * S, dtype=torch.float32, device=k.device)
+                for i, tm in enumerate(tokens):
+                    vweight[i, :, :end] = token_weights(tm)[:, :end]
         weight = None  # K's channel weights, [b1 - b0, H, D]
         if self.key_weight is not None and resolve_channels(self.key_channels, select_q is not None) == "query":
             weight = self.key_weight[b0:b1]
@@ -344,17 +349,19 @@ class HieraCache(CacheInspection):
             if n_s:
                 gpu_loss = error = None
                 kw = weight if t.name == "k" else None
+                vw = vweight[:, :, :L].unsqueeze(-1) if t.name == "v" and vweight is not None else None
                 if selection == "output_error":
                     error = torch.stack([output_error(qo, k[i], v[i], S, scale, t.name,
-                                                      None if kw is None else kw[i].unsqueeze(1))
+                                                      None if kw is None else kw[i].unsqueeze(1),
+                                                      None if vw is None else vw[i])
                                          for i, qo in enumerate(observed)])
-                elif selection != "attention":  # weighted K: the same float32 sums as the simulation's
-                    gpu_loss = self._score(x, t.name) if kw is None else \
-                        block_prune_loss(x, "k", S, kw.unsqueeze(2))
+                elif selection != "attention":  # weighted: the same float32 sums as the simulation's
+                    gpu_loss = self._score(x, t.name) if kw is None and vw is None else \
+                        block_prune_loss(x, t.name, S, None if kw is None else kw.unsqueeze(2), vw)
                 loss = block_scores(selection, x, t.name, S, mass, gpu_loss, error).contiguous()
             _kernels.select_blocks(self.lib, x, loss, first, n_elig, n_s, blocks, t.table[b0:b1])
             _kernels.fill_blocks(self.lib, x, t.name, t.table[b0:b1], S, t.dense[b0:b1], t.sparse_vals[b0:b1],
-                                 t.sparse_meta[b0:b1], weight if t.name == "k" else None)
+                                 t.sparse_meta[b0:b1], weight if t.name == "k" else vweight)
             for b in range(b0, b1):
                 t.n_sparse[b] = n_s
                 t.uniform[b] = {blk: n_de + i for i, blk in enumerate(uniform)}

@@ -57,7 +57,7 @@ class SparseKV:
     selection: str = "auto"     # how eligible blocks are chosen (hierasparse_gen.selection)
     key_channels: str = "auto"
     observe: int = 64
-    value_tokens: str = "magnitude"
+    value_tokens: str = "auto"
     key_storage: str = "model"  # "model" | "float8_e4m3" (simulate backend only, for now)
     value_storage: str = "model"
 
@@ -262,7 +262,7 @@ def enable(model, lib=None, *, key_ratio: float, value_ratio: float, sink: int |
            window: int | None = None, block_size: int | None = None,
            prefill_mode: str = "attend_then_compress", backend: str = "kernels", cuda_graph: bool = True,
            selection: str = "auto", key_channels: str = "auto", observe: int = 64,
-           value_tokens: str = "magnitude", key_storage: str = "model", value_storage: str = "model"):
+           value_tokens: str = "auto", key_storage: str = "model", value_storage: str = "model"):
     """Turn ``model`` (a transformers causal LM) to sparse-KV attention; returns the model.
 
     ``key_ratio``/``value_ratio``: fraction of the eligible blocks (outside sink and window)
@@ -277,8 +277,8 @@ def enable(model, lib=None, *, key_ratio: float, value_ratio: float, sink: int |
     "output_error" (the blocks whose pruning would move those queries' outputs least),
     "expected_error", or "prune_loss" (the paper's). ``key_channels``: "auto" (= "query" here) keeps in K's 2:4 blocks
     the channels of largest |k| * E|q| (the window's mean |q|), "magnitude" the largest |k|.
-    ``value_tokens="attention"`` (simulate backend only): V keeps the tokens of largest
-    |v| * attention mass.
+    ``value_tokens``: "auto" (= "attention" here) keeps in V's 2:4 blocks, per channel, the tokens of
+    largest |v| * the window's attention mass on them, "magnitude" the largest |v|.
     ``key_storage``/``value_storage``: "model" (the model's dtype) or "float8_e4m3" (the eligible blocks in
     e4m3 with per-token scales, see format_fp8; simulate backend only until the kernels read it).
 
@@ -294,10 +294,6 @@ def enable(model, lib=None, *, key_ratio: float, value_ratio: float, sink: int |
     check_prefill_mode(prefill_mode, "prefill_mode")
     check_ratios(key_ratio, value_ratio)
     check_selection(selection, key_channels, observe, value_tokens)
-    if backend == "kernels" and value_tokens != "magnitude":
-        raise UnsupportedError(f"value_tokens {value_tokens!r}: the attention-weighted choice of V's tokens runs in "
-                               f"the simulation only (the GPU compressors keep V's largest magnitudes). Fix: "
-                               f"backend='simulate', or value_tokens='magnitude'")
     check_storage(key_storage, "key_storage")
     check_storage(value_storage, "value_storage")
     if backend == "kernels" and (key_storage, value_storage) != ("model", "model"):

@@ -14,17 +14,18 @@ the same count per head as the ratio gives (so pools stay sized up front).
   drops and how they cancel, where mass x loss sees only sizes.
 * ``auto`` (the default): ``attention`` when the prefill brings the prompt's queries (``q`` or
   ``select_q``; the transformers integration always does), else ``prune_loss``; likewise
-  ``key_channels="auto"`` weighs K's channels (below) when the queries are there.
+  ``key_channels="auto"`` weighs K's channels and ``value_tokens="auto"`` V's tokens (below) when the
+  queries are there.
 
 Inside a 2:4 block (``key_channels="query"``), K keeps per token the 2 of 4 channels of largest
 |k_c| * E|q_c| (the observation window's mean |q| per channel and KV head) instead of the largest
 |k_c|: a dropped channel moves a score by q_c * k_c, so channels that queries barely use go
 first. Same storage format, same kernels: only the choice of kept channels changes. Likewise
 ``value_tokens="attention"``: V keeps per channel the 2 of 4 tokens of largest |v| * a_t, a_t the
-token's attention mass from the observation window (normalized to mean 1 over the prompt; tokens
-that arrive later weigh 1). The K choice runs in both caches (the GPU fill and append kernels take
-the weights); the V choice in SimulatedCache only for now (the GPU compressors keep V's largest
-magnitudes).
+token's attention mass from the observation window (normalized to mean 1 over the prompt), in the
+blocks eligible at the prompt; blocks that leave the window later (and later chunks) weigh their
+tokens 1, as the append kernel keeps no per-token weights. Both choices run in both caches: the GPU
+fill kernel takes K's channel and V's token weights, the append kernel K's channel weights.
 """
 
 from __future__ import annotations
@@ -39,10 +40,10 @@ SELECTIONS = ("auto", "prune_loss", "attention", "expected_error", "output_error
 #: the prefill brings its queries, else prune loss
 AUTO_WITH_QUERIES = "attention"
 KEY_CHANNELS = ("auto", "magnitude", "query")
-VALUE_TOKENS = ("magnitude", "attention")
+VALUE_TOKENS = ("auto", "magnitude", "attention")
 
 
-def check_selection(selection: str, key_channels: str, observe: int, value_tokens: str = "magnitude") -> None:
+def check_selection(selection: str, key_channels: str, observe: int, value_tokens: str = "auto") -> None:
     if selection not in SELECTIONS:
         raise InputError(f"selection {selection!r} is not a block selection. Fix: use one of {', '.join(SELECTIONS)}")
     if key_channels not in KEY_CHANNELS:
@@ -68,7 +69,14 @@ def resolve_channels(key_channels: str, has_queries: bool) -> str:
     return key_channels
 
 
-def needs_queries(selection: str, key_channels: str, value_tokens: str = "magnitude") -> bool:
+def resolve_tokens(value_tokens: str, has_queries: bool) -> str:
+    """V's choice inside a 2:4 block for a prefill: "auto" weighs tokens by attention when the queries are there."""
+    if value_tokens == "auto":
+        return "attention" if has_queries else "magnitude"
+    return value_tokens
+
+
+def needs_queries(selection: str, key_channels: str, value_tokens: str = "auto") -> bool:
     return selection not in ("auto", "prune_loss") or key_channels == "query" or value_tokens == "attention"
 
 
@@ -162,6 +170,6 @@ def block_scores(selection: str, x: torch.Tensor, name: str, block: int, mass: t
     return loss if selection == "prune_loss" else loss * mass
 
 
-__all__ = ["SELECTIONS", "AUTO_WITH_QUERIES", "KEY_CHANNELS", "VALUE_TOKENS", "check_selection", "resolve", "resolve_channels",
+__all__ = ["SELECTIONS", "AUTO_WITH_QUERIES", "KEY_CHANNELS", "VALUE_TOKENS", "check_selection", "resolve", "resolve_channels", "resolve_tokens",
            "needs_queries", "observed_queries", "token_mass", "attention_mass", "output_error", "token_weights", "channel_weights",
            "block_scores"]

@@ -28,7 +28,8 @@ from .policy import (cache_nbytes, cache_settings, check_kernel, check_not_full,
                      eligible_blocks, ratio_count)
 from .reference import decode_reference, prefill_reference
 from .selection import (attention_mass, block_scores, channel_weights, check_selection, needs_queries,
-                        observed_queries, output_error, resolve, resolve_channels, token_mass, token_weights)
+                        observed_queries, output_error, resolve, resolve_channels, resolve_tokens, token_mass,
+                        token_weights)
 
 
 class SimulatedCache:
@@ -38,7 +39,7 @@ class SimulatedCache:
                  key_ratio: float, value_ratio: float, dtype=torch.float16, device="cpu",
                  block_size: int = 64, sink: int = 64, local_window: int = 256,
                  selection: str = "auto", key_channels: str = "auto", observe: int = 64,
-                 value_tokens: str = "magnitude", key_storage: str = "model", value_storage: str = "model"):
+                 value_tokens: str = "auto", key_storage: str = "model", value_storage: str = "model"):
         block_size, sink, local_window = cache_settings(None, block_size, sink, local_window)
         check_ratios(key_ratio, value_ratio)
         check_selection(selection, key_channels, observe, value_tokens)
@@ -139,17 +140,21 @@ class SimulatedCache:
             self.key_weight[b] = channel_weights(q_obs, self.heads).unsqueeze(1)
         selection = resolve(self.selection, q_obs is not None)
         mass = tokens = None
-        if self.value_tokens == "attention" or (selection in ("attention", "expected_error") and n_elig):
+        weigh_v = resolve_tokens(self.value_tokens, q_obs is not None) == "attention"
+        if weigh_v or (selection in ("attention", "expected_error") and n_elig):
             tokens = token_mass(q_obs, k, scale)
             mass = attention_mass(q_obs, k, S, scale, tokens).unsqueeze(0)
-        if self.value_tokens == "attention":
-            self.value_weight[b, :, :L, 0] = token_weights(tokens)
+        if weigh_v:
+            # only the blocks eligible now: the GPU fill weighs them; blocks that leave the window later are
+            # compressed by the append kernel, which keeps no per-token weights (magnitudes, weight 1)
+            end = (self.sink_blocks + n_elig) * S
+            self.value_weight[b, :, :end, 0] = token_weights(tokens)[:, :end]
         for name, x in (("k", k), ("v", v)):
             self.x[name][b, :, :L] = x
             n_s = ratio_count(self.ratio[name], n_elig)
             if n_s:
                 kw = self.key_weight[b:b + 1] if name == "k" and channels == "query" else None
-                vw = self.value_weight[b:b + 1, :, :L] if name == "v" and self.value_tokens == "attention" else None
+                vw = self.value_weight[b:b + 1, :, :L] if name == "v" and weigh_v else None
                 loss = error = None
                 if selection == "output_error":
                     error = output_error(q_obs, k, v, S, scale, name, None if kw is None else kw[0],
@@ -190,9 +195,10 @@ class SimulatedCache:
     def _insert(self, k: torch.Tensor, v: torch.Tensor, lengths: list[int], select_q=None, scale=None) -> None:
         fresh = [b for b, n in enumerate(lengths) if n and self.lengths[b] == 0]
         if fresh and select_q is None and needs_queries(self.selection, self.key_channels, self.value_tokens):
-            raise InputError(f"selection {self.selection!r} with key_channels {self.key_channels!r} chooses blocks by "
-                             f"the prompt's queries, and this prefill has none. Fix: pass q= (or select_q=) with the "
-                             f"prompt, or use selection='prune_loss', key_channels='magnitude'")
+            raise InputError(f"selection {self.selection!r} with key_channels {self.key_channels!r} and value_tokens "
+                             f"{self.value_tokens!r} chooses blocks by the prompt's queries, and this prefill has "
+                             f"none. Fix: pass q= (or select_q=) with the prompt, or use selection='prune_loss', "
+                             f"key_channels='magnitude', value_tokens='magnitude'")
         q_obs = observed_queries(select_q, lengths, self.observe) if select_q is not None else [None] * len(lengths)
         for b, n in enumerate(lengths):
             if n and self.lengths[b] == 0:

@@ -37,8 +37,8 @@ def c_abi(kind: str, family: str, tier: Tier | None, block_size: int = 0) -> str
         return {"dense": "prefill_wgmma_balanced", "mixed": "prefill_wgmma_table"}.get(tier.k, "prefill_wgmma")
     if kind == "decode" and block_size:
         return "decode_table"
-    if kind == "compress":  # its fill and append entry points take K's channel weights
-        return "compress2"
+    if kind == "compress":  # its fill entry points take the 2:4 choice's weights, the append K's
+        return "compress3"
     return kind
 
 

@@ -50,7 +50,7 @@ def result(model_dir, text_file, tmp_path_factory):
     return json.loads((out / "r.json").read_text()), out
 
 
-def _row(res, k, v, policy="attention+query_k"):
+def _row(res, k, v, policy="attention+query_k+weighted_v"):
     (row,) = [r for r in res["rows"] if r["key_ratio"] == k and r["value_ratio"] == v and r["policy"] == policy]
     return row
 
@@ -82,7 +82,7 @@ def test_json_has_every_field(result):
     for key in ("nll", "ppl", "bytes_per_token", "passkey"):
         assert key in res["dense"], key
     assert len(res["rows"]) == 8  # axes: (0,0), (0,0.5), (0,1), (1,0), for each of the two default policies
-    assert [r["policy"] for r in res["rows"]] == ["attention+query_k"] * 4 + ["prune_loss"] * 4
+    assert [r["policy"] for r in res["rows"]] == ["attention+query_k+weighted_v"] * 4 + ["prune_loss"] * 4
     for row in res["rows"]:
         for key in ("policy", "key_ratio", "value_ratio", "sink", "window", "prefill_mode", "nll", "ppl", "ppl_ratio",
                     "kl", "top1", "bytes_per_token", "dense_bytes_per_token", "bytes_fraction", "passkey"):
@@ -176,7 +176,7 @@ def test_byte_tokenizer_and_markdown():
     assert torch.tensor(tok.encode("é")).tolist() == [195, 169]
 
 
-@pytest.mark.parametrize("policy", ["prune_loss", "attention+query_k", "expected_error"])
+@pytest.mark.parametrize("policy", ["prune_loss", "attention+query_k+weighted_v", "expected_error"])
 def test_shortcuts_give_the_exact_numbers(model_dir, text_file, tmp_path, policy):
     """The reused dense prefill (fastsim, with its captured queries) against prefilling through the model."""
     got = {}

@@ -85,18 +85,22 @@ def test_prefill_selects_lowest_loss_blocks_per_head(lib, poison, dtype):
     _check_attend(cache, model, seed=5)
 
 
-@pytest.mark.parametrize("selection,key_channels", [("attention", "magnitude"), ("expected_error", "magnitude"),
-                                                    ("output_error", "query"), ("prune_loss", "query")])
+@pytest.mark.parametrize("selection,key_channels,value_tokens", [
+    ("attention", "magnitude", "magnitude"), ("expected_error", "magnitude", "magnitude"),
+    ("output_error", "query", "magnitude"), ("prune_loss", "query", "magnitude"),
+    ("attention", "query", "attention"), ("expected_error", "magnitude", "attention"),
+    ("output_error", "magnitude", "attention")])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_prefill_selection_by_the_prompts_queries(lib, poison, selection, key_channels, dtype):
+def test_prefill_selection_by_the_prompts_queries(lib, poison, selection, key_channels, value_tokens, dtype):
     """The GPU path of the query-aware selections (scores on the device, the select kernel; K's
-    channel weights in the fill and append kernels) makes the simulation's choices, per head, for
-    sequences of different lengths, and stores what it stores: after the prompt, after a later
-    chunk (its flushed blocks through the fill kernel) and after decode flushes."""
+    channel weights in the fill and append kernels, V's token weights in the fill kernel) makes the
+    simulation's choices, per head, for sequences of different lengths, and stores what it stores:
+    after the prompt, after a later chunk (its flushed blocks through the fill kernel) and after
+    decode flushes."""
     from hierasparse_gen.simulate import SimulatedCache
     lengths = [3000, 1111]
     kw = dict(batch=2, num_kv_heads=HKV, head_dim=D, max_seq_len=3600, key_ratio=0.5, value_ratio=0.75, dtype=dtype,
-              selection=selection, key_channels=key_channels, observe=48)
+              selection=selection, key_channels=key_channels, observe=48, value_tokens=value_tokens)
     cache, sim = HieraCache(lib, **kw), SimulatedCache(device="cuda", **kw)
     k, v = (_rand(2, HKV, 3600, D, seed=s, dtype=dtype) for s in (31, 32))
     q = _rand(2, HQ, 3000, D, seed=33, dtype=dtype) * 2
@@ -111,7 +115,8 @@ def test_prefill_selection_by_the_prompts_queries(lib, poison, selection, key_ch
     cache.prefill(k[:, :, :3000], v[:, :, :3000], lengths, select_q=q)
     sim.prefill(k[:, :, :3000], v[:, :, :3000], lengths, select_q=q)
     same()
-    after_prompt = cache.to_dense()[0].clone()
+    after_prompt, after_prompt_v = (x.clone() for x in cache.to_dense())
+    sim_tiers_v = cache.tiers("v").clone()
     chunk = [300, 300]  # a later chunk: blocks leave the window inside it
     kc, vc = (torch.stack([x[b, :, n:n + 300] for b, n in enumerate(lengths)]) for x in (k, v))
     cache.prefill(kc, vc, chunk)
@@ -122,9 +127,16 @@ def test_prefill_selection_by_the_prompts_queries(lib, poison, selection, key_ch
         cache.append(k[torch.arange(2), :, pos], v[torch.arange(2), :, pos])
         sim.append(k[torch.arange(2), :, pos], v[torch.arange(2), :, pos])
     same()
-    other = HieraCache(lib, **{**kw, "selection": "prune_loss", "key_channels": "magnitude"})
+    other = HieraCache(lib, **{**kw, "selection": "prune_loss", "key_channels": "magnitude",
+                               "value_tokens": "magnitude"})
     other.prefill(k[:, :, :3000], v[:, :, :3000], lengths, select_q=q)
     assert not torch.equal(other.to_dense()[0], after_prompt), "the policy should change K"
+    if value_tokens == "attention":  # the same V tiers, other kept tokens
+        same_tiers = HieraCache(lib, **{**kw, "value_tokens": "magnitude"})
+        same_tiers.prefill(k[:, :, :3000], v[:, :, :3000], lengths, select_q=q)
+        if selection == "attention":  # (the error scores weigh V's tokens too)
+            assert torch.equal(same_tiers.tiers("v"), sim_tiers_v)
+        assert not torch.equal(same_tiers.to_dense()[1], after_prompt_v), "token weights should change V"
 
 
 @pytest.mark.parametrize("ratios", [(0.5, 0.25), (0.0, 1.0), (1.0, 0.0)])

@@ -268,9 +268,9 @@ def test_compress_and_cache_maintenance_arguments(lib):
                     torch.zeros(B, HKV, 2, 32, D, dtype=torch.float16), torch.zeros(B, HKV, 2, 32 * D // 2),
                     torch.zeros(B, HKV, 2, 32 * D // 16, dtype=torch.int16))
     (s1, a1), (s2, a2), (s3, a3) = lib.calls
-    _assert_matches_signature("compress2", "_score_k", a1)
-    _assert_matches_signature("compress2", "_select", a2)
-    _assert_matches_signature("compress2", "_fill_v", a3)
+    _assert_matches_signature("compress3", "_score_k", a1)
+    _assert_matches_signature("compress3", "_select", a2)
+    _assert_matches_signature("compress3", "_fill_v", a3)
     assert s1.endswith("_score_k") and s2.endswith("_select") and s3.endswith("_fill_v")
 
 
@@ -289,7 +289,7 @@ def test_compress_op_arguments(lib, monkeypatch, kind):
     x = torch.randn(B, HKV, 100, D, dtype=torch.float16)[:, :, :, :]
     vals, meta = packing._compress_op(lib.key, x, CAP, kind)
     (args,) = calls
-    _assert_matches_signature("compress2", f"_{kind}", args[:-1])
+    _assert_matches_signature("compress3", f"_{kind}", args[:-1])
     assert args[4:8] == (B, HKV, 100, CAP)
     assert vals.shape == ((B, HKV, CAP, D // 2) if kind == "k" else (B, HKV, CAP // 2, D))
 
@@ -332,7 +332,7 @@ def test_cache_append_arguments(lib):
                                          meta, 64, 1, 4, 256, 0.5, 1.0, k_weight)
         (symbol, args), = lib.calls
         assert symbol == "hsg_compress_append"
-        _assert_matches_signature("compress2", "_append", args)
+        _assert_matches_signature("compress3", "_append", args)
         assert args[8:16] == (12, B, HKV, 4, 64, 1, 4, 256)  # ctrl width, batch, heads, table, block, sink, window, cap
         assert args[20:23] == (3, 2, 0.5) and args[27:30] == (3, 2, 1.0)  # dense/2:4 slots and ratio, K then V
         assert args[30] == (None if k_weight is None else weight.data_ptr())  # K's channel weights

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from hierasparse_gen import format as fmt
-from hierasparse_gen.cache import HieraCache
-from hierasparse_gen.errors import InputError, UnsupportedError
+from hierasparse_gen.errors import InputError
 from hierasparse_gen.policy import ratio_count
-from hierasparse_gen.selection import attention_mass, channel_weights, resolve, resolve_channels
+from hierasparse_gen.selection import (attention_mass, channel_weights, resolve, resolve_channels, resolve_tokens,
+                                       token_mass)
 from hierasparse_gen.simulate import SimulatedCache
 
 H, G, D, S = 2, 3, 64, 32
@@ -49,7 +49,8 @@ def test_attention_mass_against_brute_force():
 def test_each_policy_makes_its_least_scored_blocks_24(selection):
     L = 20 * S
     q, k, v = _inputs(L, 2)
-    sim = _sim(L, key_ratio=0.5, value_ratio=0.25, selection=selection, observe=48, key_channels="magnitude")
+    sim = _sim(L, key_ratio=0.5, value_ratio=0.25, selection=selection, observe=48, key_channels="magnitude",
+               value_tokens="magnitude")
     sim.prefill(k, v, q=q)
     elig = 20 - 1 - 2
     mass = attention_mass(q[0, :, -48:], k[0], S, None)[:, 1:1 + elig]
@@ -71,17 +72,20 @@ def test_auto_reads_queries_when_given():
     L = 16 * S
     q, k, v = _inputs(L, 3)
     runs = {}
-    for name, selection, channels, queries in (("auto+q", "auto", "auto", q), ("best", "attention", "query", q),
-                                               ("auto", "auto", "auto", None),
-                                               ("prune_loss", "prune_loss", "magnitude", q)):
-        sim = _sim(L, key_ratio=0.5, value_ratio=0.5, selection=selection, key_channels=channels)
+    for name, selection, channels, tokens, queries in (
+            ("auto+q", "auto", "auto", "auto", q), ("best", "attention", "query", "attention", q),
+            ("auto", "auto", "auto", "auto", None), ("prune_loss", "prune_loss", "magnitude", "magnitude", q)):
+        sim = _sim(L, key_ratio=0.5, value_ratio=0.5, selection=selection, key_channels=channels,
+                   value_tokens=tokens)
         sim.prefill(k, v, q=queries)
-        runs[name] = (sim.tiers("k"), sim.to_dense()[0])
+        runs[name] = (sim.tiers("k"), sim.tiers("v"), *sim.to_dense())
     for a, b in (("auto+q", "best"), ("auto", "prune_loss")):
-        assert torch.equal(runs[a][0], runs[b][0]) and torch.equal(runs[a][1], runs[b][1]), (a, b)
-    assert not torch.equal(runs["auto+q"][1], runs["auto"][1])
+        assert all(torch.equal(x, y) for x, y in zip(runs[a], runs[b])), (a, b)
+    assert not torch.equal(runs["auto+q"][2], runs["auto"][2])
+    assert not torch.equal(runs["auto+q"][3], runs["auto"][3])
     assert resolve("auto", True) == "attention" and resolve("auto", False) == "prune_loss"
     assert resolve_channels("auto", True) == "query" and resolve_channels("auto", False) == "magnitude"
+    assert resolve_tokens("auto", True) == "attention" and resolve_tokens("auto", False) == "magnitude"
 
 
 def test_select_q_chooses_without_attending():
@@ -143,9 +147,9 @@ def test_errors():
     with pytest.raises(InputError, match="chooses blocks by the prompt's queries, and this prefill has none"):
         sim.prefill(k, v)
     assert sim.lengths == [0]
-    with pytest.raises(UnsupportedError, match="value_tokens 'attention'.*Fix: use value_tokens='magnitude'"):
-        HieraCache(None, batch=1, num_kv_heads=H, head_dim=D, max_seq_len=L, key_ratio=0, value_ratio=0,
-                   device="cpu", value_tokens="attention")
+    sim = _sim(L, key_ratio=0, value_ratio=0.5, value_tokens="attention")
+    with pytest.raises(InputError, match="value_tokens 'attention' chooses blocks by the prompt's queries"):
+        sim.prefill(k, v)
 
 
 def test_attention_weighted_value_tokens():
@@ -154,7 +158,12 @@ def test_attention_weighted_value_tokens():
     sim = _sim(L, key_ratio=0, value_ratio=1, selection="prune_loss", value_tokens="attention")
     sim.prefill(k, v, q=q)
     w = sim.value_weight[0, :, :L]                                  # [H, L, 1]
-    assert torch.allclose(w.mean(1), torch.ones(H, 1), atol=1e-5)  # normalized per head
+    # the blocks eligible at the prefill weigh by mass (normalized to mean 1 over the prompt), the window 1:
+    # the append kernel that compresses it later keeps no weights
+    end = L - 2 * S
+    mass = token_mass(q[0, :, -64:], k[0], None)
+    assert torch.equal(w[:, :end, 0], (mass / mass.mean(-1, keepdim=True))[:, :end])
+    assert torch.equal(w[:, end:], torch.ones(H, L - end, 1))
     tiers = sim.tiers("v")[0].repeat_interleave(S, -1)[:, :L].unsqueeze(-1)
     want = torch.where(tiers, fmt.prune_v(v[0], w), v[0])
     assert torch.equal(sim.to_dense()[1][0], want)
@@ -195,7 +204,8 @@ def test_output_error_of_v_is_the_windows_output_change():
 def test_output_error_selection_in_the_cache():
     L = 16 * S
     q, k, v = _inputs(L, 10)
-    sim = _sim(L, key_ratio=0.5, value_ratio=0.5, selection="output_error", key_channels="magnitude")
+    sim = _sim(L, key_ratio=0.5, value_ratio=0.5, selection="output_error", key_channels="magnitude",
+               value_tokens="magnitude")
     sim.prefill(k, v, q=q)
     from hierasparse_gen.selection import output_error
     for name in "kv":

@@ -230,7 +230,7 @@ def test_manifest_records_each_variants_family_and_c_abi(llama3):
     family = {name: d["family"] for name, d in described.items()}
     assert set(abi.values()) <= ABIS
     assert (family["runtime"], abi["runtime"]) == ("host", "runtime")
-    assert (family["compress_d128_f16_sm90"], abi["compress_d128_f16_sm90"]) == ("mma_sp", "compress2")
+    assert (family["compress_d128_f16_sm90"], abi["compress_d128_f16_sm90"]) == ("mma_sp", "compress3")
     assert (family["decode_d128_g4_f16_k24_v24_sm90"], abi["decode_d128_g4_f16_k24_v24_sm90"]) == ("mma_sp", "decode")
     assert abi["decode_d128_g4_f16_km_vm_b64_sm90"] == "decode_table"
     for tier in ("k24_v24", "kd_v24", "km_vm_b64"):  # the warp-level prefill: one ABI for every tier mix

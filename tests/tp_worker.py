@@ -25,9 +25,9 @@ CASES = {
     "replicated": ("kv1", {"model.layers.*.self_attn.k_proj": "unit_colwise",
                            "model.layers.*.self_attn.v_proj": "unit_colwise"}, "balanced", None),
 }
-#: With a replicated KV head each rank scores blocks and weighs K's channels by its own query heads (4 of the
-#: 8), so the query-aware choices ("auto") differ from one process's by design; these read only K/V.
-POLICY = {"replicated": dict(selection="prune_loss", key_channels="magnitude")}
+#: With a replicated KV head each rank scores blocks and weighs K's channels and V's tokens by its own query heads
+#: (4 of the 8), so the query-aware choices ("auto") differ from one process's by design; these read only K/V.
+POLICY = {"replicated": dict(selection="prune_loss", key_channels="magnitude", value_tokens="magnitude")}
 
 
 #: the same on GPUs with the kernels (NCCL; a head_dim-128, group-4 model: specs/llama3.yaml's kernels, whose

@@ -75,8 +75,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--window", type=int, default=256)
     ap.add_argument("--block-size", type=int, default=None)
     ap.add_argument("--prefill-modes", type=_names, default=["attend_then_compress"])
-    ap.add_argument("--policies", type=_names, default=["attention+query_k", "prune_loss"],
-                    help="what 2:4 drops (docs/eval.md): e.g. attention+query_k (enable's default), prune_loss "
+    ap.add_argument("--policies", type=_names, default=["attention+query_k+weighted_v", "prune_loss"],
+                    help="what 2:4 drops (docs/eval.md): e.g. attention+query_k+weighted_v (enable's default), prune_loss "
                          "(the paper's), output_error+query_k, expected_error")
     ap.add_argument("--prefill", type=int, default=2048, help="prompt tokens before the decode")
     ap.add_argument("--decode", type=int, default=128, help="teacher-forced decode tokens measured")

@@ -51,12 +51,18 @@ POLICIES = {
     "expected_error": {"selection": "expected_error", "key_channels": "magnitude"},
     "output_error": {"selection": "output_error", "key_channels": "magnitude"},
     "prune_loss+query_k": {"selection": "prune_loss", "key_channels": "query"},
-    "attention+query_k": {"selection": "attention", "key_channels": "query"},  # = enable's default
+    "attention+query_k": {"selection": "attention", "key_channels": "query"},
     "expected_error+query_k": {"selection": "expected_error", "key_channels": "query"},
     "output_error+query_k": {"selection": "output_error", "key_channels": "query"},
     "output_error@256": {"selection": "output_error", "key_channels": "query", "observe": 256},
     "attention+weighted_v": {"selection": "attention", "key_channels": "magnitude", "value_tokens": "attention"},
+    "attention@256+weighted_v": {"selection": "attention", "key_channels": "magnitude", "value_tokens": "attention",
+                                 "observe": 256},
+    # = enable's default (selection, key_channels and value_tokens "auto", with the prompt's queries)
+    "attention+query_k+weighted_v": {"selection": "attention", "key_channels": "query", "value_tokens": "attention"},
 }
+# a policy that names no V choice keeps V's largest magnitudes
+POLICIES = {name: {"value_tokens": "magnitude", **kw} for name, kw in POLICIES.items()}
 
 
 def _forward(model, ids: torch.Tensor, start: int, cache, keep: int | None = None):

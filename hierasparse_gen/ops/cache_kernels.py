@@ -45,16 +45,18 @@ def select_blocks(lib, x: torch.Tensor, loss: torch.Tensor | None, first: int, n
 def fill_blocks(lib, x: torch.Tensor, kind: str, table: torch.Tensor, block: int, dense: torch.Tensor,
                 vals: torch.Tensor, meta: torch.Tensor, weight: torch.Tensor | None = None) -> None:
     """Write the blocks of ``x [B, H, L, D]`` into a cache's pools where ``table [B, H, max_blocks]``
-    says: dense slot (copied) or 2:4 slot (compressed; K by |k| * ``weight [B, H, D]`` when given).
-    Runs on the current stream."""
+    says: dense slot (copied) or 2:4 slot (compressed; K by |k| * ``weight [B, H, D]``, V by |v| * ``weight
+    [B, H, ceil(L / block) * block]`` (per token) when given). Runs on the current stream."""
     B, H, L, D = x.shape
     x = checks.rows16(x)
     for t in (table, dense, vals, meta):
         if not t.is_contiguous():
             fail("fill_blocks", "the table and pools must be contiguous", "pass the cache's own tensors")
+    want = (B, H, D) if kind == "k" else (B, H, -(-L // block) * block)
     if weight is not None and (weight.dtype != torch.float32 or not weight.is_contiguous() or
-                               tuple(weight.shape) != (B, H, D) or kind != "k"):
-        fail("fill_blocks", f"weight {tuple(weight.shape)} {weight.dtype}", f"pass float32 [{B}, {H}, {D}] for K")
+                               tuple(weight.shape) != want or weight.device != x.device):
+        fail("fill_blocks", f"weight {tuple(weight.shape)} {weight.dtype} on {weight.device}",
+             f"pass contiguous float32 {list(want)} on {x.device} for {kind.upper()}")
     base.launch(lib, f"{compress_variant(lib, x).symbol}_fill_{kind}", x.device, x.data_ptr(), x.stride(0),
                 x.stride(1), x.stride(2), B, H, L, table.data_ptr(), table.shape[2], block, dense.data_ptr(),
                 dense.shape[2], vals.data_ptr(), meta.data_ptr(), vals.shape[2], base.ptr(weight))

@@ -14,7 +14,7 @@ compress_k_kernel(const Element* __restrict__ k, long long sb, long long sh, lon
   const long long bh = bt / (tokens / 16);
   const Element* base = k + (bh / heads) * sb + (bh % heads) * sh;
   compress_k_unit(base, st, length, T, ks, place<16>(d, bh, T, tokens / 16), d,
-                  d.kweight ? d.kweight + bh * kHeadDim : nullptr);
+                  d.weight ? d.weight + bh * kHeadDim : nullptr);
 }
 
 // V [B, H, L, D]: warp w = (bh, 32-token chunk C, 16-channel tile).
@@ -28,7 +28,8 @@ compress_v_kernel(const Element* __restrict__ v, long long sb, long long sh, lon
   const int C = int(bc % (tokens / 32));
   const long long bh = bc / (tokens / 32);
   const Element* base = v + (bh / heads) * sb + (bh % heads) * sh;
-  compress_v_unit(base, st, length, C, mt, place<32>(d, bh, C, tokens / 32), d);
+  compress_v_unit(base, st, length, C, mt, place<32>(d, bh, C, tokens / 32), d,
+                  d.weight ? d.weight + bh * tokens + C * 32 : nullptr);
 }
 
 // Host launcher of compress_k_kernel / compress_v_kernel (strides in elements, channel stride 1).

@@ -3,8 +3,8 @@
 // the variant's namespace after its constants (Element, kHeadDim, kKSteps, kMTiles, kWarpsPerBlock).
 
 // Keep the 2 largest |x| of 4 (ties to the lower index), or the 2 largest |x| * w[i] when weights are given
-// (the cache's query-weighted K channels; the same float32 products as format.keep_mask_2to4); returns the
-// nibble i0 | i1 << 2.
+// (the cache's query-weighted K channels or attention-weighted V tokens; the same float32 products as
+// format.keep_mask_2to4); returns the nibble i0 | i1 << 2.
 __device__ __forceinline__ uint32_t select_2of4(const Element (&x)[4], Element& v0, Element& v1,
                                                 const float* __restrict__ w = nullptr) {
   float a[4];
@@ -44,7 +44,8 @@ struct Dest {
   const int* table;        // nullptr: flat
   int max_blocks, block, n_sparse, n_dense;
   Element* dense;          // dense pool [B*H, n_dense, block, D]
-  const float* kweight = nullptr;  // K only: per-channel weights [B*H, D] of the 2:4 choice, or none
+  // weights of the 2:4 choice, or none (magnitudes): K per channel [B*H, D]; V per token [B*H, tokens]
+  const float* weight = nullptr;
 };
 
 // Tile `unit` (16 tokens for K, 32 for V) of sequence bh: its index among the 2:4 tiles of
@@ -105,9 +106,11 @@ __device__ __forceinline__ void compress_k_unit(const Element* __restrict__ base
 }
 
 // One warp: 32-token chunk C, 16-channel tile mt of one V sequence, 2:4 along tokens per
-// channel, to 2:4 chunk `chunk` of d (chunk >= 0) or to the dense rows at -1 - chunk.
+// channel, to 2:4 chunk `chunk` of d (chunk >= 0) or to the dense rows at -1 - chunk. `w`: the
+// chunk's 32 token weights (or null: magnitudes).
 __device__ __forceinline__ void compress_v_unit(const Element* __restrict__ base, long long st, int length,
-                                                int C, int mt, long long chunk, const Dest& d) {
+                                                int C, int mt, long long chunk, const Dest& d,
+                                                const float* __restrict__ w = nullptr) {
   const int lane = threadIdx.x % 32, g = lane >> 2, q = lane & 3;
   // lane reads token C*32 + lane, the tile's 16 channels (two 16-byte loads)
   const int tok = C * 32 + lane;
@@ -139,7 +142,8 @@ __device__ __forceinline__ void compress_v_unit(const Element* __restrict__ base
       Element x[4];
 #pragma unroll
       for (int i = 0; i < 4; ++i) x[i] = t_el[(slot * 16 + 4 * q + i) * 16 + g + 8 * r];
-      nib[slot][r] = select_2of4(x, f.v[4 * slot + 2 * r], f.v[4 * slot + 2 * r + 1]);
+      nib[slot][r] = select_2of4(x, f.v[4 * slot + 2 * r], f.v[4 * slot + 2 * r + 1],
+                                 w ? w + slot * 16 + 4 * q : nullptr);
     }
   d.vals[(chunk * kMTiles + mt) * 32 + lane] = *reinterpret_cast<uint4*>(&f);
   const uint32_t w_lo = quad_words(nib[0][0], nib[0][1], q);  // tokens [0, 16) of the chunk
