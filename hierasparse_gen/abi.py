@@ -18,6 +18,11 @@ SIGNATURES = {
                      _p, _p, _p, _i64, _i64, _p, _p],
     ("decode", "_smem_bytes"): [],
     ("decode", "_threads"): [],
+    # flat decode with e4m3 tensors: K values, metadata, scales, then V's (a model-dtype tensor's scales: null)
+    ("decode8", ""): [_p, _i64, _i64, _p, _p, _p, _p, _p, _p, _p, _i32, _i32, _i32, _f32, _i32,
+                      _p, _p, _p, _i64, _i64, _p, _p],
+    ("decode8", "_smem_bytes"): [],
+    ("decode8", "_threads"): [],
     # (compress3: the fill entry points take the 2:4 choice's weights, K per channel, V per token (compress2:
     # K only; its V fill ignored them), the append entry point K's channel weights; null: magnitudes)
     ("compress3", "_k"): [_p, _i64, _i64, _i64, _i32, _i32, _i32, _i32, _p, _p, _p],
@@ -63,7 +68,8 @@ SIGNATURES = {
 }
 
 #: ABIs with host-side size queries answered at load time (no GPU needed)
-SIZE_QUERIES = {"decode": ("_smem_bytes", "_threads"), "decode_table": ("_smem_bytes", "_threads")}
+SIZE_QUERIES = {"decode": ("_smem_bytes", "_threads"), "decode8": ("_smem_bytes", "_threads"),
+                "decode_table": ("_smem_bytes", "_threads")}
 
 ABIS = frozenset(abi for abi, _ in SIGNATURES) | {"runtime"}
 

@@ -57,7 +57,20 @@ Logical layout (per batch and KV head, one block of ``S`` tokens, head_dim ``D``
 * 2:4 e4m3, V: values ``uint8 [D, S/2]``, metadata ``int16 [D, S/16]``, scales ``float16 [S]``.
   Both 2:4 forms: ``S*D/2 + S*D/8 + 2*S`` bytes.
 
-The kernels' fragment order (docs/fp8.md) permutes these bytes without changing their count.
+Kernel layout (flat packed tensors, :func:`pack_k` / :func:`pack_v`)
+-------------------------------------------------------------------
+The bytes of the logical 2:4 layout in :mod:`format`'s fragment order of ``mma.sp.m16n8k32``, one
+byte per value instead of two (lane ``l`` loads its 8 fragment values with one 8-byte load and
+converts them in registers), the metadata words exactly :mod:`format`'s, and the scales per token:
+K values ``uint8 [B, H, cap, D/2]``, K meta ``int16 [B, H, cap, D/16]``, V values ``uint8 [B, H,
+cap/2, D]``, V meta ``int16 [B, H, cap/16, D]``, scales ``float16 [B, H, cap]`` for each (tokens past
+the length are zeros with scale 1).
+
+Dense e4m3 (:func:`pack_k_dense` / :func:`pack_v_dense`: the like-for-like FP8 cache) is stored in the
+A-fragment order of ``mma.m16n8k16``, two k-steps per lane and 16 bytes: K per 16-token tile and 32-channel
+k-step ``[T, ks, g, q, j, hi, r8, lo]`` for token ``16T + 8 r8 + g``, channel ``32 ks + 16 j + 8 hi + 2 q + lo``;
+V per 32-token chunk and 16-channel tile ``[c, mt, g, q, j, hi, r8, lo]`` for channel ``16 mt + 8 r8 + g``,
+token ``32 c + 16 j + 8 hi + 2 q + lo``. Values ``uint8 [B, H, cap, D]``, scales ``float16 [B, H, cap]``.
 """
 
 from __future__ import annotations
@@ -65,7 +78,8 @@ from __future__ import annotations
 import torch
 
 from .errors import InputError
-from .format import WORD, compress_rows, decompress_rows, keep_mask_2to4
+from .format import (WORD, _k_tile, _k_untile, _pad_tokens, _v_tile, _v_untile, compress_rows, decompress_rows,
+                     keep_mask_2to4, round_capacity)
 # the byte account and the storage names are plain Python in policy (the cache and the simulation share them)
 from .policy import SCALE_BYTES, STORAGES, block_nbytes, check_storage
 
@@ -171,6 +185,69 @@ def unpack_v_2to4(vals: torch.Tensor, words: torch.Tensor, scales: torch.Tensor,
     return dequantize(decompress_rows(vals, words).transpose(-1, -2), scales, dtype)
 
 
+def pack_k(k: torch.Tensor, capacity: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """K ``[B, H, L, D]`` 2:4 in e4m3, in the kernel layout: (values, meta, scales), ``capacity`` tokens."""
+    cap = round_capacity(k.shape[-2]) if capacity is None else capacity
+    vals, words, scales = pack_k_2to4(_pad_tokens(k, cap))
+    return (*_k_tile(vals, words), scales)
+
+
+def pack_v(v: torch.Tensor, capacity: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """V ``[B, H, L, D]`` 2:4 in e4m3, in the kernel layout: (values, meta, scales), ``capacity`` tokens."""
+    cap = round_capacity(v.shape[-2]) if capacity is None else capacity
+    vals, words, scales = pack_v_2to4(_pad_tokens(v, cap))
+    return (*_v_tile(vals, words), scales)
+
+
+def unpack_k(vals: torch.Tensor, meta: torch.Tensor, scales: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
+    """What :func:`pack_k`'s bytes hold, ``[B, H, cap, D]`` in ``dtype`` (dropped elements 0)."""
+    return unpack_k_2to4(*_k_untile(vals, meta), scales, dtype)
+
+
+def unpack_v(vals: torch.Tensor, meta: torch.Tensor, scales: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
+    """What :func:`pack_v`'s bytes hold, ``[B, H, cap, D]`` in ``dtype`` (dropped elements 0)."""
+    return unpack_v_2to4(*_v_untile(vals, meta), scales, dtype)
+
+
+# dense fragment orders: (reshape of the row-major codes, permutation to the stored order)
+_DENSE_K = (lambda B, H, cap, D: (B, H, cap // 16, 2, 8, D // 32, 2, 2, 4, 2), (0, 1, 2, 5, 4, 8, 6, 7, 3, 9))
+_DENSE_V = (lambda B, H, cap, D: (B, H, cap // 32, 2, 2, 4, 2, D // 16, 2, 8), (0, 1, 2, 7, 9, 5, 3, 4, 8, 6))
+
+
+def _dense_tile(codes: torch.Tensor, order) -> torch.Tensor:
+    shape, perm = order
+    return codes.reshape(shape(*codes.shape)).permute(perm).reshape(codes.shape).contiguous()
+
+
+def _dense_untile(vals: torch.Tensor, order) -> torch.Tensor:
+    shape, perm = order
+    dims = shape(*vals.shape)
+    stored = vals.reshape([dims[p] for p in perm])
+    return stored.permute(tuple(sorted(range(len(perm)), key=perm.__getitem__))).reshape(vals.shape)
+
+
+def pack_k_dense(k: torch.Tensor, capacity: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """K ``[B, H, L, D]`` dense in e4m3, in the kernel layout: (values, scales), ``capacity`` tokens."""
+    cap = round_capacity(k.shape[-2]) if capacity is None else capacity
+    codes, scales = pack_dense(_pad_tokens(k, cap))
+    return _dense_tile(codes, _DENSE_K), scales
+
+
+def pack_v_dense(v: torch.Tensor, capacity: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """V ``[B, H, L, D]`` dense in e4m3, in the kernel layout: (values, scales), ``capacity`` tokens."""
+    cap = round_capacity(v.shape[-2]) if capacity is None else capacity
+    codes, scales = pack_dense(_pad_tokens(v, cap))
+    return _dense_tile(codes, _DENSE_V), scales
+
+
+def unpack_k_dense(vals: torch.Tensor, scales: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
+    return unpack_dense(_dense_untile(vals, _DENSE_K), scales, dtype)
+
+
+def unpack_v_dense(vals: torch.Tensor, scales: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
+    return unpack_dense(_dense_untile(vals, _DENSE_V), scales, dtype)
+
+
 def fake_quantize(x: torch.Tensor) -> torch.Tensor:
     """``x [..., S, D]`` through e4m3 with its per-token scales and back, in ``x``'s dtype. On a block already
     pruned 2:4 (dropped elements zero) this is exactly what :func:`stored_values` gives for the 2:4 tier: the
@@ -192,4 +269,5 @@ def stored_values(x: torch.Tensor, kind: str, sparse: bool) -> torch.Tensor:
 
 __all__ = ["STORAGES", "E4M3_MAX", "SCALE_BYTES", "SCALE_DTYPE", "check_storage", "block_nbytes", "token_scales",
            "quantize", "dequantize", "pack_dense", "unpack_dense", "pack_k_2to4", "unpack_k_2to4", "pack_v_2to4",
-           "unpack_v_2to4", "fake_quantize", "stored_values"]
+           "unpack_v_2to4", "pack_k", "pack_v", "unpack_k", "unpack_v", "pack_k_dense", "pack_v_dense", "unpack_k_dense",
+           "unpack_v_dense", "fake_quantize", "stored_values"]

@@ -13,13 +13,17 @@ from .registry import Library, load as _load
 class KernelLibrary(Library):
     """A loaded build with its operations (see :mod:`hierasparse_gen.ops`)."""
 
-    def compress_k(self, k, capacity: int | None = None) -> ops.PackedKV:
-        """Prune K ``[B, Hkv, L, D]`` 2:4 along head_dim and pack it (GPU). Returns a PackedKV."""
-        return ops.compress(self, k, "k", capacity)
+    def compress_k(self, k, capacity: int | None = None, storage: str = "model", sparse: bool = True) -> ops.PackedKV:
+        """Prune K ``[B, Hkv, L, D]`` 2:4 along head_dim and pack it (GPU). Returns a PackedKV.
+        ``storage="float8_e4m3"``: kept values in e4m3 with a float16 scale per token (format_fp8),
+        for the e4m3 decode tiers of a spec (packed by torch on the GPU, not by a kernel yet);
+        with ``sparse=False`` every value, dense (the e4m3 cache serving engines ship)."""
+        return ops.compress(self, k, "k", capacity, storage, sparse)
 
-    def compress_v(self, v, capacity: int | None = None) -> ops.PackedKV:
-        """Prune V ``[B, Hkv, L, D]`` 2:4 along tokens and pack it (GPU). Returns a PackedKV."""
-        return ops.compress(self, v, "v", capacity)
+    def compress_v(self, v, capacity: int | None = None, storage: str = "model", sparse: bool = True) -> ops.PackedKV:
+        """Prune V ``[B, Hkv, L, D]`` 2:4 along tokens and pack it (GPU). Returns a PackedKV.
+        ``storage``, ``sparse``: as :meth:`compress_k`."""
+        return ops.compress(self, v, "v", capacity, storage, sparse)
 
     def prefill(self, q, k, v, seqlens=None, *, qlens=None, scale: float | None = None, kernel: str = "auto"):
         """Causal attention of a query chunk ``q [B, Hq, Lq, D]`` (the last ``qlens[b]`` of

@@ -45,7 +45,7 @@ class KernelVariant:
     dtype: str
     head_dim: int
     group: int | None
-    tier: tuple[str, str] | None
+    tier: tuple[str, ...] | None  # (k, v), or (k, v, k_storage, v_storage) for e4m3 (spec_schema.Tier.key)
     tiles: dict
     symbol: str
     family: str              # "mma_sp" (warp-level), "wgmma" (sm_90a) or "host" (see variants.FAMILIES)
@@ -73,6 +73,11 @@ class KernelVariant:
         return cc[0] == major and (cc[1] == minor if self.arch_specific else cc[1] >= minor)
 
 
+def _tier_text(tier: tuple[str, ...]) -> str:
+    """k=sparse24, v=sparse24 (and the storages, when e4m3)."""
+    return ", ".join(f"{n}={x}" for n, x in zip(("k", "v", "k_storage", "v_storage"), tier))
+
+
 def _spec_hint(kind: str, **want) -> str:
     parts = []
     if "head_dim" in want:
@@ -87,7 +92,7 @@ def _spec_hint(kind: str, **want) -> str:
         major, minor = want["cc"]
         parts.append(f"sm_{major}{minor} under `archs`")
     if "tier" in want:
-        parts.append(f"{{k: {want['tier'][0]}, v: {want['tier'][1]}}} under `tiers`")
+        parts.append("{" + _tier_text(want["tier"]).replace("=", ": ") + "} under `tiers`")
     if "block_size" in want:
         parts.append(f"cache.block_size {want['block_size']}")
     return "; ".join(parts)
@@ -136,7 +141,7 @@ class Library:
             sizes = {suffix[1:]: getattr(self._cdll, symbol + suffix)() for suffix in SIZE_QUERIES.get(v["abi"], ())}
             self.variants.append(KernelVariant(
                 v["name"], v["kind"], v["arch"], v["dtype"], v["head_dim"], v.get("group"),
-                (tier["k"], tier["v"]) if tier else None, v.get("tiles") or {}, symbol, v["family"], v["abi"],
+                tuple(tier.values()) if tier else None, v.get("tiles") or {}, symbol, v["family"], v["abi"],
                 v.get("block_size") or 0, **sizes))
         declare_runtime(self._cdll)
         register(self)
@@ -175,7 +180,7 @@ class Library:
 
     # --- dispatch --------------------------------------------------------------------------
     def select(self, kind: str, *, head_dim: int, dtype: str, cc: tuple[int, int],
-               group: int | None = None, tier: tuple[str, str] | None = None,
+               group: int | None = None, tier: tuple[str, ...] | None = None,
                block_size: int | None = None, family: str | None = None) -> KernelVariant:
         """The variant for a call, of any family (``family``: only that one, "mma_sp" or "wgmma"), or a
         DispatchError listing every candidate of the kind and why it was rejected.
@@ -212,7 +217,7 @@ class Library:
             if v.dtype != dtype:
                 why.append(f"dtype {v.dtype} != {dtype}")
             if tier is not None and v.tier != tier:
-                why.append(f"tiers k={v.tier[0]}, v={v.tier[1]} != k={tier[0]}, v={tier[1]}")
+                why.append(f"tiers {_tier_text(v.tier)} != {_tier_text(tier)}")
             if block_size is not None and v.tier == tier and v.block_size != block_size:
                 why.append(f"cache block size {v.block_size} != {block_size}")
             if not v.runs_on(cc):

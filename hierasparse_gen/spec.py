@@ -35,9 +35,9 @@ from .spec_messages import _show
 # the schema's names stay importable from here, where they were defined before the split
 from .spec_schema import (  # noqa: F401
     ARCHS, BLOCK_SIZES, CACHE_KEYS, CHUNK_TOKENS, DECODE_KEYS, DTYPE_ALIASES, DTYPES, HEAD_DIMS, MAX_GROUP, NAME_RE,
-    PHASES, PLANNED_TIER_KINDS, PREFILL_CHUNK_TOKENS, PREFILL_KEYS, REQUIRED_TOP_KEYS, SHAPE_KEYS, STAGES_RANGE,
+    PHASES, PREFILL_CHUNK_TOKENS, PREFILL_KEYS, REQUIRED_TOP_KEYS, SHAPE_KEYS, STAGES_RANGE,
     STEP_KEYS, TIER_KEYS, TIER_KINDS, TIER_MIXES, TOP_KEYS, WARP_QUERIES, WARPS_RANGE, CacheConfig, DecodeTiles,
-    PrefillTiles, Shape, Spec, Tier,
+    E4M3_MIN_ARCH, E4M3_TIER_MIXES, TIER_STORAGE_KEYS, TIER_STORAGES, PrefillTiles, Shape, Spec, Tier,
 )
 
 __all__ = [

@@ -9,9 +9,9 @@ from typing import Any
 from .spec_messages import ROOT, _EXAMPLES, _Checks, _describe, _join, _show, _with_suggestion
 from .spec_schema import (
     ARCHS, BLOCK_SIZES, CACHE_KEYS, CHUNK_TOKENS, DECODE_KEYS, DTYPE_ALIASES, DTYPES, HEAD_DIMS, MAX_GROUP, NAME_RE,
-    PHASES, PLANNED_TIER_KINDS, PREFILL_CHUNK_TOKENS, PREFILL_KEYS, REQUIRED_TOP_KEYS, SHAPE_KEYS, STAGES_RANGE,
+    PHASES, PREFILL_CHUNK_TOKENS, PREFILL_KEYS, REQUIRED_TOP_KEYS, SHAPE_KEYS, STAGES_RANGE,
     STEP_KEYS, TIER_KEYS, TIER_KINDS, TIER_MIXES, TOP_KEYS, WARP_QUERIES, WARPS_RANGE, CacheConfig, DecodeTiles,
-    PrefillTiles, Shape, Spec, Tier,
+    E4M3_MIN_ARCH, E4M3_TIER_MIXES, TIER_STORAGE_KEYS, TIER_STORAGES, PrefillTiles, Shape, Spec, Tier,
 )
 
 
@@ -171,7 +171,31 @@ class _Checker(_Checks):
             normalize=normalize, check=check,
         )
 
-    def tiers(self, value: Any) -> tuple[Tier, ...]:
+    @staticmethod
+    def _show_tier(tier: Tier) -> str:
+        extra = f", k_storage: {tier.k_storage}, v_storage: {tier.v_storage}" if tier.e4m3 else ""
+        return f"{{k: {tier.k}, v: {tier.v}{extra}}}"
+
+    def _storage(self, raw: Any, path: str, mix: tuple[str, str], archs: tuple[str, ...]) -> str:
+        value = self.string(raw, path, f"use one of {_join(TIER_STORAGES)}").strip().lower()
+        if value not in TIER_STORAGES:
+            self.fail(path, f"{_show(raw)} is not a storage",
+                      _with_suggestion(value, TIER_STORAGES, f"use one of {_join(TIER_STORAGES)}"))
+        if value == "model":
+            return value
+        if mix not in E4M3_TIER_MIXES:
+            mixes = ", ".join(f"{{k: {k}, v: {v}}}" for k, v in E4M3_TIER_MIXES)
+            self.fail(path, f"float8_e4m3 storage has no kernel for the tier mix {{k: {mix[0]}, v: {mix[1]}}} yet "
+                            f"(e4m3 decode reads flat tensors, dense or 2:4)",
+                      f"use float8_e4m3 in one of {mixes}, or storage model here")
+        old = [a for a in archs if tuple(divmod(int(a[3:].rstrip("a")), 10)) < E4M3_MIN_ARCH]
+        if old:
+            self.fail(path, f"float8_e4m3 needs sm_89 or newer (e4m3 conversions and FP8 tensor cores); archs has "
+                            f"{_join(old)}", f"drop {_join(old)} from archs, or keep this tier in the model dtype "
+                                             f"(storage model)")
+        return value
+
+    def tiers(self, value: Any, archs: tuple[str, ...] = ()) -> tuple[Tier, ...]:
         items = self.seq(
             value, "tiers", example="[{k: sparse24, v: sparse24}]",
             default="[{k: sparse24, v: sparse24}]",
@@ -180,35 +204,39 @@ class _Checker(_Checks):
         seen: dict[Tier, int] = {}
         for i, item in enumerate(items):
             path = f"tiers[{i}]"
-            item = self.mapping(item, path, TIER_KEYS, TIER_KEYS, example="{k: sparse24, v: sparse24}")
+            item = self.mapping(item, path, TIER_KEYS + TIER_STORAGE_KEYS, TIER_KEYS,
+                                example="{k: sparse24, v: sparse24}")
             kinds = {}
             for key in TIER_KEYS:
                 kpath = f"{path}.{key}"
                 raw = self.string(item[key], kpath, f"use one of {_join(TIER_KINDS)}")
                 kind = raw.strip().lower()
-                if kind in PLANNED_TIER_KINDS:
-                    self.fail(
-                        kpath,
-                        f"{_show(raw)} is recognized but no template supports this tier yet; "
-                        f"use {TIER_KINDS[0]}",
-                        f"set {kpath} to {TIER_KINDS[0]}",
-                    )
-                if kind not in TIER_KINDS:
+                e4m3 = str(item.get(f"{key}_storage", "")).strip().lower() == "float8_e4m3"
+                if kind == "dense" and e4m3:
+                    pass  # dense e4m3 blocks: decode's like-for-like FP8 cache (a model-dtype one is SDPA's)
+                elif kind == "dense":
+                    self.fail(kpath, f"{_show(raw)} is supported only with {key}_storage: float8_e4m3 (the dense "
+                                     f"e4m3 cache; a dense model-dtype tensor is what SDPA reads)",
+                              f"set {key}_storage: float8_e4m3, or {kpath} to {TIER_KINDS[0]}")
+                if kind not in TIER_KINDS and not (kind == "dense" and e4m3):
                     self.fail(
                         kpath,
                         f"{_show(raw)} is not a known tier",
                         _with_suggestion(kind, TIER_KINDS, f"use one of {_join(TIER_KINDS)}"),
                     )
                 kinds[key] = kind
-            if (kinds["k"], kinds["v"]) not in TIER_MIXES:
-                mixes = ", ".join(f"{{k: {k}, v: {v}}}" for k, v in TIER_MIXES)
+            if (kinds["k"], kinds["v"]) not in TIER_MIXES + E4M3_TIER_MIXES:
+                mixes = ", ".join(f"{{k: {k}, v: {v}}}" for k, v in dict.fromkeys(TIER_MIXES + E4M3_TIER_MIXES))
                 self.fail(path, f"no template supports the tier mix {{k: {kinds['k']}, v: {kinds['v']}}} yet",
-                          f"use one of {mixes} (mixed reads dense and 2:4 blocks through the block table)")
+                          f"use one of {mixes} (mixed reads dense and 2:4 blocks through the block table; dense "
+                          f"needs float8_e4m3 storage)")
+            for key in TIER_STORAGE_KEYS:
+                kinds[key] = self._storage(item.get(key, "model"), f"{path}.{key}", (kinds["k"], kinds["v"]), archs)
             tier = Tier(**kinds)
             if tier in seen:
                 self.fail(
                     path,
-                    f"duplicate tier {{k: {tier.k}, v: {tier.v}}} is the same as tiers[{seen[tier]}]",
+                    f"duplicate tier {self._show_tier(tier)} is the same as tiers[{seen[tier]}]",
                     f"remove {path}",
                 )
             seen[tier] = i
@@ -336,7 +364,7 @@ class _Checker(_Checks):
         dtypes = self.dtypes(optional("dtypes", ["float16"]))
         archs = self.archs(data["archs"])
         phases = self.phases(optional("phases", ["decode"]))
-        tiers = self.tiers(optional("tiers", [{"k": "sparse24", "v": "sparse24"}]))
+        tiers = self.tiers(optional("tiers", [{"k": "sparse24", "v": "sparse24"}]), archs)
         cache = self.cache(optional("cache", {}))
         decode = self.decode(optional("decode", {}))
         prefill = self.prefill(optional("prefill", {}))

@@ -32,8 +32,8 @@ PHASES: tuple[str, ...] = ("decode", "prefill")
 #: sparse24: every block 2:4 (flat packed tensors); mixed: per-block dense or 2:4, read
 #: through the hierarchical cache's block table.
 TIER_KINDS: tuple[str, ...] = ("sparse24", "mixed")
-#: Tier names that are part of the design but have no kernel template yet.
-PLANNED_TIER_KINDS: tuple[str, ...] = ("dense",)
+#: "dense" (every block dense) is a tier only of an e4m3 tensor (E4M3_TIER_MIXES): a dense model-dtype
+#: tensor is what the dense attention kernels read.
 #: (k, v) tier mixes that a decode template exists for.
 TIER_MIXES: tuple[tuple[str, str], ...] = (("sparse24", "sparse24"), ("mixed", "mixed"))
 
@@ -46,6 +46,14 @@ TOP_KEYS = ("name", "shapes", "dtypes", "archs", "phases", "tiers", "cache", "de
 REQUIRED_TOP_KEYS = ("name", "shapes", "archs")
 SHAPE_KEYS = ("head_dim", "num_qo_heads", "num_kv_heads")
 TIER_KEYS = ("k", "v")
+#: optional per tensor: how its 2:4 (or eligible) blocks are stored
+TIER_STORAGE_KEYS = ("k_storage", "v_storage")
+#: "model": the model's dtype; "float8_e4m3": e4m3 with one float16 scale per token and KV head (format_fp8)
+TIER_STORAGES: tuple[str, ...] = ("model", "float8_e4m3")
+#: tier mixes whose kernels read e4m3 storage (flat decode only, for now; a dense tensor must be e4m3)
+E4M3_TIER_MIXES: tuple[tuple[str, str], ...] = (("sparse24", "sparse24"), ("dense", "dense"), ("dense", "sparse24"))
+#: the first arch with e4m3 conversions (cvt ... e4m3x2) and FP8 tensor cores
+E4M3_MIN_ARCH = (8, 9)
 CACHE_KEYS = ("block_size", "sink", "local_window")
 DECODE_KEYS = ("warps", "stages", "chunk_tokens")
 PREFILL_KEYS = ("warp_queries", "stages", "chunk_tokens", "step_keys")
@@ -75,6 +83,17 @@ class Shape:
 class Tier:
     k: str  # "sparse24" or "mixed"
     v: str
+    k_storage: str = "model"  # "model" or "float8_e4m3"
+    v_storage: str = "model"
+
+    @property
+    def e4m3(self) -> bool:
+        return "float8_e4m3" in (self.k_storage, self.v_storage)
+
+    @property
+    def key(self) -> tuple[str, ...]:
+        """How the registry names this tier mix: (k, v), plus the two storages when one is e4m3."""
+        return (self.k, self.v, self.k_storage, self.v_storage) if self.e4m3 else (self.k, self.v)
 
 
 @dataclass(frozen=True)
@@ -127,7 +146,8 @@ class Spec:
             "dtypes": list(self.dtypes),
             "archs": list(self.archs),
             "phases": list(self.phases),
-            "tiers": [dataclasses.asdict(t) for t in self.tiers],
+            "tiers": [{"k": t.k, "v": t.v, **({"k_storage": t.k_storage, "v_storage": t.v_storage} if t.e4m3 else {})}
+                      for t in self.tiers],
             "cache": dataclasses.asdict(self.cache),
             "decode": dataclasses.asdict(self.decode),
             "prefill": dataclasses.asdict(self.prefill),

@@ -17,6 +17,8 @@ from .tiles import TileError, decode_tiles, prefill_tiles, wgmma_prefill_stages
 
 DTYPE_TAG = {"float16": "f16", "bfloat16": "bf16"}
 TIER_TAG = {"sparse24": "24", "dense": "d", "mixed": "m"}
+#: after a tensor's tier tag, its storage when not the model's dtype
+STORAGE_TAG = {"model": "", "float8_e4m3": "f8"}
 SM90_PREFILL_TEMPLATE = "prefill_sm90.cu.j2"
 #: Kernel families: the warp-level mma.sp kernels (any sm_80+ arch; also compression), the sm_90a
 #: warpgroup kernels (wgmma.mma_async.sp, bulk/TMA copies), and the host-only runtime helpers.
@@ -37,6 +39,8 @@ def c_abi(kind: str, family: str, tier: Tier | None, block_size: int = 0) -> str
         return {"dense": "prefill_wgmma_balanced", "mixed": "prefill_wgmma_table"}.get(tier.k, "prefill_wgmma")
     if kind == "decode" and block_size:
         return "decode_table"
+    if kind == "decode" and tier.e4m3:  # + the per-token scales of e4m3 tensors
+        return "decode8"
     if kind == "compress":  # its fill entry points take the 2:4 choice's weights, the append K's
         return "compress3"
     return kind
@@ -81,7 +85,8 @@ class Variant:
                 tier += "_wg"
             return f"prefill_{d}_g{self.group}_{t}_{tier}_{a}"
         if self.kind == "decode":
-            tier = f"k{TIER_TAG[self.tier.k]}_v{TIER_TAG[self.tier.v]}"
+            tier = f"k{TIER_TAG[self.tier.k]}{STORAGE_TAG[self.tier.k_storage]}_v{TIER_TAG[self.tier.v]}" \
+                   f"{STORAGE_TAG[self.tier.v_storage]}"
             if self.block_size:
                 tier += f"_b{self.block_size}"
             return f"decode_{d}_g{self.group}_{t}_{tier}_{a}"
@@ -128,6 +133,10 @@ class Variant:
             return {s: "split-KV decode over the block table (dense and 2:4 blocks) + combine",
                     f"{s}_smem_bytes": "dynamic shared memory per CTA",
                     f"{s}_threads": "threads per CTA"}
+        if self.kind == "decode" and self.tier.e4m3:
+            return {s: f"split-KV decode attention + combine (K {self.tier.k_storage}, V {self.tier.v_storage})",
+                    f"{s}_smem_bytes": "dynamic shared memory per CTA",
+                    f"{s}_threads": "threads per CTA"}
         if self.kind == "decode":
             return {s: "split-KV decode attention + combine",
                     f"{s}_smem_bytes": "dynamic shared memory per CTA",
@@ -151,6 +160,8 @@ class Variant:
                 values["block_size"] = self.block_size
         if self.kind == "decode":
             values.update(group=self.group, k_tier=self.tier.k, v_tier=self.tier.v, **self.tiles)
+            if self.tier.e4m3:
+                values.update(k_storage=self.tier.k_storage, v_storage=self.tier.v_storage)
             if self.block_size:
                 values["block_size"] = self.block_size
         return values
@@ -158,7 +169,7 @@ class Variant:
     def describe(self) -> dict:
         return {"name": self.name, "kind": self.kind, "arch": self.arch, "dtype": self.dtype,
                 "head_dim": self.head_dim, "group": self.group or None,
-                "tier": {"k": self.tier.k, "v": self.tier.v} if self.tier else None,
+                "tier": dict(zip(("k", "v", "k_storage", "v_storage"), self.tier.key)) if self.tier else None,
                 "tiles": dict(self.tiles), "template": self.template, "block_size": self.block_size or None,
                 "family": self.family, "abi": self.abi, "entry_points": self.entry_points}
 
@@ -190,7 +201,7 @@ def _arch_specific(spec: Spec, arch: str, groups, out: dict) -> None:
     if "prefill" not in spec.phases:
         return
     tiers = []
-    if any(t.k == t.v == "sparse24" for t in spec.tiers):
+    if any(t.k == t.v == "sparse24" and not t.e4m3 for t in spec.tiers):
         tiers += [(Tier("sparse24", "sparse24"), 0), (Tier("dense", "sparse24"), 0)]
     if any(t.k == "mixed" for t in spec.tiers) and spec.cache.block_size == SM90_TABLE_BLOCK:
         tiers.append((Tier("mixed", "mixed"), SM90_TABLE_BLOCK))
@@ -237,9 +248,12 @@ def _warp_level(spec: Spec, arch: str, head_dims, groups, out: dict) -> None:
 
 def _prefill_tiers(tiers) -> list[Tier]:
     """Prefill kernels per spec tier: all-2:4 flat tensors also get the balanced kernel (dense K,
-    2:4 V); the cache's mixed tiers get one table kernel (which also reads dense chunk rows)."""
+    2:4 V); the cache's mixed tiers get one table kernel (which also reads dense chunk rows); e4m3 tiers
+    none yet (their kernels are decode's)."""
     out: list[Tier] = []
     for tier in tiers:
+        if tier.e4m3:
+            continue  # decode only, for now
         if tier.k == tier.v == "sparse24":
             out += [tier, Tier("dense", "sparse24")]
         else:

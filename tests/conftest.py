@@ -84,3 +84,10 @@ def poison():
     base.POISON = True
     yield
     base.POISON = False
+
+
+@pytest.fixture(scope="session")
+def fp8(tmp_path_factory):
+    """The loaded tests/specs/gpu_fp8.yaml library (the e4m3 decode tiers), or $HIERASPARSE_FP8_BUILD."""
+    import hierasparse_gen
+    return hierasparse_gen.load(_build_or_reuse("tests/specs/gpu_fp8.yaml", "HIERASPARSE_FP8_BUILD", tmp_path_factory))

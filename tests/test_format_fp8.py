@@ -256,3 +256,42 @@ def test_fake_quantize_of_the_pruned_block_is_the_2to4_store(kind):
     pruned = fmt.prune_k(x) if kind == "k" else fmt.prune_v(x)
     assert torch.equal(f8.fake_quantize(pruned), f8.stored_values(x, kind, True))
     assert torch.equal(f8.fake_quantize(x), f8.stored_values(x, kind, False))
+
+
+@pytest.mark.parametrize("L", [1, 70, 128])
+def test_kernel_layout_packers(L):
+    """pack_k/pack_v: the logical e4m3 2:4 bytes in format.py's fragment order, the metadata exactly the
+    model-dtype packer's, per-token scales; unpacking gives what stored_values says the cache holds."""
+    g = torch.Generator().manual_seed(L)
+    k = torch.randn(2, 3, L, 64, generator=g).to(torch.bfloat16)
+    cap = fmt.round_capacity(L)
+    padded = torch.cat((k, k.new_zeros(2, 3, cap - L, 64)), 2)
+    for kind, pack, unpack, pack16 in (("k", f8.pack_k, f8.unpack_k, fmt.pack_k),
+                                        ("v", f8.pack_v, f8.unpack_v, fmt.pack_v)):
+        vals, meta, scales = pack(k)
+        v16, m16 = pack16(k)
+        assert vals.dtype == torch.uint8 and vals.shape == v16.shape and torch.equal(meta, m16)
+        assert scales.shape == (2, 3, cap) and scales.dtype == torch.float16
+        assert torch.equal(unpack(vals, meta, scales, torch.bfloat16), f8.stored_values(padded, kind, True))
+        assert (scales[..., L:] == 1).all()  # padding tokens: zeros with scale 1
+
+
+def test_dense_kernel_layout():
+    """pack_k_dense/pack_v_dense: row-major e4m3 codes in the A-fragment order of mma.m16n8k16 (the module
+    docstring's index formulas, checked element by element), and back."""
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(1, 2, 64, 64, generator=g)
+    codes, scales = f8.pack_dense(x)
+    for pack, unpack, kind in ((f8.pack_k_dense, f8.unpack_k_dense, "k"), (f8.pack_v_dense, f8.unpack_v_dense, "v")):
+        vals, sc = pack(x)
+        assert torch.equal(sc, scales) and torch.equal(unpack(vals, sc), f8.unpack_dense(codes, scales))
+        flat = vals[0, 1].reshape(-1)
+        for T, ks, g_, q, j, hi, r8, lo in ((1, 1, 3, 2, 1, 1, 1, 0), (3, 0, 7, 3, 0, 0, 0, 1), (0, 1, 0, 1, 1, 0, 1, 1)):
+            if kind == "k":  # [T, ks, g, q, j, hi, r8, lo]: token 16T + 8r8 + g, channel 32ks + 16j + 8hi + 2q + lo
+                i = ((T * 2 + ks) * 32 + g_ * 4 + q) * 16 + j * 8 + hi * 4 + r8 * 2 + lo
+                want = codes[0, 1, 16 * T + 8 * r8 + g_, 32 * ks + 16 * j + 8 * hi + 2 * q + lo]
+            else:  # [c, mt, g, q, j, hi, r8, lo]: channel 16mt + 8r8 + g, token 32c + 16j + 8hi + 2q + lo
+                c, mt = T // 2, ks + 2 * (T % 2)
+                i = ((c * 4 + mt) * 32 + g_ * 4 + q) * 16 + j * 8 + hi * 4 + r8 * 2 + lo
+                want = codes[0, 1, 32 * c + 16 * j + 8 * hi + 2 * q + lo, 16 * mt + 8 * r8 + g_]
+            assert flat[i] == want

@@ -82,6 +82,39 @@ def test_decode_op_arguments(lib, splits):
     assert (args[13] is None) == (args[12] == 1)  # partials only with several splits
 
 
+@pytest.mark.parametrize("k8", [True, False])
+def test_decode8_op_arguments(lib, k8):
+    """e4m3 tensors: the tier key names the storages, the decode8 ABI takes each tensor's scales after its
+    metadata (null for a model-dtype K)."""
+    q = torch.randn(B, HQ, D, dtype=torch.float16)
+    kv, km, vv, vm = _packed(torch.uint8)
+    if not k8:
+        kv = kv.half()
+    ks, vs = torch.ones(B, HKV, CAP, dtype=torch.float16), torch.ones(B, HKV, CAP, dtype=torch.float16)
+    seqlens = torch.tensor([CAP, 5], dtype=torch.int32)
+    decoding._decode_op(lib.key, q, kv, km, vv, vm, seqlens, 0.125, 0, ks if k8 else None, vs)
+    (symbol, args), = lib.calls
+    _assert_matches_signature("decode8", "", args)
+    assert args[3:9] == (kv.data_ptr(), km.data_ptr(), ks.data_ptr() if k8 else None, vv.data_ptr(),
+                         vm.data_ptr(), vs.data_ptr())
+    assert decoding.flat_tier(km, vm, ks if k8 else None, vs) == \
+        ("sparse24", "sparse24", "float8_e4m3" if k8 else "model", "float8_e4m3")
+    assert decoding.flat_tier(km, vm, None, None) == ("sparse24", "sparse24")
+    assert decoding.flat_tier(None, vm, ks, vs) == ("dense", "sparse24", "float8_e4m3", "float8_e4m3")
+
+
+def test_decode8_dense_op_arguments(lib):
+    """Dense e4m3 K and V: no metadata (null pointers), the dense tier key."""
+    q = torch.randn(B, HQ, D, dtype=torch.float16)
+    kv, vv = torch.zeros(B, HKV, CAP, D, dtype=torch.uint8), torch.zeros(B, HKV, CAP, D, dtype=torch.uint8)
+    ks, vs = torch.ones(B, HKV, CAP, dtype=torch.float16), torch.ones(B, HKV, CAP, dtype=torch.float16)
+    decoding._decode_op(lib.key, q, kv, None, vv, None, torch.tensor([CAP, 5], dtype=torch.int32), 0.125, 1, ks, vs)
+    (symbol, args), = lib.calls
+    _assert_matches_signature("decode8", "", args)
+    assert args[3:9] == (kv.data_ptr(), None, ks.data_ptr(), vv.data_ptr(), None, vs.data_ptr())
+    assert args[10:13] == (B, HKV, CAP)
+
+
 def _cache_pools():
     """A block table of 4 blocks, 3 dense and 2:4 slots of 64 tokens, as HieraCache holds them."""
     return (torch.zeros(B, HKV, 4, dtype=torch.int32), torch.zeros(B, HKV, 3, 64, D, dtype=torch.float16),

@@ -277,7 +277,8 @@ BAD_DICTS = [
     ("phase-unknown", _set(("phases",), ["decoding"]), ["phases[0]: 'decoding' is not a known phase", "did you mean 'decode'?"]),
     ("phases-empty", _set(("phases",), []), ["phases: the list is empty", "default [decode]"]),
     # --- tiers
-    ("tier-dense", _set(("tiers", 0, "k"), "dense"), ["tiers[0].k: 'dense' is recognized but no template supports this tier yet; use sparse24", "Fix: set tiers[0].k to sparse24."]),
+    ("tier-dense", _set(("tiers", 0, "k"), "dense"), ["tiers[0].k: 'dense' is supported only with k_storage: float8_e4m3", "Fix: set k_storage: float8_e4m3, or tiers[0].k to sparse24."]),
+    ("e4m3-v-dense", _set(("tiers", 0), {"k": "sparse24", "v": "dense", "v_storage": "float8_e4m3"}), ["tiers[0]: no template supports the tier mix {k: sparse24, v: dense} yet", "{k: dense, v: sparse24}"]),
     ("tier-mix-unsupported", _set(("tiers",), [{"k": "sparse24", "v": "sparse24"}, {"k": "sparse24", "v": "mixed"}]), ["tiers[1]: no template supports the tier mix {k: sparse24, v: mixed} yet", "Fix: use one of {k: sparse24, v: sparse24}, {k: mixed, v: mixed}"]),
     ("tier-unknown", _set(("tiers", 0, "v"), "sparse"), ["tiers[0].v: 'sparse' is not a known tier", "Fix: did you mean 'sparse24'?"]),
     ("tier-missing-v", _drop("tiers", 0, "v"), ["tiers[0].v: required key is missing", "e.g. v: sparse24"]),
@@ -299,6 +300,11 @@ BAD_DICTS = [
     ("chunk-48", _set(("decode", "chunk_tokens"), 48), ["decode.chunk_tokens: 48 is not supported (chunk_tokens must be 32 or 64). Fix: use 32 or 64"]),
     ("chunk-float", _set(("decode", "chunk_tokens"), 32.0), ["decode.chunk_tokens: expected an integer, found a float (32.0)", "Fix: write 32"]),
     ("decode-scalar", _set(("decode",), 4), ["decode: expected a mapping, found an integer (4)"]),
+    # --- e4m3 storage (BASE has sm_80)
+    ("e4m3-sm80", _set(("tiers", 0, "v_storage"), "float8_e4m3"), ["tiers[0].v_storage: float8_e4m3 needs sm_89 or newer", "archs has sm_80. Fix: drop sm_80 from archs, or keep this tier in the model dtype"]),
+    ("storage-typo", _set(("tiers", 0, "k_storage"), "float8_e5m2"), ["tiers[0].k_storage: 'float8_e5m2' is not a storage", "use one of model, float8_e4m3"]),
+    ("storage-key-typo", _set(("tiers", 0, "v_store"), "model"), ["tiers[0].v_store: unknown key", "did you mean 'v_storage'?"]),
+    ("e4m3-mixed", _set(("tiers",), [{"k": "mixed", "v": "mixed", "k_storage": "float8_e4m3"}]), ["tiers[0].k_storage: float8_e4m3 storage has no kernel for the tier mix {k: mixed, v: mixed} yet", "Fix: use float8_e4m3 in one of {k: sparse24, v: sparse24}, {k: dense, v: dense}, {k: dense, v: sparse24}"]),
 ]
 
 
@@ -314,6 +320,24 @@ def test_bad_spec_dicts(mutate, fragments):
     assert ". Fix: " in msg, msg
     for fragment in fragments:
         assert fragment in msg, f"{fragment!r} not in {msg!r}"
+
+
+def test_e4m3_tiers():
+    data = base()
+    data["archs"] = ["sm_89", "sm_90a"]
+    data["tiers"] = [{"k": "sparse24", "v": "sparse24"}, {"k": "sparse24", "v": "sparse24", "v_storage": "FLOAT8_E4M3"}]
+    spec = parse_spec(data)
+    plain, fp8 = spec.tiers
+    assert (plain.k_storage, plain.v_storage, plain.e4m3, plain.key) == ("model", "model", False, ("sparse24", "sparse24"))
+    assert fp8.key == ("sparse24", "sparse24", "model", "float8_e4m3") and fp8.e4m3
+    # the plain tier's dict keeps today's two keys (manifests and hashes of existing builds unchanged)
+    assert spec.to_dict()["tiers"] == [{"k": "sparse24", "v": "sparse24"},
+                                       {"k": "sparse24", "v": "sparse24", "k_storage": "model",
+                                        "v_storage": "float8_e4m3"}]
+    assert parse_spec(spec.to_dict()) == spec
+    data["tiers"].append({"k": "sparse24", "v": "sparse24", "v_storage": "float8_e4m3", "k_storage": "model"})
+    assert "tiers[2]: duplicate tier {k: sparse24, v: sparse24, k_storage: model, v_storage: float8_e4m3}" in \
+        spec_error(data)
 
 
 def test_base_is_valid():

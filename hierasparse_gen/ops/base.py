@@ -19,22 +19,35 @@ POISON = False
 
 @dataclass(frozen=True)
 class PackedKV:
-    """One packed 2:4 tensor of the cache (K or V): values + metadata in the kernel layout."""
+    """One packed 2:4 tensor of the cache (K or V): values + metadata in the kernel layout, and for e4m3
+    storage the per-token scales (format_fp8: values are then uint8 codes). A dense e4m3 tensor has no
+    metadata (``meta`` None, values ``uint8 [B, H, cap, D]``)."""
     values: torch.Tensor
-    meta: torch.Tensor
+    meta: torch.Tensor | None
     kind: str          # "k" or "v"
     length: int        # tokens compressed (the rest of the capacity holds zeros)
+    scales: torch.Tensor | None = None  # float16 [B, H, cap]: e4m3 storage
+
+    @property
+    def storage(self) -> str:
+        return "model" if self.scales is None else "float8_e4m3"
+
+    @property
+    def sparse(self) -> bool:
+        return self.meta is not None
 
     @property
     def capacity(self) -> int:
+        if not self.sparse:
+            return self.values.shape[2]
         return self.meta.shape[2] * (1 if self.kind == "k" else 16)
 
     @property
     def head_dim(self) -> int:
-        return self.values.shape[3] * (2 if self.kind == "k" else 1)
+        return self.values.shape[3] * (2 if self.kind == "k" and self.sparse else 1)
 
     def nbytes(self) -> int:
-        return self.values.nbytes + self.meta.nbytes
+        return sum(t.nbytes for t in (self.values, self.meta, self.scales) if t is not None)
 
 
 def library(key: str) -> Library:

@@ -40,10 +40,11 @@ def check_aligned(t, what: str, nbytes: int) -> None:
 
 
 def check_pointers(q, k_vals, k_meta, v_vals, v_meta) -> None:
-    """Q loads 4 bytes at a time, the packed K/V 16."""
+    """Q loads 4 bytes at a time, the packed K/V 16 (a dense e4m3 tensor has no metadata)."""
     check_aligned(q, "q", 4)
     for t, name in ((k_vals, "k.values"), (k_meta, "k.meta"), (v_vals, "v.values"), (v_meta, "v.meta")):
-        check_aligned(t, name, 16)
+        if t is not None:
+            check_aligned(t, name, 16)
 
 
 def rows16(x: torch.Tensor) -> torch.Tensor:
@@ -70,6 +71,8 @@ def check_packed(t, kind: str, what: str) -> PackedKV:
              + (f" of kind {t.kind!r}" if isinstance(t, PackedKV) else ""),
              f"pass lib.compress_{kind}({kind}_dense)")
     for name, x in (("values", t.values), ("meta", t.meta)):
+        if x is None and name == "meta" and t.scales is not None:
+            continue  # dense e4m3
         check_cuda(x, f"{what}.{name}")
         if not x.is_contiguous():
             fail(f"{what}.{name}", "packed tensors must be contiguous", "do not slice or transpose them")

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import torch
 
+from .. import format_fp8
 from ..format import CHUNK, round_capacity
+from ..policy import check_storage
 from . import base, checks
 from .base import DTYPES, PackedKV
 
@@ -15,8 +17,13 @@ def packed_shapes(kind: str, B: int, H: int, cap: int, D: int):
     return (B, H, cap // 2, D), (B, H, cap // 16, D)
 
 
-def compress(lib, x: torch.Tensor, kind: str, capacity: int | None = None) -> PackedKV:
+def compress(lib, x: torch.Tensor, kind: str, capacity: int | None = None, storage: str = "model",
+             sparse: bool = True) -> PackedKV:
     what = "k" if kind == "k" else "v"
+    check_storage(storage, "storage")
+    if not sparse and storage != "float8_e4m3":
+        checks.fail(what, "sparse=False with the model dtype would store the tensor as it is",
+                    "pass storage='float8_e4m3' for the dense e4m3 cache, or sparse=True")
     checks.check_cuda(x, what)
     checks.check_dtype(x, what)
     if x.dim() != 4:
@@ -32,6 +39,12 @@ def compress(lib, x: torch.Tensor, kind: str, capacity: int | None = None) -> Pa
     if cap % CHUNK or cap < L or cap < CHUNK:
         checks.fail("capacity", f"{cap} cannot hold {L} tokens in whole {CHUNK}-token chunks",
                     f"use a multiple of {CHUNK} that is at least {max(L, CHUNK)} (e.g. {round_capacity(L)})")
+    if storage == "float8_e4m3" and not sparse:  # the torch packers (format_fp8), on x's device
+        vals, scales = (format_fp8.pack_k_dense if kind == "k" else format_fp8.pack_v_dense)(x, cap)
+        return PackedKV(vals, None, kind, L, scales)
+    if storage == "float8_e4m3":
+        vals, meta, scales = (format_fp8.pack_k if kind == "k" else format_fp8.pack_v)(x, cap)
+        return PackedKV(vals, meta, kind, L, scales)
     vals, meta = torch.ops.hierasparse.compress(lib.key, x, cap, kind)
     return PackedKV(vals, meta, kind, L)
 
