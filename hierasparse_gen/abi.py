@@ -66,6 +66,12 @@ SIGNATURES = {
                                   _p, _i64, _i64, _i64, _p, _p, _i32, _i32, _i32, _i32, _f32, _p, _p, _p],
     ("prefill_wgmma_table", "_smem_bytes"): [],
 }
+# compress3f8: compress3 and the e4m3 packers (x, its strides, batch, heads, length, capacity, values, metadata
+# (null: dense), scales)
+SIGNATURES.update({("compress3f8", suffix): args for (abi, suffix), args in list(SIGNATURES.items())
+                   if abi == "compress3"})
+SIGNATURES.update({("compress3f8", suffix): [_p, _i64, _i64, _i64, _i32, _i32, _i32, _i32, _p, _p, _p, _p]
+                   for suffix in ("_k8", "_v8", "_kd8", "_vd8")})
 
 #: ABIs with host-side size queries answered at load time (no GPU needed)
 SIZE_QUERIES = {"decode": ("_smem_bytes", "_threads"), "decode8": ("_smem_bytes", "_threads"),

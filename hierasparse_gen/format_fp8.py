@@ -98,20 +98,27 @@ def _round_up_f16(x: torch.Tensor) -> torch.Tensor:
     return torch.where(low, (h.view(torch.int16) + 1).view(torch.float16), h)
 
 
-def token_scales(x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
-    """float16 scales ``[..., S]`` of ``x [..., S, D]``: the largest |x| of each token (among ``keep``,
-    when given) over 448, rounded up; 1 for a token with nothing but zeros."""
+def check_storable(x: torch.Tensor, amax: torch.Tensor | None = None) -> None:
+    """InputError unless every value of ``x`` (or the magnitudes ``amax`` that set scales) can be stored in e4m3
+    with a float16 scale: finite, and at most 448 x float16's largest value."""
     if not bool(torch.isfinite(x).all()):
         raise InputError("float8_e4m3 storage: the K/V to store hold inf or NaN, which e4m3 cannot represent. "
                          "Fix: find where the model overflows (a float16 model may need bfloat16), or keep "
                          "that tensor in the model dtype (storage 'model')")
+    top = float((x.float().abs() if amax is None else amax).max()) if x.numel() else 0.0
+    if top > _F16_MAX * E4M3_MAX:
+        raise InputError(f"float8_e4m3 storage: a K/V value of magnitude {top:.3g} needs a scale beyond float16's "
+                         f"range. Fix: keep that tensor in the model dtype (storage 'model')")
+
+
+def token_scales(x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+    """float16 scales ``[..., S]`` of ``x [..., S, D]``: the largest |x| of each token (among ``keep``,
+    when given) over 448, rounded up; 1 for a token with nothing but zeros."""
     a = x.float().abs()
     if keep is not None:
         a = torch.where(keep, a, torch.zeros_like(a))
     amax = a.amax(-1)
-    if bool((amax > _F16_MAX * E4M3_MAX).any()):
-        raise InputError(f"float8_e4m3 storage: a K/V value of magnitude {float(amax.max()):.3g} needs a scale "
-                         f"beyond float16's range. Fix: keep that tensor in the model dtype (storage 'model')")
+    check_storable(x, amax)
     scale = _round_up_f16(amax / E4M3_MAX)
     # amax / scale is rounded in float32: bump the rare scale whose quotient lands above 448
     over = amax / scale.float() > E4M3_MAX
@@ -267,7 +274,8 @@ def stored_values(x: torch.Tensor, kind: str, sparse: bool) -> torch.Tensor:
     return unpack_v_2to4(*pack_v_2to4(x), dtype=x.dtype)
 
 
-__all__ = ["STORAGES", "E4M3_MAX", "SCALE_BYTES", "SCALE_DTYPE", "check_storage", "block_nbytes", "token_scales",
+__all__ = ["STORAGES", "E4M3_MAX", "SCALE_BYTES", "SCALE_DTYPE", "check_storage", "block_nbytes", "check_storable",
+           "token_scales",
            "quantize", "dequantize", "pack_dense", "unpack_dense", "pack_k_2to4", "unpack_k_2to4", "pack_v_2to4",
            "unpack_v_2to4", "pack_k", "pack_v", "unpack_k", "unpack_v", "pack_k_dense", "pack_v_dense", "unpack_k_dense",
            "unpack_v_dense", "fake_quantize", "stored_values"]

@@ -69,5 +69,5 @@ def render(variant: Variant, spec: Spec) -> str:
         head_dim=variant.head_dim, group=variant.group, block_size=variant.block_size, n_tiles=variant.n_tiles,
         k_tier=variant.tier.k if variant.tier else None, v_tier=variant.tier.v if variant.tier else None,
         k8=bool(variant.tier and variant.tier.k_storage == "float8_e4m3"),
-        v8=bool(variant.tier and variant.tier.v_storage == "float8_e4m3"),
+        v8=bool(variant.tier and variant.tier.v_storage == "float8_e4m3"), fp8=variant.fp8,
         **variant.tiles), templates_dir())

@@ -27,7 +27,7 @@ FAMILIES = ("mma_sp", "wgmma", "host")
 SM90_PREFILL_HEAD_DIMS = (128,)
 
 
-def c_abi(kind: str, family: str, tier: Tier | None, block_size: int = 0) -> str:
+def c_abi(kind: str, family: str, tier: Tier | None, block_size: int = 0, fp8: bool = False) -> str:
     """The C signature set of a variant's entry points (the keys of abi.SIGNATURES).
 
     Warp-level prefill has one ABI for every tier mix (each of K and V is described by a source:
@@ -42,7 +42,7 @@ def c_abi(kind: str, family: str, tier: Tier | None, block_size: int = 0) -> str
     if kind == "decode" and tier.e4m3:  # + the per-token scales of e4m3 tensors
         return "decode8"
     if kind == "compress":  # its fill entry points take the 2:4 choice's weights, the append K's
-        return "compress3"
+        return "compress3f8" if fp8 else "compress3"
     return kind
 
 
@@ -64,13 +64,14 @@ class Variant:
     block_size: int = 0            # decode over mixed tiers: tokens per cache block
     tiles: dict = field(default_factory=dict, hash=False, compare=False)
     family: str = "mma_sp"         # see FAMILIES
+    fp8: bool = False              # compress: with the e4m3 packers (a spec with e4m3 tiers; sm_89+)
     abi: str = ""                  # C signature set of the entry points (see abi.py); derived when empty
 
     def __post_init__(self):
         if self.family not in FAMILIES:
             raise SpecError(f"variant family {self.family!r} is unknown. Fix: use one of {', '.join(FAMILIES)}")
         if not self.abi:  # frozen: set once, here
-            object.__setattr__(self, "abi", c_abi(self.kind, self.family, self.tier, self.block_size))
+            object.__setattr__(self, "abi", c_abi(self.kind, self.family, self.tier, self.block_size, self.fp8))
 
     @property
     def name(self) -> str:
@@ -141,7 +142,9 @@ class Variant:
             return {s: "split-KV decode attention + combine",
                     f"{s}_smem_bytes": "dynamic shared memory per CTA",
                     f"{s}_threads": "threads per CTA"}
-        return {f"{s}_k": "compress K (2:4 along head_dim)",
+        e4m3 = {f"{s}_k8": "pack K 2:4 in e4m3 with per-token scales", f"{s}_v8": "pack V 2:4 in e4m3",
+                 f"{s}_kd8": "pack K dense in e4m3", f"{s}_vd8": "pack V dense in e4m3"} if self.fp8 else {}
+        return {**e4m3, f"{s}_k": "compress K (2:4 along head_dim)",
                 f"{s}_v": "compress V (2:4 along tokens)",
                 f"{s}_fill_k": "write K blocks into the cache pools by the block table",
                 f"{s}_fill_v": "write V blocks into the cache pools by the block table",
@@ -216,9 +219,10 @@ def _arch_specific(spec: Spec, arch: str, groups, out: dict) -> None:
 
 def _warp_level(spec: Spec, arch: str, head_dims, groups, out: dict) -> None:
     """The mma.sp kernels (any sm_80+ arch): compression, decode, prefill."""
+    fp8 = any(t.e4m3 for t in spec.tiers)  # (the spec refuses e4m3 below sm_89)
     for dtype in spec.dtypes:
         for d in head_dims:
-            v = Variant("compress", "compress.cu.j2", arch, dtype, d)
+            v = Variant("compress", "compress.cu.j2", arch, dtype, d, fp8=fp8)
             out.setdefault(v.name, v)
         if "decode" in spec.phases:
             for d, g in groups:

@@ -200,10 +200,12 @@ def test_v_2to4_each_kept_value_has_its_own_tokens_scale():
     want = torch.where(keep, f8.dequantize(f8.quantize(v, scales), scales), torch.zeros(()))
     assert torch.equal(back, want)
     # the scale folds into P: O = sum_t p_t * v_t equals sum_t (p_t * scale_t) * e4m3_t
-    p = torch.rand(2, 3, 64, dtype=torch.float64)
+    p = torch.rand(2, 3, 64, dtype=torch.float64, generator=g)
     e = f8.dequantize(f8.quantize(v, scales), torch.ones_like(scales)).double() * keep
     o_fold = torch.einsum("bht,bhtd->bhd", p * scales.double(), e)
-    assert torch.allclose(torch.einsum("bht,bhtd->bhd", p, back.double()), o_fold, rtol=1e-12, atol=0)
+    # float64 sums of the same terms in another association: within rounding of the summed magnitudes
+    mag = torch.einsum("bht,bhtd->bhd", p, back.double().abs())
+    assert ((torch.einsum("bht,bhtd->bhd", p, back.double()) - o_fold).abs() <= 1e-13 * mag).all()
     again = f8.pack_v_2to4(back)
     assert torch.equal(again[0], vals) and torch.equal(again[1], words) and torch.equal(again[2], scales)
 

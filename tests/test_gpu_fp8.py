@@ -75,13 +75,29 @@ def test_decode_e4m3_splits_and_long(fp8, poison, splits, tier):
     _check(fp8, 2, 32, 8, 128, [20000, 33], torch.float16, seed=splits, tier=tier, num_splits=splits)
 
 
-def test_packed_bytes_are_the_oracles(fp8, poison):
-    """The GPU-side packing is format_fp8's (plain torch) on the device: the same bytes as on the CPU."""
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_packers_are_bit_exact(fp8, poison, dtype, shape):
+    """The e4m3 packing kernels (2:4 and dense, K and V) write format_fp8's bytes: values, metadata, scales; with
+    outlier tokens and channels, all-zero tokens, a length that is not a whole chunk and a strided input."""
+    D, _, H = shape
+    big = _kv(3, 2 * H, 300, D + 32, dtype, D)
+    x = big[:, ::2, :, 16:16 + D]  # head stride, token stride D + 32, an offset start
+    x[0, :, 7] = 0  # an all-zero token: scale 1
+    x[1, 0, 40:44] *= 1e-4  # a group of small tokens
+    for kind in "kv":
+        for sparse in (True, False):
+            got = (fp8.compress_k if kind == "k" else fp8.compress_v)(x, storage="float8_e4m3", sparse=sparse)
+            want = {(True, "k"): f8.pack_k, (True, "v"): f8.pack_v, (False, "k"): f8.pack_k_dense,
+                    (False, "v"): f8.pack_v_dense}[(sparse, kind)](x.cpu())
+            for a, b, name in zip((got.values, got.meta, got.scales) if sparse else (got.values, got.scales), want,
+                                  ("values", "meta", "scales") if sparse else ("values", "scales")):
+                assert torch.equal(a.cpu(), b), (kind, sparse, name, int((a.cpu() != b).sum()))
+
+
+def test_packed_sizes(fp8, poison):
     k = _kv(2, 8, 300, 128, torch.bfloat16, 3)
-    kc, vc = fp8.compress_k(k, storage="float8_e4m3"), fp8.compress_v(k, storage="float8_e4m3")
-    for got, want in ((kc, f8.pack_k(k.cpu())), (vc, f8.pack_v(k.cpu()))):
-        for a, b in zip((got.values, got.meta, got.scales), want):
-            assert torch.equal(a.cpu(), b)
+    kc = fp8.compress_k(k, storage="float8_e4m3")
     # 2:4 e4m3 is 5/16 of the fp16 bytes plus the scales
     assert kc.nbytes() == 2 * 8 * 320 * (64 + 16 + 2)
     kd = fp8.compress_k(k, storage="float8_e4m3", sparse=False)
@@ -109,3 +125,16 @@ def test_errors(fp8):
     inf[0, 0, 3, 5] = float("inf")
     with pytest.raises(InputError, match="inf or NaN"):
         fp8.compress_k(inf, storage="float8_e4m3")
+
+
+def test_torch_packer_where_the_library_has_none(llama3, poison):
+    """A library built without e4m3 tiers has no e4m3 packers: compress_k/v(storage="float8_e4m3") falls back to
+    format_fp8's torch functions on the GPU, which write the same bytes."""
+    k = _kv(2, 8, 200, 128, torch.float16, 6)
+    for kind in "kv":
+        for sparse in (True, False):
+            got = (llama3.compress_k if kind == "k" else llama3.compress_v)(k, storage="float8_e4m3", sparse=sparse)
+            want = {(True, "k"): f8.pack_k, (True, "v"): f8.pack_v, (False, "k"): f8.pack_k_dense,
+                    (False, "v"): f8.pack_v_dense}[(sparse, kind)](k.cpu())
+            for a, b in zip((got.values, got.meta, got.scales) if sparse else (got.values, got.scales), want):
+                assert torch.equal(a.cpu(), b)

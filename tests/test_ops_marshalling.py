@@ -9,7 +9,7 @@ import torch
 
 from hierasparse_gen import ops, registry
 from hierasparse_gen.abi import SIGNATURES
-from hierasparse_gen.errors import DispatchError
+from hierasparse_gen.errors import DispatchError, InputError
 from hierasparse_gen.ops import base, cache_kernels, checks, decoding, packing
 
 B, HQ, HKV, D, CAP = 2, 8, 2, 64, 128
@@ -31,7 +31,8 @@ class FakeLib:
         tiles = {"warps": 4, "stages": 2, "chunk_tokens": 32}
         mixed = want.get("tier") == ("mixed", "mixed") and kind == "decode"
         return SimpleNamespace(symbol=f"hsg_{kind}{'_mixed' if mixed else ''}", arch="sm_90", tiles=tiles,
-                               smem_bytes=100_000, threads=128, kind="decode_table" if mixed else kind)
+                               smem_bytes=100_000, threads=128, kind="decode_table" if mixed else kind,
+                               abi="compress3f8" if kind == "compress" else kind)
 
     def find(self, kind, **want):
         try:
@@ -113,6 +114,24 @@ def test_decode8_dense_op_arguments(lib):
     _assert_matches_signature("decode8", "", args)
     assert args[3:9] == (kv.data_ptr(), None, ks.data_ptr(), vv.data_ptr(), None, vs.data_ptr())
     assert args[10:13] == (B, HKV, CAP)
+
+
+@pytest.mark.parametrize("kind,sparse", [("k", True), ("v", True), ("k", False), ("v", False)])
+def test_compress8_arguments(lib, kind, sparse):
+    """A library with the e4m3 packers (compress3f8): the entry point by tensor and tier, its arguments, the
+    shapes of what comes back."""
+    x = torch.randn(B, HKV, 100, D, dtype=torch.bfloat16)
+    packed = packing.compress(lib, x, kind, None, "float8_e4m3", sparse)
+    (symbol, args), = lib.calls
+    assert symbol == f"hsg_compress_{kind}{'' if sparse else 'd'}8"
+    _assert_matches_signature("compress3f8", f"_{kind}{'' if sparse else 'd'}8", args)
+    assert args[4:8] == (B, HKV, 100, CAP) and (args[9] is None) == (not sparse)
+    assert packed.values.dtype == torch.uint8 and packed.scales.shape == (B, HKV, CAP)
+    assert packed.capacity == CAP and packed.head_dim == D and packed.sparse == sparse
+    bad = x.clone()
+    bad[0, 0, 0, 0] = float("nan")
+    with pytest.raises(InputError, match="inf or NaN"):
+        packing.compress(lib, bad, kind, None, "float8_e4m3", sparse)
 
 
 def _cache_pools():

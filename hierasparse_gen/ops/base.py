@@ -58,7 +58,8 @@ def library(key: str) -> Library:
 def alloc(shape, dtype, device) -> torch.Tensor:
     if not POISON:
         return torch.empty(shape, dtype=dtype, device=device)
-    fill = 0x7FFF if dtype == torch.int16 else float("nan")
+    # NaN where the dtype has one (0x7F is e4m3's NaN byte), else a value no kernel writes by chance
+    fill = {torch.int16: 0x7FFF, torch.uint8: 0x7F}.get(dtype, float("nan"))
     return torch.full(shape, fill, dtype=dtype, device=device)
 
 

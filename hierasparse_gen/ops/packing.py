@@ -39,14 +39,32 @@ def compress(lib, x: torch.Tensor, kind: str, capacity: int | None = None, stora
     if cap % CHUNK or cap < L or cap < CHUNK:
         checks.fail("capacity", f"{cap} cannot hold {L} tokens in whole {CHUNK}-token chunks",
                     f"use a multiple of {CHUNK} that is at least {max(L, CHUNK)} (e.g. {round_capacity(L)})")
-    if storage == "float8_e4m3" and not sparse:  # the torch packers (format_fp8), on x's device
-        vals, scales = (format_fp8.pack_k_dense if kind == "k" else format_fp8.pack_v_dense)(x, cap)
-        return PackedKV(vals, None, kind, L, scales)
     if storage == "float8_e4m3":
-        vals, meta, scales = (format_fp8.pack_k if kind == "k" else format_fp8.pack_v)(x, cap)
-        return PackedKV(vals, meta, kind, L, scales)
+        return _compress8(lib, x, kind, cap, sparse)
     vals, meta = torch.ops.hierasparse.compress(lib.key, x, cap, kind)
     return PackedKV(vals, meta, kind, L)
+
+
+def _compress8(lib, x: torch.Tensor, kind: str, cap: int, sparse: bool) -> PackedKV:
+    """e4m3: the library's packers (a spec with e4m3 tiers builds them), else format_fp8's torch oracle on x's
+    device; the same bytes either way."""
+    B, H, L, D = x.shape
+    variant = compress_variant(lib, x)
+    if variant.abi != "compress3f8":
+        if sparse:
+            vals, meta, scales = (format_fp8.pack_k if kind == "k" else format_fp8.pack_v)(x, cap)
+            return PackedKV(vals, meta, kind, L, scales)
+        vals, scales = (format_fp8.pack_k_dense if kind == "k" else format_fp8.pack_v_dense)(x, cap)
+        return PackedKV(vals, None, kind, L, scales)
+    format_fp8.check_storable(x)
+    x = checks.rows16(x)
+    vshape = (B, H, cap, D) if not sparse else packed_shapes(kind, B, H, cap, D)[0]
+    vals = base.alloc(vshape, torch.uint8, x.device)
+    meta = base.alloc(packed_shapes(kind, B, H, cap, D)[1], torch.int16, x.device) if sparse else None
+    scales = base.alloc((B, H, cap), torch.float16, x.device)
+    base.launch(lib, f"{variant.symbol}_{kind}{'' if sparse else 'd'}8", x.device, x.data_ptr(), x.stride(0),
+                x.stride(1), x.stride(2), B, H, L, cap, vals.data_ptr(), base.ptr(meta), scales.data_ptr())
+    return PackedKV(vals, meta, kind, L, scales)
 
 
 def compress_variant(lib, x: torch.Tensor):
