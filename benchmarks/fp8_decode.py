@@ -99,10 +99,10 @@ def main(argv=None) -> None:
         for L in args.length:
             rows.append(bench(lib, B, L, getattr(torch, args.dtype), iters=args.iters))
             print(table(rows[-1:], bw), flush=True)
+            if args.json:  # after every row: a long run cut short keeps what it measured
+                with open(args.json, "w") as f:
+                    json.dump({"device": torch.cuda.get_device_name(), "copy_bw": bw, "rows": rows}, f, indent=1)
     print("\n" + table(rows, bw))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"device": torch.cuda.get_device_name(), "copy_bw": bw, "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":
