@@ -278,7 +278,7 @@ def enable(model, lib=None, *, key_ratio: float, value_ratio: float, sink: int |
     "expected_error", or "prune_loss" (the paper's). ``key_channels``: "auto" (= "query" here) keeps in K's 2:4 blocks
     the channels of largest |k| * E|q| (the window's mean |q|), "magnitude" the largest |k|.
     ``value_tokens``: "auto" (= "attention" here) keeps in V's 2:4 blocks, per channel, the tokens of
-    largest |v| * the window's attention mass on them, "magnitude" the largest |v|.
+    largest |v| * sqrt(the window's attention mass on them), "magnitude" the largest |v|.
     ``key_storage``/``value_storage``: "model" (the model's dtype) or "float8_e4m3" (the eligible blocks in
     e4m3 with per-token scales, see format_fp8; simulate backend only until the kernels read it).
 

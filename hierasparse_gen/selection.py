@@ -21,8 +21,10 @@ Inside a 2:4 block (``key_channels="query"``), K keeps per token the 2 of 4 chan
 |k_c| * E|q_c| (the observation window's mean |q| per channel and KV head) instead of the largest
 |k_c|: a dropped channel moves a score by q_c * k_c, so channels that queries barely use go
 first. Same storage format, same kernels: only the choice of kept channels changes. Likewise
-``value_tokens="attention"``: V keeps per channel the 2 of 4 tokens of largest |v| * a_t, a_t the
-token's attention mass from the observation window (normalized to mean 1 over the prompt), in the
+``value_tokens="attention"``: V keeps per channel the 2 of 4 tokens of largest |v| * sqrt(a_t), a_t the
+token's attention mass from the observation window (normalized to mean 1 over the prompt; the square root
+hedges for the later queries the window does not see: measured against a_t itself, a_t^0.25 and a_t + 0.1 on
+SmolLM2, benchmarks/RESULTS.md run Q9), in the
 blocks eligible at the prompt; blocks that leave the window later (and later chunks) weigh their
 tokens 1, as the append kernel keeps no per-token weights. Both choices run in both caches: the GPU
 fill kernel takes K's channel and V's token weights, the append kernel K's channel weights.
@@ -146,8 +148,8 @@ def output_error(q_obs: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block: i
 
 
 def token_weights(tokens: torch.Tensor) -> torch.Tensor:
-    """Per-token weights of V's 2:4 choice ``[Hkv, n]``: the mass normalized to mean 1 per head."""
-    return tokens / tokens.mean(-1, keepdim=True).clamp(min=1e-30)
+    """Per-token weights of V's 2:4 choice ``[Hkv, n]``: the square root of the mass normalized to mean 1 per head."""
+    return (tokens / tokens.mean(-1, keepdim=True).clamp(min=1e-30)).sqrt()
 
 
 def channel_weights(q_obs: torch.Tensor, heads: int) -> torch.Tensor:

@@ -158,11 +158,11 @@ def test_attention_weighted_value_tokens():
     sim = _sim(L, key_ratio=0, value_ratio=1, selection="prune_loss", value_tokens="attention")
     sim.prefill(k, v, q=q)
     w = sim.value_weight[0, :, :L]                                  # [H, L, 1]
-    # the blocks eligible at the prefill weigh by mass (normalized to mean 1 over the prompt), the window 1:
+    # the blocks eligible at the prefill weigh by sqrt(mass) (mass normalized to mean 1 over the prompt), the window 1:
     # the append kernel that compresses it later keeps no weights
     end = L - 2 * S
     mass = token_mass(q[0, :, -64:], k[0], None)
-    assert torch.equal(w[:, :end, 0], (mass / mass.mean(-1, keepdim=True))[:, :end])
+    assert torch.equal(w[:, :end, 0], (mass / mass.mean(-1, keepdim=True)).sqrt()[:, :end])
     assert torch.equal(w[:, end:], torch.ones(H, L - end, 1))
     tiers = sim.tiers("v")[0].repeat_interleave(S, -1)[:, :L].unsqueeze(-1)
     want = torch.where(tiers, fmt.prune_v(v[0], w), v[0])
@@ -175,7 +175,7 @@ def test_attention_weighted_value_tokens():
     for h in range(H):
         kept = (sim.to_dense()[1][0, h, heavy[h]] != 0).float().mean()
         plain_kept = (plain.to_dense()[1][0, h, heavy[h]] != 0).float().mean()
-        assert kept > 0.8 and kept > plain_kept
+        assert kept > 0.7 and kept > plain_kept
 
 
 def test_output_error_of_v_is_the_windows_output_change():
