@@ -35,6 +35,19 @@ __device__ __forceinline__ uint32_t quad_words(uint32_t nib_r0, uint32_t nib_r1,
 
 struct alignas(16) Fragment { Element v[8]; };
 
+// Four consecutive elements of row r (zeros past `length`), one 8-byte load.
+__device__ __forceinline__ void load4(const Element* __restrict__ at, int length, int r, Element (&x)[4]) {
+  if (r < length) {
+    const uint2 raw = *reinterpret_cast<const uint2*>(at);
+    const Element* xr = reinterpret_cast<const Element*>(&raw);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) x[i] = xr[i];
+  } else {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) x[i] = Element(0.f);
+  }
+}
+
 // Where compressed tiles go. Flat: packed tensors [B*H, cap, ...], tile after tile. Table:
 // the hierarchical cache's pools; entry e = table[bh][block] sends the block's tiles to 2:4
 // slot -e-1 (compressed) or copies its rows to dense slot e.
@@ -86,15 +99,7 @@ __device__ __forceinline__ void compress_k_unit(const Element* __restrict__ base
     for (int r = 0; r < 2; ++r) {
       const int row = T * 16 + g + 8 * r;
       Element x[4];
-      if (row < length) {
-        const uint2 raw = *reinterpret_cast<const uint2*>(base + row * st + ks * 32 + slot * 16 + 4 * q);
-        const Element* xr = reinterpret_cast<const Element*>(&raw);
-#pragma unroll
-        for (int i = 0; i < 4; ++i) x[i] = xr[i];
-      } else {
-#pragma unroll
-        for (int i = 0; i < 4; ++i) x[i] = Element(0.f);
-      }
+      load4(base + row * st + ks * 32 + slot * 16 + 4 * q, length, row, x);
       // fragment element e = 4*slot + 2*r + {0,1}: row g + 8r, kept column 8*slot + 2q + {0,1}
       nib[slot][r] = select_2of4(x, f.v[4 * slot + 2 * r], f.v[4 * slot + 2 * r + 1],
                                  w ? w + ks * 32 + slot * 16 + 4 * q : nullptr);

@@ -22,15 +22,17 @@ __device__ __forceinline__ uint32_t e4m3x2(float lo, float lo_scale, float hi, f
   return d;
 }
 
-__device__ __forceinline__ void load4(const Element* __restrict__ row, int length, int r, Element (&x)[4]) {
-  if (r < length) {
-    const uint2 raw = *reinterpret_cast<const uint2*>(row);
-    const Element* xr = reinterpret_cast<const Element*>(&raw);
+// The scales of a K tile's rows g and g + 8 from each lane's largest magnitudes (the quad holds a row): written
+// by lanes q == 0, returned to every lane as floats.
+__device__ __forceinline__ void row_scales(float (&amax)[2], int T, __half* __restrict__ scales, float (&sc)[2]) {
+  const int lane = threadIdx.x % 32, g = lane >> 2, q = lane & 3;
 #pragma unroll
-    for (int i = 0; i < 4; ++i) x[i] = xr[i];
-  } else {
-#pragma unroll
-    for (int i = 0; i < 4; ++i) x[i] = Element(0.f);
+  for (int r = 0; r < 2; ++r) {
+    amax[r] = fmaxf(amax[r], __shfl_xor_sync(0xffffffffu, amax[r], 1));
+    amax[r] = fmaxf(amax[r], __shfl_xor_sync(0xffffffffu, amax[r], 2));
+    const __half h = e4m3_scale(amax[r]);
+    sc[r] = __half2float(h);
+    if (q == 0) scales[T * 16 + g + 8 * r] = h;
   }
 }
 
@@ -55,14 +57,7 @@ __device__ __forceinline__ void compress_k8_unit(const Element* __restrict__ bas
         for (int i = 0; i < 4; ++i) amax[r] = fmaxf(amax[r], fabsf(float(x[i])));
       }
   float sc[2];
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    amax[r] = fmaxf(amax[r], __shfl_xor_sync(0xffffffffu, amax[r], 1));
-    amax[r] = fmaxf(amax[r], __shfl_xor_sync(0xffffffffu, amax[r], 2));
-    const __half h = e4m3_scale(amax[r]);
-    sc[r] = __half2float(h);
-    if (q == 0) scales[T * 16 + g + 8 * r] = h;
-  }
+  row_scales(amax, T, scales, sc);
 #pragma unroll
   for (int ks = 0; ks < kKSteps; ++ks) {
     uint32_t nib[2][2], bytes[2] = {0u, 0u};  // fragment elements 0..3 and 4..7
@@ -188,14 +183,7 @@ __device__ __forceinline__ void compress_kd8_unit(const Element* __restrict__ ba
         amax[r] = fmaxf(amax[r], fmaxf(fabsf(a), fabsf(b)));
       }
   float sc[2];
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    amax[r] = fmaxf(amax[r], __shfl_xor_sync(0xffffffffu, amax[r], 1));
-    amax[r] = fmaxf(amax[r], __shfl_xor_sync(0xffffffffu, amax[r], 2));
-    const __half h = e4m3_scale(amax[r]);
-    sc[r] = __half2float(h);
-    if (q == 0) scales[T * 16 + g + 8 * r] = h;
-  }
+  row_scales(amax, T, scales, sc);
 #pragma unroll
   for (int ks = 0; ks < kKSteps; ++ks) {
     uint32_t w[4];  // bytes j*8 + hi*4 + r8*2 + lo: word jh = j*2 + hi holds r8 = 0, 1
