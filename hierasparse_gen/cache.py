@@ -326,7 +326,9 @@ class HieraCache(CacheInspection):
         selection = resolve(self.selection, select_q is not None)
         observed = observed_queries(select_q, [L] * (b1 - b0), self.observe) if select_q is not None else []
         mass = vweight = None
-        weigh_v = resolve_tokens(self.value_tokens, select_q is not None) == "attention"
+        # V's token weights only where a V block becomes 2:4
+        weigh_v = resolve_tokens(self.value_tokens, select_q is not None) == "attention" and \
+            ratio_count(self.v.ratio, n_elig) > 0
         if (selection in ("attention", "expected_error") and n_elig) or weigh_v:
             tokens = [token_mass(qo, k[i], scale) for i, qo in enumerate(observed)]  # per key, [H, L] each
             mass = torch.stack([attention_mass(qo, k[i], S, scale, tokens[i]) for i, qo in enumerate(observed)])

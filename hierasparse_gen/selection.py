@@ -111,7 +111,7 @@ def attention_mass(q_obs: torch.Tensor, k: torch.Tensor, block: int, scale: floa
     """:func:`token_mass` summed per whole block: ``[Hkv, n // block]`` (``tokens``: it, if computed)."""
     p = token_mass(q_obs, k, scale) if tokens is None else tokens
     nb = k.shape[1] // block
-    return p[:, :nb * block].reshape(-1, nb, block).sum(-1)
+    return p[:, :nb * block].reshape(p.shape[0], nb, block).sum(-1)  # (nb may be 0: a prompt under a block)
 
 
 def output_error(q_obs: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block: int, scale: float | None, name: str,

@@ -140,7 +140,8 @@ class SimulatedCache:
             self.key_weight[b] = channel_weights(q_obs, self.heads).unsqueeze(1)
         selection = resolve(self.selection, q_obs is not None)
         mass = tokens = None
-        weigh_v = resolve_tokens(self.value_tokens, q_obs is not None) == "attention"
+        # (no eligible block: nothing to weigh, nothing to choose)
+        weigh_v = resolve_tokens(self.value_tokens, q_obs is not None) == "attention" and n_elig > 0
         if weigh_v or (selection in ("attention", "expected_error") and n_elig):
             tokens = token_mass(q_obs, k, scale)
             mass = attention_mass(q_obs, k, S, scale, tokens).unsqueeze(0)

@@ -213,3 +213,13 @@ def test_output_error_selection_in_the_cache():
         chosen = sim.tiers(name)[0][:, 1:1 + 13]
         assert (chosen.sum(-1) == ratio_count(0.5, 13)).all()
         assert (torch.where(chosen, err, -1.0).amax(-1) <= torch.where(chosen, float("inf"), err).amin(-1)).all()
+
+
+@pytest.mark.parametrize("L", [5, S, 3 * S])
+def test_prompts_without_eligible_blocks(L):
+    """A prompt shorter than sink + window + a block has nothing to choose or weigh: the defaults (all "auto", with
+    queries) store it as it is."""
+    q, k, v = _inputs(L, 11)
+    sim = _sim(max(L, 4 * S), key_ratio=1, value_ratio=1)
+    sim.prefill(k, v, q=q)
+    assert sim.n_eligible == [0] and torch.equal(sim.to_dense()[1][0, :, :L], v[0])
