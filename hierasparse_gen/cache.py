@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .cache_inspect import CacheInspection
-from .errors import CacheFullError, InputError, UnsupportedError
+from .errors import CacheFullError, InputError
 from .ops import cache_kernels as _kernels
 from .ops.checks import check_queries
 # (the policy names also stay importable from here: PREFILL_MODES, ratio_count, cache_settings, ...)
