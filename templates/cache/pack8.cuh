@@ -22,6 +22,24 @@ __device__ __forceinline__ uint32_t e4m3x2(float lo, float lo_scale, float hi, f
   return d;
 }
 
+// The largest magnitudes of a K tile's rows g and g + 8 over this lane's quarter of the channels (the quad holds
+// the row; row_scales reduces across it). Any partition of the row does: the 2:4 and dense packers share this one.
+__device__ __forceinline__ void row_amax(const Element* __restrict__ base, long long st, int length, int T,
+                                         float (&amax)[2]) {
+  const int lane = threadIdx.x % 32, g = lane >> 2, q = lane & 3;
+  amax[0] = amax[1] = 0.f;
+#pragma unroll
+  for (int c = 0; c < kHeadDim / 16; ++c)
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int row = T * 16 + g + 8 * r;
+      Element x[4];
+      load4(base + row * st + c * 16 + 4 * q, length, row, x);
+#pragma unroll
+      for (int i = 0; i < 4; ++i) amax[r] = fmaxf(amax[r], fabsf(float(x[i])));
+    }
+}
+
 // The scales of a K tile's rows g and g + 8 from each lane's largest magnitudes (the quad holds a row): written
 // by lanes q == 0, returned to every lane as floats.
 __device__ __forceinline__ void row_scales(float (&amax)[2], int T, __half* __restrict__ scales, float (&sc)[2]) {
@@ -42,20 +60,9 @@ __device__ __forceinline__ void compress_k8_unit(const Element* __restrict__ bas
                                                  uint2* __restrict__ vals, uint32_t* __restrict__ meta,
                                                  __half* __restrict__ scales) {
   const int lane = threadIdx.x % 32, g = lane >> 2, q = lane & 3;
-  // a token's largest value is always kept, so its scale is over all of its channels (the quad holds the row)
-  float amax[2] = {0.f, 0.f};
-#pragma unroll
-  for (int ks = 0; ks < kKSteps; ++ks)
-#pragma unroll
-    for (int slot = 0; slot < 2; ++slot)
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        const int row = T * 16 + g + 8 * r;
-        Element x[4];
-        load4(base + row * st + ks * 32 + slot * 16 + 4 * q, length, row, x);
-#pragma unroll
-        for (int i = 0; i < 4; ++i) amax[r] = fmaxf(amax[r], fabsf(float(x[i])));
-      }
+  // a token's largest value is always kept, so its scale is over all of its channels
+  float amax[2];
+  row_amax(base, st, length, T, amax);
   float sc[2];
   row_scales(amax, T, scales, sc);
 #pragma unroll
@@ -171,17 +178,8 @@ __device__ __forceinline__ void compress_kd8_unit(const Element* __restrict__ ba
       b = float(p[1]);
     }
   };
-  float amax[2] = {0.f, 0.f};
-#pragma unroll
-  for (int ks = 0; ks < kKSteps; ++ks)
-#pragma unroll
-    for (int jh = 0; jh < 4; ++jh)
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        float a, b;
-        pair(T * 16 + g + 8 * r, ks * 32 + 8 * jh + 2 * q, a, b);
-        amax[r] = fmaxf(amax[r], fmaxf(fabsf(a), fabsf(b)));
-      }
+  float amax[2];
+  row_amax(base, st, length, T, amax);
   float sc[2];
   row_scales(amax, T, scales, sc);
 #pragma unroll
