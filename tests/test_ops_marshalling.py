@@ -324,6 +324,16 @@ def test_compress_and_cache_maintenance_arguments(lib):
     _assert_matches_signature("compress3", "_select", a2)
     _assert_matches_signature("compress3", "_fill_v", a3)
     assert s1.endswith("_score_k") and s2.endswith("_select") and s3.endswith("_fill_v")
+    # V's token weights: one per token the fill covers (100 tokens in 32-token blocks: 128), float32
+    pools = (torch.zeros(B, HKV, 2, 32, D, dtype=torch.float16), torch.zeros(B, HKV, 2, 32 * D // 2),
+             torch.zeros(B, HKV, 2, 32 * D // 16, dtype=torch.int16))
+    table = torch.zeros(B, HKV, 4, dtype=torch.int32)
+    w = torch.ones(B, HKV, 128)
+    ops.fill_blocks(lib, x, "v", table, 32, *pools, w)
+    assert lib.calls[-1][1][-1] == w.data_ptr()
+    for bad in (torch.ones(B, HKV, 100), torch.ones(B, HKV, 128, dtype=torch.float16), torch.ones(B, HKV, D)):
+        with pytest.raises(InputError, match=r"fill_blocks: weight .*Fix: pass contiguous float32 \[2, 2, 128\]"):
+            ops.fill_blocks(lib, x, "v", table, 32, *pools, bad)
 
 
 @pytest.mark.parametrize("kind", ["k", "v"])
