@@ -119,7 +119,9 @@ def token_scales(x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Ten
         a = torch.where(keep, a, torch.zeros_like(a))
     amax = a.amax(-1)
     check_storable(x, amax)
-    scale = _round_up_f16(amax / E4M3_MAX)
+    # a tensor divisor: with a Python scalar, CUDA torch multiplies by its rounded reciprocal instead of
+    # dividing, which differs in the last bit from the CPU (and the kernels) for some values
+    scale = _round_up_f16(amax / torch.full_like(amax, E4M3_MAX))
     # amax / scale is rounded in float32: bump the rare scale whose quotient lands above 448
     over = amax / scale.float() > E4M3_MAX
     scale = torch.where(over, (scale.view(torch.int16) + 1).view(torch.float16), scale)

@@ -128,7 +128,7 @@ def test_bad_inputs_on_gpu(llama3):
         llama3.decode(q, kc, vc, torch.tensor([0, 65], dtype=torch.int32, device="cuda"))
     with pytest.raises(ValueError, match="seqlens: expected int32"):
         llama3.decode(q, kc, vc, torch.tensor([1, 2], device="cuda"))
-    with pytest.raises(ValueError, match="q: dtype torch.float16 but the cache holds torch.bfloat16"):
+    with pytest.raises(ValueError, match="q: dtype torch.float16 but K holds torch.bfloat16. Fix: use one dtype for Q, K and V"):
         llama3.decode(q, llama3.compress_k(k.bfloat16()), llama3.compress_v(k.bfloat16()))
     with pytest.raises(ValueError, match="k: expected the PackedKV returned by compress_k"):
         llama3.decode(q, vc, vc)
