@@ -33,17 +33,28 @@ class DecodeTiles:
         return {"warps": self.warps, "stages": self.stages, "chunk_tokens": self.chunk_tokens}
 
 
-def decode_stage_bytes(head_dim: int, chunk_tokens: int, mixed: bool = False) -> int:
+def token_bytes(head_dim: int, tier: str = "sparse24", storage: str = "model") -> int:
+    """Bytes one token of one flat decode stream (K or V) stages: 2:4 values + metadata in the model
+    dtype (D + D/8), in e4m3 (D/2 + D/8, + a 2-byte scale), or dense e4m3 (D + the scale)."""
+    if storage == "float8_e4m3":
+        return (head_dim if tier == "dense" else head_dim // 2 + head_dim // 8) + 2
+    return head_dim + head_dim // 8
+
+
+def decode_stage_bytes(head_dim: int, chunk_tokens: int, mixed: bool = False, tier=None) -> int:
     """Bytes of one pipeline stage of one warp.
 
-    All-2:4: K and V values (D bytes a token) + metadata (D/8). Mixed tiers: a stage is room
-    for one all-2:4 chunk in the warp's byte ring (a dense chunk takes 16/9 of a stage)."""
-    return 2 * (chunk_tokens * head_dim + chunk_tokens * head_dim // 8)
+    Flat tiers: K's and V's bytes per token (:func:`token_bytes`; ``tier`` None is all-2:4 in the
+    model dtype). Mixed tiers: a stage is room for one all-2:4 chunk in the warp's byte ring (a dense
+    chunk takes 16/9 of a stage)."""
+    if mixed or tier is None:
+        return 2 * chunk_tokens * token_bytes(head_dim)
+    return chunk_tokens * (token_bytes(head_dim, tier.k, tier.k_storage) + token_bytes(head_dim, tier.v, tier.v_storage))
 
 
-def decode_smem_bytes(head_dim: int, group: int, tiles: DecodeTiles, mixed: bool = False) -> int:
+def decode_smem_bytes(head_dim: int, group: int, tiles: DecodeTiles, mixed: bool = False, tier=None) -> int:
     """Dynamic shared memory of a decode CTA (the pipeline, or the warp-merge scratch if larger)."""
-    pipeline = tiles.warps * (tiles.stages * decode_stage_bytes(head_dim, tiles.chunk_tokens, mixed)
+    pipeline = tiles.warps * (tiles.stages * decode_stage_bytes(head_dim, tiles.chunk_tokens, mixed, tier)
                               + (128 if mixed else 0))
     n_tiles = -(-group // 8)
     merge = tiles.warps * n_tiles * 8 * (head_dim + 2) * 4
@@ -80,18 +91,22 @@ def choose_splits(batch_heads: int, chunks: int, warps: int, sms: int, resident:
 
 def decode_tiles(head_dim: int, group: int, arch: str, warps: int | None = None,
                  stages: int | None = None, chunk_tokens: int | None = None,
-                 mixed: bool = False) -> DecodeTiles:
+                 mixed: bool = False, tier=None) -> DecodeTiles:
     """Default decode tiles for a shape, with any spec overrides applied and checked.
 
-    All-2:4: 4 warps, 32-token chunks, and the deepest pipeline (up to 4 stages) that keeps
-    two CTAs on an SM; failing that, one CTA; fewer warps only when nothing fits. Mixed tiers:
-    the most warps (up to 8) whose 2-stage rings fit one CTA.
+    All-2:4 in the model dtype: 4 warps, 32-token chunks, and the deepest pipeline (up to 4
+    stages) that keeps two CTAs on an SM; failing that, one CTA; fewer warps only when nothing
+    fits. Mixed tiers and e4m3 storage: the most warps (up to 8) whose 2-stage pipelines fit
+    one CTA.
     """
     chunk = 32 if mixed else (chunk_tokens or 32)  # mixed: a chunk never straddles two blocks
-    if mixed:
-        # Mixed tiers: many warps with a small byte ring (2 all-2:4 chunks, or one all-dense)
-        # beat few warps with deep rings: measured on the H200 at B=8, L=32K, all-2:4,
-        # 8 warps x 2 stages 148 us, 6 x 4 151 us, 4 x 5 167 us (benchmarks/RESULTS.md).
+    e4m3 = tier is not None and tier.e4m3
+    if mixed or e4m3:
+        # Many warps with small pipelines beat few warps with deep ones where a warp's chunk is
+        # few bytes. Mixed tiers, on the H200 at B=8, L=32K, all-2:4: 8 warps x 2 stages 148 us,
+        # 6 x 4 151 us, 4 x 5 167 us. e4m3, on the H100 at B=8, L=32K (experiments/fp8_tiles):
+        # 2:4 e4m3 8 x 2 120 us against 4 x 4 205 us; dense e4m3 8 x 2 186 us against 4 x 3 205 us
+        # (benchmarks/RESULTS.md).
         warp_choices = [warps] if warps else [8, 6, 4, 2, 1]
         stage_choices = [stages] if stages else [2, 3]
     else:
@@ -100,10 +115,10 @@ def decode_tiles(head_dim: int, group: int, arch: str, warps: int | None = None,
     options = [DecodeTiles(w, s, chunk) for w in warp_choices for s in stage_choices]
 
     def residency(t: DecodeTiles) -> int:
-        need = decode_smem_bytes(head_dim, group, t, mixed)
+        need = decode_smem_bytes(head_dim, group, t, mixed, tier)
         return 0 if need > SMEM_PER_BLOCK[arch] else ctas_per_sm(arch, need, t.warps * 32)
 
-    for t in ([] if mixed else options):  # all-2:4: two CTAs an SM when possible
+    for t in ([] if mixed or e4m3 else options):  # model-dtype all-2:4: two CTAs an SM when possible
         if residency(t) >= 2:
             return t
     for t in options:
@@ -112,7 +127,7 @@ def decode_tiles(head_dim: int, group: int, arch: str, warps: int | None = None,
     t = options[-1]
     raise TileError(
         f"decode tiles warps={t.warps}, stages={t.stages}, chunk_tokens={t.chunk_tokens} need "
-        f"{decode_smem_bytes(head_dim, group, t, mixed)} bytes of shared memory for head_dim {head_dim}, "
+        f"{decode_smem_bytes(head_dim, group, t, mixed, tier)} bytes of shared memory for head_dim {head_dim}, "
         f"but {arch} allows {SMEM_PER_BLOCK[arch]}; lower decode.stages, decode.warps or "
         f"decode.chunk_tokens in the spec (or leave them out to let the tile oracle choose)")
 

@@ -230,7 +230,7 @@ def _warp_level(spec: Spec, arch: str, head_dims, groups, out: dict) -> None:
                     mixed = tier.k == "mixed"
                     try:
                         tiles = decode_tiles(d, g, arch, spec.decode.warps, spec.decode.stages,
-                                             spec.decode.chunk_tokens, mixed=mixed)
+                                             spec.decode.chunk_tokens, mixed=mixed, tier=tier)
                     except TileError as e:
                         raise SpecError(f"{spec.source}: decode: {e}") from None
                     v = Variant("decode", "decode_mixed.cu.j2" if mixed else "decode.cu.j2", arch, dtype,

@@ -127,6 +127,29 @@ def test_tile_oracle_and_overrides():
         decode_tiles(256, 4, "sm_90", warps=8, stages=4, chunk_tokens=64)
 
 
+def test_tile_oracle_counts_the_bytes_each_storage_stages():
+    """An e4m3 stage is smaller (2:4 e4m3: D/2 + D/8 + 2 bytes a token for K and for V, dense e4m3 D + 2), so
+    the oracle fits a deeper pipeline where the model-dtype stage does not."""
+    from hierasparse_gen.spec_schema import Tier
+    e24 = Tier("sparse24", "sparse24", "float8_e4m3", "float8_e4m3")
+    edense = Tier("dense", "dense", "float8_e4m3", "float8_e4m3")
+    t = decode_tiles(128, 4, "sm_90", stages=3)
+    assert decode_smem_bytes(128, 4, t) == 4 * 3 * 32 * 2 * (128 + 16)
+    assert decode_smem_bytes(128, 4, t, tier=e24) == 4 * 3 * 32 * 2 * (64 + 16 + 2)
+    assert decode_smem_bytes(128, 4, t, tier=edense) == 4 * 3 * 32 * 2 * (128 + 2)
+    assert decode_smem_bytes(128, 4, t, tier=Tier("sparse24", "sparse24", v_storage="float8_e4m3")) == \
+        4 * 3 * 32 * (128 + 16 + 64 + 16 + 2)
+    # model-dtype 2:4: 4 warps x 3 stages (two CTAs an SM); e4m3, where a chunk is few bytes: 8 warps x 2
+    assert decode_tiles(128, 4, "sm_90").as_dict() == {"warps": 4, "stages": 3, "chunk_tokens": 32}
+    for t in (e24, edense):
+        assert decode_tiles(128, 4, "sm_90", tier=t).as_dict() == {"warps": 8, "stages": 2, "chunk_tokens": 32}
+    # and every e4m3 default fits
+    for d in range(64, 257, 32):
+        for g in (1, 4, 16):
+            for t in (e24, edense):
+                assert decode_smem_bytes(d, g, decode_tiles(d, g, "sm_89", tier=t), tier=t) <= 99 * 1024
+
+
 def test_spec_tiles_that_do_not_fit_are_a_spec_error():
     spec = parse_spec({"name": "x", "archs": ["sm_86"], "shapes": [
         {"head_dim": 256, "num_qo_heads": 8, "num_kv_heads": 8}], "decode": {"warps": 8, "stages": 8}})
