@@ -4,6 +4,7 @@ same run; and the HieraCache key/value-ratio grid at those shapes. Needs a build
 
     hierasparse-gen build specs/llama3_tp8.yaml
     python benchmarks/gqa_decode.py generated/llama3-tp8 --groups 8 16 --batch 1 8 32 --length 32768 131072
+    python benchmarks/gqa_decode.py generated/llama3-tp8 --batch 8 --length 32768 --cache --prefill 8192 32768
 
 The tables have the columns of ``hierasparse-gen bench`` (same timing method: CUDA-event medians of
 graph replays, inputs rotated past the L2).
@@ -16,7 +17,7 @@ import argparse
 import torch
 
 import hierasparse_gen
-from hierasparse_gen.bench import bench_cache_ratios, bench_decode, format_table
+from hierasparse_gen.bench import bench_cache_ratios, bench_decode, bench_prefill, format_prefill, format_table
 
 
 def main(argv=None) -> None:
@@ -28,6 +29,9 @@ def main(argv=None) -> None:
     ap.add_argument("--length", type=int, nargs="+", default=[32768, 131072])
     ap.add_argument("--dtype", choices=["float16", "bfloat16"], default="float16")
     ap.add_argument("--cache", action="store_true", help="also the HieraCache ratio grid (B=8, L=32K)")
+    ap.add_argument("--prefill", type=int, nargs="*", metavar="S",
+                    help="also causal prefill of prompts of these lengths (batch: --prefill-batch)")
+    ap.add_argument("--prefill-batch", type=int, default=4)
     args = ap.parse_args(argv)
     lib = hierasparse_gen.load(args.build)
     dtype = getattr(torch, args.dtype)
@@ -45,6 +49,10 @@ def main(argv=None) -> None:
             for r in rows:
                 print(f"| {r['kr']:.2f} | {r['vr']:.2f} | {r['us']:.1f} | {r['speedup']:.2f}x | {r['model']:.2f}x | "
                       f"{r['tbps']:.2f} |", flush=True)
+        if args.prefill:
+            print(f"\nPrefill, group {g}, B={args.prefill_batch}")
+            print(format_prefill(bench_prefill(lib, (args.prefill_batch,), args.prefill, hq=hq, hkv=hkv, dtype=dtype)),
+                  flush=True)
 
 
 if __name__ == "__main__":
