@@ -95,14 +95,17 @@ def token_mass(q_obs: torch.Tensor, k: torch.Tensor, scale: float | None) -> tor
     Hkv, n = k.shape[0], k.shape[1]
     scale = D ** -0.5 if scale is None else scale
     G = Hq // Hkv
-    late = torch.arange(n, device=k.device).view(1, n) > torch.arange(n - W, n, device=k.device).view(W, 1)
+    # only the last W keys can be late for a window query (key n - W + j against query n - W + i: j > i)
+    late = torch.arange(W, device=k.device).view(1, W) > torch.arange(W, device=k.device).view(W, 1)
     q = q_obs.reshape(Hkv, G * W, D)
     out = torch.empty(Hkv, n, dtype=torch.float32, device=k.device)
-    step = max(1, (1 << 26) // (G * W * n))  # KV heads a batch: scores of at most 64M floats
+    # KV heads a batch: scores of at most 8M floats (32 MB), so the in-place passes below stay in a GPU's L2
+    step = max(1, (1 << 23) // (G * W * n))
     for h in range(0, Hkv, step):
-        s = torch.matmul(q[h:h + step].float(), k[h:h + step].float().transpose(1, 2)) * scale  # [h, GW, n]
-        s = s.view(-1, G, W, n).masked_fill(late, float("-inf"))
-        out[h:h + step] = torch.softmax(s, -1).sum((1, 2))
+        s = torch.matmul(q[h:h + step].float(), k[h:h + step].float().transpose(1, 2))  # [h, GW, n]
+        s.mul_(scale)
+        s.view(-1, G, W, n)[..., n - W:].masked_fill_(late, float("-inf"))
+        out[h:h + step] = torch.softmax(s, -1).view(-1, G, W, n).sum((1, 2))
     return out
 
 

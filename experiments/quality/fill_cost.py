@@ -39,8 +39,8 @@ def main():
     sdpa = ms(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True))
     print(f"{torch.cuda.get_device_name()} L={L}: causal SDPA {sdpa:.2f} ms")
     for name, kw, sel in (("prune loss, magnitudes", dict(selection="prune_loss", key_channels="magnitude"), None),
-                          ("attention, query-weighted K (the default)", {}, q),
-                          ("attention, query-weighted K, attention-weighted V", dict(value_tokens="attention"), q),
+                          ("attention, query-weighted K, V by magnitude", dict(value_tokens="magnitude"), q),
+                          ("attention, query-weighted K, attention-weighted V (the default)", {}, q),
                           ("output error, query-weighted K", dict(selection="output_error"), q)):
         cache = HieraCache(lib, batch=1, num_kv_heads=8, head_dim=128, max_seq_len=L, key_ratio=0.5,
                            value_ratio=0.5, **kw)
