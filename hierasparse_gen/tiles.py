@@ -74,17 +74,22 @@ def choose_splits(batch_heads: int, chunks: int, warps: int, sms: int, resident:
 
     Every SM should stream the same number of bytes, so the CTA count should be a multiple
     of the SM count (at most ``resident`` CTAs an SM at once). Among split counts whose
-    balance is within 5 % of the best, take the smallest (fewer partials to merge); never
-    give a warp less than two chunks on average.
+    balance is within 5 % of the best, take the smallest (fewer partials to merge). Few
+    (batch, head) pairs get no more than half the SMs' worth of splits each, and every warp at
+    least four chunks on average: a CTA's fixed costs (pipeline fill, merge, partial write)
+    and the combine's reads grow with the splits, and half the SMs still pull the bandwidth
+    (H100, one KV head, group 8, 8 warps: B=1 at 32K 13.0 us with 32 splits against 18.1
+    with 128; at 128K 24.5 us with 64 against 29.5 with 128; experiments/tile_sweeps).
     """
-    most = max(1, min(256, chunks // (2 * warps)))
+    most = max(1, min(256, chunks // (4 * warps), sms // 2))
     slots = sms * max(1, resident)
     balance = []
     for s in range(1, most + 1):
         ctas = batch_heads * s
         rounds = math.ceil(ctas / sms)  # CTAs per SM, rounded up
         waves = math.ceil(ctas / slots)
-        balance.append(ctas / (rounds * sms) / waves ** 0.25 if ctas >= 1 else 0.0)
+        even = chunks / (s * math.ceil(chunks / s))  # the longest split sets the time
+        balance.append(even * ctas / (rounds * sms) / waves ** 0.25 if ctas >= 1 else 0.0)
     top = max(balance)
     return next(s for s, b in enumerate(balance, 1) if b >= 0.95 * top)
 
@@ -94,33 +99,21 @@ def decode_tiles(head_dim: int, group: int, arch: str, warps: int | None = None,
                  mixed: bool = False, tier=None) -> DecodeTiles:
     """Default decode tiles for a shape, with any spec overrides applied and checked.
 
-    All-2:4 in the model dtype: 4 warps, 32-token chunks, and the deepest pipeline (up to 4
-    stages) that keeps two CTAs on an SM; failing that, one CTA; fewer warps only when nothing
-    fits. Mixed tiers and e4m3 storage: the most warps (up to 8) whose 2-stage pipelines fit
-    one CTA.
+    The most warps (up to 8) whose 2-stage pipelines fit one CTA, with 32-token chunks; a stage
+    holds the bytes the tier's storage puts in a chunk.
     """
     chunk = 32 if mixed else (chunk_tokens or 32)  # mixed: a chunk never straddles two blocks
-    e4m3 = tier is not None and tier.e4m3
-    if mixed or e4m3:
-        # Many warps with small pipelines beat few warps with deep ones where a warp's chunk is
-        # few bytes. Mixed tiers, on the H200 at B=8, L=32K, all-2:4: 8 warps x 2 stages 148 us,
-        # 6 x 4 151 us, 4 x 5 167 us. e4m3, on the H100 at B=8, L=32K (experiments/fp8_tiles):
-        # 2:4 e4m3 8 x 2 120 us against 4 x 4 205 us; dense e4m3 8 x 2 186 us against 4 x 3 205 us
-        # (benchmarks/RESULTS.md).
-        warp_choices = [warps] if warps else [8, 6, 4, 2, 1]
-        stage_choices = [stages] if stages else [2, 3]
-    else:
-        warp_choices = [warps] if warps else [4, 2, 1]
-        stage_choices = [stages] if stages else [4, 3, 2]
-    options = [DecodeTiles(w, s, chunk) for w in warp_choices for s in stage_choices]
+    # Many warps with small pipelines: measured best or level with the rest everywhere it was tried.
+    # H100, B=8, L=32K (experiments/tile_sweeps, experiments/fp8_tiles): 2:4 e4m3 8 x 2 120 us against
+    # 4 x 4 205 us; dense e4m3 186 against 205; 2:4 fp16 198.4 against 200.5 (4 x 3); one KV head, group 8,
+    # B=1 at 128K 25.5 against 28.9; mixed tiers on the H200: 8 x 2 148 us, 6 x 4 151 us, 4 x 5 167 us.
+    warp_choices = [warps] if warps else [8, 6, 4, 2, 1]
+    options = [DecodeTiles(w, stages or 2, chunk) for w in warp_choices]
 
     def residency(t: DecodeTiles) -> int:
         need = decode_smem_bytes(head_dim, group, t, mixed, tier)
         return 0 if need > SMEM_PER_BLOCK[arch] else ctas_per_sm(arch, need, t.warps * 32)
 
-    for t in ([] if mixed or e4m3 else options):  # model-dtype all-2:4: two CTAs an SM when possible
-        if residency(t) >= 2:
-            return t
     for t in options:
         if residency(t) >= 1:
             return t

@@ -68,7 +68,7 @@ def test_manifest_records_variants_hashes_and_tools(llama3_build):
         assert len(v["hash"]) == 64 and (llama3_build / v["source"]).is_file()
         assert (llama3_build / v["object"]).is_file() and v["hash"][:16] in v["object"]
     dec = next(v for v in m["variants"] if v["name"] == "decode_d128_g4_f16_k24_v24_sm90")
-    assert dec["tiles"] == {"warps": 4, "stages": 3, "chunk_tokens": 32}
+    assert dec["tiles"] == {"warps": 8, "stages": 2, "chunk_tokens": 32}
     assert "hsg_decode_d128_g4_f16_k24_v24_sm90" in dec["entry_points"]
     assert "arch=compute_90,code=sm_90" in dec["flags"]
     assert (dec["family"], dec["abi"]) == ("mma_sp", "decode")  # the registry declares its ctypes by these
@@ -155,7 +155,7 @@ def test_load_without_gpu_gives_a_clear_error(llama3_build):
         f"decode_d128_g4_{t}_{tier}_{a}" for t in ("f16", "bf16") for a in ("sm80", "sm90")
         for tier in ("k24_v24", "km_vm_b64")}
     dec = lib.select("decode", head_dim=128, dtype="float16", cc=(9, 0), group=4, tier=("sparse24", "sparse24"))
-    assert dec.smem_bytes == 4 * 3 * 9216 and dec.threads == 128
+    assert dec.smem_bytes == 8 * 2 * 9216 and dec.threads == 256
     try:
         import torch
         has_gpu = torch.cuda.is_available()
@@ -234,7 +234,7 @@ def test_incremental_rebuild(tmp_path):
     assert (out / "libhierasparse_tiny.so").stat().st_mtime_ns == lib_stat.st_mtime_ns
     assert {p.name: p.stat().st_mtime_ns for p in (out / "src").iterdir()} == src_mtimes  # not rewritten
     # one tile changes: only the decode variant recompiles, and its old object goes away
-    spec = _write_spec(tmp_path, dict(TINY, decode={"stages": 2}))
+    spec = _write_spec(tmp_path, dict(TINY, decode={"stages": 3}))
     third = build(spec, out_dir=out, log=None)
     assert [bv.variant.name for bv in third.compiled] == ["decode_d64_g2_f16_k24_v24_sm90"] and third.linked
     assert len(list((out / "obj").glob("decode_*.o"))) == 1

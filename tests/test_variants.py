@@ -115,8 +115,10 @@ def test_shapes_sharing_head_dim_and_group_share_a_variant():
 
 
 def test_tile_oracle_and_overrides():
-    assert decode_tiles(128, 4, "sm_90").as_dict() == {"warps": 4, "stages": 3, "chunk_tokens": 32}
-    assert decode_tiles(128, 4, "sm_90", stages=2).stages == 2
+    assert decode_tiles(128, 4, "sm_90").as_dict() == {"warps": 8, "stages": 2, "chunk_tokens": 32}
+    assert decode_tiles(128, 4, "sm_90", stages=3).stages == 3
+    # fewer warps where 8 do not fit: head_dim 256 (a 2-stage all-2:4 pipeline is 36 KB a warp)
+    assert decode_tiles(256, 16, "sm_90").warps == 6 and decode_tiles(256, 16, "sm_89").warps == 2
     # every default fits the arch's shared memory
     for arch in ("sm_80", "sm_86", "sm_89", "sm_90"):
         for d in range(64, 257, 32):
@@ -133,16 +135,16 @@ def test_tile_oracle_counts_the_bytes_each_storage_stages():
     from hierasparse_gen.spec_schema import Tier
     e24 = Tier("sparse24", "sparse24", "float8_e4m3", "float8_e4m3")
     edense = Tier("dense", "dense", "float8_e4m3", "float8_e4m3")
-    t = decode_tiles(128, 4, "sm_90", stages=3)
+    from hierasparse_gen.tiles import DecodeTiles
+    t = DecodeTiles(4, 3, 32)
     assert decode_smem_bytes(128, 4, t) == 4 * 3 * 32 * 2 * (128 + 16)
     assert decode_smem_bytes(128, 4, t, tier=e24) == 4 * 3 * 32 * 2 * (64 + 16 + 2)
     assert decode_smem_bytes(128, 4, t, tier=edense) == 4 * 3 * 32 * 2 * (128 + 2)
     assert decode_smem_bytes(128, 4, t, tier=Tier("sparse24", "sparse24", v_storage="float8_e4m3")) == \
         4 * 3 * 32 * (128 + 16 + 64 + 16 + 2)
-    # model-dtype 2:4: 4 warps x 3 stages (two CTAs an SM); e4m3, where a chunk is few bytes: 8 warps x 2
-    assert decode_tiles(128, 4, "sm_90").as_dict() == {"warps": 4, "stages": 3, "chunk_tokens": 32}
-    for t in (e24, edense):
-        assert decode_tiles(128, 4, "sm_90", tier=t).as_dict() == {"warps": 8, "stages": 2, "chunk_tokens": 32}
+    # where the model-dtype stage leaves room for fewer warps, e4m3's does for more
+    assert decode_tiles(256, 4, "sm_89").warps == 2
+    assert decode_tiles(256, 4, "sm_89", tier=e24).warps == 4
     # and every e4m3 default fits
     for d in range(64, 257, 32):
         for g in (1, 4, 16):
@@ -298,3 +300,18 @@ def test_e4m3_decode_variants():
     # a spec with e4m3 and sm_80 is refused before anything is expanded
     with pytest.raises(SpecError, match="float8_e4m3 needs sm_89 or newer"):
         parse_spec({**yaml.safe_load((REPO / "specs" / "llama3_fp8.yaml").read_text()), "archs": ["sm_80", "sm_90"]})
+
+
+def test_split_heuristic():
+    from hierasparse_gen.tiles import choose_splits
+    # many (batch, head) pairs: CTAs a multiple of the SMs, as few splits as that allows
+    assert choose_splits(64, 1024, 8, 132, 2) == 2     # Llama-3 shape, B=8, 32K: 128 CTAs
+    assert choose_splits(8, 1024, 8, 132, 2) == 16     # one KV head, B=8: 128 CTAs
+    # one pair: at most half the SMs and at least four 32-token chunks a warp
+    assert choose_splits(1, 1024, 8, 132, 2) == 32     # 32K (31 would leave one split 2 chunks longer)
+    assert choose_splits(1, 4096, 8, 132, 2) == 63     # 128K
+    assert choose_splits(1, 40, 8, 132, 2) == 1        # a short sequence: one split
+    for bh in (1, 3, 8, 64, 257):
+        for chunks in (1, 33, 1024, 4096):
+            s = choose_splits(bh, chunks, 4, 132, 2)
+            assert 1 <= s <= max(1, chunks // 16)
