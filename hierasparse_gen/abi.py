@@ -23,22 +23,23 @@ SIGNATURES = {
                       _p, _p, _p, _i64, _i64, _p, _p],
     ("decode8", "_smem_bytes"): [],
     ("decode8", "_threads"): [],
-    # (compress3: the fill entry points take the 2:4 choice's weights, K per channel, V per token (compress2:
-    # K only; its V fill ignored them), the append entry point K's channel weights; null: magnitudes)
-    ("compress3", "_k"): [_p, _i64, _i64, _i64, _i32, _i32, _i32, _i32, _p, _p, _p],
-    ("compress3", "_v"): [_p, _i64, _i64, _i64, _i32, _i32, _i32, _i32, _p, _p, _p],
-    ("compress3", "_fill_k"): [_p, _i64, _i64, _i64, _i32, _i32, _i32, _p, _i32, _i32, _p, _i32, _p, _p, _i32, _p,
+    # (compress4: the fill entry points take the 2:4 choice's weights, K per channel, V per token, the append
+    # entry point K's channel weights and V's token weights of the prompt's window blocks; null: magnitudes.
+    # compress3's append took K's only, compress2's V fill ignored them)
+    ("compress4", "_k"): [_p, _i64, _i64, _i64, _i32, _i32, _i32, _i32, _p, _p, _p],
+    ("compress4", "_v"): [_p, _i64, _i64, _i64, _i32, _i32, _i32, _i32, _p, _p, _p],
+    ("compress4", "_fill_k"): [_p, _i64, _i64, _i64, _i32, _i32, _i32, _p, _i32, _i32, _p, _i32, _p, _p, _i32, _p,
                                _p],
-    ("compress3", "_fill_v"): [_p, _i64, _i64, _i64, _i32, _i32, _i32, _p, _i32, _i32, _p, _i32, _p, _p, _i32, _p,
+    ("compress4", "_fill_v"): [_p, _i64, _i64, _i64, _i32, _i32, _i32, _p, _i32, _i32, _p, _i32, _p, _p, _i32, _p,
                                _p],
-    ("compress3", "_select"): [_p, _i32, _i32, _i32, _i32, _i32, _i32, _p, _i32, _p],
-    ("compress3", "_score_k"): [_p, _i64, _i64, _i64, _i32, _i32, _i32, _i32, _p, _p],
-    ("compress3", "_score_v"): [_p, _i64, _i64, _i64, _i32, _i32, _i32, _i32, _p, _p],
+    ("compress4", "_select"): [_p, _i32, _i32, _i32, _i32, _i32, _i32, _p, _i32, _p],
+    ("compress4", "_score_k"): [_p, _i64, _i64, _i64, _i32, _i32, _i32, _i32, _p, _p],
+    ("compress4", "_score_v"): [_p, _i64, _i64, _i64, _i32, _i32, _i32, _i32, _p, _p],
     # k, its strides, v, its strides, seqlens, ctrl, ctrl_width, batch, heads, max_blocks, block,
     # sink/window blocks, max_len; K then V pools (table, dense, vals, meta, n_dense, n_sparse, ratio); K's
-    # channel weights (or null)
-    ("compress3", "_append"): [_p, _i64, _i64, _p, _i64, _i64, _p, _p, *[_i32] * 8,
-                               *[_p, _p, _p, _p, _i32, _i32, _f64] * 2, _p, _p],
+    # channel weights (or null); V's window token weights (or null), their first block per sequence, their blocks
+    ("compress4", "_append"): [_p, _i64, _i64, _p, _i64, _i64, _p, _p, *[_i32] * 8,
+                               *[_p, _p, _p, _p, _i32, _i32, _f64] * 2, _p, _p, _p, _i32, _p],
     # decode over the cache's block tables
     ("decode_table", ""): [_p, _i64, _i64, _p, _p, _i32, _p, _p, _i32, _i32, _p, _p, _p, _p, _i32, _i32,
                            _p, _i32, _i32, _f32, _i32, _p, _p, _p, _i64, _i64, _p, _p],
@@ -66,11 +67,11 @@ SIGNATURES = {
                                   _p, _i64, _i64, _i64, _p, _p, _i32, _i32, _i32, _i32, _f32, _p, _p, _p],
     ("prefill_wgmma_table", "_smem_bytes"): [],
 }
-# compress3f8: compress3 and the e4m3 packers (x, its strides, batch, heads, length, capacity, values, metadata
+# compress4f8: compress4 and the e4m3 packers (x, its strides, batch, heads, length, capacity, values, metadata
 # (null: dense), scales)
-SIGNATURES.update({("compress3f8", suffix): args for (abi, suffix), args in list(SIGNATURES.items())
-                   if abi == "compress3"})
-SIGNATURES.update({("compress3f8", suffix): [_p, _i64, _i64, _i64, _i32, _i32, _i32, _i32, _p, _p, _p, _p]
+SIGNATURES.update({("compress4f8", suffix): args for (abi, suffix), args in list(SIGNATURES.items())
+                   if abi == "compress4"})
+SIGNATURES.update({("compress4f8", suffix): [_p, _i64, _i64, _i64, _i32, _i32, _i32, _i32, _p, _p, _p, _p]
                    for suffix in ("_k8", "_v8", "_kd8", "_vd8")})
 
 #: ABIs with host-side size queries answered at load time (no GPU needed)

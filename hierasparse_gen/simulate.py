@@ -146,10 +146,9 @@ class SimulatedCache:
             tokens = token_mass(q_obs, k, scale)
             mass = attention_mass(q_obs, k, S, scale, tokens).unsqueeze(0)
         if weigh_v:
-            # only the blocks eligible now: the GPU fill weighs them; blocks that leave the window later are
-            # compressed by the append kernel, which keeps no per-token weights (magnitudes, weight 1)
-            end = (self.sink_blocks + n_elig) * S
-            self.value_weight[b, :, :end, 0] = token_weights(tokens)[:, :end]
+            # every prompt token: the blocks eligible now at the fill, the window's when they leave it (the
+            # cache keeps the window's weights for its append kernel); later tokens weigh 1 (magnitudes)
+            self.value_weight[b, :, :L, 0] = token_weights(tokens)
         for name, x in (("k", k), ("v", v)):
             self.x[name][b, :, :L] = x
             n_s = ratio_count(self.ratio[name], n_elig)

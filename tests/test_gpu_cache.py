@@ -93,10 +93,11 @@ def test_prefill_selects_lowest_loss_blocks_per_head(lib, poison, dtype):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_prefill_selection_by_the_prompts_queries(lib, poison, selection, key_channels, value_tokens, dtype):
     """The GPU path of the query-aware selections (scores on the device, the select kernel; K's
-    channel weights in the fill and append kernels, V's token weights in the fill kernel) makes the
-    simulation's choices, per head, for sequences of different lengths, and stores what it stores:
-    after the prompt, after a later chunk (its flushed blocks through the fill kernel) and after
-    decode flushes."""
+    channel weights in the fill and append kernels, V's token weights in the fill kernel and, for the
+    prompt's window blocks, in the append kernel) makes the simulation's choices, per head, for
+    sequences of different lengths, and stores what it stores: after the prompt, after a later chunk
+    (its flushed blocks through the fill kernel), after decode flushes, and after decode flushes right
+    after the prompt."""
     from hierasparse_gen.simulate import SimulatedCache
     lengths = [3000, 1111]
     kw = dict(batch=2, num_kv_heads=HKV, head_dim=D, max_seq_len=3600, key_ratio=0.5, value_ratio=0.75, dtype=dtype,
@@ -123,6 +124,17 @@ def test_prefill_selection_by_the_prompts_queries(lib, poison, selection, key_ch
     sim.prefill(kc, vc, chunk)
     same()
     for _ in range(70):  # decode steps across a flush
+        pos = cache.lengths
+        cache.append(k[torch.arange(2), :, pos], v[torch.arange(2), :, pos])
+        sim.append(k[torch.arange(2), :, pos], v[torch.arange(2), :, pos])
+    same()
+    # decode right after the prompt: the prompt's window blocks leave the window in the append kernel (V with
+    # the prompt's token weights)
+    cache.reset()
+    sim = SimulatedCache(device="cuda", **kw)
+    cache.prefill(k[:, :, :3000], v[:, :, :3000], lengths, select_q=q)
+    sim.prefill(k[:, :, :3000], v[:, :, :3000], lengths, select_q=q)
+    for _ in range(140):
         pos = cache.lengths
         cache.append(k[torch.arange(2), :, pos], v[torch.arange(2), :, pos])
         sim.append(k[torch.arange(2), :, pos], v[torch.arange(2), :, pos])

@@ -155,15 +155,14 @@ def test_errors():
 def test_attention_weighted_value_tokens():
     L = 16 * S
     q, k, v = _inputs(L, 8)
-    sim = _sim(L, key_ratio=0, value_ratio=1, selection="prune_loss", value_tokens="attention")
+    sim = _sim(L + S, key_ratio=0, value_ratio=1, selection="prune_loss", value_tokens="attention")
     sim.prefill(k, v, q=q)
     w = sim.value_weight[0, :, :L]                                  # [H, L, 1]
-    # the blocks eligible at the prefill weigh by sqrt(mass) (mass normalized to mean 1 over the prompt), the window 1:
-    # the append kernel that compresses it later keeps no weights
-    end = L - 2 * S
+    # every prompt token weighs sqrt(mass) (mass normalized to mean 1 over the prompt): the blocks eligible at the
+    # prefill, and the window's when they leave it; tokens after the prompt weigh 1
     mass = token_mass(q[0, :, -64:], k[0], None)
-    assert torch.equal(w[:, :end, 0], (mass / mass.mean(-1, keepdim=True)).sqrt()[:, :end])
-    assert torch.equal(w[:, end:], torch.ones(H, L - end, 1))
+    assert torch.equal(w[:, :, 0], (mass / mass.mean(-1, keepdim=True)).sqrt())
+    assert torch.equal(sim.value_weight[0, :, L:], torch.ones(H, S, 1))
     tiers = sim.tiers("v")[0].repeat_interleave(S, -1)[:, :L].unsqueeze(-1)
     want = torch.where(tiers, fmt.prune_v(v[0], w), v[0])
     assert torch.equal(sim.to_dense()[1][0], want)
@@ -176,6 +175,14 @@ def test_attention_weighted_value_tokens():
         kept = (sim.to_dense()[1][0, h, heavy[h]] != 0).float().mean()
         plain_kept = (plain.to_dense()[1][0, h, heavy[h]] != 0).float().mean()
         assert kept > 0.7 and kept > plain_kept
+    # a block of the prompt's window that leaves it during decode is pruned with the prompt's weights
+    out = slice(L - 2 * S, L - S)
+    assert torch.equal(sim.to_dense()[1][0, :, out], v[0, :, out])  # still dense in the window
+    g = torch.Generator().manual_seed(3)
+    for _ in range(S):
+        sim.append(torch.randn(1, H, D, generator=g), torch.randn(1, H, D, generator=g))
+    assert torch.equal(sim.to_dense()[1][0, :, out], fmt.prune_v(v[0, :, out], w[:, out]))
+    assert not torch.equal(sim.to_dense()[1][0, :, out], fmt.prune_v(v[0, :, out]))
 
 
 def test_output_error_of_v_is_the_windows_output_change():

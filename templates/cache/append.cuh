@@ -27,6 +27,11 @@ struct AppendArgs {
   int ctrl_width, heads, max_blocks, block, sink_blocks, window_blocks, max_len;
   Pools t[2];
   const float* k_weight;          // K's per-channel weights [B*H, D] of the 2:4 choice, or null: magnitudes
+  // V's per-token weights of the prompt's window blocks (the blocks that leave the window first), or null:
+  // [B*H, v_weight_blocks * block], covering blocks v_weight_block[b].. of sequence b (others: magnitudes)
+  const float* v_weight;
+  const int* v_weight_block;
+  int v_weight_blocks;
 };
 
 // Same rounding as cache.ratio_count: round half up, never more than all.
@@ -92,9 +97,13 @@ __global__ void __launch_bounds__(128) append_kernel(const AppendArgs a) {
       compress_k_unit(base, kHeadDim, a.block, u / kKSteps, u % kKSteps,
                       (bh * t.n_sparse + nsp) * (a.block / 16) + u / kKSteps, d, w);
   } else {
+    const int rel = a.v_weight ? p.out - a.v_weight_block[b] : -1;
+    const float* w = rel >= 0 && rel < a.v_weight_blocks
+                         ? a.v_weight + (bh * a.v_weight_blocks + rel) * (long long)a.block : nullptr;
     for (int u = warp; u < a.block / 32 * kMTiles; u += warps) {
       compress_v_unit(base, kHeadDim, a.block, u / kMTiles, u % kMTiles,
-                      (bh * t.n_sparse + nsp) * (a.block / 32) + u / kMTiles, d);
+                      (bh * t.n_sparse + nsp) * (a.block / 32) + u / kMTiles, d,
+                      w ? w + (u / kMTiles) * 32 : nullptr);
       __syncwarp();  // the warp's staging tile is reused by its next unit
     }
   }
