@@ -34,7 +34,7 @@ def render_experiment(stages: int = 4, spec_path: Path = Path("specs/llama3.yaml
     return inline_headers(env.get_template(TEMPLATE.name).render(
         variant=variant, spec=spec, template=f"experiments/n128_prefill/{TEMPLATE.name}",
         generator_version=hierasparse_gen.__version__, namespace=f"{variant.name}_impl", symbol=variant.symbol,
-        head_dim=variant.head_dim, group=variant.group, stages=stages), templates_dir())
+        head_dim=variant.head_dim, group=variant.group, stages=stages, k8=False, v8=False), templates_dir())
 
 
 if __name__ == "__main__":
