@@ -295,7 +295,8 @@ class HieraCache(CacheInspection):
                     assembled[f, :, :older] = t.dense[b, :, slot, :older]
             sp = torch.tensor([f[2] for f in flushed], device=x.device)
             blocks_out = [f[0] for f in flushed]
-            if (t.name == "k" and self.weighted[b]) or (t.name == "v" and self._weighs_value(b, blocks_out)):
+            weighed_v = t.name == "v" and any(self._value_window_block(b, blk) is not None for blk in blocks_out)
+            if (t.name == "k" and self.weighted[b]) or weighed_v:
                 self._fill_flushed(t, b, assembled, sp, blocks_out)
             else:
                 packed = (self.lib.compress_k if t.name == "k" else self.lib.compress_v)(assembled)
@@ -314,10 +315,11 @@ class HieraCache(CacheInspection):
             dev = t.dense.device
             t.dense[b, :, slots[idx].long().to(dev), (pos[idx] % S).to(dev)] = x[:, idx.to(x.device)]
 
-    def _weighs_value(self, b: int, blocks: list[int]) -> bool:
-        """Whether one of these blocks of sequence b has V token weights (the prompt's window blocks)."""
-        first = self._value_weight_block[b]
-        return any(0 <= blk - first <= self.window_blocks for blk in blocks)
+    def _value_window_block(self, b: int, blk: int) -> int | None:
+        """Where block ``blk`` of sequence b sits among the blocks whose V token weights the cache keeps (the
+        prompt's window blocks), or None."""
+        rel = blk - self._value_weight_block[b]
+        return rel if 0 <= rel <= self.window_blocks else None
 
     def _fill_flushed(self, t: _Tensor, b: int, assembled: torch.Tensor, sp: torch.Tensor, blocks: list[int]) -> None:
         """Blocks ``blocks`` of sequence b (rows ``assembled [F, H, S, D]``) into 2:4 slots ``sp`` through the fill
@@ -329,10 +331,10 @@ class HieraCache(CacheInspection):
             weight = self.key_weight[b:b + 1]
         else:  # each block's window weights, or ones
             weight = torch.ones(1, self.heads, F * S, dtype=torch.float32, device=self.device)
-            first = self._value_weight_block[b]
             for f, blk in enumerate(blocks):
-                if 0 <= blk - first <= self.window_blocks:
-                    weight[0, :, f * S:(f + 1) * S] = self.value_weight[b, :, (blk - first) * S:(blk - first + 1) * S]
+                rel = self._value_window_block(b, blk)
+                if rel is not None:
+                    weight[0, :, f * S:(f + 1) * S] = self.value_weight[b, :, rel * S:(rel + 1) * S]
         _kernels.fill_blocks(self.lib, x, t.name, table, S, t.dense[b:b + 1], t.sparse_vals[b:b + 1],
                              t.sparse_meta[b:b + 1], weight)
 
