@@ -23,23 +23,24 @@ SIGNATURES = {
                       _p, _p, _p, _i64, _i64, _p, _p],
     ("decode8", "_smem_bytes"): [],
     ("decode8", "_threads"): [],
-    # (compress4: the fill entry points take the 2:4 choice's weights, K per channel, V per token, the append
-    # entry point K's channel weights and V's token weights of the prompt's window blocks; null: magnitudes.
-    # compress3's append took K's only, compress2's V fill ignored them)
-    ("compress4", "_k"): [_p, _i64, _i64, _i64, _i32, _i32, _i32, _i32, _p, _p, _p],
-    ("compress4", "_v"): [_p, _i64, _i64, _i64, _i32, _i32, _i32, _i32, _p, _p, _p],
-    ("compress4", "_fill_k"): [_p, _i64, _i64, _i64, _i32, _i32, _i32, _p, _i32, _i32, _p, _i32, _p, _p, _i32, _p,
+    # (compress5: the fill entry points take the 2:4 choice's weights, K per channel, V per token, the append
+    # entry point K's channel weights, V's token weights and the blocks' masses for re-tiering; null:
+    # magnitudes, by count. compress4's append took V's window weights, compress3's K's only)
+    ("compress5", "_k"): [_p, _i64, _i64, _i64, _i32, _i32, _i32, _i32, _p, _p, _p],
+    ("compress5", "_v"): [_p, _i64, _i64, _i64, _i32, _i32, _i32, _i32, _p, _p, _p],
+    ("compress5", "_fill_k"): [_p, _i64, _i64, _i64, _i32, _i32, _i32, _p, _i32, _i32, _p, _i32, _p, _p, _i32, _p,
                                _p],
-    ("compress4", "_fill_v"): [_p, _i64, _i64, _i64, _i32, _i32, _i32, _p, _i32, _i32, _p, _i32, _p, _p, _i32, _p,
+    ("compress5", "_fill_v"): [_p, _i64, _i64, _i64, _i32, _i32, _i32, _p, _i32, _i32, _p, _i32, _p, _p, _i32, _p,
                                _p],
-    ("compress4", "_select"): [_p, _i32, _i32, _i32, _i32, _i32, _i32, _p, _i32, _p],
-    ("compress4", "_score_k"): [_p, _i64, _i64, _i64, _i32, _i32, _i32, _i32, _p, _p],
-    ("compress4", "_score_v"): [_p, _i64, _i64, _i64, _i32, _i32, _i32, _i32, _p, _p],
+    ("compress5", "_select"): [_p, _i32, _i32, _i32, _i32, _i32, _i32, _p, _i32, _p],
+    ("compress5", "_score_k"): [_p, _i64, _i64, _i64, _i32, _i32, _i32, _i32, _p, _p],
+    ("compress5", "_score_v"): [_p, _i64, _i64, _i64, _i32, _i32, _i32, _i32, _p, _p],
     # k, its strides, v, its strides, seqlens, ctrl, ctrl_width, batch, heads, max_blocks, block,
     # sink/window blocks, max_len; K then V pools (table, dense, vals, meta, n_dense, n_sparse, ratio); K's
-    # channel weights (or null); V's window token weights (or null), their first block per sequence, their blocks
-    ("compress4", "_append"): [_p, _i64, _i64, _p, _i64, _i64, _p, _p, *[_i32] * 8,
-                               *[_p, _p, _p, _p, _i32, _i32, _f64] * 2, _p, _p, _p, _i32, _p],
+    # channel weights, V's token weights [B, H, max_blocks * block], the blocks' masses [B, H, max_blocks] (each
+    # or null)
+    ("compress5", "_append"): [_p, _i64, _i64, _p, _i64, _i64, _p, _p, *[_i32] * 8,
+                               *[_p, _p, _p, _p, _i32, _i32, _f64] * 2, _p, _p, _p, _p],
     # decode over the cache's block tables
     ("decode_table", ""): [_p, _i64, _i64, _p, _p, _i32, _p, _p, _i32, _i32, _p, _p, _p, _p, _i32, _i32,
                            _p, _i32, _i32, _f32, _i32, _p, _p, _p, _i64, _i64, _p, _p],
@@ -67,11 +68,11 @@ SIGNATURES = {
                                   _p, _i64, _i64, _i64, _p, _p, _i32, _i32, _i32, _i32, _f32, _p, _p, _p],
     ("prefill_wgmma_table", "_smem_bytes"): [],
 }
-# compress4f8: compress4 and the e4m3 packers (x, its strides, batch, heads, length, capacity, values, metadata
+# compress5f8: compress5 and the e4m3 packers (x, its strides, batch, heads, length, capacity, values, metadata
 # (null: dense), scales)
-SIGNATURES.update({("compress4f8", suffix): args for (abi, suffix), args in list(SIGNATURES.items())
-                   if abi == "compress4"})
-SIGNATURES.update({("compress4f8", suffix): [_p, _i64, _i64, _i64, _i32, _i32, _i32, _i32, _p, _p, _p, _p]
+SIGNATURES.update({("compress5f8", suffix): args for (abi, suffix), args in list(SIGNATURES.items())
+                   if abi == "compress5"})
+SIGNATURES.update({("compress5f8", suffix): [_p, _i64, _i64, _i64, _i32, _i32, _i32, _i32, _p, _p, _p, _p]
                    for suffix in ("_k8", "_v8", "_kd8", "_vd8")})
 
 #: ABIs with host-side size queries answered at load time (no GPU needed)

@@ -40,11 +40,10 @@ from .policy import (PREFILL_MODES, cache_settings, check_not_full, check_prefil
 from .format import block_prune_loss
 from .selection import (attention_mass, block_scores, channel_weights, check_selection, needs_queries,
                         observed_queries, output_error, resolve, resolve_channels, resolve_tokens,
-                        token_mass, token_weights)
+                        token_mass, token_weights, visible_block_mass)
 
 _CTRL_STACK = 6  # ctrl columns before the free-slot stacks
 _STATUS = 5      # ctrl column: 1 = a captured append found the sequence full, 2 = no free dense slot
-_NO_BLOCK = 1 << 30  # value_weight_block of a sequence without V window weights
 
 
 @dataclass
@@ -96,13 +95,16 @@ class HieraCache(CacheInspection):
         self.key_weight = torch.ones(batch, num_kv_heads, head_dim, dtype=torch.float32, device=self.device) \
             if key_channels != "magnitude" else None
         self.weighted = [False] * batch  # per sequence: its K channel weights were set
-        # V's token weights of the prompt's window blocks (value_tokens "attention"/"auto" with queries): set by a
-        # first prefill for its last blocks, which leave the window during decode; read by the append kernel and
-        # the chunk flush. value_weight_block[b]: the first block they cover (_NO_BLOCK: none)
-        span = (self.window_blocks + 1) * self.block
-        self.value_weight = torch.ones(batch, num_kv_heads, span, dtype=torch.float32, device=self.device)
-        self.value_weight_block = torch.full((batch,), _NO_BLOCK, dtype=torch.int32, device=self.device)
-        self._value_weight_block = [_NO_BLOCK] * batch  # the host copy
+        # V's token weights (value_tokens "attention"/"auto" with queries): every prompt token's, set by a first
+        # prefill, read by the fill, the append kernel and the chunk flush for blocks that become 2:4 later
+        # (ones weigh nothing: 4 bytes a token and head, under 1 % of a 16-bit cache at head_dim 128)
+        self.value_weight = torch.ones(batch, num_kv_heads, self.max_blocks * self.block, dtype=torch.float32,
+                                       device=self.device)
+        self._weighs_v = [False] * batch
+        # the blocks' scores of decode-time re-tiering (selection "attention": the prompt's attention mass per
+        # visible query, selection.visible_block_mass); inf: none, the leaving block becomes 2:4 by count
+        self.block_mass = torch.full((batch, num_kv_heads, self.max_blocks), float("inf"), dtype=torch.float32,
+                                     device=self.device)
         # device bookkeeping, one row a sequence (columns: templates/cache/append.cuh):
         # eligible blocks, K 2:4 count, K free-stack height, V's two, status, K stack, V stack
         self.ctrl = torch.zeros(batch, _CTRL_STACK + self.k.dense.shape[2] + self.v.dense.shape[2],
@@ -295,8 +297,7 @@ class HieraCache(CacheInspection):
                     assembled[f, :, :older] = t.dense[b, :, slot, :older]
             sp = torch.tensor([f[2] for f in flushed], device=x.device)
             blocks_out = [f[0] for f in flushed]
-            weighed_v = t.name == "v" and any(self._value_window_block(b, blk) is not None for blk in blocks_out)
-            if (t.name == "k" and self.weighted[b]) or weighed_v:
+            if (t.name == "k" and self.weighted[b]) or (t.name == "v" and self._weighs_v[b]):
                 self._fill_flushed(t, b, assembled, sp, blocks_out)
             else:
                 packed = (self.lib.compress_k if t.name == "k" else self.lib.compress_v)(assembled)
@@ -315,12 +316,6 @@ class HieraCache(CacheInspection):
             dev = t.dense.device
             t.dense[b, :, slots[idx].long().to(dev), (pos[idx] % S).to(dev)] = x[:, idx.to(x.device)]
 
-    def _value_window_block(self, b: int, blk: int) -> int | None:
-        """Where block ``blk`` of sequence b sits among the blocks whose V token weights the cache keeps (the
-        prompt's window blocks), or None."""
-        rel = blk - self._value_weight_block[b]
-        return rel if 0 <= rel <= self.window_blocks else None
-
     def _fill_flushed(self, t: _Tensor, b: int, assembled: torch.Tensor, sp: torch.Tensor, blocks: list[int]) -> None:
         """Blocks ``blocks`` of sequence b (rows ``assembled [F, H, S, D]``) into 2:4 slots ``sp`` through the fill
         kernel, which takes K's channel weights and V's token weights (the flat compressor keeps magnitudes)."""
@@ -329,12 +324,9 @@ class HieraCache(CacheInspection):
         table = (-(sp.to(torch.int32) + 1)).view(1, 1, F).expand(1, self.heads, F).contiguous().to(self.device)
         if t.name == "k":
             weight = self.key_weight[b:b + 1]
-        else:  # each block's window weights, or ones
-            weight = torch.ones(1, self.heads, F * S, dtype=torch.float32, device=self.device)
-            for f, blk in enumerate(blocks):
-                rel = self._value_window_block(b, blk)
-                if rel is not None:
-                    weight[0, :, f * S:(f + 1) * S] = self.value_weight[b, :, rel * S:(rel + 1) * S]
+        else:  # each block's token weights
+            idx = (torch.tensor(blocks, device=self.device).view(-1, 1) * S + torch.arange(S, device=self.device))
+            weight = self.value_weight[b, :, idx.flatten()].unsqueeze(0).contiguous()
         _kernels.fill_blocks(self.lib, x, t.name, table, S, t.dense[b:b + 1], t.sparse_vals[b:b + 1],
                              t.sparse_meta[b:b + 1], weight)
 
@@ -356,15 +348,16 @@ class HieraCache(CacheInspection):
         if (selection in ("attention", "expected_error") and n_elig) or weigh_v:
             tokens = [token_mass(qo, k[i], scale) for i, qo in enumerate(observed)]  # per key, [H, L] each
             mass = torch.stack([attention_mass(qo, k[i], S, scale, tokens[i]) for i, qo in enumerate(observed)])
-            if weigh_v:  # V's token weights (as SimulatedCache): the blocks eligible now for the fill below, the
-                # window's for when they leave it; tokens after the prompt weigh 1
-                end = (first + n_elig) * S
-                vweight = torch.ones(b1 - b0, self.heads, blocks * S, dtype=torch.float32, device=k.device)
+            if weigh_v:  # V's token weights (as SimulatedCache): every prompt token's; later tokens weigh 1
+                vweight = self.value_weight[b0:b1, :, :blocks * S]  # (a view: the weights stay for later flushes)
                 for i, tm in enumerate(tokens):
                     vweight[i, :, :L] = token_weights(tm)
-                self.value_weight[b0:b1, :, :L - end] = vweight[:, :, end:L]
-                self.value_weight_block[b0:b1] = window0
-                self._value_weight_block[b0:b1] = [window0] * (b1 - b0)
+                vweight = vweight.contiguous()  # the fill kernel's [B, H, blocks * S]
+                self._weighs_v[b0:b1] = [True] * (b1 - b0)
+            if selection == "attention" and n_elig:  # the scores of decode-time re-tiering
+                for i, tm in enumerate(tokens):
+                    m = visible_block_mass(tm, observed[i].shape[1], S)
+                    self.block_mass[b0 + i, :, :m.shape[1]] = m
         weight = None  # K's channel weights, [b1 - b0, H, D]
         if self.key_weight is not None and resolve_channels(self.key_channels, select_q is not None) == "query":
             weight = self.key_weight[b0:b1]
@@ -517,8 +510,8 @@ class HieraCache(CacheInspection):
             self.key_weight.fill_(1.0)
         self.weighted = [False] * self.batch
         self.value_weight.fill_(1.0)
-        self.value_weight_block.fill_(_NO_BLOCK)
-        self._value_weight_block = [_NO_BLOCK] * self.batch
+        self._weighs_v = [False] * self.batch
+        self.block_mass.fill_(float("inf"))
         self.seqlens.zero_()
         self._push_ctrl()
 

@@ -118,6 +118,28 @@ def attention_mass(q_obs: torch.Tensor, k: torch.Tensor, block: int, scale: floa
     return p[:, :nb * block].reshape(p.shape[0], nb, block).sum(-1)  # (nb may be 0: a prompt under a block)
 
 
+def visible_block_mass(tokens: torch.Tensor, W: int, block: int) -> torch.Tensor:
+    """Per whole block ``[Hkv, n // block]``: the attention mass ``tokens [Hkv, n]`` of the last W queries, per
+    query that can see each token (token t is seen by min(W, n - t) of them, so the window's own tokens are
+    not made light by the causal mask). The score of decode-time re-tiering."""
+    n = tokens.shape[1]
+    seen = torch.clamp(n - torch.arange(n, device=tokens.device), max=W).float()
+    nb = n // block
+    return (tokens / seen)[:, :nb * block].reshape(tokens.shape[0], nb, block).sum(-1)
+
+
+def retier_pick(mass: torch.Tensor, dense: torch.Tensor, leaving: int) -> torch.Tensor:
+    """Per head ``[Hkv]``: the block that becomes 2:4 when block ``leaving`` leaves the window and one more
+    2:4 block is due: the least ``mass [Hkv, blocks]`` among the dense eligible blocks (``dense [Hkv, blocks]``,
+    True for each) and the leaving one; ties go to the leaving block, then to the lowest index (the append
+    kernel's rule)."""
+    m = torch.where(dense, mass, torch.full_like(mass, float("inf")))
+    low = m.amin(-1)
+    first = torch.argmax((m == low.unsqueeze(-1)).int(), -1)          # lowest index of the minimum
+    keep = mass[:, leaving] <= low                                     # the leaving block is (one of) the least
+    return torch.where(keep, torch.full_like(first, leaving), first)
+
+
 def output_error(q_obs: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block: int, scale: float | None, name: str,
                  channel_weight: torch.Tensor | None = None, token_weight: torch.Tensor | None = None) -> torch.Tensor:
     """Per whole block ``[Hkv, n // block]`` (float32): the summed squared first-order change of the

@@ -28,8 +28,8 @@ from .policy import (cache_nbytes, cache_settings, check_kernel, check_not_full,
                      eligible_blocks, ratio_count)
 from .reference import decode_reference, prefill_reference
 from .selection import (attention_mass, block_scores, channel_weights, check_selection, needs_queries,
-                        observed_queries, output_error, resolve, resolve_channels, resolve_tokens, token_mass,
-                        token_weights)
+                        observed_queries, output_error, resolve, resolve_channels, resolve_tokens, retier_pick,
+                        token_mass, token_weights, visible_block_mass)
 
 
 class SimulatedCache:
@@ -66,6 +66,9 @@ class SimulatedCache:
         self.key_weight = torch.ones(batch, num_kv_heads, 1, head_dim, device=self.device)
         # per token weight of V's 2:4 choice (value_tokens="attention"; prompt tokens at a first prefill)
         self.value_weight = torch.ones(batch, num_kv_heads, cap, 1, device=self.device)
+        # per block score of decode-time re-tiering (selection "attention": the prompt's blocks' attention
+        # mass per visible query; inf: none, the leaving block becomes 2:4 as the count says)
+        self.block_mass = torch.full((batch, num_kv_heads, self.max_blocks), float("inf"), device=self.device)
 
     # --- what the cache holds ---------------------------------------------------------------
     def view(self, name: str) -> torch.Tensor:
@@ -146,9 +149,12 @@ class SimulatedCache:
             tokens = token_mass(q_obs, k, scale)
             mass = attention_mass(q_obs, k, S, scale, tokens).unsqueeze(0)
         if weigh_v:
-            # every prompt token: the blocks eligible now at the fill, the window's when they leave it (the
-            # cache keeps the window's weights for its append kernel); later tokens weigh 1 (magnitudes)
+            # every prompt token: the blocks eligible now at the fill, the others when they become 2:4 later
+            # (the cache keeps the weights for its append kernel); later tokens weigh 1 (magnitudes)
             self.value_weight[b, :, :L, 0] = token_weights(tokens)
+        if selection == "attention" and tokens is not None:
+            mass_seen = visible_block_mass(tokens, q_obs.shape[1], S)
+            self.block_mass[b, :, :mass_seen.shape[1]] = mass_seen
         for name, x in (("k", k), ("v", v)):
             self.x[name][b, :, :L] = x
             n_s = ratio_count(self.ratio[name], n_elig)
@@ -173,8 +179,9 @@ class SimulatedCache:
             for name in "kv":
                 self.stored[name][b, :, :L] = self._as_stored(name, b, 0, self.stored[name][b, :, :L])
 
-    def _push(self, b: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Append rows ``[Hkv, n, D]`` one at a time, flushing as decode does."""
+    def _push(self, b: int, k: torch.Tensor, v: torch.Tensor, decode: bool = False) -> None:
+        """Append rows ``[Hkv, n, D]`` one at a time, flushing as decode does (``decode``: an append, whose
+        flush re-tiers by the blocks' masses; a chunk's flushes make the leaving block 2:4 by count)."""
         for i in range(k.shape[1]):
             pos = self.lengths[b]
             for name, x in (("k", k), ("v", v)):  # the newest block is in the window: dense
@@ -186,11 +193,21 @@ class SimulatedCache:
                 if blk >= self.sink_blocks:
                     self.n_eligible[b] += 1
                     for name in "kv":
+                        changed = {blk}
                         if self.n_sparse[name][b] < ratio_count(self.ratio[name], self.n_eligible[b]):
-                            self.sparse[name][b, :, blk] = True
+                            if decode:  # per head, the least-mass dense eligible block (the leaving one included)
+                                first = self.sink_blocks
+                                dense = ~self.sparse[name][b, :, first:blk + 1]
+                                pick = retier_pick(self.block_mass[b, :, first:blk + 1], dense, blk - first) + first
+                                self.sparse[name][b, torch.arange(self.heads, device=pick.device), pick] = True
+                                changed |= set(pick.tolist())
+                            else:
+                                self.sparse[name][b, :, blk] = True
                             self.n_sparse[name][b] += 1
-                        # the block leaves the window: 2:4 or dense, in the tensor's storage
-                        self._restore(name, b, blk * self.block, (blk + 1) * self.block)
+                        # the block leaves the window: 2:4 or dense, in the tensor's storage (and a block
+                        # re-tiered in its place)
+                        for c in sorted(changed):
+                            self._restore(name, b, c * self.block, (c + 1) * self.block)
 
     def _insert(self, k: torch.Tensor, v: torch.Tensor, lengths: list[int], select_q=None, scale=None) -> None:
         fresh = [b for b, n in enumerate(lengths) if n and self.lengths[b] == 0]
@@ -242,7 +259,7 @@ class SimulatedCache:
     def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
         check_not_full(self.lengths, self.max_seq_len)
         for b in range(self.batch):
-            self._push(b, k[b].unsqueeze(1), v[b].unsqueeze(1))
+            self._push(b, k[b].unsqueeze(1), v[b].unsqueeze(1), decode=True)
 
     def attend(self, q: torch.Tensor, *, scale=None, num_splits=None):
         n = max(self.lengths)  # keys past every sequence's length are masked anyway
@@ -262,3 +279,4 @@ class SimulatedCache:
         self.n_eligible = [0] * self.batch
         self.key_weight.fill_(1.0)
         self.value_weight.fill_(1.0)
+        self.block_mass.fill_(float("inf"))

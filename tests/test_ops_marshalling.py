@@ -32,7 +32,7 @@ class FakeLib:
         mixed = want.get("tier") == ("mixed", "mixed") and kind == "decode"
         return SimpleNamespace(symbol=f"hsg_{kind}{'_mixed' if mixed else ''}", arch="sm_90", tiles=tiles,
                                smem_bytes=100_000, threads=128, kind="decode_table" if mixed else kind,
-                               abi="compress4f8" if kind == "compress" else kind)
+                               abi="compress5f8" if kind == "compress" else kind)
 
     def find(self, kind, **want):
         try:
@@ -118,13 +118,13 @@ def test_decode8_dense_op_arguments(lib):
 
 @pytest.mark.parametrize("kind,sparse", [("k", True), ("v", True), ("k", False), ("v", False)])
 def test_compress8_arguments(lib, kind, sparse):
-    """A library with the e4m3 packers (compress4f8): the entry point by tensor and tier, its arguments, the
+    """A library with the e4m3 packers (compress5f8): the entry point by tensor and tier, its arguments, the
     shapes of what comes back."""
     x = torch.randn(B, HKV, 100, D, dtype=torch.bfloat16)
     packed = packing.compress(lib, x, kind, None, "float8_e4m3", sparse)
     (symbol, args), = lib.calls
     assert symbol == f"hsg_compress_{kind}{'' if sparse else 'd'}8"
-    _assert_matches_signature("compress4f8", f"_{kind}{'' if sparse else 'd'}8", args)
+    _assert_matches_signature("compress5f8", f"_{kind}{'' if sparse else 'd'}8", args)
     assert args[4:8] == (B, HKV, 100, CAP) and (args[9] is None) == (not sparse)
     assert packed.values.dtype == torch.uint8 and packed.scales.shape == (B, HKV, CAP)
     assert packed.capacity == CAP and packed.head_dim == D and packed.sparse == sparse
@@ -320,9 +320,9 @@ def test_compress_and_cache_maintenance_arguments(lib):
                     torch.zeros(B, HKV, 2, 32, D, dtype=torch.float16), torch.zeros(B, HKV, 2, 32 * D // 2),
                     torch.zeros(B, HKV, 2, 32 * D // 16, dtype=torch.int16))
     (s1, a1), (s2, a2), (s3, a3) = lib.calls
-    _assert_matches_signature("compress4", "_score_k", a1)
-    _assert_matches_signature("compress4", "_select", a2)
-    _assert_matches_signature("compress4", "_fill_v", a3)
+    _assert_matches_signature("compress5", "_score_k", a1)
+    _assert_matches_signature("compress5", "_select", a2)
+    _assert_matches_signature("compress5", "_fill_v", a3)
     assert s1.endswith("_score_k") and s2.endswith("_select") and s3.endswith("_fill_v")
     # V's token weights: one per token the fill covers (100 tokens in 32-token blocks: 128), float32
     pools = (torch.zeros(B, HKV, 2, 32, D, dtype=torch.float16), torch.zeros(B, HKV, 2, 32 * D // 2),
@@ -351,7 +351,7 @@ def test_compress_op_arguments(lib, monkeypatch, kind):
     x = torch.randn(B, HKV, 100, D, dtype=torch.float16)[:, :, :, :]
     vals, meta = packing._compress_op(lib.key, x, CAP, kind)
     (args,) = calls
-    _assert_matches_signature("compress4", f"_{kind}", args[:-1])
+    _assert_matches_signature("compress5", f"_{kind}", args[:-1])
     assert args[4:8] == (B, HKV, 100, CAP)
     assert vals.shape == ((B, HKV, CAP, D // 2) if kind == "k" else (B, HKV, CAP // 2, D))
 
@@ -388,16 +388,16 @@ def test_cache_append_arguments(lib):
     seqlens = torch.tensor([100, 7], dtype=torch.int32)
     ctrl = torch.zeros(B, 6 + 3 + 3, dtype=torch.int32)
     weight = torch.rand(B, HKV, D)
-    v_weight, v_block = torch.rand(B, HKV, 5 * 64), torch.tensor([3, 1 << 30], dtype=torch.int32)
+    v_weight, mass = torch.rand(B, HKV, 4 * 64), torch.rand(B, HKV, 4)
     for k_weight in (None, weight):
         lib.calls.clear()
         cache_kernels._cache_append_impl(lib.key, k, k, seqlens, ctrl, table, dense, vals, meta, table, dense, vals,
-                                         meta, 64, 1, 4, 256, 0.5, 1.0, k_weight, v_weight, v_block)
+                                         meta, 64, 1, 4, 256, 0.5, 1.0, k_weight, v_weight, mass)
         (symbol, args), = lib.calls
         assert symbol == "hsg_compress_append"
-        _assert_matches_signature("compress4", "_append", args)
+        _assert_matches_signature("compress5", "_append", args)
         assert args[8:16] == (12, B, HKV, 4, 64, 1, 4, 256)  # ctrl width, batch, heads, table, block, sink, window, cap
         assert args[20:23] == (3, 2, 0.5) and args[27:30] == (3, 2, 1.0)  # dense/2:4 slots and ratio, K then V
         assert args[30] == (None if k_weight is None else weight.data_ptr())  # K's channel weights
-        # V's window weights, their first block per sequence, and how many blocks they cover
-        assert args[31:34] == (v_weight.data_ptr(), v_block.data_ptr(), 5)
+        # V's token weights and the blocks' masses (re-tiering)
+        assert args[31:33] == (v_weight.data_ptr(), mass.data_ptr())

@@ -230,3 +230,43 @@ def test_prompts_without_eligible_blocks(L):
     sim = _sim(max(L, 4 * S), key_ratio=1, value_ratio=1)
     sim.prefill(k, v, q=q)
     assert sim.n_eligible == [0] and torch.equal(sim.to_dense()[1][0, :, :L], v[0])
+
+
+def test_retier_pick_rule():
+    """The least mass among the dense eligible blocks and the leaving one; ties to the leaving block, then the
+    lowest index (the append kernel's rule)."""
+    from hierasparse_gen.selection import retier_pick
+    inf = float("inf")
+    mass = torch.tensor([[3.0, 1.0, 2.0, 1.0], [3.0, 1.0, 2.0, 5.0], [2.0, 2.0, 9.0, 2.0], [inf, inf, inf, inf]])
+    dense = torch.tensor([[True, True, True, True], [True, False, True, True], [True, True, True, True],
+                          [True, True, True, True]])
+    assert retier_pick(mass, dense, 3).tolist() == [3, 2, 3, 3]
+    assert retier_pick(mass, dense, 2).tolist() == [1, 2, 0, 2]
+
+
+def test_decode_retiers_by_visible_mass():
+    """At a decode flush that adds a 2:4 block, each head's least-mass dense eligible block becomes 2:4 (masses
+    of the prompt per visible query; the budget as by count); a later chunk's flushes go by count."""
+    from hierasparse_gen.selection import visible_block_mass
+    L = 12 * S
+    q, k, v = _inputs(L + 3 * S, 4)
+    sim = _sim(L + 3 * S, key_ratio=0, value_ratio=0.6, value_tokens="attention")
+    sim.prefill(k[:, :, :L], v[:, :, :L], q=q[:, :, :L])
+    before = sim.tiers("v")[0].clone()
+    mass = visible_block_mass(token_mass(q[0, :, L - 64:L], k[0, :, :L], None), 64, S)
+    assert torch.equal(sim.block_mass[0, :, :L // S], mass)
+    for i in range(S):  # one flush: block 10 leaves the window (sink 1, window 2: 9 eligible blocks, then 10)
+        sim.append(k[:, :, L + i], v[:, :, L + i])
+    after = sim.tiers("v")[0]
+    assert int(before.sum()) == H * 5 and sim.n_sparse["v"] == [6]  # 0.6 of 9, then of 10
+    picked_older = 0
+    for h in range(H):
+        new = torch.nonzero(after[h] & ~before[h]).flatten().tolist()
+        dense = [b for b in range(1, 11) if not before[h, b]]
+        assert new == [min(dense, key=lambda b: (mass[h, b].item(), b != 10, b))], (h, new, dense)
+        picked_older += new != [10]
+    assert picked_older, "some head should re-tier an older block"
+    # the re-tiered blocks are stored pruned with their weights, the leaving one stays dense when not picked
+    want = torch.where(after.repeat_interleave(S, -1)[:, :L + S].unsqueeze(-1),
+                       fmt.prune_v(v[0, :, :L + S], sim.value_weight[0, :, :L + S]), v[0, :, :L + S])
+    assert torch.equal(sim.to_dense()[1][0], want)

@@ -1,4 +1,4 @@
-"""Study: decode-time re-tiering by score. When a block leaves the window and the ratio asks for one more 2:4 block,
+"""Study (the prototype of what SimulatedCache and the append kernel now do by default): decode-time re-tiering by score. When a block leaves the window and the ratio asks for one more 2:4 block,
 the cache makes that block 2:4 (by count). Here, per head, the block of least attention mass among the held dense
 eligible blocks and the leaving one becomes 2:4 instead (a held block is compressed then, the leaving one stays
 dense): the per-sequence budget is the same, so the pools stay sized up front. Masses come from the prompt's last
@@ -34,7 +34,7 @@ def fresh(self, b, k, v, q_obs, scale):
         self.block_mass[b, :, :nb] = m[:, :nb * S].reshape(self.heads, nb, S).sum(-1)
 
 
-def push(self, b, k, v):
+def push(self, b, k, v, decode=False):  # (re-tiers at every flush, chunk flushes included)
     for i in range(k.shape[1]):
         pos = self.lengths[b]
         for name, x in (("k", k), ("v", v)):

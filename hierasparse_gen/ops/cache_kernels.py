@@ -71,7 +71,7 @@ def append_cache(lib, cache, k: torch.Tensor, v: torch.Tensor) -> None:
     base.eager_or_op(_cache_append_impl, torch.ops.hierasparse.cache_append)(
         lib.key, k, v, cache.seqlens, cache.ctrl, kt.table, kt.dense, kt.sparse_vals, kt.sparse_meta,
         vt.table, vt.dense, vt.sparse_vals, vt.sparse_meta, cache.block, cache.sink_blocks, cache.window_blocks,
-        cache.max_seq_len, kt.ratio, vt.ratio, cache.key_weight, cache.value_weight, cache.value_weight_block)
+        cache.max_seq_len, kt.ratio, vt.ratio, cache.key_weight, cache.value_weight, cache.block_mass)
 
 
 def _cache_append_impl(lib_key: str, k: torch.Tensor, v: torch.Tensor, seqlens: torch.Tensor, ctrl: torch.Tensor,
@@ -79,7 +79,7 @@ def _cache_append_impl(lib_key: str, k: torch.Tensor, v: torch.Tensor, seqlens: 
                        v_table: torch.Tensor, v_dense: torch.Tensor, v_vals: torch.Tensor, v_meta: torch.Tensor,
                        block: int, sink_blocks: int, window_blocks: int, max_len: int,
                        k_ratio: float, v_ratio: float, k_weight: torch.Tensor | None, v_weight: torch.Tensor,
-                       v_weight_block: torch.Tensor) -> None:
+                       block_mass: torch.Tensor) -> None:
     lib = base.library(lib_key)
     B, H, D = k.shape
     checks.check_aligned(k, "k", 16)
@@ -90,7 +90,7 @@ def _cache_append_impl(lib_key: str, k: torch.Tensor, v: torch.Tensor, seqlens: 
                 k_table.data_ptr(), k_dense.data_ptr(), k_vals.data_ptr(), k_meta.data_ptr(), k_dense.shape[2],
                 k_vals.shape[2], k_ratio, v_table.data_ptr(), v_dense.data_ptr(), v_vals.data_ptr(),
                 v_meta.data_ptr(), v_dense.shape[2], v_vals.shape[2], v_ratio, base.ptr(k_weight),
-                v_weight.data_ptr(), v_weight_block.data_ptr(), v_weight.shape[2] // block)
+                v_weight.data_ptr(), block_mass.data_ptr())
 
 
 _cache_append_op = torch.library.custom_op(
@@ -101,7 +101,7 @@ _cache_append_op = torch.library.custom_op(
 
 @_cache_append_op.register_fake
 def _(lib_key, k, v, seqlens, ctrl, k_table, k_dense, k_vals, k_meta, v_table, v_dense, v_vals, v_meta,
-      block, sink_blocks, window_blocks, max_len, k_ratio, v_ratio, k_weight, v_weight, v_weight_block):
+      block, sink_blocks, window_blocks, max_len, k_ratio, v_ratio, k_weight, v_weight, block_mass):
     return None
 
 

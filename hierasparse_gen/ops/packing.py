@@ -50,7 +50,7 @@ def _compress8(lib, x: torch.Tensor, kind: str, cap: int, sparse: bool) -> Packe
     device; the same bytes either way."""
     B, H, L, D = x.shape
     variant = compress_variant(lib, x)
-    if variant.abi != "compress4f8":
+    if variant.abi != "compress5f8":
         if sparse:
             vals, meta, scales = (format_fp8.pack_k if kind == "k" else format_fp8.pack_v)(x, cap)
             return PackedKV(vals, meta, kind, L, scales)

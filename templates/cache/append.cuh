@@ -27,12 +27,30 @@ struct AppendArgs {
   int ctrl_width, heads, max_blocks, block, sink_blocks, window_blocks, max_len;
   Pools t[2];
   const float* k_weight;          // K's per-channel weights [B*H, D] of the 2:4 choice, or null: magnitudes
-  // V's per-token weights of the prompt's window blocks (the blocks that leave the window first), or null:
-  // [B*H, v_weight_blocks * block], covering blocks v_weight_block[b].. of sequence b (others: magnitudes)
-  const float* v_weight;
-  const int* v_weight_block;
-  int v_weight_blocks;
+  const float* v_weight;          // V's per-token weights [B*H, max_blocks * block] (ones: magnitudes), or null
+  // per block score of re-tiering [B*H, max_blocks], or null: when a block leaves the window and one more 2:4
+  // block is due, the least-mass dense eligible block of the head becomes 2:4 (the leaving one on ties)
+  const float* block_mass;
 };
+
+// Warp-then-CTA argmin of (mass, rank) pairs, lexicographic; returns the winning rank to every thread.
+__device__ __forceinline__ int argmin_rank(float m, int r) {
+  __shared__ float s_m[32];
+  __shared__ int s_r[32];
+  for (int off = 16; off; off >>= 1) {
+    const float om = __shfl_xor_sync(0xffffffffu, m, off);
+    const int orr = __shfl_xor_sync(0xffffffffu, r, off);
+    if (om < m || (om == m && orr < r)) m = om, r = orr;
+  }
+  const int warp = threadIdx.x / 32, warps = blockDim.x / 32;
+  if (threadIdx.x % 32 == 0) s_m[warp] = m, s_r[warp] = r;
+  __syncthreads();
+  m = s_m[0], r = s_r[0];
+  for (int w = 1; w < warps; ++w)
+    if (s_m[w] < m || (s_m[w] == m && s_r[w] < r)) m = s_m[w], r = s_r[w];
+  __syncthreads();
+  return r;
+}
 
 // Same rounding as cache.ratio_count: round half up, never more than all.
 __device__ __forceinline__ int ratio_count(double ratio, int eligible) {
@@ -88,7 +106,19 @@ __global__ void __launch_bounds__(128) append_kernel(const AppendArgs a) {
   const int out_slot = p.out == p.blk ? slot : row[p.out];
   const int nsp = c[kCtrlNsp + 2 * z];
   __syncthreads();  // the row just written may be in the block (window 0)
-  const Element* base = t.dense + (bh * t.n_dense + out_slot) * (long long)a.block * kHeadDim;
+  // which block becomes 2:4: the leaving one, or (re-tiering) the head's least-mass dense eligible block
+  int pick = p.out;
+  if (a.block_mass) {
+    const float* mass = a.block_mass + bh * a.max_blocks;
+    float m = mass[p.out];
+    int r = -1;  // rank: the leaving block first, then block order
+    for (int blk = a.sink_blocks + threadIdx.x; blk < p.out; blk += blockDim.x)
+      if (row[blk] >= 0 && (mass[blk] < m || (mass[blk] == m && blk < r && r >= 0))) m = mass[blk], r = blk;
+    r = argmin_rank(m, r < 0 ? -1 : r);
+    if (r >= 0) pick = r;
+  }
+  const int pick_slot = pick == p.out ? out_slot : row[pick];
+  const Element* base = t.dense + (bh * t.n_dense + pick_slot) * (long long)a.block * kHeadDim;
   const Dest d{t.vals, t.meta, nullptr, 0, 0, 0, 0, nullptr};
   const int warp = threadIdx.x / 32, warps = blockDim.x / 32;
   if (z == 0) {
@@ -97,9 +127,8 @@ __global__ void __launch_bounds__(128) append_kernel(const AppendArgs a) {
       compress_k_unit(base, kHeadDim, a.block, u / kKSteps, u % kKSteps,
                       (bh * t.n_sparse + nsp) * (a.block / 16) + u / kKSteps, d, w);
   } else {
-    const int rel = a.v_weight ? p.out - a.v_weight_block[b] : -1;
-    const float* w = rel >= 0 && rel < a.v_weight_blocks
-                         ? a.v_weight + (bh * a.v_weight_blocks + rel) * (long long)a.block : nullptr;
+    const float* w = a.v_weight ? a.v_weight + bh * (long long)a.max_blocks * a.block + pick * (long long)a.block
+                                : nullptr;
     for (int u = warp; u < a.block / 32 * kMTiles; u += warps) {
       compress_v_unit(base, kHeadDim, a.block, u / kMTiles, u % kMTiles,
                       (bh * t.n_sparse + nsp) * (a.block / 32) + u / kMTiles, d,
@@ -107,8 +136,15 @@ __global__ void __launch_bounds__(128) append_kernel(const AppendArgs a) {
       __syncwarp();  // the warp's staging tile is reused by its next unit
     }
   }
+  if (pick != p.out) {  // the leaving block's rows move into the slot the re-tiered block frees
+    __syncthreads();
+    const uint4* from = reinterpret_cast<const uint4*>(t.dense + (bh * t.n_dense + out_slot) * (long long)a.block * kHeadDim);
+    uint4* to = reinterpret_cast<uint4*>(t.dense + (bh * t.n_dense + pick_slot) * (long long)a.block * kHeadDim);
+    for (int i = threadIdx.x; i < a.block * kHeadDim / 8; i += blockDim.x) to[i] = from[i];
+  }
   if (threadIdx.x == 0) {
-    row[p.out] = -(nsp + 1);
+    row[pick] = -(nsp + 1);
+    if (pick != p.out) row[p.out] = pick_slot;
     if (h == 0) stack[top] = out_slot;  // the commit raises the stack height
   }
 }
