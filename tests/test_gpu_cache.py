@@ -134,11 +134,16 @@ def test_prefill_selection_by_the_prompts_queries(lib, poison, selection, key_ch
     sim = SimulatedCache(device="cuda", **kw)
     cache.prefill(k[:, :, :3000], v[:, :, :3000], lengths, select_q=q)
     sim.prefill(k[:, :, :3000], v[:, :, :3000], lengths, select_q=q)
+    tiers_at_prompt = cache.tiers("v").clone()
     for _ in range(140):
         pos = cache.lengths
         cache.append(k[torch.arange(2), :, pos], v[torch.arange(2), :, pos])
         sim.append(k[torch.arange(2), :, pos], v[torch.arange(2), :, pos])
     same()
+    if selection == "attention":  # re-tiering by mass: some head compressed a block held since the prompt
+        held = [(cache.tiers("v")[b, :, :n // cache.block - cache.window_blocks] &
+                 ~tiers_at_prompt[b, :, :n // cache.block - cache.window_blocks]).any() for b, n in enumerate(lengths)]
+        assert any(bool(h) for h in held)
     other = HieraCache(lib, **{**kw, "selection": "prune_loss", "key_channels": "magnitude",
                                "value_tokens": "magnitude"})
     other.prefill(k[:, :, :3000], v[:, :, :3000], lengths, select_q=q)
