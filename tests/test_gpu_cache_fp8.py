@@ -155,3 +155,31 @@ def test_e4m3_cache_in_a_cuda_graph(fp8):
         assert torch.equal(a, b)
     n = eager.nbytes()
     assert n["k_dense_fp8"] > 0 and n["v_sparse"] > 0 and n["total"] < 0.6 * n["dense_equivalent"]
+
+
+@pytest.mark.parametrize("mode,chunk", [("attend_then_compress", 256), ("compress_then_attend", 256)])
+@pytest.mark.parametrize("storage", [(E4M3, E4M3), ("model", E4M3)])
+def test_enable_with_e4m3_matches_the_simulation(llama3_fp8, mode, chunk, storage):
+    """A one-layer random-weight Llama through transformers with e4m3 storage: chunked prefill (the second chunk
+    attends to e4m3 blocks through the model-dtype stand-in), then graph-replayed decode across flushes; logits and
+    tiers as the simulation's of the same pruning."""
+    from hf_models import run_steps, tiny_model
+    from hierasparse_gen import hf
+    fp16 = dict(dtype=torch.float16, device="cuda")
+    settings = dict(key_ratio=0.5, value_ratio=1.0, sink=64, window=64, prefill_mode=mode, key_storage=storage[0],
+                    value_storage=storage[1])
+    model = tiny_model("llama", layers=1, **fp16)
+    g = torch.Generator().manual_seed(5)
+    prompt, new = (torch.randint(0, 256, (2, n), generator=g).cuda() for n in (600, 150))
+    hf.enable(model, backend="simulate", **settings)
+    sim_cache = hf.make_cache(model, batch_size=2, max_cache_len=750)
+    want = run_steps(model, prompt, new, sim_cache, chunk=chunk)
+    hf.enable(model, llama3_fp8, **settings)
+    cache = hf.make_cache(model, batch_size=2, max_cache_len=750)
+    got = run_steps(model, prompt, new, cache, chunk=chunk)
+    for layer, sim in zip(cache.layers, sim_cache.layers):
+        for name in "kv":
+            assert torch.equal(layer.store.tiers(name), sim.store.tiers(name)), name
+        assert layer.store.lengths == sim.store.lengths == [750, 750]
+    err = (got - want).abs().max().item()
+    assert err < 2e-3 * want.abs().max().item() + 1e-2, err
