@@ -46,6 +46,12 @@ SIGNATURES = {
                            _p, _i32, _i32, _f32, _i32, _p, _p, _p, _i64, _i64, _p, _p],
     ("decode_table", "_smem_bytes"): [],
     ("decode_table", "_threads"): [],
+    # ... with e4m3 tensors: after n_sparse_v, per tensor its e4m3 pools (dense values, dense scales, 2:4 scales,
+    # dense slots; null and 0 for a model-dtype tensor)
+    ("decode_table8", ""): [_p, _i64, _i64, _p, _p, _i32, _p, _p, _i32, _i32, _p, _p, _p, _p, _i32, _i32,
+                            *[_p, _p, _p, _i32] * 2, _p, _i32, _i32, _f32, _i32, _p, _p, _p, _i64, _i64, _p, _p],
+    ("decode_table8", "_smem_bytes"): [],
+    ("decode_table8", "_threads"): [],
     # q, its strides; K then V source (table, max_blocks, block, dense, n_dense, vals, meta,
     # n_sparse, tail, tail strides x3, tail_start); seqlens, qlens, max_len, batch, Hq, Hkv, Lq,
     # scale, out, its strides, lse, stream
@@ -74,10 +80,17 @@ SIGNATURES.update({("compress5f8", suffix): args for (abi, suffix), args in list
                    if abi == "compress5"})
 SIGNATURES.update({("compress5f8", suffix): [_p, _i64, _i64, _i64, _i32, _i32, _i32, _i32, _p, _p, _p, _p]
                    for suffix in ("_k8", "_v8", "_kd8", "_vd8")})
+# ... the cache with e4m3 tensors: fill (compress5's fill arguments, then the e4m3 pools: dense values, dense
+# scales, 2:4 scales, dense slots; then the weights) and the decode step (compress5's append arguments up to V's
+# ratio, then per tensor its e4m3 pools, or nulls and 0 for a model-dtype tensor; then the weights and masses)
+SIGNATURES.update({("compress5f8", f"_fill_{t}8"): [_p, _i64, _i64, _i64, _i32, _i32, _i32, _p, _i32, _i32, _p, _i32,
+                                                     _p, _p, _i32, _p, _p, _p, _i32, _p, _p] for t in "kv"})
+SIGNATURES[("compress5f8", "_append8")] = [*SIGNATURES[("compress5", "_append")][:-4], *[_p, _p, _p, _i32] * 2,
+                                           _p, _p, _p, _p]
 
 #: ABIs with host-side size queries answered at load time (no GPU needed)
 SIZE_QUERIES = {"decode": ("_smem_bytes", "_threads"), "decode8": ("_smem_bytes", "_threads"),
-                "decode_table": ("_smem_bytes", "_threads")}
+                "decode_table": ("_smem_bytes", "_threads"), "decode_table8": ("_smem_bytes", "_threads")}
 
 ABIS = frozenset(abi for abi, _ in SIGNATURES) | {"runtime"}
 

@@ -137,11 +137,12 @@ def format_table(rows, bw) -> str:
 
 
 def bench_cache_ratios(lib, ratios=(0.0, 0.25, 0.5, 0.75, 1.0), B=8, L=32768, hq=32, hkv=8, d=128,
-                       dtype=torch.float16, iters=20):
+                       dtype=torch.float16, iters=20, storage=("model", "model")):
     """Mixed-tier decode over a HieraCache across key x value ratios, beside cuDNN dense.
 
     The byte model: time proportional to the bytes of the blocks read (dense 2 bytes an element,
-    2:4 1.125), so the predicted speedup over dense decode is dense_bytes / cache_bytes."""
+    2:4 1.125; e4m3 ``storage``: 1 and 0.625 plus 2 bytes of scale a token), so the predicted speedup over
+    dense decode is dense_bytes / cache_bytes."""
     from torch.nn.attention import SDPBackend
     from .cache import HieraCache
     k = torch.randn(B, hkv, L, d, device="cuda", dtype=dtype)
@@ -154,7 +155,7 @@ def bench_cache_ratios(lib, ratios=(0.0, 0.25, 0.5, 0.75, 1.0), B=8, L=32768, hq
             caches = []
             for _ in range(2):  # two caches so consecutive calls do not hit L2
                 c = HieraCache(lib, batch=B, num_kv_heads=hkv, head_dim=d, max_seq_len=L, key_ratio=kr,
-                               value_ratio=vr, dtype=dtype)
+                               value_ratio=vr, dtype=dtype, key_storage=storage[0], value_storage=storage[1])
                 c.prefill(k, v)
                 caches.append(c)
             us = median_us(lambda q, c: c.attend(q), list(zip(qs, caches)), iters)
@@ -278,6 +279,8 @@ def main(argv=None) -> int:
     ap.add_argument("--cache", action="store_true",
                     help="HieraCache decode across key/value ratios (B=8, L=32K) and the prefill fill cost")
     ap.add_argument("--plot", help="with --cache: write a PNG of speedup against the ratios")
+    ap.add_argument("--storage", default="model/model", metavar="K/V",
+                    help="with --cache: K's and V's storage, model or float8_e4m3 (e.g. float8_e4m3/float8_e4m3)")
     ap.add_argument("--prefill", action="store_true", help="causal prefill (all-2:4, balanced, block table) against dense SDPA")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -295,8 +298,12 @@ def main(argv=None) -> int:
         print(format_prefill(rows))
         return 0
     if args.cache:
-        rows, cudnn = bench_cache_ratios(lib, dtype=getattr(torch, args.dtype))
-        print(f"HieraCache decode, B=8, L=32K, sink 64, window 256, block 64; cuDNN dense {cudnn:.1f} us")
+        storage = tuple(args.storage.split("/"))
+        if len(storage) != 2:
+            ap.error(f"--storage {args.storage!r}: give K/V, e.g. float8_e4m3/float8_e4m3")
+        rows, cudnn = bench_cache_ratios(lib, dtype=getattr(torch, args.dtype), storage=storage)
+        print(f"HieraCache decode, B=8, L=32K, sink 64, window 256, block 64, storage K/V {args.storage}; "
+              f"cuDNN dense {cudnn:.1f} us")
         print("| key ratio | value ratio | us | speedup vs cuDNN | byte model | measured / model | TB/s |")
         print("|---|---|---|---|---|---|---|")
         for r in rows:

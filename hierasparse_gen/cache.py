@@ -16,6 +16,11 @@ where: entry ``e >= 0`` is dense slot ``e``, ``e < 0`` is 2:4 slot ``-e - 1``.
   sized up front.
 * Appends write one row of the newest dense block; a flush re-tiers one block in place
   (compress it into the next 2:4 slot, free its dense slot). Nothing is ever concatenated.
+* Storage (``key_storage``/``value_storage``, docs/fp8.md): with ``"float8_e4m3"`` a tensor's eligible
+  blocks live in e4m3 pools with one float16 scale per token, dense (table entry ``DENSE8 + slot``) or 2:4
+  (``e < 0``), and its sink and window stay dense in the model dtype; every block leaving the window moves
+  into the e4m3 pools (2:4 by the ratio, by count: a dense e4m3 block has lost the values re-tiering would
+  compress).
 
 Slot bookkeeping (per sequence, the same for all heads) lives twice: on the host, for prefill
 and inspection, and on the device (``ctrl``), where the decode-step append kernel reads and
@@ -26,11 +31,13 @@ stale and :meth:`HieraCache.sync` (called by every host-side method) pulls it ba
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
 
-from .cache_inspect import CacheInspection
+from .cache_inspect import CacheInspection, block_rows
 from .errors import CacheFullError, InputError
 from .ops import cache_kernels as _kernels
 from .ops.checks import check_queries
@@ -38,12 +45,14 @@ from .ops.checks import check_queries
 from .policy import (PREFILL_MODES, cache_settings, check_not_full, check_prefill_mode, check_ratios, check_room,
                      eligible_blocks, pool_sizes, ratio_count)
 from .format import block_prune_loss
+from .format_fp8 import check_storage
 from .selection import (attention_mass, block_scores, channel_weights, check_selection, needs_queries,
                         observed_queries, output_error, resolve, resolve_channels, resolve_tokens,
                         token_mass, token_weights, visible_block_mass)
 
 _CTRL_STACK = 6  # ctrl columns before the free-slot stacks
 _STATUS = 5      # ctrl column: 1 = a captured append found the sequence full, 2 = no free dense slot
+DENSE8 = 1 << 30  # table entry DENSE8 + s: an e4m3 tensor's dense e4m3 slot s (templates/cache/pack.cuh)
 
 
 @dataclass
@@ -58,6 +67,14 @@ class _Tensor:
     n_sparse: list[int] = field(default_factory=list)        # 2:4 blocks, per sequence
     free: list[list[int]] = field(default_factory=list)      # free dense slots, per sequence
     uniform: list[dict[int, int]] = field(default_factory=list)  # block -> dense slot, same for all heads
+    storage: str = "model"       # "float8_e4m3": eligible blocks in the e4m3 pools below (2:4 values: uint8)
+    dense8: torch.Tensor | None = None          # [B, H, n_dense8, block * D] uint8 (format_fp8's dense layout)
+    dense8_scales: torch.Tensor | None = None   # [B, H, n_dense8, block] float16
+    sparse_scales: torch.Tensor | None = None   # [B, H, n_sparse, block] float16
+
+    @property
+    def e4m3(self) -> bool:
+        return self.storage == "float8_e4m3"
 
 
 class HieraCache(CacheInspection):
@@ -67,7 +84,7 @@ class HieraCache(CacheInspection):
                  key_ratio: float, value_ratio: float, dtype=torch.float16, device="cuda",
                  block_size: int | None = None, sink: int | None = None, local_window: int | None = None,
                  selection: str = "auto", key_channels: str = "auto", observe: int = 64,
-                 value_tokens: str = "auto"):
+                 value_tokens: str = "auto", key_storage: str = "model", value_storage: str = "model"):
         self.lib = lib
         self.block, self.sink, self.window = cache_settings(lib, block_size, sink, local_window)
         check_ratios(key_ratio, value_ratio)
@@ -88,8 +105,11 @@ class HieraCache(CacheInspection):
         self.sink_blocks, self.window_blocks = self.sink // self.block, self.window // self.block
         self._lengths = [0] * batch
         self.n_eligible = [0] * batch
-        self.k = self._make("k", key_ratio)
-        self.v = self._make("v", value_ratio)
+        storage = {"k": check_storage(key_storage, "key_storage"), "v": check_storage(value_storage, "value_storage")}
+        if "float8_e4m3" in storage.values():
+            _kernels.check_e4m3_build(lib, head_dim, dtype, storage["k"], storage["v"])
+        self.k = self._make("k", key_ratio, storage["k"])
+        self.v = self._make("v", value_ratio, storage["v"])
         # K's per-channel weights of the 2:4 choice (key_channels "query"/"auto": set by a sequence's first
         # prefill when it brings queries, read by the fill and append kernels; ones weigh nothing); None: magnitudes
         self.key_weight = torch.ones(batch, num_kv_heads, head_dim, dtype=torch.float32, device=self.device) \
@@ -122,15 +142,25 @@ class HieraCache(CacheInspection):
     def _eligible(self, full_blocks: int) -> int:
         return eligible_blocks(full_blocks, self.sink_blocks, self.window_blocks)
 
-    def _make(self, name: str, ratio: float) -> _Tensor:
+    def _make(self, name: str, ratio: float, storage: str = "model") -> _Tensor:
         B, H, D, S = self.batch, self.heads, self.head_dim, self.block
-        n_dense, n_sparse = pool_sizes(ratio, self.max_seq_len, self.block, self.sink_blocks, self.window_blocks)
+        sizes = (self.max_seq_len, self.block, self.sink_blocks, self.window_blocks)
+        n_dense, n_sparse = pool_sizes(ratio, *sizes)
+        e4m3 = storage == "float8_e4m3"
+        if e4m3:  # the model-dtype pool holds what is never eligible (sink, window, partial): ratio 1's dense
+            n_dense = pool_sizes(1.0, *sizes)[0]
+            most = eligible_blocks(self.max_seq_len // S, self.sink_blocks, self.window_blocks)
+            n_dense8 = max(1, most - ratio_count(ratio, most))  # dense eligible blocks only grow with the count
         z = dict(device=self.device)
         t = _Tensor(name, ratio,
                     torch.zeros(B, H, n_dense, S, D, dtype=self.dtype, **z),
-                    torch.zeros(B, H, n_sparse, S * D // 2, dtype=self.dtype, **z),
+                    torch.zeros(B, H, n_sparse, S * D // 2, dtype=torch.uint8 if e4m3 else self.dtype, **z),
                     torch.zeros(B, H, n_sparse, S * D // 16, dtype=torch.int16, **z),
-                    torch.zeros(B, H, self.max_blocks, dtype=torch.int32, **z))
+                    torch.zeros(B, H, self.max_blocks, dtype=torch.int32, **z), storage=storage)
+        if e4m3:
+            t.dense8 = torch.zeros(B, H, n_dense8, S * D, dtype=torch.uint8, **z)
+            t.dense8_scales = torch.ones(B, H, n_dense8, S, dtype=torch.float16, **z)
+            t.sparse_scales = torch.ones(B, H, n_sparse, S, dtype=torch.float16, **z)
         t.n_sparse = [0] * B
         t.free = [list(range(n_dense)) for _ in range(B)]
         t.uniform = [{} for _ in range(B)]
@@ -200,7 +230,7 @@ class HieraCache(CacheInspection):
         qlens = torch.tensor(lengths, dtype=torch.int32, device=self.device)
         if mode == "attend_then_compress":
             seqlens = torch.tensor(after, dtype=torch.int32, device=self.device)
-            out = _kernels.prefill_cache(self.lib, q, self, seqlens, qlens, k_tail=k, v_tail=v,
+            out = _kernels.prefill_cache(self.lib, q, self._prefill_source(any(old)), seqlens, qlens, k_tail=k, v_tail=v,
                                 tail_start=torch.tensor(old, dtype=torch.int32, device=self.device), scale=scale,
                                 kernel=kernel)
             self._extend(k, v, lengths, *sel)
@@ -213,11 +243,35 @@ class HieraCache(CacheInspection):
             k_tail, start = self._aligned_tail(k, lengths)
         self._extend(k, v, lengths, *sel)
         if mode == "compress_then_attend":  # no tails: the sm_90a kernel over the tables may take it
-            return _kernels.prefill_cache(self.lib, q, self, self.seqlens, qlens, scale=scale, whole=whole,
-                                          kernel=kernel)
+            return _kernels.prefill_cache(self.lib, q, self._prefill_source(), self.seqlens, qlens, scale=scale,
+                                          whole=whole, kernel=kernel)
         # balanced: a whole prompt's dense K rows are all its keys, which the sm_90a table kernel also takes
-        return _kernels.prefill_cache(self.lib, q, self, self.seqlens, qlens, k_tail=k_tail, tail_start=start,
-                                      scale=scale, whole=whole, kernel=kernel)
+        return _kernels.prefill_cache(self.lib, q, self._prefill_source(), self.seqlens, qlens, k_tail=k_tail,
+                                      tail_start=start, scale=scale, whole=whole, kernel=kernel)
+
+    def _prefill_source(self, reads: bool = True):
+        """What the prefill kernels read (16-bit blocks): the cache itself, or with e4m3 tensors a stand-in whose
+        e4m3 tensors hold every slot as model-dtype dense rows (:func:`block_rows`: 2:4 blocks with their dropped
+        values 0, e4m3 dequantized) and whose tables point there: transient, the dense bytes of those tensors'
+        whole capacity. ``reads`` False (the chunk attends to nothing held): empty pools."""
+        if not (self.k.e4m3 or self.v.e4m3):
+            return self
+        view = copy.copy(self)
+        S, D = self.block, self.head_dim
+        for name in "kv":
+            t = getattr(self, name)
+            if not t.e4m3:
+                continue
+            if reads:
+                rows, slot = block_rows(self, t)
+            else:
+                rows = torch.zeros(self.batch, self.heads, 1, S, D, dtype=self.dtype, device=self.device)
+                slot = torch.zeros_like(t.table)
+            vals = torch.zeros(self.batch, self.heads, 1, S * D // 2, dtype=self.dtype, device=self.device)
+            setattr(view, name, dataclasses.replace(t, dense=rows, sparse_vals=vals, sparse_meta=t.sparse_meta[:, :, :1].contiguous(),
+                                                    table=slot.to(torch.int32).contiguous(), storage="model",
+                                                    dense8=None, dense8_scales=None, sparse_scales=None))
+        return view
 
     def _aligned_tail(self, k: torch.Tensor, lengths: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Dense K rows from each sequence's last 32-token boundary: [B, Hkv, 31 + L, D], and
@@ -260,7 +314,7 @@ class HieraCache(CacheInspection):
         dense pools never overflow); the data then moves in a few batched operations a tensor."""
         S, pos0 = self.block, self._lengths[b]
         started = {"k": {}, "v": {}}   # block -> dense slot, for blocks that start in the chunk
-        flushed = {"k": [], "v": []}   # (block, its dense slot, 2:4 slot) for blocks leaving the window
+        flushed = {"k": [], "v": []}   # (block, its dense slot, new table entry) for blocks leaving the window
         old_slot = {t.name: dict(t.uniform[b]) for t in (self.k, self.v)}
         i = 0
         while i < n:
@@ -273,8 +327,8 @@ class HieraCache(CacheInspection):
             i += take
             self._lengths[b] = pos + take
             if self._lengths[b] % S == 0:
-                for t, blk_out, slot, sp in self._maybe_flush(b):
-                    flushed[t.name].append((blk_out, slot, sp))
+                for t, blk_out, slot, entry in self._maybe_flush(b):
+                    flushed[t.name].append((blk_out, slot, entry))
         for t, x in ((self.k, k), (self.v, v)):
             self._move_rows(t, b, x[:, :n], pos0, {**old_slot[t.name], **started[t.name]}, flushed[t.name])
 
@@ -295,40 +349,45 @@ class HieraCache(CacheInspection):
                 older = pos0 - blk * S  # rows of the block held before the chunk
                 if older > 0:
                     assembled[f, :, :older] = t.dense[b, :, slot, :older]
-            sp = torch.tensor([f[2] for f in flushed], device=x.device)
+            entry = torch.tensor([f[2] for f in flushed], device=x.device, dtype=torch.int32)
             blocks_out = [f[0] for f in flushed]
-            if (t.name == "k" and self.weighted[b]) or (t.name == "v" and self._weighs_v[b]):
-                self._fill_flushed(t, b, assembled, sp, blocks_out)
+            if t.e4m3 or (t.name == "k" and self.weighted[b]) or (t.name == "v" and self._weighs_v[b]):
+                self._fill_flushed(t, b, assembled, entry, blocks_out)
             else:
+                sp = -entry.long() - 1
                 packed = (self.lib.compress_k if t.name == "k" else self.lib.compress_v)(assembled)
                 t.sparse_vals[b, :, sp] = packed.values.reshape(len(flushed), self.heads, -1).transpose(0, 1)
                 t.sparse_meta[b, :, sp] = packed.meta.reshape(len(flushed), self.heads, -1).transpose(0, 1)
             # (blocks from before the chunk may leave the window too: outside first..last)
-            t.table[b, :, blocks.to(t.table.device)] = -(sp.to(t.table.device, torch.int32) + 1)
-            entries.update({blk: -(s + 1) for blk, _, s in flushed if blk >= first})
+            t.table[b, :, blocks.to(t.table.device)] = entry.to(t.table.device)
+            entries.update({blk: e for blk, _, e in flushed if blk >= first})
         lut = torch.tensor([entries[blk] for blk in range(first, last + 1)], dtype=torch.int32)
         t.table[b, :, first:last + 1] = lut.to(t.table.device)
         pos = torch.arange(pos0, pos0 + n)
         slots = lut[pos // S - first]
-        keep = slots >= 0  # rows of blocks still dense after the chunk
+        keep = (slots >= 0) & (slots < DENSE8)  # rows of blocks still in the model-dtype dense pool
         if bool(keep.any()):
             idx = torch.nonzero(keep).flatten()
             dev = t.dense.device
             t.dense[b, :, slots[idx].long().to(dev), (pos[idx] % S).to(dev)] = x[:, idx.to(x.device)]
 
-    def _fill_flushed(self, t: _Tensor, b: int, assembled: torch.Tensor, sp: torch.Tensor, blocks: list[int]) -> None:
-        """Blocks ``blocks`` of sequence b (rows ``assembled [F, H, S, D]``) into 2:4 slots ``sp`` through the fill
-        kernel, which takes K's channel weights and V's token weights (the flat compressor keeps magnitudes)."""
+    def _fill_flushed(self, t: _Tensor, b: int, assembled: torch.Tensor, entry: torch.Tensor, blocks: list[int]) -> None:
+        """Blocks ``blocks`` of sequence b (rows ``assembled [F, H, S, D]``) to their new table entries ``entry
+        [F]`` (2:4 slots, or an e4m3 tensor's dense e4m3 slots) through the fill kernel, which takes K's channel
+        weights and V's token weights (the flat compressor keeps magnitudes)."""
         F, S = assembled.shape[0], self.block
         x = assembled.transpose(0, 1).reshape(1, self.heads, F * S, self.head_dim)
-        table = (-(sp.to(torch.int32) + 1)).view(1, 1, F).expand(1, self.heads, F).contiguous().to(self.device)
+        table = entry.to(torch.int32).view(1, 1, F).expand(1, self.heads, F).contiguous().to(self.device)
         if t.name == "k":
-            weight = self.key_weight[b:b + 1]
+            weight = self.key_weight[b:b + 1] if self.key_weight is not None else None
         else:  # each block's token weights
             idx = (torch.tensor(blocks, device=self.device).view(-1, 1) * S + torch.arange(S, device=self.device))
             weight = self.value_weight[b, :, idx.flatten()].unsqueeze(0).contiguous()
-        _kernels.fill_blocks(self.lib, x, t.name, table, S, t.dense[b:b + 1], t.sparse_vals[b:b + 1],
-                             t.sparse_meta[b:b + 1], weight)
+        if t.e4m3:
+            _kernels.fill_blocks8(self.lib, x, t.name, t, S, table, slice(b, b + 1), weight)
+        else:
+            _kernels.fill_blocks(self.lib, x, t.name, table, S, t.dense[b:b + 1], t.sparse_vals[b:b + 1],
+                                 t.sparse_meta[b:b + 1], weight)
 
     def _prefill_group(self, b0: int, b1: int, k: torch.Tensor, v: torch.Tensor, select_q=None, scale=None) -> None:
         """Sequences b0..b1-1, all with the prompt length L: select, fill the table, then one
@@ -383,8 +442,17 @@ class HieraCache(CacheInspection):
                         block_prune_loss(x, t.name, S, None if kw is None else kw.unsqueeze(2), vw)
                 loss = block_scores(selection, x, t.name, S, mass, gpu_loss, error).contiguous()
             _kernels.select_blocks(self.lib, x, loss, first, n_elig, n_s, blocks, t.table[b0:b1])
-            _kernels.fill_blocks(self.lib, x, t.name, t.table[b0:b1], S, t.dense[b0:b1], t.sparse_vals[b0:b1],
-                                 t.sparse_meta[b0:b1], weight if t.name == "k" else vweight)
+            w = weight if t.name == "k" else vweight
+            if t.e4m3:
+                # select numbers the dense eligible blocks 0..n_de-1 and the others after them: the former go to
+                # the e4m3 dense pool, the others keep the model-dtype one
+                live = t.table[b0:b1, :, :blocks]
+                live.copy_(torch.where(live < 0, live, torch.where(live < n_de, live + DENSE8, live - n_de)))
+                _kernels.fill_blocks8(self.lib, x, t.name, t, S, t.table[b0:b1], slice(b0, b1), w)
+                n_de = 0  # (model-dtype slots)
+            else:
+                _kernels.fill_blocks(self.lib, x, t.name, t.table[b0:b1], S, t.dense[b0:b1], t.sparse_vals[b0:b1],
+                                     t.sparse_meta[b0:b1], w)
             for b in range(b0, b1):
                 t.n_sparse[b] = n_s
                 t.uniform[b] = {blk: n_de + i for i, blk in enumerate(uniform)}
@@ -429,20 +497,24 @@ class HieraCache(CacheInspection):
 
     def _maybe_flush(self, b: int) -> list:
         """Bookkeeping when a block leaves the window: it becomes eligible, and 2:4 by each
-        tensor's ratio. Returns (tensor, block, dense slot, 2:4 slot) for each tensor whose block
-        is to be compressed; the caller moves the data (the append kernel does it on the device)."""
+        tensor's ratio. Returns (tensor, block, dense slot, new table entry) for each tensor whose block
+        moves (2:4, or an e4m3 tensor's block); the caller moves the data (the append kernel does it on
+        the device)."""
         blk = self._lengths[b] // self.block - self.window_blocks - 1
         if blk < self.sink_blocks:
             return []
         self.n_eligible[b] += 1
         out = []
         for t in (self.k, self.v):
-            if t.n_sparse[b] >= ratio_count(t.ratio, self.n_eligible[b]):
+            due = t.n_sparse[b] < ratio_count(t.ratio, self.n_eligible[b])
+            if not due and not t.e4m3:
                 del t.uniform[b][blk]  # stays dense where it is
                 continue
+            # 2:4, or an e4m3 tensor's next dense e4m3 slot (its dense eligible blocks before this one)
+            entry = -(t.n_sparse[b] + 1) if due else DENSE8 + self.n_eligible[b] - 1 - t.n_sparse[b]
             slot = t.uniform[b].pop(blk)
-            out.append((t, blk, slot, t.n_sparse[b]))
-            t.n_sparse[b] += 1
+            out.append((t, blk, slot, entry))
+            t.n_sparse[b] += 1 if due else 0
             t.free[b].append(slot)
         return out
 

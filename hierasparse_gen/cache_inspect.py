@@ -5,39 +5,59 @@ from __future__ import annotations
 
 import torch
 
+from . import format_fp8
 from .format import unpack_k, unpack_v
 from .policy import cache_nbytes
+
+DENSE8 = 1 << 30  # (cache.DENSE8) table entry of an e4m3 tensor's dense e4m3 slot
+
+
+def block_rows(cache, t, dtype=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every slot of tensor ``t`` of ``cache`` as dense rows in ``dtype`` (default the cache's; float32 holds e4m3
+    values times their scales exactly), ``[B, H, slots, block, D]``: the
+    model-dtype dense pool, then (e4m3 tensors) the e4m3 dense pool dequantized, then the 2:4 pool unpacked (dropped
+    values 0, e4m3 dequantized); and the table with each entry turned into its slot there ``[B, H, max_blocks]``."""
+    B, H, S, D = cache.batch, cache.heads, cache.block, cache.head_dim
+    dtype = dtype or cache.dtype
+    n_dense, n_sp = t.dense.shape[2], t.sparse_vals.shape[2]
+    is_k = t.name == "k"
+    vshape = (B, H * n_sp, S, D // 2) if is_k else (B, H * n_sp, S // 2, D)
+    mshape = (B, H * n_sp, S, D // 16) if is_k else (B, H * n_sp, S // 16, D)
+    vals, meta = t.sparse_vals.reshape(vshape), t.sparse_meta.reshape(mshape)
+    parts = [t.dense.to(dtype)]
+    n8 = 0
+    if t.e4m3:
+        n8 = t.dense8.shape[2]
+        unpack_dense = format_fp8.unpack_k_dense if is_k else format_fp8.unpack_v_dense
+        parts.append(unpack_dense(t.dense8.reshape(B, H * n8, S, D), t.dense8_scales.reshape(B, H * n8, S),
+                                  dtype).reshape(B, H, n8, S, D))
+        unpack = format_fp8.unpack_k if is_k else format_fp8.unpack_v
+        sparse = unpack(vals, meta, t.sparse_scales.reshape(B, H * n_sp, S), dtype)
+    else:
+        sparse = (unpack_k if is_k else unpack_v)(vals, meta).to(dtype)
+    parts.append(sparse.reshape(B, H, n_sp, S, D))
+    e = t.table
+    slot = torch.where(e < 0, n_dense + n8 - e - 1, torch.where(e >= DENSE8, n_dense + e - DENSE8, e))
+    return torch.cat(parts, 2), slot
 
 
 class CacheInspection:
     """Inspection methods of HieraCache (they read its tables and pools; :meth:`sync` first)."""
 
-    def to_dense(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """K and V ``[B, Hkv, max(lengths), D]`` exactly as the cache holds them (2:4 blocks pruned)."""
+    def to_dense(self, dtype=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V ``[B, Hkv, max(lengths), D]`` exactly as the cache holds them (2:4 blocks pruned, e4m3 blocks
+        dequantized into ``dtype``, by default the cache's: float32 is what the decode kernel multiplies)."""
         self.sync()
         L = max(self._lengths) if any(self._lengths) else 0
         out = []
         for t in (self.k, self.v):
-            x = torch.zeros(self.batch, self.heads, self.max_blocks * self.block, self.head_dim,
-                            dtype=self.dtype, device=self.device)
-            for b in range(self.batch):
-                blocks = -(-self._lengths[b] // self.block)
-                for blk in range(blocks):
-                    e = t.table[b, :, blk]
-                    sl = slice(blk * self.block, (blk + 1) * self.block)
-                    dense_rows = t.dense[b, torch.arange(self.heads), e.clamp(min=0).long()]
-                    sp = (-e - 1).clamp(min=0).long()
-                    vals = t.sparse_vals[b, torch.arange(self.heads), sp]
-                    meta = t.sparse_meta[b, torch.arange(self.heads), sp]
-                    unpack = unpack_k if t.name == "k" else unpack_v
-                    shapes = ((self.heads, 1, self.block, self.head_dim // 2),
-                              (self.heads, 1, self.block, self.head_dim // 16)) if t.name == "k" else \
-                        ((self.heads, 1, self.block // 2, self.head_dim),
-                         (self.heads, 1, self.block // 16, self.head_dim))
-                    sparse_rows = unpack(vals.reshape(shapes[0]), meta.reshape(shapes[1]))[:, 0]
-                    x[b, :, sl] = torch.where((e < 0).view(-1, 1, 1), sparse_rows, dense_rows)
-                x[b, :, self._lengths[b]:] = 0
-            out.append(x[:, :, :L])
+            rows, table = block_rows(self, t, dtype)
+            S, B, H = self.block, self.batch, self.heads
+            idx = table.long().view(B, H, self.max_blocks, 1, 1).expand(-1, -1, -1, S, self.head_dim)
+            x = torch.gather(rows, 2, idx).reshape(B, H, self.max_blocks * S, self.head_dim)
+            live = torch.arange(x.shape[2], device=self.device).view(1, -1) < \
+                torch.tensor(self._lengths, device=self.device).view(-1, 1)
+            out.append(torch.where(live.view(B, 1, -1, 1), x, torch.zeros((), dtype=x.dtype, device=x.device))[:, :, :L])
         return out[0], out[1]
 
     def tiers(self, name: str = "k") -> torch.Tensor:
@@ -53,9 +73,12 @@ class CacheInspection:
         self.sync()
         return cache_nbytes(block=self.block, head_dim=self.head_dim, itemsize=self.dtype.itemsize,
                             batch=self.batch, heads=self.heads, max_blocks=self.max_blocks, lengths=self._lengths,
-                            sparse_blocks={t.name: sum(t.n_sparse) * self.heads for t in (self.k, self.v)})
+                            sparse_blocks={t.name: sum(t.n_sparse) * self.heads for t in (self.k, self.v)},
+                            storage={t.name: t.storage for t in (self.k, self.v)},
+                            eligible=sum(self.n_eligible) * self.heads)
 
     def allocated_nbytes(self) -> int:
         """Bytes of every preallocated pool and table."""
         return sum(x.nbytes for t in (self.k, self.v)
-                   for x in (t.dense, t.sparse_vals, t.sparse_meta, t.table)) + self.seqlens.nbytes
+                   for x in (t.dense, t.sparse_vals, t.sparse_meta, t.table, t.dense8, t.dense8_scales, t.sparse_scales)
+                   if x is not None) + self.seqlens.nbytes

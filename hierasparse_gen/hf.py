@@ -30,6 +30,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .cache import HieraCache
 from .errors import CacheFullError, InputError, UnsupportedError
+from .ops.cache_kernels import check_e4m3_build
 from .ops.graphs import capture_graph
 from .policy import cache_settings, check_prefill_mode, check_ratios, check_storage
 from .selection import check_selection
@@ -58,12 +59,12 @@ class SparseKV:
     key_channels: str = "auto"
     observe: int = 64
     value_tokens: str = "auto"
-    key_storage: str = "model"  # "model" | "float8_e4m3" (simulate backend only, for now)
+    key_storage: str = "model"  # "model" | "float8_e4m3" (the eligible blocks in e4m3; docs/fp8.md)
     value_storage: str = "model"
 
     def make_store(self, *, batch: int, heads: int, head_dim: int, max_len: int, dtype, device):
         cls = HieraCache if self.backend == "kernels" else SimulatedCache
-        storage = {} if cls is HieraCache else {"key_storage": self.key_storage, "value_storage": self.value_storage}
+        storage = {"key_storage": self.key_storage, "value_storage": self.value_storage}
         return cls(self.lib, batch=batch, num_kv_heads=heads, head_dim=head_dim, max_seq_len=max_len,
                    key_ratio=self.key_ratio, value_ratio=self.value_ratio, dtype=dtype, device=device,
                    block_size=self.block_size, sink=self.sink, local_window=self.window,
@@ -280,7 +281,8 @@ def enable(model, lib=None, *, key_ratio: float, value_ratio: float, sink: int |
     ``value_tokens``: "auto" (= "attention" here) keeps in V's 2:4 blocks, per channel, the tokens of
     largest |v| * sqrt(the window's attention mass on them), "magnitude" the largest |v|.
     ``key_storage``/``value_storage``: "model" (the model's dtype) or "float8_e4m3" (the eligible blocks in
-    e4m3 with per-token scales, see format_fp8; simulate backend only until the kernels read it).
+    e4m3 with per-token scales, dense or 2:4 by the ratio; docs/fp8.md): the kernels backend needs a library
+    built with the tier ``{k: mixed, v: mixed, k_storage: ..., v_storage: ...}``.
 
     A model loaded tensor-parallel (``distributed_config=DistributedConfig(tp_plan="auto")`` under
     ``torchrun``) is enabled on every rank the same way: each rank's cache and kernels take the heads
@@ -296,9 +298,11 @@ def enable(model, lib=None, *, key_ratio: float, value_ratio: float, sink: int |
     check_selection(selection, key_channels, observe, value_tokens)
     check_storage(key_storage, "key_storage")
     check_storage(value_storage, "value_storage")
-    if backend == "kernels" and (key_storage, value_storage) != ("model", "model"):
-        raise UnsupportedError(f"float8_e4m3 storage (key_storage {key_storage!r}, value_storage {value_storage!r}) "
-                               f"has no kernels yet. Fix: backend='simulate', or storage 'model'")
+    if backend == "kernels" and "float8_e4m3" in (key_storage, value_storage):
+        # refused now, not at the first forward, when the library lacks the e4m3 kernels for this model
+        cfg = model.config
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        check_e4m3_build(lib, head_dim, model.dtype, key_storage, value_storage)
     block, sink, window = cache_settings(lib, block_size, sink, window)
     heads, kv, head_dim = _check_model(_text_config(model))
     if heads % kv:

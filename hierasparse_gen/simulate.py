@@ -195,7 +195,9 @@ class SimulatedCache:
                     for name in "kv":
                         changed = {blk}
                         if self.n_sparse[name][b] < ratio_count(self.ratio[name], self.n_eligible[b]):
-                            if decode:  # per head, the least-mass dense eligible block (the leaving one included)
+                            # per head, the least-mass dense eligible block (the leaving one included); an e4m3
+                            # tensor's held dense blocks have lost the values a re-tiering would compress: by count
+                            if decode and self.storage[name] == "model":
                                 first = self.sink_blocks
                                 dense = ~self.sparse[name][b, :, first:blk + 1]
                                 pick = retier_pick(self.block_mass[b, :, first:blk + 1], dense, blk - first) + first

@@ -176,18 +176,13 @@ class _Checker(_Checks):
         extra = f", k_storage: {tier.k_storage}, v_storage: {tier.v_storage}" if tier.e4m3 else ""
         return f"{{k: {tier.k}, v: {tier.v}{extra}}}"
 
-    def _storage(self, raw: Any, path: str, mix: tuple[str, str], archs: tuple[str, ...]) -> str:
+    def _storage(self, raw: Any, path: str, archs: tuple[str, ...]) -> str:
         value = self.string(raw, path, f"use one of {_join(TIER_STORAGES)}").strip().lower()
         if value not in TIER_STORAGES:
             self.fail(path, f"{_show(raw)} is not a storage",
                       _with_suggestion(value, TIER_STORAGES, f"use one of {_join(TIER_STORAGES)}"))
         if value == "model":
             return value
-        if mix not in E4M3_TIER_MIXES:
-            mixes = ", ".join(f"{{k: {k}, v: {v}}}" for k, v in E4M3_TIER_MIXES)
-            self.fail(path, f"float8_e4m3 storage has no kernel for the tier mix {{k: {mix[0]}, v: {mix[1]}}} yet "
-                            f"(e4m3 decode reads flat tensors, dense or 2:4)",
-                      f"use float8_e4m3 in one of {mixes}, or storage model here")
         old = [a for a in archs if tuple(divmod(int(a[3:].rstrip("a")), 10)) < E4M3_MIN_ARCH]
         if old:
             self.fail(path, f"float8_e4m3 needs sm_89 or newer (e4m3 conversions and FP8 tensor cores); archs has "
@@ -231,7 +226,7 @@ class _Checker(_Checks):
                           f"use one of {mixes} (mixed reads dense and 2:4 blocks through the block table; dense "
                           f"needs float8_e4m3 storage)")
             for key in TIER_STORAGE_KEYS:
-                kinds[key] = self._storage(item.get(key, "model"), f"{path}.{key}", (kinds["k"], kinds["v"]), archs)
+                kinds[key] = self._storage(item.get(key, "model"), f"{path}.{key}", archs)
             tier = Tier(**kinds)
             if tier in seen:
                 self.fail(

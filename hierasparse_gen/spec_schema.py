@@ -50,8 +50,10 @@ TIER_KEYS = ("k", "v")
 TIER_STORAGE_KEYS = ("k_storage", "v_storage")
 #: "model": the model's dtype; "float8_e4m3": e4m3 with one float16 scale per token and KV head (format_fp8)
 TIER_STORAGES: tuple[str, ...] = ("model", "float8_e4m3")
-#: tier mixes whose kernels read e4m3 storage (flat decode only, for now; a dense tensor must be e4m3)
-E4M3_TIER_MIXES: tuple[tuple[str, str], ...] = (("sparse24", "sparse24"), ("dense", "dense"), ("dense", "sparse24"))
+#: tier mixes whose kernels read e4m3 storage (decode: flat tensors, where a dense tensor must be e4m3, and the
+#: cache's block tables)
+E4M3_TIER_MIXES: tuple[tuple[str, str], ...] = (("sparse24", "sparse24"), ("dense", "dense"), ("dense", "sparse24"),
+                                                ("mixed", "mixed"))
 #: the first arch with e4m3 conversions (cvt ... e4m3x2) and FP8 tensor cores
 E4M3_MIN_ARCH = (8, 9)
 CACHE_KEYS = ("block_size", "sink", "local_window")

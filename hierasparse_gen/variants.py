@@ -37,8 +37,8 @@ def c_abi(kind: str, family: str, tier: Tier | None, block_size: int = 0, fp8: b
         return "runtime"
     if kind == "prefill" and family == "wgmma":
         return {"dense": "prefill_wgmma_balanced", "mixed": "prefill_wgmma_table"}.get(tier.k, "prefill_wgmma")
-    if kind == "decode" and block_size:
-        return "decode_table"
+    if kind == "decode" and block_size:  # (+ the e4m3 pools of e4m3 tensors)
+        return "decode_table8" if tier.e4m3 else "decode_table"
     if kind == "decode" and tier.e4m3:  # + the per-token scales of e4m3 tensors
         return "decode8"
     if kind == "compress":  # its fill entry points take the 2:4 choice's weights, the append K's
@@ -143,7 +143,10 @@ class Variant:
                     f"{s}_smem_bytes": "dynamic shared memory per CTA",
                     f"{s}_threads": "threads per CTA"}
         e4m3 = {f"{s}_k8": "pack K 2:4 in e4m3 with per-token scales", f"{s}_v8": "pack V 2:4 in e4m3",
-                 f"{s}_kd8": "pack K dense in e4m3", f"{s}_vd8": "pack V dense in e4m3"} if self.fp8 else {}
+                 f"{s}_kd8": "pack K dense in e4m3", f"{s}_vd8": "pack V dense in e4m3",
+                 f"{s}_fill_k8": "write K blocks into a cache with e4m3 pools by the block table",
+                 f"{s}_fill_v8": "write V blocks into a cache with e4m3 pools by the block table",
+                 f"{s}_append8": "one decode step into a cache with e4m3 pools"} if self.fp8 else {}
         return {**e4m3, f"{s}_k": "compress K (2:4 along head_dim)",
                 f"{s}_v": "compress V (2:4 along tokens)",
                 f"{s}_fill_k": "write K blocks into the cache pools by the block table",

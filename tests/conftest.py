@@ -91,3 +91,11 @@ def fp8(tmp_path_factory):
     """The loaded tests/specs/gpu_fp8.yaml library (the e4m3 decode tiers), or $HIERASPARSE_FP8_BUILD."""
     import hierasparse_gen
     return hierasparse_gen.load(_build_or_reuse("tests/specs/gpu_fp8.yaml", "HIERASPARSE_FP8_BUILD", tmp_path_factory))
+
+
+@pytest.fixture(scope="session")
+def llama3_fp8(tmp_path_factory):
+    """The loaded specs/llama3_fp8.yaml library (the e4m3 tiers with prefill), or $HIERASPARSE_LLAMA3_FP8_BUILD."""
+    import hierasparse_gen
+    return hierasparse_gen.load(_build_or_reuse("specs/llama3_fp8.yaml", "HIERASPARSE_LLAMA3_FP8_BUILD",
+                                                tmp_path_factory))

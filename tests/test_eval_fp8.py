@@ -8,7 +8,7 @@ import pytest
 
 from hf_models import tiny_model
 from hierasparse_gen import enable
-from hierasparse_gen.errors import InputError, UnsupportedError
+from hierasparse_gen.errors import InputError
 from hierasparse_gen.evaluate import settings_grid
 from hierasparse_gen.evaluate.cli import main as eval_main
 from hierasparse_gen.evaluate.report import table
@@ -102,8 +102,12 @@ def test_a_bad_storage_flag_is_a_usage_error(capsys):
     assert "KEY/VALUE pair" in capsys.readouterr().err
 
 
-def test_enable_refuses_e4m3_on_the_kernels():
-    with pytest.raises(UnsupportedError, match="no kernels yet.*Fix:"):
-        enable(tiny_model(layers=1), object(), key_ratio=0.0, value_ratio=0.0, value_storage="float8_e4m3")
+def test_enable_refuses_e4m3_on_a_library_without_its_kernels():
+    from types import SimpleNamespace
+    lib = SimpleNamespace(variants=[], spec_name="demo")  # a build with no e4m3 tier
+    with pytest.raises(InputError, match="value_storage 'float8_e4m3' need the e4m3 packers.*library 'demo' lacks "
+                                         "the decode kernel. Fix: add the tier {k: mixed, v: mixed, k_storage: model, "
+                                         "v_storage: float8_e4m3}"):
+        enable(tiny_model(layers=1), lib, key_ratio=0.0, value_ratio=0.0, value_storage="float8_e4m3")
     with pytest.raises(InputError, match="key_storage 'e5m2' is not a storage"):
         enable(tiny_model(layers=1), key_ratio=0.0, value_ratio=0.0, key_storage="e5m2", backend="simulate")

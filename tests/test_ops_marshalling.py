@@ -151,6 +151,56 @@ def test_decode_table_op_arguments(lib):
     assert args[5] == 4 and args[8:10] == (3, 3) and args[14:16] == (2, 2) and args[19] == 0.0
 
 
+def _pools8():
+    """One e4m3 tensor's pools beside _cache_pools: 2 dense e4m3 slots, and the 2:4 slots' scales."""
+    return (torch.zeros(B, HKV, 2, 64 * D, dtype=torch.uint8), torch.ones(B, HKV, 2, 64, dtype=torch.float16),
+            torch.ones(B, HKV, 2, 64, dtype=torch.float16))
+
+
+def test_decode_table8_op_arguments(lib, monkeypatch):
+    """The block-table decode with e4m3 V (K in the model dtype): V's e4m3 pools after the 2:4 slot counts, nulls
+    and 0 for K's, and the variant asked for by its storages."""
+    asked = []
+    select = lib.select
+    monkeypatch.setattr(lib, "select", lambda kind, **want: asked.append(want.get("tier")) or select(kind, **want))
+    q = torch.randn(B, HQ, D, dtype=torch.float16)
+    table, dense, vals, meta = _cache_pools()
+    dense8, dscales, sscales = _pools8()
+    empty = torch.empty(0, dtype=torch.uint8)
+    cache_kernels._decode_table8_op(lib.key, q, table, table, dense, dense, vals, meta, vals, meta, empty, empty,
+                                    empty, dense8, dscales, sscales, torch.tensor([100, 7], dtype=torch.int32), 64,
+                                    "model", "float8_e4m3", 0.0, 2)
+    (symbol, args), = lib.calls
+    _assert_matches_signature("decode_table8", "", args)
+    assert asked == [("mixed", "mixed", "model", "float8_e4m3")]
+    assert args[16:20] == (None, None, None, 0)
+    assert args[20:24] == (dense8.data_ptr(), dscales.data_ptr(), sscales.data_ptr(), 2)
+
+
+def test_cache_fill8_and_append8_arguments(lib):
+    x = torch.randn(B, HKV, 200, D, dtype=torch.float16)
+    table, dense, vals, meta = _cache_pools()
+    t = SimpleNamespace(dense=dense, sparse_vals=torch.zeros(B, HKV, 2, 64 * D // 2, dtype=torch.uint8), sparse_meta=meta,
+                        dense8=_pools8()[0], dense8_scales=_pools8()[1], sparse_scales=_pools8()[2])
+    w = torch.ones(B, HKV, 256)
+    cache_kernels.fill_blocks8(lib, x, "v", t, 64, table, slice(0, B), w)
+    (symbol, args), = lib.calls
+    assert symbol == "hsg_compress_fill_v8"
+    _assert_matches_signature("compress5f8", "_fill_v8", args)
+    assert args[4:7] == (B, HKV, 200) and args[8:10] == (4, 64) and args[18] == 2 and args[19] == w.data_ptr()
+    lib.calls.clear()
+    k = torch.randn(B, HKV, D, dtype=torch.float16)
+    ctrl = torch.zeros(B, 6 + 3 + 3, dtype=torch.int32)
+    empty = torch.empty(0, dtype=torch.uint8)
+    cache_kernels._cache_append8_impl(lib.key, k, k, torch.tensor([100, 7], dtype=torch.int32), ctrl, table, dense,
+                                      vals, meta, table, dense, vals, meta, *_pools8(), empty, empty, empty, 64, 1,
+                                      4, 256, 0.5, 1.0, None, torch.ones(B, HKV, 256), torch.ones(B, HKV, 4))
+    (symbol, args), = lib.calls
+    assert symbol == "hsg_compress_append8"
+    _assert_matches_signature("compress5f8", "_append8", args)
+    assert args[30:34][3] == 2 and args[34:38] == (None, None, None, 0)  # K's e4m3 pools, V's none
+
+
 # positions in the prefill C call: K source at 4..16, V source at 17..29 (table, max_blocks,
 # block, dense, n_dense, vals, meta, n_sparse, tail, 3 tail strides, tail_start), then seqlens,
 # qlens, max_len, batch, Hq, Hkv, Lq, scale, out, 3 out strides, lse

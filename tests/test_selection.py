@@ -270,3 +270,19 @@ def test_decode_retiers_by_visible_mass():
     want = torch.where(after.repeat_interleave(S, -1)[:, :L + S].unsqueeze(-1),
                        fmt.prune_v(v[0, :, :L + S], sim.value_weight[0, :, :L + S]), v[0, :, :L + S])
     assert torch.equal(sim.to_dense()[1][0], want)
+
+
+def test_e4m3_tensors_leave_the_window_by_count():
+    """A tensor in e4m3 is not re-tiered at decode (its held dense blocks are e4m3: the values a re-tiering would
+    compress are gone): the leaving block becomes 2:4 when the count asks, while a model-dtype tensor of the same
+    cache re-tiers by mass."""
+    L = 12 * S
+    q, k, v = _inputs(L + 3 * S, 4)
+    sim = _sim(L + 3 * S, key_ratio=0.6, value_ratio=0.6, value_tokens="attention", value_storage="float8_e4m3")
+    sim.prefill(k[:, :, :L], v[:, :, :L], q=q[:, :, :L])
+    before = {n: sim.tiers(n)[0].clone() for n in "kv"}
+    for i in range(S):  # block 10 leaves the window
+        sim.append(k[:, :, L + i], v[:, :, L + i])
+    new = {n: sim.tiers(n)[0] & ~before[n] for n in "kv"}
+    assert new["v"].sum(-1).tolist() == [1] * H and bool(new["v"][:, 10].all())  # by count: the leaving block
+    assert bool(new["k"][:, :10].any()), "K (model dtype) should re-tier an older block in some head"

@@ -304,7 +304,6 @@ BAD_DICTS = [
     ("e4m3-sm80", _set(("tiers", 0, "v_storage"), "float8_e4m3"), ["tiers[0].v_storage: float8_e4m3 needs sm_89 or newer", "archs has sm_80. Fix: drop sm_80 from archs, or keep this tier in the model dtype"]),
     ("storage-typo", _set(("tiers", 0, "k_storage"), "float8_e5m2"), ["tiers[0].k_storage: 'float8_e5m2' is not a storage", "use one of model, float8_e4m3"]),
     ("storage-key-typo", _set(("tiers", 0, "v_store"), "model"), ["tiers[0].v_store: unknown key", "did you mean 'v_storage'?"]),
-    ("e4m3-mixed", _set(("tiers",), [{"k": "mixed", "v": "mixed", "k_storage": "float8_e4m3"}]), ["tiers[0].k_storage: float8_e4m3 storage has no kernel for the tier mix {k: mixed, v: mixed} yet", "Fix: use float8_e4m3 in one of {k: sparse24, v: sparse24}, {k: dense, v: dense}, {k: dense, v: sparse24}"]),
 ]
 
 
@@ -335,8 +334,10 @@ def test_e4m3_tiers():
                                        {"k": "sparse24", "v": "sparse24", "k_storage": "model",
                                         "v_storage": "float8_e4m3"}]
     assert parse_spec(spec.to_dict()) == spec
+    data["tiers"].append({"k": "mixed", "v": "mixed", "k_storage": "float8_e4m3", "v_storage": "float8_e4m3"})
+    assert parse_spec(data).tiers[2].key == ("mixed", "mixed", "float8_e4m3", "float8_e4m3")  # the cache's tables
     data["tiers"].append({"k": "sparse24", "v": "sparse24", "v_storage": "float8_e4m3", "k_storage": "model"})
-    assert "tiers[2]: duplicate tier {k: sparse24, v: sparse24, k_storage: model, v_storage: float8_e4m3}" in \
+    assert "tiers[3]: duplicate tier {k: sparse24, v: sparse24, k_storage: model, v_storage: float8_e4m3}" in \
         spec_error(data)
 
 

@@ -218,8 +218,9 @@ def test_cache_headers_are_inlined_into_the_compress_kernels(llama3):
     src = render(v, llama3)
     headers = sorted(folder.glob("*.cuh"))
     assert headers and '#include "cache/' not in src
-    for path in headers:  # pack8.cuh (the e4m3 packers) only where the spec has e4m3 tiers
-        assert src.count(f"// ---- cache/{path.name} ----") == (path.name != "pack8.cuh"), path.name
+    e4m3_only = ("pack8.cuh", "table8.cuh")  # the e4m3 packers and pools: only where the spec has e4m3 tiers
+    for path in headers:
+        assert src.count(f"// ---- cache/{path.name} ----") == (path.name not in e4m3_only), path.name
         assert "{{" not in path.read_text() and "{%" not in path.read_text(), path.name
     for kernel in ("compress_k_kernel", "compress_v_kernel", "score_kernel", "select_kernel", "append_kernel",
                    "commit_kernel"):
@@ -227,9 +228,11 @@ def test_cache_headers_are_inlined_into_the_compress_kernels(llama3):
     fp8 = load_spec(REPO / "specs" / "llama3_fp8.yaml")
     v8 = next(v for v in expand(fp8) if v.kind == "compress")
     src8 = render(v8, fp8)
-    assert v8.abi == "compress5f8" and v.abi == "compress5" and src8.count("// ---- cache/pack8.cuh ----") == 1
+    assert v8.abi == "compress5f8" and v.abi == "compress5"
+    assert all(src8.count(f"// ---- cache/{h} ----") == 1 for h in e4m3_only)
     assert all(f"HSG_COMPRESS8_ENTRY({v8.symbol}_{s}," in src8 for s in ("k8", "v8", "kd8", "vd8"))
-    assert "HSG_COMPRESS8_ENTRY" not in src
+    assert all(f"HSG_FILL8_ENTRY({v8.symbol}_fill_{t}8," in src8 for t in "kv") and f"{v8.symbol}_append8(" in src8
+    assert "HSG_COMPRESS8_ENTRY" not in src and "_append8(" not in src and "#define HSG_FP8 0" in src
 
 
 def test_changing_a_tile_changes_only_decode_sources(llama3):

@@ -19,6 +19,23 @@ from .prefilling import Source, choose_kernel, prefill_mma_sp, prefill_outputs
 TABLE = ("mixed", "mixed")
 
 
+def check_e4m3_build(lib, head_dim: int, dtype: torch.dtype, k_storage: str, v_storage: str) -> None:
+    """A cache with e4m3 tensors needs the library's e4m3 packers and its e4m3 block-table decode: refuse one that
+    lacks them before anything is allocated."""
+    if lib is None:
+        return
+    name = DTYPES.get(dtype, str(dtype).replace("torch.", ""))
+    tier = f"{{k: mixed, v: mixed, k_storage: {k_storage}, v_storage: {v_storage}}}"
+    compress = [v for v in lib.variants if v.kind == "compress" and v.head_dim == head_dim and v.dtype == name]
+    decode = [v for v in lib.variants if v.kind == "decode" and v.head_dim == head_dim and v.dtype == name and
+              v.tier == (*TABLE, k_storage, v_storage)]
+    if not compress or any(v.abi != "compress5f8" for v in compress) or not decode:
+        fail("HieraCache", f"key_storage {k_storage!r} and value_storage {v_storage!r} need the e4m3 packers and an "
+             f"e4m3 block-table decode kernel for head_dim {head_dim}, {name}, and library "
+             f"{lib.spec_name!r} lacks {'the decode kernel' if not decode else 'the e4m3 packers'}",
+             f"add the tier {tier} to the spec (docs/specs.md), rebuild, and load that library")
+
+
 def score_blocks(lib, x: torch.Tensor, kind: str, block_size: int) -> torch.Tensor:
     """2:4 prune loss of every whole block of ``x [B, H, L, D]``: float32 ``[B, H, L // block]``."""
     checks.check_cuda(x, kind)
@@ -62,12 +79,39 @@ def fill_blocks(lib, x: torch.Tensor, kind: str, table: torch.Tensor, block: int
                 dense.shape[2], vals.data_ptr(), meta.data_ptr(), vals.shape[2], base.ptr(weight))
 
 
+def fill_blocks8(lib, x: torch.Tensor, kind: str, t, block: int, table: torch.Tensor, rows: slice,
+                 weight: torch.Tensor | None) -> None:
+    """:func:`fill_blocks` into an e4m3 tensor ``t`` of a HieraCache (its ``rows`` of sequences): table entries
+    ``>= DENSE8`` pack into its e4m3 dense pool, ``< 0`` into its e4m3 2:4 pool (the 2:4 choice as the model-dtype
+    one, weighted by ``weight`` when given), the rest are copied to its model-dtype dense pool."""
+    B, H, L, D = x.shape
+    x = checks.rows16(x)
+    variant = compress_variant(lib, x)
+    if variant.abi != "compress5f8":
+        fail("fill_blocks8", f"the library's {variant.name} has no e4m3 packers", "build a spec with an e4m3 tier")
+    pools = (t.dense[rows], t.sparse_vals[rows], t.sparse_meta[rows], t.dense8[rows], t.dense8_scales[rows],
+             t.sparse_scales[rows])
+    if not all(p.is_contiguous() for p in (table, *pools)):
+        fail("fill_blocks8", "the table and pools must be contiguous", "pass the cache's own tensors")
+    base.launch(lib, f"{variant.symbol}_fill_{kind}8", x.device, x.data_ptr(), x.stride(0), x.stride(1), x.stride(2),
+                B, H, L, table.data_ptr(), table.shape[2], block, pools[0].data_ptr(), pools[0].shape[2],
+                pools[1].data_ptr(), pools[2].data_ptr(), pools[1].shape[2], pools[3].data_ptr(),
+                pools[4].data_ptr(), pools[5].data_ptr(), pools[3].shape[2], base.ptr(weight))
+
+
 # --- decode step: append -------------------------------------------------------------------
 
 def append_cache(lib, cache, k: torch.Tensor, v: torch.Tensor) -> None:
     """One decode step into a HieraCache (its append checks the arguments): the append kernel
     pair, through a custom op so that torch.compile keeps it in the graph."""
     kt, vt = cache.k, cache.v
+    if kt.e4m3 or vt.e4m3:
+        base.eager_or_op(_cache_append8_impl, torch.ops.hierasparse.cache_append8)(
+            lib.key, k, v, cache.seqlens, cache.ctrl, kt.table, kt.dense, kt.sparse_vals, kt.sparse_meta,
+            vt.table, vt.dense, vt.sparse_vals, vt.sparse_meta, *_pools8(kt), *_pools8(vt), cache.block,
+            cache.sink_blocks, cache.window_blocks, cache.max_seq_len, kt.ratio, vt.ratio, cache.key_weight,
+            cache.value_weight, cache.block_mass)
+        return
     base.eager_or_op(_cache_append_impl, torch.ops.hierasparse.cache_append)(
         lib.key, k, v, cache.seqlens, cache.ctrl, kt.table, kt.dense, kt.sparse_vals, kt.sparse_meta,
         vt.table, vt.dense, vt.sparse_vals, vt.sparse_meta, cache.block, cache.sink_blocks, cache.window_blocks,
@@ -80,16 +124,25 @@ def _cache_append_impl(lib_key: str, k: torch.Tensor, v: torch.Tensor, seqlens: 
                        block: int, sink_blocks: int, window_blocks: int, max_len: int,
                        k_ratio: float, v_ratio: float, k_weight: torch.Tensor | None, v_weight: torch.Tensor,
                        block_mass: torch.Tensor) -> None:
+    _launch_append("_append", (), lib_key, k, v, seqlens, ctrl, k_table, k_dense, k_vals, k_meta, v_table, v_dense,
+                   v_vals, v_meta, block, sink_blocks, window_blocks, max_len, k_ratio, v_ratio, k_weight, v_weight,
+                   block_mass)
+
+
+def _launch_append(suffix: str, pools8: tuple, lib_key, k, v, seqlens, ctrl, k_table, k_dense, k_vals, k_meta,
+                   v_table, v_dense, v_vals, v_meta, block, sink_blocks, window_blocks, max_len, k_ratio, v_ratio,
+                   k_weight, v_weight, block_mass) -> None:
+    """The append entry point ``suffix`` ("_append", or "_append8" with the e4m3 pools' arguments ``pools8``)."""
     lib = base.library(lib_key)
     B, H, D = k.shape
     checks.check_aligned(k, "k", 16)
     checks.check_aligned(v, "v", 16)
-    base.launch(lib, f"{compress_variant(lib, k).symbol}_append", k.device, k.data_ptr(), k.stride(0), k.stride(1),
+    base.launch(lib, f"{compress_variant(lib, k).symbol}{suffix}", k.device, k.data_ptr(), k.stride(0), k.stride(1),
                 v.data_ptr(), v.stride(0), v.stride(1), seqlens.data_ptr(), ctrl.data_ptr(), ctrl.shape[1], B, H,
                 k_table.shape[2], block, sink_blocks, window_blocks, max_len,
                 k_table.data_ptr(), k_dense.data_ptr(), k_vals.data_ptr(), k_meta.data_ptr(), k_dense.shape[2],
                 k_vals.shape[2], k_ratio, v_table.data_ptr(), v_dense.data_ptr(), v_vals.data_ptr(),
-                v_meta.data_ptr(), v_dense.shape[2], v_vals.shape[2], v_ratio, base.ptr(k_weight),
+                v_meta.data_ptr(), v_dense.shape[2], v_vals.shape[2], v_ratio, *pools8, base.ptr(k_weight),
                 v_weight.data_ptr(), block_mass.data_ptr())
 
 
@@ -102,6 +155,47 @@ _cache_append_op = torch.library.custom_op(
 @_cache_append_op.register_fake
 def _(lib_key, k, v, seqlens, ctrl, k_table, k_dense, k_vals, k_meta, v_table, v_dense, v_vals, v_meta,
       block, sink_blocks, window_blocks, max_len, k_ratio, v_ratio, k_weight, v_weight, block_mass):
+    return None
+
+
+def _pools8(t) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A tensor's e4m3 pools (dense values, dense scales, 2:4 scales); empty tensors for a model-dtype one."""
+    if t.e4m3:
+        return t.dense8, t.dense8_scales, t.sparse_scales
+    empty = t.table.new_empty(0, dtype=torch.uint8)
+    return empty, empty, empty
+
+
+def _ptrs8(dense8: torch.Tensor, dense8_scales: torch.Tensor, sparse_scales: torch.Tensor) -> tuple:
+    """The C arguments of one tensor's e4m3 pools: three pointers and the dense slots (nulls and 0: none)."""
+    if dense8.numel() == 0:
+        return None, None, None, 0
+    return dense8.data_ptr(), dense8_scales.data_ptr(), sparse_scales.data_ptr(), dense8.shape[2]
+
+
+def _cache_append8_impl(lib_key: str, k: torch.Tensor, v: torch.Tensor, seqlens: torch.Tensor, ctrl: torch.Tensor,
+                        k_table: torch.Tensor, k_dense: torch.Tensor, k_vals: torch.Tensor, k_meta: torch.Tensor,
+                        v_table: torch.Tensor, v_dense: torch.Tensor, v_vals: torch.Tensor, v_meta: torch.Tensor,
+                        k_dense8: torch.Tensor, k_dense8_scales: torch.Tensor, k_sparse_scales: torch.Tensor,
+                        v_dense8: torch.Tensor, v_dense8_scales: torch.Tensor, v_sparse_scales: torch.Tensor,
+                        block: int, sink_blocks: int, window_blocks: int, max_len: int,
+                        k_ratio: float, v_ratio: float, k_weight: torch.Tensor | None, v_weight: torch.Tensor,
+                        block_mass: torch.Tensor) -> None:
+    _launch_append("_append8", (*_ptrs8(k_dense8, k_dense8_scales, k_sparse_scales),
+                                *_ptrs8(v_dense8, v_dense8_scales, v_sparse_scales)),
+                   lib_key, k, v, seqlens, ctrl, k_table, k_dense, k_vals, k_meta, v_table, v_dense, v_vals, v_meta,
+                   block, sink_blocks, window_blocks, max_len, k_ratio, v_ratio, k_weight, v_weight, block_mass)
+
+
+_cache_append8_op = torch.library.custom_op(
+    "hierasparse::cache_append8", _cache_append8_impl,
+    mutates_args=("seqlens", "ctrl", "k_table", "k_dense", "k_vals", "k_meta", "v_table", "v_dense", "v_vals",
+                  "v_meta", "k_dense8", "k_dense8_scales", "k_sparse_scales", "v_dense8", "v_dense8_scales",
+                  "v_sparse_scales"))
+
+
+@_cache_append8_op.register_fake
+def _(*args):
     return None
 
 
@@ -122,6 +216,11 @@ def decode_cache(lib, q: torch.Tensor, cache, *, scale: float | None = None, num
         fail("q", f"strides {q.stride()} not supported", "pass q.contiguous()")
     checks.check_num_splits(num_splits)
     k, v = cache.k, cache.v
+    if k.e4m3 or v.e4m3:
+        return base.eager_or_op(_decode_table8_impl, torch.ops.hierasparse.decode_table8)(
+            lib.key, q, k.table, v.table, k.dense, v.dense, k.sparse_vals, k.sparse_meta, v.sparse_vals,
+            v.sparse_meta, *_pools8(k), *_pools8(v), cache.seqlens, cache.block, k.storage, v.storage,
+            base.softmax_scale(scale, q.shape[2]), int(num_splits or 0))
     return base.eager_or_op(_decode_table_impl, torch.ops.hierasparse.decode_table)(
         lib.key, q, k.table, v.table, k.dense, v.dense, k.sparse_vals, k.sparse_meta, v.sparse_vals,
         v.sparse_meta, cache.seqlens, cache.block, base.softmax_scale(scale, q.shape[2]), int(num_splits or 0))
@@ -131,18 +230,25 @@ def _decode_table_impl(lib_key: str, q: torch.Tensor, k_table: torch.Tensor, v_t
                        k_dense: torch.Tensor, v_dense: torch.Tensor, k_vals: torch.Tensor, k_meta: torch.Tensor,
                        v_vals: torch.Tensor, v_meta: torch.Tensor, seqlens: torch.Tensor, block_size: int,
                        scale: float, num_splits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return _launch_decode_table(TABLE, (), lib_key, q, k_table, v_table, k_dense, v_dense, k_vals, k_meta, v_vals,
+                                v_meta, seqlens, block_size, scale, num_splits)
+
+
+def _launch_decode_table(tier: tuple, pools8: tuple, lib_key, q, k_table, v_table, k_dense, v_dense, k_vals, k_meta,
+                         v_vals, v_meta, seqlens, block_size, scale, num_splits):
+    """The block-table decode variant of ``tier`` (with e4m3 tensors, their pools' arguments ``pools8``)."""
     lib = base.library(lib_key)
     B, Hq, D = q.shape
     Hkv, max_blocks = k_table.shape[1], k_table.shape[2]
     variant = lib.select("decode", head_dim=D, dtype=DTYPES[q.dtype], cc=base.device_cc(q.device),
-                         group=Hq // Hkv, tier=TABLE, block_size=block_size)
+                         group=Hq // Hkv, tier=tier, block_size=block_size)
     checks.check_aligned(q, "q", 4)
     num_splits, out, lse, o_part, lse_part = decode_outputs(variant, q, B * Hkv, max_blocks * block_size, num_splits)
     base.launch(lib, variant.symbol, q.device, q.data_ptr(), q.stride(0), q.stride(1), k_table.data_ptr(),
                 v_table.data_ptr(), max_blocks, k_dense.data_ptr(), v_dense.data_ptr(), k_dense.shape[2],
                 v_dense.shape[2], k_vals.data_ptr(), k_meta.data_ptr(), v_vals.data_ptr(), v_meta.data_ptr(),
-                k_vals.shape[2], v_vals.shape[2], seqlens.data_ptr(), B, Hkv, scale, num_splits, base.ptr(o_part),
-                base.ptr(lse_part), out.data_ptr(), out.stride(0), out.stride(1), lse.data_ptr())
+                k_vals.shape[2], v_vals.shape[2], *pools8, seqlens.data_ptr(), B, Hkv, scale, num_splits,
+                base.ptr(o_part), base.ptr(lse_part), out.data_ptr(), out.stride(0), out.stride(1), lse.data_ptr())
     return out, lse
 
 
@@ -152,6 +258,29 @@ _decode_table_op = torch.library.custom_op("hierasparse::decode_table", _decode_
 @_decode_table_op.register_fake
 def _(lib_key, q, k_table, v_table, k_dense, v_dense, k_vals, k_meta, v_vals, v_meta, seqlens, block_size,
       scale, num_splits):
+    B, Hq, D = q.shape
+    return q.new_empty((B, Hq, D)), q.new_empty((B, Hq), dtype=torch.float32)
+
+
+def _decode_table8_impl(lib_key: str, q: torch.Tensor, k_table: torch.Tensor, v_table: torch.Tensor,
+                        k_dense: torch.Tensor, v_dense: torch.Tensor, k_vals: torch.Tensor, k_meta: torch.Tensor,
+                        v_vals: torch.Tensor, v_meta: torch.Tensor, k_dense8: torch.Tensor,
+                        k_dense8_scales: torch.Tensor, k_sparse_scales: torch.Tensor, v_dense8: torch.Tensor,
+                        v_dense8_scales: torch.Tensor, v_sparse_scales: torch.Tensor, seqlens: torch.Tensor,
+                        block_size: int, k_storage: str, v_storage: str, scale: float,
+                        num_splits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return _launch_decode_table((*TABLE, k_storage, v_storage),
+                                (*_ptrs8(k_dense8, k_dense8_scales, k_sparse_scales),
+                                 *_ptrs8(v_dense8, v_dense8_scales, v_sparse_scales)),
+                                lib_key, q, k_table, v_table, k_dense, v_dense, k_vals, k_meta, v_vals, v_meta,
+                                seqlens, block_size, scale, num_splits)
+
+
+_decode_table8_op = torch.library.custom_op("hierasparse::decode_table8", _decode_table8_impl, mutates_args=())
+
+
+@_decode_table8_op.register_fake
+def _(lib_key, q, *args):
     B, Hq, D = q.shape
     return q.new_empty((B, Hq, D)), q.new_empty((B, Hq), dtype=torch.float32)
 

@@ -17,6 +17,8 @@ struct Pools {                    // one tensor (K or V) of the cache
   uint32_t* meta;
   int n_dense, n_sparse;
   double ratio;                   // 2:4 blocks per eligible block
+  Pools8 f8;                      // e4m3 storage (HSG_FP8 builds): every block leaving the window moves to its
+                                  // e4m3 pools, 2:4 by the ratio, else dense; dense8 null: the model dtype
 };
 
 struct AppendArgs {
@@ -63,18 +65,21 @@ struct StepPlan {
   int blk, row;      // where the new row goes
   int out;           // the block leaving the window, or -1
   bool flush;        // ... and it becomes 2:4
+  bool moves;        // ... and leaves its dense slot (2:4, or an e4m3 tensor's dense e4m3 block)
 };
 
 __device__ __forceinline__ StepPlan plan_step(const AppendArgs& a, int b, int z) {
   const int* c = a.ctrl + (long long)b * a.ctrl_width;
   const int pos = a.seqlens[b];
-  StepPlan p{c[kCtrlStatus] != 0 || pos >= a.max_len, pos / a.block, pos % a.block, -1, false};
+  StepPlan p{c[kCtrlStatus] != 0 || pos >= a.max_len, pos / a.block, pos % a.block, -1, false, false};
   if (!p.skip && (pos + 1) % a.block == 0) {
     const int out = (pos + 1) / a.block - a.window_blocks - 1;
     if (out >= a.sink_blocks) {
       p.out = out;
       const int nsp = c[kCtrlNsp + 2 * z];
       p.flush = nsp < ratio_count(a.t[z].ratio, c[kCtrlElig] + 1) && nsp < a.t[z].n_sparse;
+      // an e4m3 tensor's dense eligible blocks: slot (eligible - 2:4) of its dense e4m3 pool
+      p.moves = p.flush || (a.t[z].f8.dense8 && c[kCtrlElig] - nsp < a.t[z].f8.n_dense8);
     }
   }
   return p;
@@ -98,7 +103,7 @@ __global__ void __launch_bounds__(128) append_kernel(const AppendArgs a) {
   const uint4* src = reinterpret_cast<const uint4*>(a.x[z] + b * a.sb[z] + h * a.sh[z]);
   uint4* dst = reinterpret_cast<uint4*>(t.dense + ((bh * t.n_dense + slot) * a.block + p.row) * kHeadDim);
   for (int i = threadIdx.x; i < kHeadDim / 8; i += blockDim.x) dst[i] = src[i];
-  if (!p.flush) {
+  if (!p.moves) {
     if (p.row == 0 && threadIdx.x == 0) row[p.blk] = slot;
     return;
   }
@@ -106,6 +111,28 @@ __global__ void __launch_bounds__(128) append_kernel(const AppendArgs a) {
   const int out_slot = p.out == p.blk ? slot : row[p.out];
   const int nsp = c[kCtrlNsp + 2 * z];
   __syncthreads();  // the row just written may be in the block (window 0)
+  const int warp = threadIdx.x / 32, warps = blockDim.x / 32;
+#if HSG_FP8
+  if (t.f8.dense8) {  // e4m3: the leaving block itself moves (no re-tiering: a dense e4m3 block lost its values)
+    const Element* rows = t.dense + (bh * t.n_dense + out_slot) * (long long)a.block * kHeadDim;
+    const int slot8 = p.flush ? nsp : c[kCtrlElig] - nsp;
+    const float* w = z == 0 ? (a.k_weight ? a.k_weight + bh * kHeadDim : nullptr)
+                            : (a.v_weight ? a.v_weight + bh * (long long)a.max_blocks * a.block + p.out * (long long)a.block
+                                          : nullptr);
+    for (int u = warp; u < a.block / (z == 0 ? 16 : 32); u += warps) {
+      if (z == 0) pack8_block_unit<true>(rows, kHeadDim, a.block, u, p.flush, bh, slot8, a.block,
+                                         reinterpret_cast<char*>(t.vals), t.meta, t.n_sparse, t.f8, w);
+      else pack8_block_unit<false>(rows, kHeadDim, a.block, u, p.flush, bh, slot8, a.block,
+                                   reinterpret_cast<char*>(t.vals), t.meta, t.n_sparse, t.f8, w);
+      __syncwarp();  // the warp's staging tile is reused by its next unit
+    }
+    if (threadIdx.x == 0) {
+      row[p.out] = p.flush ? -(nsp + 1) : kDense8 + slot8;
+      if (h == 0) stack[top] = out_slot;  // the commit raises the stack height
+    }
+    return;
+  }
+#endif
   // which block becomes 2:4: the leaving one, or (re-tiering) the head's least-mass dense eligible block
   int pick = p.out;
   if (a.block_mass) {
@@ -120,7 +147,6 @@ __global__ void __launch_bounds__(128) append_kernel(const AppendArgs a) {
   const int pick_slot = pick == p.out ? out_slot : row[pick];
   const Element* base = t.dense + (bh * t.n_dense + pick_slot) * (long long)a.block * kHeadDim;
   const Dest d{t.vals, t.meta, nullptr, 0, 0, 0, 0, nullptr};
-  const int warp = threadIdx.x / 32, warps = blockDim.x / 32;
   if (z == 0) {
     const float* w = a.k_weight ? a.k_weight + bh * kHeadDim : nullptr;  // the prefill's channel weights
     for (int u = warp; u < a.block / 16 * kKSteps; u += warps)
@@ -160,7 +186,7 @@ __global__ void __launch_bounds__(128) commit_kernel(const AppendArgs a, int bat
   for (int z = 0; z < 2; ++z)
     if (p[z].row == 0 && c[kCtrlTop + 2 * z] == 0) { c[kCtrlStatus] = 2; return; }
   for (int z = 0; z < 2; ++z) {
-    c[kCtrlTop + 2 * z] += (p[z].flush ? 1 : 0) - (p[z].row == 0 ? 1 : 0);
+    c[kCtrlTop + 2 * z] += (p[z].moves ? 1 : 0) - (p[z].row == 0 ? 1 : 0);
     c[kCtrlNsp + 2 * z] += p[z].flush ? 1 : 0;
   }
   if (p[0].out >= 0) c[kCtrlElig] += 1;

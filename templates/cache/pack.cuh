@@ -61,6 +61,16 @@ struct Dest {
   const float* weight = nullptr;
 };
 
+// An e4m3 tensor of the cache (templates/cache/table8.cuh): table entry kDense8 + s is its e4m3 dense slot s.
+constexpr int kDense8 = 1 << 30;
+
+struct Pools8 {                   // one e4m3 tensor's pools (all null for a model-dtype tensor)
+  char* dense8;                   // [B*H, n_dense8, block * D] bytes (format_fp8's dense layout)
+  __half* dense8_scales;          // [B*H, n_dense8, block]
+  __half* sparse_scales;          // [B*H, n_sparse, block] (values and metadata: the 2:4 pool's)
+  int n_dense8;
+};
+
 // Tile `unit` (16 tokens for K, 32 for V) of sequence bh: its index among the 2:4 tiles of
 // the destination, or -1 - dense row offset (in elements) when the block is dense.
 template <int kUnit>

@@ -23,7 +23,7 @@ __device__ __forceinline__ uint32_t e4m3x2(float lo, float lo_scale, float hi, f
 }
 
 // The largest magnitudes of a K tile's rows g and g + 8 over this lane's quarter of the channels (the quad holds
-// the row; row_scales reduces across it). Any partition of the row does: the 2:4 and dense packers share this one.
+// the row; row_scales reduces across it): the dense packer's scales (the 2:4 one takes the kept values').
 __device__ __forceinline__ void row_amax(const Element* __restrict__ base, long long st, int length, int T,
                                          float (&amax)[2]) {
   const int lane = threadIdx.x % 32, g = lane >> 2, q = lane & 3;
@@ -55,14 +55,26 @@ __device__ __forceinline__ void row_scales(float (&amax)[2], int T, __half* __re
 }
 
 // K 2:4 in e4m3: 16-token tile T of one sequence (rows base + t * st, t < length). The fragment order and
-// metadata are compress_k_unit's; values are one byte each (8 a lane and k-step), scales float16 per token.
+// metadata are compress_k_unit's; values are one byte each (8 a lane and k-step), scales float16 per token. `w`:
+// the sequence's channel weights [D] of the 2:4 choice (or null: magnitudes). A first pass selects and takes the
+// kept magnitudes (with weights a token's largest value may be dropped), a second quantizes and writes.
 __device__ __forceinline__ void compress_k8_unit(const Element* __restrict__ base, long long st, int length, int T,
                                                  uint2* __restrict__ vals, uint32_t* __restrict__ meta,
-                                                 __half* __restrict__ scales) {
+                                                 __half* __restrict__ scales, const float* __restrict__ w = nullptr) {
   const int lane = threadIdx.x % 32, g = lane >> 2, q = lane & 3;
-  // a token's largest value is always kept, so its scale is over all of its channels
-  float amax[2];
-  row_amax(base, st, length, T, amax);
+  float amax[2] = {0.f, 0.f};
+#pragma unroll
+  for (int ks = 0; ks < kKSteps; ++ks)
+#pragma unroll
+    for (int slot = 0; slot < 2; ++slot)
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const int row = T * 16 + g + 8 * r;
+        Element x[4], v0, v1;
+        load4(base + row * st + ks * 32 + slot * 16 + 4 * q, length, row, x);
+        select_2of4(x, v0, v1, w ? w + ks * 32 + slot * 16 + 4 * q : nullptr);
+        amax[r] = fmaxf(amax[r], fmaxf(fabsf(float(v0)), fabsf(float(v1))));
+      }
   float sc[2];
   row_scales(amax, T, scales, sc);
 #pragma unroll
@@ -75,7 +87,7 @@ __device__ __forceinline__ void compress_k8_unit(const Element* __restrict__ bas
         const int row = T * 16 + g + 8 * r;
         Element x[4], v0, v1;
         load4(base + row * st + ks * 32 + slot * 16 + 4 * q, length, row, x);
-        nib[slot][r] = select_2of4(x, v0, v1);
+        nib[slot][r] = select_2of4(x, v0, v1, w ? w + ks * 32 + slot * 16 + 4 * q : nullptr);
         // fragment element e = 4*slot + 2*r + {0,1}
         bytes[slot] |= e4m3x2(float(v0), sc[r], float(v1), sc[r]) << (16 * r);
       }
@@ -105,10 +117,11 @@ __device__ __forceinline__ const Element* stage_tile(const Element* __restrict__
 
 // V 2:4 in e4m3: 32-token chunk C of one sequence, every channel tile. A token's scale is over the values kept
 // of it in every channel (a token may lose its largest channels to its neighbours), so a first pass selects and
-// takes those magnitudes, a second quantizes each kept value with its own token's scale.
+// takes those magnitudes, a second quantizes each kept value with its own token's scale. `w`: the chunk's 32
+// token weights of the 2:4 choice (or null: magnitudes).
 __device__ __forceinline__ void compress_v8_unit(const Element* __restrict__ base, long long st, int length, int C,
                                                  uint2* __restrict__ vals, uint32_t* __restrict__ meta,
-                                                 __half* __restrict__ scales) {
+                                                 __half* __restrict__ scales, const float* __restrict__ w = nullptr) {
   const int lane = threadIdx.x % 32, g = lane >> 2, q = lane & 3;
   __shared__ uint4 tile_smem[kWarpsPerBlock][32][2];
   uint4 (&tile)[32][2] = tile_smem[threadIdx.x / 32];
@@ -123,7 +136,7 @@ __device__ __forceinline__ void compress_v8_unit(const Element* __restrict__ bas
         Element x[4], v0, v1;
 #pragma unroll
         for (int i = 0; i < 4; ++i) x[i] = t_el[(slot * 16 + 4 * q + i) * 16 + g + 8 * r];
-        const uint32_t nib = select_2of4(x, v0, v1);
+        const uint32_t nib = select_2of4(x, v0, v1, w ? w + slot * 16 + 4 * q : nullptr);
         const int i0 = nib & 3, i1 = nib >> 2;
 #pragma unroll
         for (int i = 0; i < 4; ++i)
@@ -151,7 +164,7 @@ __device__ __forceinline__ void compress_v8_unit(const Element* __restrict__ bas
         Element x[4], v0, v1;
 #pragma unroll
         for (int i = 0; i < 4; ++i) x[i] = t_el[(slot * 16 + 4 * q + i) * 16 + g + 8 * r];
-        nib[slot][r] = select_2of4(x, v0, v1);
+        nib[slot][r] = select_2of4(x, v0, v1, w ? w + slot * 16 + 4 * q : nullptr);
         const int i0 = nib[slot][r] & 3, i1 = nib[slot][r] >> 2;
         // selects, not sc[slot][i0]: a run-time index would move sc to local memory
         const float s0 = i0 == 0 ? sc[slot][0] : i0 == 1 ? sc[slot][1] : sc[slot][2];
