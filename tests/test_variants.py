@@ -282,13 +282,15 @@ def test_manifest_records_each_variants_family_and_c_abi(llama3):
 
 def test_e4m3_decode_variants():
     """An e4m3 tier gives decode variants named by storage with the decode8 ABI (scales after each tensor's
-    metadata), no prefill variants, and a source that converts e4m3 in registers; model-dtype variants'
-    sources do not change."""
+    metadata; decode_table8 for the cache's block tables), no prefill variants of its own (prefill reads e4m3 in
+    the model dtype), and a source that converts e4m3 in registers; model-dtype variants' sources do not change."""
     spec = load_spec(REPO / "specs" / "llama3_fp8.yaml")
     by_name = {v.name: v for v in expand(spec)}
     assert {"decode_d128_g4_f16_k24f8_v24f8_sm90", "decode_d128_g4_bf16_k24_v24f8_sm90",
-            "decode_d128_g4_f16_k24_v24_sm90"} <= set(by_name)
-    assert not any(n.startswith("prefill") for n in by_name)
+            "decode_d128_g4_f16_k24_v24_sm90", "decode_d128_g4_f16_kmf8_vmf8_b64_sm90"} <= set(by_name)
+    assert by_name["decode_d128_g4_f16_kmf8_vmf8_b64_sm90"].abi == "decode_table8"
+    prefill = [v for v in by_name.values() if v.kind == "prefill"]
+    assert prefill and not any(v.tier.e4m3 for v in prefill)
     v8 = by_name["decode_d128_g4_f16_k24f8_v24f8_sm90"]
     d = v8.describe()
     assert d["abi"] == "decode8" and d["tier"] == {"k": "sparse24", "v": "sparse24", "k_storage": "float8_e4m3",
@@ -299,7 +301,7 @@ def test_e4m3_decode_variants():
     plain = render(by_name["decode_d128_g4_f16_k24_v24_sm90"], spec)
     assert "cvt.rn.f16x2.e4m3x2" not in plain and "const void* k_scales" not in plain
     v_only = render(by_name["decode_d128_g4_bf16_k24_v24f8_sm90"], spec)
-    assert "fold_value_scales(s_acc" in v_only and "scale_keys(s_acc" not in v_only
+    assert "v_chunk_e4m3<kVDense>(o_acc" in v_only and "scale_keys(s_acc" not in v_only
     # a spec with e4m3 and sm_80 is refused before anything is expanded
     with pytest.raises(SpecError, match="float8_e4m3 needs sm_89 or newer"):
         parse_spec({**yaml.safe_load((REPO / "specs" / "llama3_fp8.yaml").read_text()), "archs": ["sm_80", "sm_90"]})
