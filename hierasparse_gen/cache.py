@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .cache_inspect import CacheInspection, block_rows
+from .cache_inspect import DENSE8, CacheInspection, block_rows
 from .errors import CacheFullError, InputError
 from .ops import cache_kernels as _kernels
 from .ops.checks import check_queries
@@ -52,7 +52,6 @@ from .selection import (attention_mass, block_scores, channel_weights, check_sel
 
 _CTRL_STACK = 6  # ctrl columns before the free-slot stacks
 _STATUS = 5      # ctrl column: 1 = a captured append found the sequence full, 2 = no free dense slot
-DENSE8 = 1 << 30  # table entry DENSE8 + s: an e4m3 tensor's dense e4m3 slot s (templates/cache/pack.cuh)
 
 
 @dataclass
@@ -230,9 +229,9 @@ class HieraCache(CacheInspection):
         qlens = torch.tensor(lengths, dtype=torch.int32, device=self.device)
         if mode == "attend_then_compress":
             seqlens = torch.tensor(after, dtype=torch.int32, device=self.device)
-            out = _kernels.prefill_cache(self.lib, q, self._prefill_source(any(old)), seqlens, qlens, k_tail=k, v_tail=v,
-                                tail_start=torch.tensor(old, dtype=torch.int32, device=self.device), scale=scale,
-                                kernel=kernel)
+            start = torch.tensor(old, dtype=torch.int32, device=self.device)
+            out = _kernels.prefill_cache(self.lib, q, self._prefill_source(any(old)), seqlens, qlens, k_tail=k,
+                                         v_tail=v, tail_start=start, scale=scale, kernel=kernel)
             self._extend(k, v, lengths, *sel)
             return out
         whole = all(n0 == 0 for n0 in old) and all(n == L for n in lengths)  # a prompt into an empty cache
@@ -268,7 +267,8 @@ class HieraCache(CacheInspection):
                 rows = torch.zeros(self.batch, self.heads, 1, S, D, dtype=self.dtype, device=self.device)
                 slot = torch.zeros_like(t.table)
             vals = torch.zeros(self.batch, self.heads, 1, S * D // 2, dtype=self.dtype, device=self.device)
-            setattr(view, name, dataclasses.replace(t, dense=rows, sparse_vals=vals, sparse_meta=t.sparse_meta[:, :, :1].contiguous(),
+            meta = t.sparse_meta[:, :, :1].contiguous()
+            setattr(view, name, dataclasses.replace(t, dense=rows, sparse_vals=vals, sparse_meta=meta,
                                                     table=slot.to(torch.int32).contiguous(), storage="model",
                                                     dense8=None, dense8_scales=None, sparse_scales=None))
         return view
@@ -371,7 +371,8 @@ class HieraCache(CacheInspection):
             dev = t.dense.device
             t.dense[b, :, slots[idx].long().to(dev), (pos[idx] % S).to(dev)] = x[:, idx.to(x.device)]
 
-    def _fill_flushed(self, t: _Tensor, b: int, assembled: torch.Tensor, entry: torch.Tensor, blocks: list[int]) -> None:
+    def _fill_flushed(self, t: _Tensor, b: int, assembled: torch.Tensor, entry: torch.Tensor,
+                      blocks: list[int]) -> None:
         """Blocks ``blocks`` of sequence b (rows ``assembled [F, H, S, D]``) to their new table entries ``entry
         [F]`` (2:4 slots, or an e4m3 tensor's dense e4m3 slots) through the fill kernel, which takes K's channel
         weights and V's token weights (the flat compressor keeps magnitudes)."""
@@ -449,14 +450,14 @@ class HieraCache(CacheInspection):
                 live = t.table[b0:b1, :, :blocks]
                 live.copy_(torch.where(live < 0, live, torch.where(live < n_de, live + DENSE8, live - n_de)))
                 _kernels.fill_blocks8(self.lib, x, t.name, t, S, t.table[b0:b1], slice(b0, b1), w)
-                n_de = 0  # (model-dtype slots)
             else:
                 _kernels.fill_blocks(self.lib, x, t.name, t.table[b0:b1], S, t.dense[b0:b1], t.sparse_vals[b0:b1],
                                      t.sparse_meta[b0:b1], w)
+            first_uniform = 0 if t.e4m3 else n_de  # the sink's and window's first model-dtype dense slot
             for b in range(b0, b1):
                 t.n_sparse[b] = n_s
-                t.uniform[b] = {blk: n_de + i for i, blk in enumerate(uniform)}
-                t.free[b] = list(range(n_de + len(uniform), t.dense.shape[2]))
+                t.uniform[b] = {blk: first_uniform + i for i, blk in enumerate(uniform)}
+                t.free[b] = list(range(first_uniform + len(uniform), t.dense.shape[2]))
         for b in range(b0, b1):
             self._lengths[b] = L
             self.n_eligible[b] = n_elig

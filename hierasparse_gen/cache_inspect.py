@@ -57,7 +57,8 @@ class CacheInspection:
             x = torch.gather(rows, 2, idx).reshape(B, H, self.max_blocks * S, self.head_dim)
             live = torch.arange(x.shape[2], device=self.device).view(1, -1) < \
                 torch.tensor(self._lengths, device=self.device).view(-1, 1)
-            out.append(torch.where(live.view(B, 1, -1, 1), x, torch.zeros((), dtype=x.dtype, device=x.device))[:, :, :L])
+            zero = torch.zeros((), dtype=x.dtype, device=x.device)
+            out.append(torch.where(live.view(B, 1, -1, 1), x, zero)[:, :, :L])
         return out[0], out[1]
 
     def tiers(self, name: str = "k") -> torch.Tensor:
