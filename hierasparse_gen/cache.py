@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .cache_inspect import DENSE8, CacheInspection, block_rows
+from .cache_inspect import DENSE8, CacheInspection, prefill_pools
 from .errors import CacheFullError, InputError
 from .ops import cache_kernels as _kernels
 from .ops.checks import check_queries
@@ -249,28 +249,28 @@ class HieraCache(CacheInspection):
                                       tail_start=start, scale=scale, whole=whole, kernel=kernel)
 
     def _prefill_source(self, reads: bool = True):
-        """What the prefill kernels read (16-bit blocks): the cache itself, or with e4m3 tensors a stand-in whose
-        e4m3 tensors hold every slot as model-dtype dense rows (:func:`block_rows`: 2:4 blocks with their dropped
-        values 0, e4m3 dequantized) and whose tables point there: transient, the dense bytes of those tensors'
-        whole capacity. ``reads`` False (the chunk attends to nothing held): empty pools."""
+        """What the prefill kernels read (16-bit blocks): the cache itself, or with e4m3 tensors a stand-in in the
+        model dtype: its dense pool the model-dtype dense blocks followed by the e4m3 dense blocks dequantized, its
+        2:4 pool the e4m3 2:4 blocks as 16-bit 2:4 values with the same metadata (cache_inspect.prefill_pools),
+        its table pointing there. Transient: those tensors' 16-bit bytes. ``reads`` False (the chunk attends to
+        nothing held): empty pools."""
         if not (self.k.e4m3 or self.v.e4m3):
             return self
         view = copy.copy(self)
-        S, D = self.block, self.head_dim
         for name in "kv":
             t = getattr(self, name)
             if not t.e4m3:
                 continue
             if reads:
-                rows, slot = block_rows(self, t)
+                dense, vals, meta, table = prefill_pools(self, t)
             else:
-                rows = torch.zeros(self.batch, self.heads, 1, S, D, dtype=self.dtype, device=self.device)
-                slot = torch.zeros_like(t.table)
-            vals = torch.zeros(self.batch, self.heads, 1, S * D // 2, dtype=self.dtype, device=self.device)
-            meta = t.sparse_meta[:, :, :1].contiguous()
-            setattr(view, name, dataclasses.replace(t, dense=rows, sparse_vals=vals, sparse_meta=meta,
-                                                    table=slot.to(torch.int32).contiguous(), storage="model",
-                                                    dense8=None, dense8_scales=None, sparse_scales=None))
+                S, D = self.block, self.head_dim
+                dense = torch.zeros(self.batch, self.heads, 1, S, D, dtype=self.dtype, device=self.device)
+                vals = torch.zeros(self.batch, self.heads, 1, S * D // 2, dtype=self.dtype, device=self.device)
+                meta, table = t.sparse_meta[:, :, :1].contiguous(), torch.zeros_like(t.table)
+            setattr(view, name, dataclasses.replace(t, dense=dense, sparse_vals=vals, sparse_meta=meta, table=table,
+                                                    storage="model", dense8=None, dense8_scales=None,
+                                                    sparse_scales=None))
         return view
 
     def _aligned_tail(self, k: torch.Tensor, lengths: list[int]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -218,6 +218,33 @@ def unpack_v(vals: torch.Tensor, meta: torch.Tensor, scales: torch.Tensor, dtype
     return unpack_v_2to4(*_v_untile(vals, meta), scales, dtype)
 
 
+def kept_positions(words: torch.Tensor) -> torch.Tensor:
+    """Index along the compressed dim of every kept value of :func:`format.compress_rows`'s words ``[..., K/16]``:
+    ``[..., K/2]`` (int64), in the order the values are stored."""
+    w = words.to(torch.int32) & 0xFFFF
+    shifts = torch.tensor([0, 4, 8, 12], device=words.device, dtype=torch.int32)
+    nib = ((w.unsqueeze(-1) >> shifts) & 0xF).flatten(-2)  # [..., K/4]: one nibble a group of 4
+    base = 4 * torch.arange(nib.shape[-1], device=words.device)
+    return torch.stack((base + (nib & 3), base + (nib >> 2)), -1).flatten(-2)
+
+
+def model_dtype_k(vals: torch.Tensor, meta: torch.Tensor, scales: torch.Tensor, dtype) -> torch.Tensor:
+    """:func:`pack_k`'s e4m3 bytes as the model-dtype 2:4 values of the same metadata (the 16-bit kernels'
+    layout, :func:`format.pack_k`): each value times its token's scale, rounded once into ``dtype``. The
+    metadata is unchanged, so (``vals16``, ``meta``) holds exactly what :func:`unpack_k` gives in ``dtype``."""
+    codes, words = _k_untile(vals, meta)
+    return _k_tile(dequantize(codes, scales, dtype), words)[0]
+
+
+def model_dtype_v(vals: torch.Tensor, meta: torch.Tensor, scales: torch.Tensor, dtype) -> torch.Tensor:
+    """As :func:`model_dtype_k` for :func:`pack_v`'s bytes: V is 2:4 along the tokens, so a value's token (and
+    scale) comes from its metadata."""
+    codes, words = _v_untile(vals, meta)
+    token_scale = scales.unsqueeze(-2).expand(*codes.shape[:-1], scales.shape[-1])
+    s = token_scale.gather(-1, kept_positions(words))
+    return _v_tile((codes.view(torch.float8_e4m3fn).float() * s.float()).to(dtype), words)[0]
+
+
 # dense fragment orders: (reshape of the row-major codes, permutation to the stored order)
 _DENSE_K = (lambda B, H, cap, D: (B, H, cap // 16, 2, 8, D // 32, 2, 2, 4, 2), (0, 1, 2, 5, 4, 8, 6, 7, 3, 9))
 _DENSE_V = (lambda B, H, cap, D: (B, H, cap // 32, 2, 2, 4, 2, D // 16, 2, 8), (0, 1, 2, 7, 9, 5, 3, 4, 8, 6))
@@ -280,4 +307,5 @@ __all__ = ["STORAGES", "E4M3_MAX", "SCALE_BYTES", "SCALE_DTYPE", "check_storage"
            "token_scales",
            "quantize", "dequantize", "pack_dense", "unpack_dense", "pack_k_2to4", "unpack_k_2to4", "pack_v_2to4",
            "unpack_v_2to4", "pack_k", "pack_v", "unpack_k", "unpack_v", "pack_k_dense", "pack_v_dense", "unpack_k_dense",
-           "unpack_v_dense", "fake_quantize", "stored_values"]
+           "unpack_v_dense", "kept_positions", "model_dtype_k", "model_dtype_v", "fake_quantize",
+           "stored_values"]

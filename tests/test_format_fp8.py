@@ -297,3 +297,62 @@ def test_dense_kernel_layout():
                 i = ((c * 4 + mt) * 32 + g_ * 4 + q) * 16 + j * 8 + hi * 4 + r8 * 2 + lo
                 want = codes[0, 1, 32 * c + 16 * j + 8 * hi + 2 * q + lo, 16 * mt + 8 * r8 + g_]
             assert flat[i] == want
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("D", [64, 128, 256])
+def test_model_dtype_2to4_is_the_unpacked_e4m3_under_the_same_metadata(dtype, D):
+    """model_dtype_k/v (what prefill reads of e4m3 2:4): 16-bit values in the 16-bit kernel layout under the e4m3
+    tensor's own metadata, holding bit for bit what unpack_k/v give in that dtype; V's values each take their
+    own token's scale (found through the metadata), checked on scales that differ token to token."""
+    g = torch.Generator().manual_seed(D)
+    x = (torch.randn(2, 3, 70, D, generator=g) * torch.rand(2, 3, 70, 1, generator=g) * 40).to(dtype)
+    for pack, unpack, to16, unpack16 in ((f8.pack_k, f8.unpack_k, f8.model_dtype_k, fmt.unpack_k),
+                                          (f8.pack_v, f8.unpack_v, f8.model_dtype_v, fmt.unpack_v)):
+        vals, meta, scales = pack(x)
+        assert len(set(scales[0, 0].tolist())) > 30
+        v16 = to16(vals, meta, scales, dtype)
+        assert v16.dtype == dtype and v16.shape == vals.shape
+        assert torch.equal(unpack16(v16, meta), unpack(vals, meta, scales, dtype))
+
+
+def test_kept_positions_follow_the_metadata():
+    x = torch.tensor([[0.0, 5, 0, 7, 1, 0, 0, 2, 0, 0, 3, 4, 9, 8, 0, 0]])
+    vals, words = fmt.compress_rows(x)
+    pos = f8.kept_positions(words)
+    assert pos.tolist() == [[1, 3, 4, 7, 10, 11, 12, 13]]
+    assert torch.equal(x.gather(-1, pos), vals)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_prefill_pools_of_an_e4m3_tensor_hold_what_the_cache_holds(dtype):
+    """cache_inspect.prefill_pools (what the 16-bit prefill kernels read of an e4m3 tensor of HieraCache): through
+    its table, the model-dtype dense slots, the e4m3 dense slots dequantized and the e4m3 2:4 slots as 16-bit 2:4
+    under the same metadata give, block for block, block_rows' values in the cache's dtype."""
+    from types import SimpleNamespace
+
+    from hierasparse_gen.cache import _Tensor
+    from hierasparse_gen.cache_inspect import DENSE8, block_rows, prefill_pools
+    B, H, S, D, n_dense, n8, n_sp, blocks = 2, 3, 64, 64, 2, 3, 4, 8
+    g = torch.Generator().manual_seed(5)
+    x = (torch.randn(B, H * (n8 + n_sp), S, D, generator=g) * 9).to(dtype)
+    for name in "kv":
+        dense8, sc8 = (f8.pack_k_dense if name == "k" else f8.pack_v_dense)(x[:, :H * n8], S)
+        vals, meta, scales = (f8.pack_k if name == "k" else f8.pack_v)(x[:, H * n8:], S)
+        t = _Tensor(name, 0.5, torch.randn(B, H, n_dense, S, D, generator=g).to(dtype),
+                    vals.reshape(B, H, n_sp, -1), meta.reshape(B, H, n_sp, -1),
+                    torch.tensor([0, DENSE8 + 2, -1, -4, DENSE8, 1, -2, DENSE8 + 1], dtype=torch.int32)
+                    .repeat(B, H, 1), storage="float8_e4m3", dense8=dense8.reshape(B, H, n8, -1),
+                    dense8_scales=sc8.reshape(B, H, n8, S), sparse_scales=scales.reshape(B, H, n_sp, S))
+        cache = SimpleNamespace(batch=B, heads=H, block=S, head_dim=D, dtype=dtype, max_blocks=blocks)
+        dense, vals16, meta16, table = prefill_pools(cache, t)
+        assert vals16.dtype == dense.dtype == dtype and meta16 is t.sparse_meta and table.dtype == torch.int32
+        rows, slot = block_rows(cache, t)
+        want = rows.gather(2, slot.long()[..., None, None].expand(-1, -1, -1, S, D))
+        unpack16 = fmt.unpack_k if name == "k" else fmt.unpack_v
+        vshape, mshape = ((B, H * n_sp, S, D // 2), (B, H * n_sp, S, D // 16)) if name == "k" else \
+            ((B, H * n_sp, S // 2, D), (B, H * n_sp, S // 16, D))
+        sparse16 = unpack16(vals16.reshape(vshape), meta16.reshape(mshape)).reshape(B, H, n_sp, S, D)
+        got = torch.cat((dense, sparse16), 2)
+        got_slot = torch.where(table < 0, dense.shape[2] - table - 1, table).long()
+        assert torch.equal(got.gather(2, got_slot[..., None, None].expand(-1, -1, -1, S, D)), want)

@@ -431,3 +431,46 @@ def test_wgmma_balanced_prefill_strided_k_and_exact_path(lib, poison, wgmma_kd_c
     out, lse = lib.prefill(q4, k, vc)
     check(out, lse, q4, k, vd, seqlens)
     assert len(wgmma_kd_calls) == 4
+
+
+def _e4m3_flat(lib, B, L, lengths, dtype, seed, k_sparse, hq=32, hkv=8, d=128, kernel="auto"):
+    """Prefill over e4m3 K (2:4 or dense) and 2:4 e4m3 V against the float64 reference on exactly the stored values
+    (e4m3 code x float16 scale, exact in float32); the yardstick is the torch math path on those values rounded
+    into the model dtype, which is what the 16-bit kernels read (ops.as_model_dtype)."""
+    from hierasparse_gen import format_fp8 as f8
+    from helpers import _lowp
+    from hierasparse_gen.reference import prefill_reference
+    q, k, v = _inputs(B, L, L, dtype, seed, hq, hkv, d)
+    k = k * torch.exp(rand(B, hkv, L, 1, seed=seed + 7, dtype=torch.float32) * 1.5).to(dtype)  # per-token scales differ
+    kc = lib.compress_k(k, storage="float8_e4m3", sparse=k_sparse)
+    vc = lib.compress_v(v, storage="float8_e4m3")
+    seqlens = None if lengths is None else torch.tensor(lengths, dtype=torch.int32, device="cuda")
+    out, lse = lib.prefill(q, kc, vc, seqlens, kernel=kernel)
+    n = torch.full((B,), L, dtype=torch.int32, device="cuda") if seqlens is None else seqlens
+    kx = (f8.unpack_k(kc.values, kc.meta, kc.scales) if k_sparse else f8.unpack_k_dense(kc.values, kc.scales))[:, :, :L]
+    vx = f8.unpack_v(vc.values, vc.meta, vc.scales)[:, :, :L]
+    ref, ref_lse = prefill_reference(q, kx, vx, n)
+    assert out.shape == q.shape and not out.isnan().any(), "unwritten or NaN output"
+    err = (out.double() - ref).abs().max().item()
+    err_lowp = (_lowp(q, kx.to(dtype), vx.to(dtype), n).double() - ref).abs().max().item()
+    assert err <= 4 * err_lowp + 1e-4, f"max error {err:.3g} vs same-precision torch {err_lowp:.3g}"
+    assert torch.allclose(lse.double(), ref_lse, atol=2e-3, rtol=1e-4)
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("k_sparse", [True, False], ids=["k24f8", "kdf8"])
+@pytest.mark.parametrize("B,L,lengths", [(1, 1000, None), (2, 333, None), (2, 700, [700, 130])])
+def test_flat_prefill_over_e4m3(lib, poison, dtype, k_sparse, B, L, lengths):
+    """lib.prefill over e4m3 PackedKV: whole prompts go to the sm_90a kernels (where built), explicit lengths to the
+    warp-level ones, both on the values the e4m3 tensors hold."""
+    out = _e4m3_flat(lib, B, L, lengths, dtype, seed=L + B, k_sparse=k_sparse)
+    if lengths is None:  # the warp-level kernel on the same inputs
+        out2 = _e4m3_flat(lib, B, L, lengths, dtype, seed=L + B, k_sparse=k_sparse, kernel="mma_sp")
+        assert (out.float() - out2.float()).abs().max().item() < (4e-3 if dtype == torch.float16 else 3e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("D,Hq,Hkv", [(64, 4, 4), (96, 10, 2), (256, 16, 1)])
+def test_flat_prefill_over_e4m3_shapes(matrix, poison, dtype, D, Hq, Hkv):
+    _e4m3_flat(matrix, 2, 300, [300, 77], dtype, seed=D, k_sparse=D != 96, hq=Hq, hkv=Hkv, d=D)

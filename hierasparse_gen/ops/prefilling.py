@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import format_fp8
 from ..errors import CudaError, DispatchError
 from ..policy import KERNELS, check_kernel
 from . import base, checks
@@ -73,7 +74,8 @@ def prefill_outputs(q: torch.Tensor, alloc):
 def prefill(lib, q: torch.Tensor, k, v: PackedKV, seqlens=None, *, qlens=None, scale: float | None = None,
             kernel: str = "auto"):
     """Causal attention of a chunk of queries ``q [B, Hq, Lq, D]`` over 2:4 V and K that is
-    2:4 (a PackedKV: all-2:4) or dense (``[B, Hkv, L, D]``: balanced).
+    2:4 (a PackedKV: all-2:4) or dense (``[B, Hkv, L, D]``, or a dense e4m3 PackedKV: balanced). e4m3 K and
+    V are read in q's dtype (:func:`as_model_dtype`): the 16-bit kernels run on the values the cache holds.
 
     Sequence b has ``seqlens[b]`` keys and ``qlens[b]`` queries (default: Lq; rows past it,
     right padding, get zeros and lse -inf), its last ``qlens[b]`` positions (bottom-right
@@ -83,9 +85,14 @@ def prefill(lib, q: torch.Tensor, k, v: PackedKV, seqlens=None, *, qlens=None, s
     fp32, natural log).
     """
     v = checks.check_packed(v, "v", "v")
-    B, Hkv = v.values.shape[:2]
     if isinstance(k, PackedKV):
         k = checks.check_packed(k, "k", "k")
+    if v.storage != "model" or (isinstance(k, PackedKV) and k.storage != "model"):
+        checks.check_cuda(q, "q")
+        checks.check_dtype(q, "q")
+        k, v = as_model_dtype(k, q.dtype), as_model_dtype(v, q.dtype)
+    B, Hkv = v.values.shape[:2]
+    if isinstance(k, PackedKV):
         if tuple(k.values.shape[:2]) != (B, Hkv) or k.capacity != v.capacity or k.values.dtype != v.values.dtype:
             fail("k, v", "K and V do not match each other", "compress K and V of the same cache")
         tier, length, D = ("sparse24", "sparse24"), min(k.length, v.length), k.head_dim
@@ -122,6 +129,23 @@ def prefill(lib, q: torch.Tensor, k, v: PackedKV, seqlens=None, *, qlens=None, s
     return prefill_mma_sp(lib, q, tier, None, ksrc, vsrc, seqlens,
                           checks.check_lengths(qlens, "qlens", B, q.device, fix), length,
                           base.softmax_scale(scale, D))
+
+
+def as_model_dtype(t, dtype):
+    """What the 16-bit prefill kernels read of an e4m3 PackedKV (others pass through): 2:4 e4m3 becomes 2:4 in
+    ``dtype`` with the same metadata (format_fp8.model_dtype_k/v: each kept value times its token's scale,
+    rounded once), dense e4m3 K becomes dense rows ``[B, H, length, D]`` (the balanced kernels). Transient: the
+    16-bit bytes of those tensors, made in one elementwise pass (O(L), against prefill's O(L^2))."""
+    if not isinstance(t, PackedKV) or t.storage == "model":
+        return t
+    if t.sparse:
+        to16 = format_fp8.model_dtype_k if t.kind == "k" else format_fp8.model_dtype_v
+        return PackedKV(to16(t.values, t.meta, t.scales, dtype), t.meta, t.kind, t.length)
+    if t.kind == "k":
+        return format_fp8.unpack_k_dense(t.values, t.scales, dtype)[:, :, :t.length]
+    fail("v", "dense e4m3 V has no prefill kernel (prefill reads 2:4 V)",
+         "compress V with sparse=True (2:4 e4m3), or attend over format_fp8.unpack_v_dense(v.values, v.scales, "
+         "dtype) with a dense attention")
 
 
 def _wgmma_variant(lib, q: torch.Tensor, Hkv: int, tier: tuple[str, str]):
