@@ -80,6 +80,9 @@ SIGNATURES.update({("compress5f8", suffix): args for (abi, suffix), args in list
                    if abi == "compress5"})
 SIGNATURES.update({("compress5f8", suffix): [_p, _i64, _i64, _i64, _i32, _i32, _i32, _i32, _p, _p, _p, _p]
                    for suffix in ("_k8", "_v8", "_kd8", "_vd8")})
+# ... and the widening of 2:4 e4m3 into 16-bit 2:4 for prefill (values, metadata, scales, planes, capacity, out,
+# stream)
+SIGNATURES.update({("compress5f8", suffix): [_p, _p, _p, _i32, _i32, _p, _p] for suffix in ("_widen_k8", "_widen_v8")})
 # ... the cache with e4m3 tensors: fill (compress5's fill arguments, then the e4m3 pools: dense values, dense
 # scales, 2:4 scales, dense slots; then the weights) and the decode step (compress5's append arguments up to V's
 # ratio, then per tensor its e4m3 pools, or nulls and 0 for a model-dtype tensor; then the weights and masses)

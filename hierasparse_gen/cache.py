@@ -34,6 +34,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 
@@ -41,6 +42,7 @@ from .cache_inspect import DENSE8, CacheInspection, prefill_pools
 from .errors import CacheFullError, InputError
 from .ops import cache_kernels as _kernels
 from .ops.checks import check_queries
+from .ops.packing import widen8
 # (the policy names also stay importable from here: PREFILL_MODES, ratio_count, cache_settings, ...)
 from .policy import (PREFILL_MODES, cache_settings, check_not_full, check_prefill_mode, check_ratios, check_room,
                      eligible_blocks, pool_sizes, ratio_count)
@@ -262,7 +264,7 @@ class HieraCache(CacheInspection):
             if not t.e4m3:
                 continue
             if reads:
-                dense, vals, meta, table = prefill_pools(self, t)
+                dense, vals, meta, table = prefill_pools(self, t, partial(widen8, self.lib))
             else:
                 S, D = self.block, self.head_dim
                 dense = torch.zeros(self.batch, self.heads, 1, S, D, dtype=self.dtype, device=self.device)

@@ -41,12 +41,13 @@ def block_rows(cache, t, dtype=None) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.cat(parts, 2), slot
 
 
-def prefill_pools(cache, t) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def prefill_pools(cache, t, widen=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """An e4m3 tensor ``t`` of ``cache`` as model-dtype pools for the 16-bit prefill kernels: (dense
     ``[B, H, n_dense + n8, block, D]``: the model-dtype slots, then the e4m3 dense slots dequantized; 2:4 values
-    in the cache's dtype with ``t``'s metadata (format_fp8.model_dtype_k/v); the metadata; the table with e4m3
-    dense entries turned into their slot in that dense pool, int32). Each value is what :func:`block_rows`
-    gives in the cache's dtype."""
+    in the cache's dtype with ``t``'s metadata (``widen(vals, meta, scales, kind, dtype)``, by default
+    format_fp8.model_dtype_k/v; the cache passes its library's kernel, ops.packing.widen8); the metadata; the
+    table with e4m3 dense entries turned into their slot in that dense pool, int32). Each value is what
+    :func:`block_rows` gives in the cache's dtype."""
     B, H, S, D = cache.batch, cache.heads, cache.block, cache.head_dim
     is_k = t.name == "k"
     n8, n_sp = t.dense8.shape[2], t.sparse_vals.shape[2]
@@ -55,9 +56,11 @@ def prefill_pools(cache, t) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, t
     dense = torch.cat((t.dense, dense8.reshape(B, H, n8, S, D)), 2)
     vshape = (B, H * n_sp, S, D // 2) if is_k else (B, H * n_sp, S // 2, D)
     mshape = (B, H * n_sp, S, D // 16) if is_k else (B, H * n_sp, S // 16, D)
-    to16 = format_fp8.model_dtype_k if is_k else format_fp8.model_dtype_v
-    vals = to16(t.sparse_vals.reshape(vshape), t.sparse_meta.reshape(mshape), t.sparse_scales.reshape(B, H * n_sp, S),
-                cache.dtype).reshape(t.sparse_vals.shape)
+    if widen is None:
+        def widen(vals, meta, scales, kind, dtype):
+            return (format_fp8.model_dtype_k if kind == "k" else format_fp8.model_dtype_v)(vals, meta, scales, dtype)
+    vals = widen(t.sparse_vals.reshape(vshape), t.sparse_meta.reshape(mshape), t.sparse_scales.reshape(B, H * n_sp, S),
+                 t.name, cache.dtype).reshape(t.sparse_vals.shape)
     e = t.table
     table = torch.where(e >= DENSE8, t.dense.shape[2] + e - DENSE8, e).to(torch.int32).contiguous()
     return dense, vals, t.sparse_meta, table

@@ -222,7 +222,7 @@ def kept_positions(words: torch.Tensor) -> torch.Tensor:
     """Index along the compressed dim of every kept value of :func:`format.compress_rows`'s words ``[..., K/16]``:
     ``[..., K/2]`` (int64), in the order the values are stored."""
     w = words.to(torch.int32) & 0xFFFF
-    shifts = torch.tensor([0, 4, 8, 12], device=words.device, dtype=torch.int32)
+    shifts = torch.arange(0, 16, 4, device=words.device, dtype=torch.int32)  # made on the device: capturable
     nib = ((w.unsqueeze(-1) >> shifts) & 0xF).flatten(-2)  # [..., K/4]: one nibble a group of 4
     base = 4 * torch.arange(nib.shape[-1], device=words.device)
     return torch.stack((base + (nib & 3), base + (nib >> 2)), -1).flatten(-2)

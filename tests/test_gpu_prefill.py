@@ -434,9 +434,11 @@ def test_wgmma_balanced_prefill_strided_k_and_exact_path(lib, poison, wgmma_kd_c
 
 
 def _e4m3_flat(lib, B, L, lengths, dtype, seed, k_sparse, hq=32, hkv=8, d=128, kernel="auto"):
-    """Prefill over e4m3 K (2:4 or dense) and 2:4 e4m3 V against the float64 reference on exactly the stored values
-    (e4m3 code x float16 scale, exact in float32); the yardstick is the torch math path on those values rounded
-    into the model dtype, which is what the 16-bit kernels read (ops.as_model_dtype)."""
+    """Prefill over e4m3 K (2:4 or dense) and 2:4 e4m3 V: the output against the float64 reference on exactly the
+    stored values (e4m3 code x float16 scale, exact in float32), within 4x the error of the torch math path on
+    those values rounded into the model dtype, which is what the 16-bit kernels read (ops.as_model_dtype); the lse
+    against the float64 reference on those rounded values (large-scale keys: the rounding alone moves scores of
+    ~100 by more than the lse tolerance)."""
     from hierasparse_gen import format_fp8 as f8
     from helpers import _lowp
     from hierasparse_gen.reference import prefill_reference
@@ -454,7 +456,11 @@ def _e4m3_flat(lib, B, L, lengths, dtype, seed, k_sparse, hq=32, hkv=8, d=128, k
     err = (out.double() - ref).abs().max().item()
     err_lowp = (_lowp(q, kx.to(dtype), vx.to(dtype), n).double() - ref).abs().max().item()
     assert err <= 4 * err_lowp + 1e-4, f"max error {err:.3g} vs same-precision torch {err_lowp:.3g}"
-    assert torch.allclose(lse.double(), ref_lse, atol=2e-3, rtol=1e-4)
+    ref_lse16 = prefill_reference(q, kx.to(dtype), vx.to(dtype), n)[1].to(lse.device)
+    finite = torch.isfinite(ref_lse16)
+    assert torch.equal(torch.isfinite(lse), finite)
+    assert torch.allclose(lse.double()[finite], ref_lse16[finite], atol=2e-3, rtol=1e-4), \
+        (lse.double()[finite] - ref_lse16[finite]).abs().max().item()
     return out
 
 

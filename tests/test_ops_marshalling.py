@@ -313,28 +313,42 @@ def _packed8(kind, packed, length):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_prefill_reads_e4m3_in_the_queries_dtype(lib, dtype):
     """e4m3 PackedKV into prefill: 2:4 K and V reach the 16-bit all-2:4 kernels as 16-bit values under their own
-    metadata (holding what unpack gives in q's dtype), dense e4m3 K the balanced ones as dense rows of the
-    prompt's length; dense e4m3 V is refused with the fix, before any launch."""
+    metadata (widened by the library's kernel: one launch a tensor over its B x H planes; format_fp8's torch
+    function where the library has none, holding what unpack gives in q's dtype), dense e4m3 K the balanced ones
+    as dense rows of the prompt's length; dense e4m3 V is refused with the fix, before any launch."""
     from hierasparse_gen import format as fmt
     from hierasparse_gen import format_fp8 as f8
     L = CAP - 3
     x = torch.randn(B, HKV, L, D)
     k8 = _packed8("k", f8.pack_k(x, CAP), L)
     v8 = _packed8("v", f8.pack_v(x * 3, CAP), L)
-    k16, v16 = ops.as_model_dtype(k8, dtype), ops.as_model_dtype(v8, dtype)
+    k16, v16 = ops.as_model_dtype(lib, k8, dtype), ops.as_model_dtype(lib, v8, dtype)
     assert k16.storage == v16.storage == "model" and k16.meta is k8.meta and v16.meta is v8.meta
-    assert k16.values.dtype == dtype and k16.capacity == CAP and k16.length == L
+    assert k16.values.dtype == v16.values.dtype == dtype and k16.values.shape == k8.values.shape
+    assert k16.capacity == CAP and k16.length == L
+    for (symbol, args), t, t16 in zip(lib.calls, (k8, v8), (k16, v16)):
+        assert symbol == f"hsg_compress_widen_{t.kind}8"
+        _assert_matches_signature("compress5f8", f"_widen_{t.kind}8", args)
+        assert args == (t.values.data_ptr(), t.meta.data_ptr(), t.scales.data_ptr(), B * HKV, CAP, t16.values.data_ptr())
+    lib.calls.clear()
+    lib.select = lambda kind, **want: SimpleNamespace(symbol="hsg_compress", abi="compress5") \
+        if kind == "compress" else FakeLib.select(lib, kind, **want)  # no e4m3 tiers: the torch functions
+    k16, v16 = ops.as_model_dtype(lib, k8, dtype), ops.as_model_dtype(lib, v8, dtype)
+    assert lib.calls == []
     assert torch.equal(fmt.unpack_k(k16.values, k16.meta), f8.unpack_k(k8.values, k8.meta, k8.scales, dtype))
     assert torch.equal(fmt.unpack_v(v16.values, v16.meta), f8.unpack_v(v8.values, v8.meta, v8.scales, dtype))
     kd8 = _packed8("k", f8.pack_k_dense(x, CAP), L)
-    kd = ops.as_model_dtype(kd8, dtype)
+    kd = ops.as_model_dtype(lib, kd8, dtype)
     assert kd.shape == (B, HKV, L, D) and torch.equal(kd, f8.unpack_k_dense(kd8.values, kd8.scales, dtype)[:, :, :L])
     q = torch.randn(B, HQ, L, D, dtype=dtype)
+    del lib.select  # the library's own select again
     lib.wgmma = True
     ops.prefill(lib, q, k8, v8)
     ops.prefill(lib, q, kd8, v8)
     ops.prefill(lib, q, k8, v8, torch.tensor([L, 5], dtype=torch.int32))
-    assert [c[0] for c in lib.calls] == ["hsg_prefill_sm90a", "hsg_prefill_sm90a_kd", "hsg_prefill"]
+    assert [c[0] for c in lib.calls] == ["hsg_compress_widen_v8", "hsg_compress_widen_k8", "hsg_prefill_sm90a",
+                                         "hsg_compress_widen_v8", "hsg_prefill_sm90a_kd", "hsg_compress_widen_v8",
+                                         "hsg_compress_widen_k8", "hsg_prefill"]
     lib.calls.clear()
     vd8 = _packed8("v", f8.pack_v_dense(x, CAP), L)
     with pytest.raises(ValueError, match=r"v: dense e4m3 V has no prefill kernel .*Fix: compress V with sparse=True"):

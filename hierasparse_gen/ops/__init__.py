@@ -15,8 +15,9 @@ from .base import PackedKV
 from .cache_kernels import append_cache, decode_cache, fill_blocks, prefill_cache, score_blocks, select_blocks
 from .decoding import decode
 from .graphs import capture_graph
-from .packing import compress
+from .packing import compress, widen8
 from .prefilling import KERNELS, as_model_dtype, choose_kernel, prefill
 
-__all__ = ["KERNELS", "PackedKV", "append_cache", "as_model_dtype", "capture_graph", "choose_kernel", "choose_splits", "compress",
-           "decode", "decode_cache", "fill_blocks", "prefill", "prefill_cache", "score_blocks", "select_blocks"]
+__all__ = ["KERNELS", "PackedKV", "append_cache", "as_model_dtype", "capture_graph", "choose_kernel", "choose_splits",
+           "compress", "decode", "decode_cache", "fill_blocks", "prefill", "prefill_cache", "score_blocks",
+           "select_blocks", "widen8"]

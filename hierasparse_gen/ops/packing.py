@@ -72,6 +72,37 @@ def compress_variant(lib, x: torch.Tensor):
     return lib.select("compress", head_dim=x.shape[-1], dtype=DTYPES[x.dtype], cc=base.device_cc(x.device))
 
 
+def widen8(lib, vals: torch.Tensor, meta: torch.Tensor, scales: torch.Tensor, kind: str, dtype) -> torch.Tensor:
+    """16-bit values in ``dtype`` (same layout, same metadata) of 2:4 e4m3 bytes in the kernel layout: ``vals``
+    ``[..., cap, D/2]`` (K) or ``[..., cap/2, D]`` (V), ``meta`` likewise, ``scales [..., cap]``; what
+    format_fp8.model_dtype_k/v give, from the library's widening kernel where it has one (a spec with e4m3 tiers),
+    else from those torch functions."""
+    D = vals.shape[-1] * (2 if kind == "k" else 1)
+    variant = lib.find("compress", head_dim=D, dtype=DTYPES[dtype], cc=base.device_cc(vals.device))
+    if variant is None or variant.abi != "compress5f8":
+        return (format_fp8.model_dtype_k if kind == "k" else format_fp8.model_dtype_v)(vals, meta, scales, dtype)
+    return torch.ops.hierasparse.widen8(lib.key, vals, meta, scales, kind, dtype)
+
+
+@torch.library.custom_op("hierasparse::widen8", mutates_args=())
+def _widen8_op(lib_key: str, vals: torch.Tensor, meta: torch.Tensor, scales: torch.Tensor, kind: str,
+               dtype: torch.dtype) -> torch.Tensor:
+    lib = base.library(lib_key)
+    D = vals.shape[-1] * (2 if kind == "k" else 1)
+    variant = lib.select("compress", head_dim=D, dtype=DTYPES[dtype], cc=base.device_cc(vals.device))
+    vals, meta, scales = vals.contiguous(), meta.contiguous(), scales.contiguous()
+    out = base.alloc(vals.shape, dtype, vals.device)
+    cap = scales.shape[-1]
+    base.launch(lib, f"{variant.symbol}_widen_{kind}8", vals.device, vals.data_ptr(), meta.data_ptr(),
+                scales.data_ptr(), scales.numel() // cap, cap, out.data_ptr())
+    return out
+
+
+@_widen8_op.register_fake
+def _(lib_key, vals, meta, scales, kind, dtype):
+    return vals.new_empty(vals.shape, dtype=dtype)
+
+
 # Dispatch happens inside the custom ops: it runs eagerly at launch time, so torch.compile
 # sees only the shape checks above and an opaque op.
 

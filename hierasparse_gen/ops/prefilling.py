@@ -17,6 +17,7 @@ from ..errors import CudaError, DispatchError
 from ..policy import KERNELS, check_kernel
 from . import base, checks
 from .base import DTYPES, PackedKV
+from .packing import widen8
 from .checks import fail
 
 #: prefill's ``kernel=`` choices (see choose_kernel)
@@ -90,7 +91,8 @@ def prefill(lib, q: torch.Tensor, k, v: PackedKV, seqlens=None, *, qlens=None, s
     if v.storage != "model" or (isinstance(k, PackedKV) and k.storage != "model"):
         checks.check_cuda(q, "q")
         checks.check_dtype(q, "q")
-        k, v = as_model_dtype(k, q.dtype), as_model_dtype(v, q.dtype)
+        v = as_model_dtype(lib, v, q.dtype)  # first: a dense e4m3 V is refused before anything runs
+        k = as_model_dtype(lib, k, q.dtype)
     B, Hkv = v.values.shape[:2]
     if isinstance(k, PackedKV):
         if tuple(k.values.shape[:2]) != (B, Hkv) or k.capacity != v.capacity or k.values.dtype != v.values.dtype:
@@ -131,16 +133,15 @@ def prefill(lib, q: torch.Tensor, k, v: PackedKV, seqlens=None, *, qlens=None, s
                           base.softmax_scale(scale, D))
 
 
-def as_model_dtype(t, dtype):
+def as_model_dtype(lib, t, dtype):
     """What the 16-bit prefill kernels read of an e4m3 PackedKV (others pass through): 2:4 e4m3 becomes 2:4 in
-    ``dtype`` with the same metadata (format_fp8.model_dtype_k/v: each kept value times its token's scale,
-    rounded once), dense e4m3 K becomes dense rows ``[B, H, length, D]`` (the balanced kernels). Transient: the
-    16-bit bytes of those tensors, made in one elementwise pass (O(L), against prefill's O(L^2))."""
+    ``dtype`` with the same metadata (packing.widen8: each kept value times its token's scale, rounded once; one
+    pass of the library's kernel), dense e4m3 K becomes dense rows ``[B, H, length, D]`` (the balanced kernels).
+    Transient: the 16-bit bytes of those tensors, made in O(L) against prefill's O(L^2)."""
     if not isinstance(t, PackedKV) or t.storage == "model":
         return t
     if t.sparse:
-        to16 = format_fp8.model_dtype_k if t.kind == "k" else format_fp8.model_dtype_v
-        return PackedKV(to16(t.values, t.meta, t.scales, dtype), t.meta, t.kind, t.length)
+        return PackedKV(widen8(lib, t.values, t.meta, t.scales, t.kind, dtype), t.meta, t.kind, t.length)
     if t.kind == "k":
         return format_fp8.unpack_k_dense(t.values, t.scales, dtype)[:, :, :t.length]
     fail("v", "dense e4m3 V has no prefill kernel (prefill reads 2:4 V)",
