@@ -76,12 +76,13 @@ def choose_splits(batch_heads: int, chunks: int, warps: int, sms: int, resident:
     of the SM count (at most ``resident`` CTAs an SM at once). Among split counts whose
     balance is within 5 % of the best, take the smallest (fewer partials to merge). Few
     (batch, head) pairs get no more than half the SMs' worth of splits each, and every warp at
-    least four chunks on average: a CTA's fixed costs (pipeline fill, merge, partial write)
+    least two chunks on average: a CTA's fixed costs (pipeline fill, merge, partial write)
     and the combine's reads grow with the splits, and half the SMs still pull the bandwidth
-    (H100, one KV head, group 8, 8 warps: B=1 at 32K 13.0 us with 32 splits against 18.1
-    with 128; at 128K 24.5 us with 64 against 29.5 with 128; experiments/tile_sweeps).
+    (H100, one KV head, 8 warps, B=1, the combine a programmatic dependent launch: at 32K group 8
+    10.7 us with 64 splits against 12.3 with 32 and 12.2 with 128, group 16 13.3 against 15.3 and
+    15.3; at 128K group 8 21.8 with 64 against 23.2 with 128; experiments/tile_sweeps).
     """
-    most = max(1, min(256, chunks // (4 * warps), sms // 2))
+    most = max(1, min(256, chunks // (2 * warps), sms // 2))
     slots = sms * max(1, resident)
     balance = []
     for s in range(1, most + 1):

@@ -218,7 +218,8 @@ def test_cache_headers_are_inlined_into_the_compress_kernels(llama3):
     src = render(v, llama3)
     headers = sorted(folder.glob("*.cuh"))
     assert headers and '#include "cache/' not in src
-    e4m3_only = ("pack8.cuh", "table8.cuh")  # the e4m3 packers and pools: only where the spec has e4m3 tiers
+    # the e4m3 packers, pools and widening: only where the spec has e4m3 tiers
+    e4m3_only = ("pack8.cuh", "table8.cuh", "widen8.cuh")
     for path in headers:
         assert src.count(f"// ---- cache/{path.name} ----") == (path.name not in e4m3_only), path.name
         assert "{{" not in path.read_text() and "{%" not in path.read_text(), path.name
@@ -291,6 +292,7 @@ def test_e4m3_decode_variants():
     assert by_name["decode_d128_g4_f16_kmf8_vmf8_b64_sm90"].abi == "decode_table8"
     prefill = [v for v in by_name.values() if v.kind == "prefill"]
     assert prefill and not any(v.tier.e4m3 for v in prefill)
+    assert any(v.wgmma for v in prefill)  # sm_90a: prefill over e4m3 runs the wgmma kernels on H100/H200
     v8 = by_name["decode_d128_g4_f16_k24f8_v24f8_sm90"]
     d = v8.describe()
     assert d["abi"] == "decode8" and d["tier"] == {"k": "sparse24", "v": "sparse24", "k_storage": "float8_e4m3",
@@ -312,11 +314,13 @@ def test_split_heuristic():
     # many (batch, head) pairs: CTAs a multiple of the SMs, as few splits as that allows
     assert choose_splits(64, 1024, 8, 132, 2) == 2     # Llama-3 shape, B=8, 32K: 128 CTAs
     assert choose_splits(8, 1024, 8, 132, 2) == 16     # one KV head, B=8: 128 CTAs
-    # one pair: at most half the SMs and at least four 32-token chunks a warp
-    assert choose_splits(1, 1024, 8, 132, 2) == 32     # 32K (31 would leave one split 2 chunks longer)
+    # one pair: at most half the SMs and at least two 32-token chunks a warp
+    assert choose_splits(1, 1024, 8, 132, 2) == 64     # 32K (61-63 would leave one split a chunk longer)
+    assert choose_splits(1, 512, 8, 132, 2) == 32      # 16K: two chunks a warp
     assert choose_splits(1, 4096, 8, 132, 2) == 63     # 128K
-    assert choose_splits(1, 40, 8, 132, 2) == 1        # a short sequence: one split
+    assert choose_splits(1, 40, 8, 132, 2) == 2        # 1280 tokens: two splits of 2.5 chunks a warp
+    assert choose_splits(1, 31, 8, 132, 2) == 1        # a short sequence: one split
     for bh in (1, 3, 8, 64, 257):
         for chunks in (1, 33, 1024, 4096):
             s = choose_splits(bh, chunks, 4, 132, 2)
-            assert 1 <= s <= max(1, chunks // 16)
+            assert 1 <= s <= max(1, chunks // 8)
