@@ -100,8 +100,34 @@ def prune_k(k: torch.Tensor, channel_weight: torch.Tensor | None = None) -> torc
 
 def prune_v(v: torch.Tensor, token_weight: torch.Tensor | None = None) -> torch.Tensor:
     """V ``[..., L, D]`` pruned 2:4 along the sequence (L must be a multiple of 4); ``token_weight
-    [..., L, 1]`` ranks tokens by |v| * weight (selection.token_weights)."""
-    return prune_2to4(v, -2, token_weight)
+    [..., L, 1]`` ranks tokens by |v| * weight (selection.token_weights) and compensates the dropped values in the
+    kept ones (:func:`compensate_v`)."""
+    if token_weight is None:
+        return prune_2to4(v, -2)
+    return compensate_v(v, token_weight)
+
+
+def compensate_v(v: torch.Tensor, token_weight: torch.Tensor) -> torch.Tensor:
+    """V pruned 2:4 along the sequence by |v| * w, the kept pair of each group of 4 tokens (per channel) moved so
+    that the group's output under the expected attention m = w^2 (w: selection.token_weights, the square root of
+    the prompt's mass) is unchanged: m_a d_a + m_b d_b = m_c v_c + m_d v_d with the least-norm d (d_i = r m_i /
+    (m_a^2 + m_b^2)), each kept value then clipped to the group's largest |v| (so it never leaves the range the
+    block had). A group whose 4 weights are equal (tokens with no attention estimate: they weigh 1) is only pruned.
+    The float32 steps are the compressor kernels' (templates/cache/pack.cuh, select_2of4): bit-exact."""
+    xt = v.movedim(-2, -1)                                                  # [..., D, L]
+    wt = token_weight.expand_as(v).movedim(-2, -1).float()
+    keep = keep_mask_2to4(xt, wt).unflatten(-1, (-1, 4))
+    x = xt.float().unflatten(-1, (-1, 4))
+    w = wt.unflatten(-1, (-1, 4))
+    m = w * w
+    zero = torch.zeros((), device=v.device)
+    r = torch.where(keep, zero, m * x).sum(-1, keepdim=True)               # two non-zero terms: one rounding
+    den = torch.where(keep, m * m, zero).sum(-1, keepdim=True).clamp(min=1e-30)
+    bound = x.abs().amax(-1, keepdim=True)
+    moved = torch.minimum(torch.maximum(x + r * m / den, -bound), bound)
+    flat = (w == w[..., :1]).all(-1, keepdim=True)
+    out = torch.where(keep, torch.where(flat, x, moved), zero)
+    return out.flatten(-2).to(v.dtype).movedim(-1, -2)
 
 
 def _to_int16(words: torch.Tensor) -> torch.Tensor:

@@ -27,8 +27,11 @@ hedges for the later queries the window does not see: measured against a_t itsel
 SmolLM2, benchmarks/RESULTS.md run Q9), for every token of the prompt: the blocks eligible at the
 prompt, and the prompt's window blocks when they leave the window (the cache keeps their weights;
 on SmolLM2 at V ratio 0.5 this took KL from 0.0204 to 0.0165, run Q11). Tokens after the prompt
-weigh 1. Both choices run in both caches: the GPU fill kernel takes K's channel and V's token
-weights, the append kernel K's channel weights and the window blocks' token weights.
+weigh 1. The kept pair of each group then also carries what the dropped pair did under the expected
+attention m_t = w_t^2 (format.compensate_v: the least change of the two kept values that leaves the group's
+m-weighted sum unchanged, clipped to the group's largest |v|; groups of 4 equal weights are only pruned): same
+storage, the values differ. Both choices run in both caches: the GPU fill kernel takes K's channel and V's
+token weights, the append kernel K's channel weights and the window blocks' token weights.
 """
 
 from __future__ import annotations

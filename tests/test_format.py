@@ -206,6 +206,34 @@ def test_prune_v_along_tokens(dtype, L):
     assert not (along_d == 2).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_prune_v_with_token_weights_compensates_the_dropped_pair(dtype):
+    """With token weights w, V keeps per channel the 2 of 4 tokens of largest |v| * w and moves them so that the
+    group's sum under m = w^2 is what the dense group's was (least-norm: d_i proportional to m_i), each kept value
+    clipped to the group's largest |v|; groups of equal weights (tokens with no estimate) are only pruned."""
+    g = torch.Generator().manual_seed(3)
+    v = torch.randn(2, 64, 16, generator=g).to(dtype)
+    w = torch.rand(2, 64, 1, generator=g) * 2
+    w[:, 32:48] = 1.0  # four groups of equal weights
+    out = prune_v(v, w)
+    assert out.dtype == dtype and out.shape == v.shape
+    keep = keep_mask_2to4(v.transpose(-1, -2), w.expand_as(v).transpose(-1, -2)).transpose(-1, -2)
+    assert torch.equal(out != 0, keep & (v != 0))  # the weighted choice (a kept exact zero may stay 0)
+    x, o = v.float().unflatten(1, (16, 4)), out.float().unflatten(1, (16, 4))
+    m = (w * w).unflatten(1, (16, 4))
+    bound = x.abs().amax(2, keepdim=True)
+    assert (o.abs() <= bound).all()
+    moved = (o.abs() < bound).all(2)  # no kept value clipped (with weights in [0, 2], about half the groups)
+    moved[:, 8:12] = False             # the equal-weight groups
+    err = ((o * m).sum(2) - (x * m).sum(2)).abs()[moved]
+    tol = (x.abs() * m).sum(2)[moved] * (2e-2 if dtype == torch.bfloat16 else 3e-3) + 1e-3
+    assert moved.float().mean() > 0.25
+    assert (err <= tol).all()
+    assert torch.equal(out[:, 32:48], prune_2to4(v, -2)[:, 32:48])
+    # uniform weights everywhere: the magnitude choice, nothing moved
+    assert torch.equal(prune_v(v, torch.ones(2, 64, 1)), prune_v(v))
+
+
 def test_prune_v_differs_from_prune_k():
     v = _randn((1, 1, 8, 8), torch.float16, seed=41)
     assert not torch.equal(prune_v(v), prune_k(v))

@@ -4,7 +4,10 @@
 
 // Keep the 2 largest |x| of 4 (ties to the lower index), or the 2 largest |x| * w[i] when weights are given
 // (the cache's query-weighted K channels or attention-weighted V tokens; the same float32 products as
-// format.keep_mask_2to4); returns the nibble i0 | i1 << 2.
+// format.keep_mask_2to4); returns the nibble i0 | i1 << 2. kCompensate (V's token weights): the kept pair also
+// takes over what the dropped pair carried under the expected attention m = w^2 (format.compensate_v, bit for
+// bit: IEEE float32 steps in its order, no contractions), unless the 4 weights are equal.
+template <bool kCompensate = false>
 __device__ __forceinline__ uint32_t select_2of4(const Element (&x)[4], Element& v0, Element& v1,
                                                 const float* __restrict__ w = nullptr) {
   float a[4];
@@ -21,6 +24,19 @@ __device__ __forceinline__ uint32_t select_2of4(const Element (&x)[4], Element& 
   // selects, not x[i0]: a run-time index would move x to local memory
   v0 = i0 == 0 ? x[0] : i0 == 1 ? x[1] : x[2];
   v1 = i1 == 3 ? x[3] : i1 == 2 ? x[2] : x[1];
+  if (kCompensate && w && !(w[0] == w[1] && w[1] == w[2] && w[2] == w[3])) {
+    float r = 0.f, bound = 0.f, m[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      m[i] = __fmul_rn(w[i], w[i]);
+      bound = fmaxf(bound, fabsf(float(x[i])));
+      if (i != i0 && i != i1) r = __fadd_rn(r, __fmul_rn(m[i], float(x[i])));
+    }
+    const float m0 = i0 == 0 ? m[0] : i0 == 1 ? m[1] : m[2], m1 = i1 == 3 ? m[3] : i1 == 2 ? m[2] : m[1];
+    const float den = fmaxf(__fadd_rn(__fmul_rn(m0, m0), __fmul_rn(m1, m1)), 1e-30f);
+    v0 = Element(fminf(fmaxf(__fadd_rn(float(v0), __fdiv_rn(__fmul_rn(r, m0), den)), -bound), bound));
+    v1 = Element(fminf(fmaxf(__fadd_rn(float(v1), __fdiv_rn(__fmul_rn(r, m1), den)), -bound), bound));
+  }
   return uint32_t(i0) | (uint32_t(i1) << 2);
 }
 
@@ -122,7 +138,7 @@ __device__ __forceinline__ void compress_k_unit(const Element* __restrict__ base
 
 // One warp: 32-token chunk C, 16-channel tile mt of one V sequence, 2:4 along tokens per
 // channel, to 2:4 chunk `chunk` of d (chunk >= 0) or to the dense rows at -1 - chunk. `w`: the
-// chunk's 32 token weights (or null: magnitudes).
+// chunk's 32 token weights of the choice and of the kept pairs' compensation (or null: magnitudes).
 __device__ __forceinline__ void compress_v_unit(const Element* __restrict__ base, long long st, int length,
                                                 int C, int mt, long long chunk, const Dest& d,
                                                 const float* __restrict__ w = nullptr) {
@@ -157,8 +173,8 @@ __device__ __forceinline__ void compress_v_unit(const Element* __restrict__ base
       Element x[4];
 #pragma unroll
       for (int i = 0; i < 4; ++i) x[i] = t_el[(slot * 16 + 4 * q + i) * 16 + g + 8 * r];
-      nib[slot][r] = select_2of4(x, f.v[4 * slot + 2 * r], f.v[4 * slot + 2 * r + 1],
-                                 w ? w + slot * 16 + 4 * q : nullptr);
+      nib[slot][r] = select_2of4<true>(x, f.v[4 * slot + 2 * r], f.v[4 * slot + 2 * r + 1],
+                                       w ? w + slot * 16 + 4 * q : nullptr);
     }
   d.vals[(chunk * kMTiles + mt) * 32 + lane] = *reinterpret_cast<uint4*>(&f);
   const uint32_t w_lo = quad_words(nib[0][0], nib[0][1], q);  // tokens [0, 16) of the chunk

@@ -118,7 +118,8 @@ __device__ __forceinline__ const Element* stage_tile(const Element* __restrict__
 // V 2:4 in e4m3: 32-token chunk C of one sequence, every channel tile. A token's scale is over the values kept
 // of it in every channel (a token may lose its largest channels to its neighbours), so a first pass selects and
 // takes those magnitudes, a second quantizes each kept value with its own token's scale. `w`: the chunk's 32
-// token weights of the 2:4 choice (or null: magnitudes).
+// token weights of the 2:4 choice and its compensation (or null: magnitudes); the scales are over the kept values
+// as stored, compensated.
 __device__ __forceinline__ void compress_v8_unit(const Element* __restrict__ base, long long st, int length, int C,
                                                  uint2* __restrict__ vals, uint32_t* __restrict__ meta,
                                                  __half* __restrict__ scales, const float* __restrict__ w = nullptr) {
@@ -136,11 +137,13 @@ __device__ __forceinline__ void compress_v8_unit(const Element* __restrict__ bas
         Element x[4], v0, v1;
 #pragma unroll
         for (int i = 0; i < 4; ++i) x[i] = t_el[(slot * 16 + 4 * q + i) * 16 + g + 8 * r];
-        const uint32_t nib = select_2of4(x, v0, v1, w ? w + slot * 16 + 4 * q : nullptr);
+        const uint32_t nib = select_2of4<true>(x, v0, v1, w ? w + slot * 16 + 4 * q : nullptr);
         const int i0 = nib & 3, i1 = nib >> 2;
 #pragma unroll
-        for (int i = 0; i < 4; ++i)
-          if (i == i0 || i == i1) amax[slot][i] = fmaxf(amax[slot][i], fabsf(float(x[i])));
+        for (int i = 0; i < 4; ++i) {  // the kept values as stored (with weights, compensated)
+          if (i == i0) amax[slot][i] = fmaxf(amax[slot][i], fabsf(float(v0)));
+          if (i == i1) amax[slot][i] = fmaxf(amax[slot][i], fabsf(float(v1)));
+        }
       }
   }
   float sc[2][4];
@@ -164,7 +167,7 @@ __device__ __forceinline__ void compress_v8_unit(const Element* __restrict__ bas
         Element x[4], v0, v1;
 #pragma unroll
         for (int i = 0; i < 4; ++i) x[i] = t_el[(slot * 16 + 4 * q + i) * 16 + g + 8 * r];
-        nib[slot][r] = select_2of4(x, v0, v1, w ? w + slot * 16 + 4 * q : nullptr);
+        nib[slot][r] = select_2of4<true>(x, v0, v1, w ? w + slot * 16 + 4 * q : nullptr);
         const int i0 = nib[slot][r] & 3, i1 = nib[slot][r] >> 2;
         // selects, not sc[slot][i0]: a run-time index would move sc to local memory
         const float s0 = i0 == 0 ? sc[slot][0] : i0 == 1 ? sc[slot][1] : sc[slot][2];
