@@ -21,6 +21,7 @@ from hierasparse_gen.format import (  # noqa: E402
     CHUNK,
     VALID_NIBBLES,
     WORD,
+    compensate_v,
     compress_rows,
     decompress_rows,
     keep_mask_2to4,
@@ -232,6 +233,48 @@ def test_prune_v_with_token_weights_compensates_the_dropped_pair(dtype):
     assert torch.equal(out[:, 32:48], prune_2to4(v, -2)[:, 32:48])
     # uniform weights everywhere: the magnitude choice, nothing moved
     assert torch.equal(prune_v(v, torch.ones(2, 64, 1)), prune_v(v))
+
+
+def _compensated_group(x, w):
+    """The compressor kernel's float32 steps for one group (templates/cache/pack.cuh, select_2of4<true>), one
+    IEEE operation at a time in numpy float32: the sequence format.compensate_v must reproduce bit for bit."""
+    import numpy as np
+    f = np.float32
+    x, w = [f(float(t)) for t in x], [f(t) for t in w]
+    a = [f(abs(x[i]) * w[i]) for i in range(4)]
+    keep = [sum((a[j] > a[i]) or (a[j] == a[i] and j < i) for j in range(4)) < 2 for i in range(4)]
+    i0, i1 = keep.index(True), 3 - keep[::-1].index(True)
+    out = [f(0)] * 4
+    out[i0], out[i1] = x[i0], x[i1]
+    if len(set(w)) == 1:
+        return out
+    r, bound = f(0), f(0)
+    for i in range(4):
+        bound = max(bound, f(abs(x[i])))
+        if i not in (i0, i1):
+            r = f(r + f(f(w[i] * w[i]) * x[i]))
+    m0, m1 = f(w[i0] * w[i0]), f(w[i1] * w[i1])
+    den = max(f(f(m0 * m0) + f(m1 * m1)), f(1e-30))
+    out[i0] = min(max(f(x[i0] + f(f(r * m0) / den)), -bound), bound)
+    out[i1] = min(max(f(x[i1] + f(f(r * m1) / den)), -bound), bound)
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_compensate_v_is_the_kernels_float32_sequence(dtype):
+    """format.compensate_v against the kernel's step-by-step float32 arithmetic (before the rounding to the model
+    dtype), group by group, on random values and weights with ties, zeros and equal-weight groups."""
+    g = torch.Generator().manual_seed(11)
+    v = torch.randn(96, 8, generator=g).to(dtype)
+    v[4:8, 0] = 0.0
+    w = (torch.rand(96, 1, generator=g) * 3).round(decimals=1)  # ties among weights
+    w[40:44] = 0.7
+    out = compensate_v(v, w).float()
+    assert (out != prune_2to4(v, -2, w).float()).sum() > 100  # the compensation is exercised, not only the choice
+    for t in range(0, 96, 4):
+        for c in range(8):
+            want = torch.tensor(_compensated_group(v[t:t + 4, c].float().tolist(), w[t:t + 4, 0].tolist()))
+            assert torch.equal(out[t:t + 4, c], want.to(dtype).float()), (t, c)
 
 
 def test_prune_v_differs_from_prune_k():
