@@ -12,6 +12,26 @@ from .policy import cache_nbytes
 DENSE8 = 1 << 30  # (cache.DENSE8) table entry of an e4m3 tensor's dense e4m3 slot
 
 
+def _sparse_pool(cache, t) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Tensor ``t``'s 2:4 pool as flat packed tensors of one block each (B, H x slots planes): values, metadata
+    and, for e4m3, scales, in format.py's / format_fp8's kernel layout."""
+    B, H, S, D = cache.batch, cache.heads, cache.block, cache.head_dim
+    n_sp = t.sparse_vals.shape[2]
+    vshape, mshape = ((B, H * n_sp, S, D // 2), (B, H * n_sp, S, D // 16)) if t.name == "k" else \
+        ((B, H * n_sp, S // 2, D), (B, H * n_sp, S // 16, D))
+    scales = t.sparse_scales.reshape(B, H * n_sp, S) if t.e4m3 else None
+    return t.sparse_vals.reshape(vshape), t.sparse_meta.reshape(mshape), scales
+
+
+def _dense8_rows(cache, t, dtype) -> torch.Tensor:
+    """An e4m3 tensor's dense e4m3 pool dequantized into ``dtype``: ``[B, H, n_dense8, block, D]``."""
+    B, H, S, D = cache.batch, cache.heads, cache.block, cache.head_dim
+    n8 = t.dense8.shape[2]
+    unpack_dense = format_fp8.unpack_k_dense if t.name == "k" else format_fp8.unpack_v_dense
+    return unpack_dense(t.dense8.reshape(B, H * n8, S, D), t.dense8_scales.reshape(B, H * n8, S),
+                        dtype).reshape(B, H, n8, S, D)
+
+
 def block_rows(cache, t, dtype=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Every slot of tensor ``t`` of ``cache`` as dense rows in ``dtype`` (default the cache's; float32 holds e4m3
     values times their scales exactly), ``[B, H, slots, block, D]``: the
@@ -21,18 +41,13 @@ def block_rows(cache, t, dtype=None) -> tuple[torch.Tensor, torch.Tensor]:
     dtype = dtype or cache.dtype
     n_dense, n_sp = t.dense.shape[2], t.sparse_vals.shape[2]
     is_k = t.name == "k"
-    vshape = (B, H * n_sp, S, D // 2) if is_k else (B, H * n_sp, S // 2, D)
-    mshape = (B, H * n_sp, S, D // 16) if is_k else (B, H * n_sp, S // 16, D)
-    vals, meta = t.sparse_vals.reshape(vshape), t.sparse_meta.reshape(mshape)
+    vals, meta, scales = _sparse_pool(cache, t)
     parts = [t.dense.to(dtype)]
     n8 = 0
     if t.e4m3:
         n8 = t.dense8.shape[2]
-        unpack_dense = format_fp8.unpack_k_dense if is_k else format_fp8.unpack_v_dense
-        parts.append(unpack_dense(t.dense8.reshape(B, H * n8, S, D), t.dense8_scales.reshape(B, H * n8, S),
-                                  dtype).reshape(B, H, n8, S, D))
-        unpack = format_fp8.unpack_k if is_k else format_fp8.unpack_v
-        sparse = unpack(vals, meta, t.sparse_scales.reshape(B, H * n_sp, S), dtype)
+        parts.append(_dense8_rows(cache, t, dtype))
+        sparse = (format_fp8.unpack_k if is_k else format_fp8.unpack_v)(vals, meta, scales, dtype)
     else:
         sparse = (unpack_k if is_k else unpack_v)(vals, meta).to(dtype)
     parts.append(sparse.reshape(B, H, n_sp, S, D))
@@ -41,26 +56,16 @@ def block_rows(cache, t, dtype=None) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.cat(parts, 2), slot
 
 
-def prefill_pools(cache, t, widen=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def prefill_pools(cache, t, widen=format_fp8.model_dtype_2to4) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                                        torch.Tensor]:
     """An e4m3 tensor ``t`` of ``cache`` as model-dtype pools for the 16-bit prefill kernels: (dense
     ``[B, H, n_dense + n8, block, D]``: the model-dtype slots, then the e4m3 dense slots dequantized; 2:4 values
-    in the cache's dtype with ``t``'s metadata (``widen(vals, meta, scales, kind, dtype)``, by default
-    format_fp8.model_dtype_k/v; the cache passes its library's kernel, ops.packing.widen8); the metadata; the
+    in the cache's dtype with ``t``'s metadata (``widen(vals, meta, scales, kind, dtype)``: by default
+    format_fp8's torch function, the cache passes its library's kernel, ops.packing.widen8); the metadata; the
     table with e4m3 dense entries turned into their slot in that dense pool, int32). Each value is what
     :func:`block_rows` gives in the cache's dtype."""
-    B, H, S, D = cache.batch, cache.heads, cache.block, cache.head_dim
-    is_k = t.name == "k"
-    n8, n_sp = t.dense8.shape[2], t.sparse_vals.shape[2]
-    unpack_dense = format_fp8.unpack_k_dense if is_k else format_fp8.unpack_v_dense
-    dense8 = unpack_dense(t.dense8.reshape(B, H * n8, S, D), t.dense8_scales.reshape(B, H * n8, S), cache.dtype)
-    dense = torch.cat((t.dense, dense8.reshape(B, H, n8, S, D)), 2)
-    vshape = (B, H * n_sp, S, D // 2) if is_k else (B, H * n_sp, S // 2, D)
-    mshape = (B, H * n_sp, S, D // 16) if is_k else (B, H * n_sp, S // 16, D)
-    if widen is None:
-        def widen(vals, meta, scales, kind, dtype):
-            return (format_fp8.model_dtype_k if kind == "k" else format_fp8.model_dtype_v)(vals, meta, scales, dtype)
-    vals = widen(t.sparse_vals.reshape(vshape), t.sparse_meta.reshape(mshape), t.sparse_scales.reshape(B, H * n_sp, S),
-                 t.name, cache.dtype).reshape(t.sparse_vals.shape)
+    dense = torch.cat((t.dense, _dense8_rows(cache, t, cache.dtype)), 2)
+    vals = widen(*_sparse_pool(cache, t), t.name, cache.dtype).reshape(t.sparse_vals.shape)
     e = t.table
     table = torch.where(e >= DENSE8, t.dense.shape[2] + e - DENSE8, e).to(torch.int32).contiguous()
     return dense, vals, t.sparse_meta, table

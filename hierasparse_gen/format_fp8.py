@@ -245,6 +245,11 @@ def model_dtype_v(vals: torch.Tensor, meta: torch.Tensor, scales: torch.Tensor, 
     return _v_tile((codes.view(torch.float8_e4m3fn).float() * s.float()).to(dtype), words)[0]
 
 
+def model_dtype_2to4(vals: torch.Tensor, meta: torch.Tensor, scales: torch.Tensor, kind: str, dtype) -> torch.Tensor:
+    """:func:`model_dtype_k` (``kind`` "k") or :func:`model_dtype_v`."""
+    return (model_dtype_k if kind == "k" else model_dtype_v)(vals, meta, scales, dtype)
+
+
 # dense fragment orders: (reshape of the row-major codes, permutation to the stored order)
 _DENSE_K = (lambda B, H, cap, D: (B, H, cap // 16, 2, 8, D // 32, 2, 2, 4, 2), (0, 1, 2, 5, 4, 8, 6, 7, 3, 9))
 _DENSE_V = (lambda B, H, cap, D: (B, H, cap // 32, 2, 2, 4, 2, D // 16, 2, 8), (0, 1, 2, 7, 9, 5, 3, 4, 8, 6))
@@ -307,5 +312,6 @@ __all__ = ["STORAGES", "E4M3_MAX", "SCALE_BYTES", "SCALE_DTYPE", "check_storage"
            "token_scales",
            "quantize", "dequantize", "pack_dense", "unpack_dense", "pack_k_2to4", "unpack_k_2to4", "pack_v_2to4",
            "unpack_v_2to4", "pack_k", "pack_v", "unpack_k", "unpack_v", "pack_k_dense", "pack_v_dense", "unpack_k_dense",
-           "unpack_v_dense", "kept_positions", "model_dtype_k", "model_dtype_v", "fake_quantize",
+           "unpack_v_dense", "kept_positions", "model_dtype_k", "model_dtype_v",
+           "model_dtype_2to4", "fake_quantize",
            "stored_values"]

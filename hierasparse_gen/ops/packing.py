@@ -80,7 +80,7 @@ def widen8(lib, vals: torch.Tensor, meta: torch.Tensor, scales: torch.Tensor, ki
     D = vals.shape[-1] * (2 if kind == "k" else 1)
     variant = lib.find("compress", head_dim=D, dtype=DTYPES[dtype], cc=base.device_cc(vals.device))
     if variant is None or variant.abi != "compress5f8":
-        return (format_fp8.model_dtype_k if kind == "k" else format_fp8.model_dtype_v)(vals, meta, scales, dtype)
+        return format_fp8.model_dtype_2to4(vals, meta, scales, kind, dtype)
     return torch.ops.hierasparse.widen8(lib.key, vals, meta, scales, kind, dtype)
 
 
