@@ -31,6 +31,17 @@ def _same(cache, sim):
     assert torch.equal(cv, sv), (cv.double() - sv.double()).abs().max().item()
 
 
+def _decode_steps(cache, sim, k, v, steps):
+    """Append each sequence's next tokens of ``k``/``v`` ``[B, H, L, D]`` to both caches, ``steps`` times, then
+    check they hold the same."""
+    rows = torch.arange(cache.batch)
+    for _ in range(steps):
+        pos = cache.lengths
+        cache.append(k[rows, :, pos], v[rows, :, pos])
+        sim.append(k[rows, :, pos], v[rows, :, pos])
+    _same(cache, sim)
+
+
 def _attend(cache, HQ, seed, num_splits=None):
     """Decode attention against the float64 reference on the stored values (e4m3 ones times their scales, in
     float32: what the kernel multiplies), within 4x the same-precision torch error."""
@@ -73,11 +84,7 @@ def test_e4m3_cache_stores_what_the_simulation_stores(fp8, poison, storage, rati
     cache.prefill(kc, vc, [300, 300])
     sim.prefill(kc, vc, [300, 300])
     _same(cache, sim)
-    for _ in range(70):
-        pos = cache.lengths
-        cache.append(k[torch.arange(2), :, pos], v[torch.arange(2), :, pos])
-        sim.append(k[torch.arange(2), :, pos], v[torch.arange(2), :, pos])
-    _same(cache, sim)
+    _decode_steps(cache, sim, k, v, 70)
     _attend(cache, HQ, 2)
     _attend(cache, HQ, 3, num_splits=7)
     for name, st in zip("kv", storage):  # an e4m3 tensor's eligible dense blocks are e4m3 dense entries
@@ -103,11 +110,7 @@ def test_e4m3_cache_generality(fp8, poison, shape):
         cache.prefill(k[:, :, :3000], v[:, :, :3000], lengths, select_q=q)
         sim.prefill(k[:, :, :3000], v[:, :, :3000], lengths, select_q=q)
         _same(cache, sim)
-        for _ in range(140):
-            pos = cache.lengths
-            cache.append(k[torch.arange(2), :, pos], v[torch.arange(2), :, pos])
-            sim.append(k[torch.arange(2), :, pos], v[torch.arange(2), :, pos])
-        _same(cache, sim)
+        _decode_steps(cache, sim, k, v, 140)
         _attend(cache, HQ, 4)
 
 
