@@ -23,23 +23,26 @@ SIGNATURES = {
                       _p, _p, _p, _i64, _i64, _p, _p],
     ("decode8", "_smem_bytes"): [],
     ("decode8", "_threads"): [],
-    # (compress5: the fill entry points take the 2:4 choice's weights, K per channel, V per token, the append
+    # (compress6: the fill entry points take the 2:4 choice's weights, K per channel, V per token, the append
     # entry point K's channel weights, V's token weights and the blocks' masses for re-tiering; null:
-    # magnitudes, by count. compress4's append took V's window weights, compress3's K's only)
-    ("compress5", "_k"): [_p, _i64, _i64, _i64, _i32, _i32, _i32, _i32, _p, _p, _p],
-    ("compress5", "_v"): [_p, _i64, _i64, _i64, _i32, _i32, _i32, _i32, _p, _p, _p],
-    ("compress5", "_fill_k"): [_p, _i64, _i64, _i64, _i32, _i32, _i32, _p, _i32, _i32, _p, _i32, _p, _p, _i32, _p,
+    # magnitudes, by count; _token_mass scores the prompt's keys by its last queries. compress5 had no
+    # _token_mass, compress4's append took V's window weights, compress3's K's only)
+    ("compress6", "_k"): [_p, _i64, _i64, _i64, _i32, _i32, _i32, _i32, _p, _p, _p],
+    ("compress6", "_v"): [_p, _i64, _i64, _i64, _i32, _i32, _i32, _i32, _p, _p, _p],
+    ("compress6", "_fill_k"): [_p, _i64, _i64, _i64, _i32, _i32, _i32, _p, _i32, _i32, _p, _i32, _p, _p, _i32, _p,
                                _p],
-    ("compress5", "_fill_v"): [_p, _i64, _i64, _i64, _i32, _i32, _i32, _p, _i32, _i32, _p, _i32, _p, _p, _i32, _p,
+    ("compress6", "_fill_v"): [_p, _i64, _i64, _i64, _i32, _i32, _i32, _p, _i32, _i32, _p, _i32, _p, _p, _i32, _p,
                                _p],
-    ("compress5", "_select"): [_p, _i32, _i32, _i32, _i32, _i32, _i32, _p, _i32, _p],
-    ("compress5", "_score_k"): [_p, _i64, _i64, _i64, _i32, _i32, _i32, _i32, _p, _p],
-    ("compress5", "_score_v"): [_p, _i64, _i64, _i64, _i32, _i32, _i32, _i32, _p, _p],
+    ("compress6", "_select"): [_p, _i32, _i32, _i32, _i32, _i32, _i32, _p, _i32, _p],
+    ("compress6", "_score_k"): [_p, _i64, _i64, _i64, _i32, _i32, _i32, _i32, _p, _p],
+    ("compress6", "_score_v"): [_p, _i64, _i64, _i64, _i32, _i32, _i32, _i32, _p, _p],
+    # q_obs, its strides, k, its strides, batch, heads, group, window, length, scale, workspace, its bytes, mass
+    ("compress6", "_token_mass"): [_p, _i64, _i64, _i64, _p, _i64, _i64, _i64, *[_i32] * 5, _f32, _p, _i64, _p, _p],
     # k, its strides, v, its strides, seqlens, ctrl, ctrl_width, batch, heads, max_blocks, block,
     # sink/window blocks, max_len; K then V pools (table, dense, vals, meta, n_dense, n_sparse, ratio); K's
     # channel weights, V's token weights [B, H, max_blocks * block], the blocks' masses [B, H, max_blocks] (each
     # or null)
-    ("compress5", "_append"): [_p, _i64, _i64, _p, _i64, _i64, _p, _p, *[_i32] * 8,
+    ("compress6", "_append"): [_p, _i64, _i64, _p, _i64, _i64, _p, _p, *[_i32] * 8,
                                *[_p, _p, _p, _p, _i32, _i32, _f64] * 2, _p, _p, _p, _p],
     # decode over the cache's block tables
     ("decode_table", ""): [_p, _i64, _i64, _p, _p, _i32, _p, _p, _i32, _i32, _p, _p, _p, _p, _i32, _i32,
@@ -74,21 +77,21 @@ SIGNATURES = {
                                   _p, _i64, _i64, _i64, _p, _p, _i32, _i32, _i32, _i32, _f32, _p, _p, _p],
     ("prefill_wgmma_table", "_smem_bytes"): [],
 }
-# compress5f8: compress5 and the e4m3 packers (x, its strides, batch, heads, length, capacity, values, metadata
+# compress6f8: compress6 and the e4m3 packers (x, its strides, batch, heads, length, capacity, values, metadata
 # (null: dense), scales)
-SIGNATURES.update({("compress5f8", suffix): args for (abi, suffix), args in list(SIGNATURES.items())
-                   if abi == "compress5"})
-SIGNATURES.update({("compress5f8", suffix): [_p, _i64, _i64, _i64, _i32, _i32, _i32, _i32, _p, _p, _p, _p]
+SIGNATURES.update({("compress6f8", suffix): args for (abi, suffix), args in list(SIGNATURES.items())
+                   if abi == "compress6"})
+SIGNATURES.update({("compress6f8", suffix): [_p, _i64, _i64, _i64, _i32, _i32, _i32, _i32, _p, _p, _p, _p]
                    for suffix in ("_k8", "_v8", "_kd8", "_vd8")})
 # ... and the widening of 2:4 e4m3 into 16-bit 2:4 for prefill (values, metadata, scales, planes, capacity, out,
 # stream)
-SIGNATURES.update({("compress5f8", suffix): [_p, _p, _p, _i32, _i32, _p, _p] for suffix in ("_widen_k8", "_widen_v8")})
-# ... the cache with e4m3 tensors: fill (compress5's fill arguments, then the e4m3 pools: dense values, dense
-# scales, 2:4 scales, dense slots; then the weights) and the decode step (compress5's append arguments up to V's
+SIGNATURES.update({("compress6f8", suffix): [_p, _p, _p, _i32, _i32, _p, _p] for suffix in ("_widen_k8", "_widen_v8")})
+# ... the cache with e4m3 tensors: fill (compress6's fill arguments, then the e4m3 pools: dense values, dense
+# scales, 2:4 scales, dense slots; then the weights) and the decode step (compress6's append arguments up to V's
 # ratio, then per tensor its e4m3 pools, or nulls and 0 for a model-dtype tensor; then the weights and masses)
-SIGNATURES.update({("compress5f8", f"_fill_{t}8"): [_p, _i64, _i64, _i64, _i32, _i32, _i32, _p, _i32, _i32, _p, _i32,
+SIGNATURES.update({("compress6f8", f"_fill_{t}8"): [_p, _i64, _i64, _i64, _i32, _i32, _i32, _p, _i32, _i32, _p, _i32,
                                                      _p, _p, _i32, _p, _p, _p, _i32, _p, _p] for t in "kv"})
-SIGNATURES[("compress5f8", "_append8")] = [*SIGNATURES[("compress5", "_append")][:-4], *[_p, _p, _p, _i32] * 2,
+SIGNATURES[("compress6f8", "_append8")] = [*SIGNATURES[("compress6", "_append")][:-4], *[_p, _p, _p, _i32] * 2,
                                            _p, _p, _p, _p]
 
 #: ABIs with host-side size queries answered at load time (no GPU needed)

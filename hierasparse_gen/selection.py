@@ -113,22 +113,25 @@ def token_mass(q_obs: torch.Tensor, k: torch.Tensor, scale: float | None) -> tor
     return out
 
 
+def block_sums(tokens: torch.Tensor, block: int) -> torch.Tensor:
+    """Per-token values ``[..., n]`` summed per whole block: ``[..., n // block]`` (none for n under a block)."""
+    nb = tokens.shape[-1] // block
+    return tokens[..., :nb * block].reshape(*tokens.shape[:-1], nb, block).sum(-1)
+
+
 def attention_mass(q_obs: torch.Tensor, k: torch.Tensor, block: int, scale: float | None,
                    tokens: torch.Tensor | None = None) -> torch.Tensor:
     """:func:`token_mass` summed per whole block: ``[Hkv, n // block]`` (``tokens``: it, if computed)."""
-    p = token_mass(q_obs, k, scale) if tokens is None else tokens
-    nb = k.shape[1] // block
-    return p[:, :nb * block].reshape(p.shape[0], nb, block).sum(-1)  # (nb may be 0: a prompt under a block)
+    return block_sums(token_mass(q_obs, k, scale) if tokens is None else tokens, block)
 
 
 def visible_block_mass(tokens: torch.Tensor, W: int, block: int) -> torch.Tensor:
-    """Per whole block ``[Hkv, n // block]``: the attention mass ``tokens [Hkv, n]`` of the last W queries, per
+    """Per whole block ``[..., n // block]``: the attention mass ``tokens [..., n]`` of the last W queries, per
     query that can see each token (token t is seen by min(W, n - t) of them, so the window's own tokens are
     not made light by the causal mask). The score of decode-time re-tiering."""
-    n = tokens.shape[1]
+    n = tokens.shape[-1]
     seen = torch.clamp(n - torch.arange(n, device=tokens.device), max=W).float()
-    nb = n // block
-    return (tokens / seen)[:, :nb * block].reshape(tokens.shape[0], nb, block).sum(-1)
+    return block_sums(tokens / seen, block)
 
 
 def retier_pick(mass: torch.Tensor, dense: torch.Tensor, leaving: int) -> torch.Tensor:
@@ -182,9 +185,9 @@ def token_weights(tokens: torch.Tensor) -> torch.Tensor:
 
 
 def channel_weights(q_obs: torch.Tensor, heads: int) -> torch.Tensor:
-    """E|q_c| per KV head ``[Hkv, D]`` (float32) over the window's queries of its group."""
-    Hq, W, D = q_obs.shape
-    return q_obs.float().abs().reshape(heads, Hq // heads * W, D).mean(1)
+    """E|q_c| per KV head ``[..., Hkv, D]`` (float32) over the window's queries ``[..., Hq, W, D]`` of its group."""
+    *lead, Hq, W, D = q_obs.shape
+    return q_obs.float().abs().reshape(*lead, heads, Hq // heads * W, D).mean(-2)
 
 
 def block_scores(selection: str, x: torch.Tensor, name: str, block: int, mass: torch.Tensor | None,
@@ -202,5 +205,5 @@ def block_scores(selection: str, x: torch.Tensor, name: str, block: int, mass: t
 
 
 __all__ = ["SELECTIONS", "AUTO_WITH_QUERIES", "KEY_CHANNELS", "VALUE_TOKENS", "check_selection", "resolve", "resolve_channels", "resolve_tokens",
-           "needs_queries", "observed_queries", "token_mass", "attention_mass", "output_error", "token_weights", "channel_weights",
+           "needs_queries", "observed_queries", "token_mass", "block_sums", "attention_mass", "output_error", "token_weights", "channel_weights",
            "block_scores"]

@@ -42,7 +42,7 @@ def c_abi(kind: str, family: str, tier: Tier | None, block_size: int = 0, fp8: b
     if kind == "decode" and tier.e4m3:  # + the per-token scales of e4m3 tensors
         return "decode8"
     if kind == "compress":  # its fill entry points take the 2:4 choice's weights, the append K's
-        return "compress5f8" if fp8 else "compress5"
+        return "compress6f8" if fp8 else "compress6"
     return kind
 
 
@@ -154,6 +154,7 @@ class Variant:
                 f"{s}_select": "choose each head's 2:4 blocks and fill the block table",
                 f"{s}_score_k": "2:4 prune loss of K per cache block",
                 f"{s}_score_v": "2:4 prune loss of V per cache block",
+                f"{s}_token_mass": "attention mass per key of a prompt's last queries (the query-aware selection)",
                 f"{s}_append": "one decode step into the cache: append K/V rows, re-tier a block leaving the window"}
 
     @property

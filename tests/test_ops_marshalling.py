@@ -32,7 +32,7 @@ class FakeLib:
         mixed = want.get("tier") == ("mixed", "mixed") and kind == "decode"
         return SimpleNamespace(symbol=f"hsg_{kind}{'_mixed' if mixed else ''}", arch="sm_90", tiles=tiles,
                                smem_bytes=100_000, threads=128, kind="decode_table" if mixed else kind,
-                               abi="compress5f8" if kind == "compress" else kind)
+                               abi="compress6f8" if kind == "compress" else kind)
 
     def find(self, kind, **want):
         try:
@@ -118,13 +118,13 @@ def test_decode8_dense_op_arguments(lib):
 
 @pytest.mark.parametrize("kind,sparse", [("k", True), ("v", True), ("k", False), ("v", False)])
 def test_compress8_arguments(lib, kind, sparse):
-    """A library with the e4m3 packers (compress5f8): the entry point by tensor and tier, its arguments, the
+    """A library with the e4m3 packers (compress6f8): the entry point by tensor and tier, its arguments, the
     shapes of what comes back."""
     x = torch.randn(B, HKV, 100, D, dtype=torch.bfloat16)
     packed = packing.compress(lib, x, kind, None, "float8_e4m3", sparse)
     (symbol, args), = lib.calls
     assert symbol == f"hsg_compress_{kind}{'' if sparse else 'd'}8"
-    _assert_matches_signature("compress5f8", f"_{kind}{'' if sparse else 'd'}8", args)
+    _assert_matches_signature("compress6f8", f"_{kind}{'' if sparse else 'd'}8", args)
     assert args[4:8] == (B, HKV, 100, CAP) and (args[9] is None) == (not sparse)
     assert packed.values.dtype == torch.uint8 and packed.scales.shape == (B, HKV, CAP)
     assert packed.capacity == CAP and packed.head_dim == D and packed.sparse == sparse
@@ -186,7 +186,7 @@ def test_cache_fill8_and_append8_arguments(lib):
     cache_kernels.fill_blocks8(lib, x, "v", t, 64, table, slice(0, B), w)
     (symbol, args), = lib.calls
     assert symbol == "hsg_compress_fill_v8"
-    _assert_matches_signature("compress5f8", "_fill_v8", args)
+    _assert_matches_signature("compress6f8", "_fill_v8", args)
     assert args[4:7] == (B, HKV, 200) and args[8:10] == (4, 64) and args[18] == 2 and args[19] == w.data_ptr()
     lib.calls.clear()
     k = torch.randn(B, HKV, D, dtype=torch.float16)
@@ -197,7 +197,7 @@ def test_cache_fill8_and_append8_arguments(lib):
                                       4, 256, 0.5, 1.0, None, torch.ones(B, HKV, 256), torch.ones(B, HKV, 4))
     (symbol, args), = lib.calls
     assert symbol == "hsg_compress_append8"
-    _assert_matches_signature("compress5f8", "_append8", args)
+    _assert_matches_signature("compress6f8", "_append8", args)
     assert args[30:34][3] == 2 and args[34:38] == (None, None, None, 0)  # K's e4m3 pools, V's none
 
 
@@ -328,10 +328,10 @@ def test_prefill_reads_e4m3_in_the_queries_dtype(lib, dtype):
     assert k16.capacity == CAP and k16.length == L
     for (symbol, args), t, t16 in zip(lib.calls, (k8, v8), (k16, v16)):
         assert symbol == f"hsg_compress_widen_{t.kind}8"
-        _assert_matches_signature("compress5f8", f"_widen_{t.kind}8", args)
+        _assert_matches_signature("compress6f8", f"_widen_{t.kind}8", args)
         assert args == (t.values.data_ptr(), t.meta.data_ptr(), t.scales.data_ptr(), B * HKV, CAP, t16.values.data_ptr())
     lib.calls.clear()
-    lib.select = lambda kind, **want: SimpleNamespace(symbol="hsg_compress", abi="compress5") \
+    lib.select = lambda kind, **want: SimpleNamespace(symbol="hsg_compress", abi="compress6") \
         if kind == "compress" else FakeLib.select(lib, kind, **want)  # no e4m3 tiers: the torch functions
     k16, v16 = ops.as_model_dtype(lib, k8, dtype), ops.as_model_dtype(lib, v8, dtype)
     assert lib.calls == []
@@ -424,9 +424,9 @@ def test_compress_and_cache_maintenance_arguments(lib):
                     torch.zeros(B, HKV, 2, 32, D, dtype=torch.float16), torch.zeros(B, HKV, 2, 32 * D // 2),
                     torch.zeros(B, HKV, 2, 32 * D // 16, dtype=torch.int16))
     (s1, a1), (s2, a2), (s3, a3) = lib.calls
-    _assert_matches_signature("compress5", "_score_k", a1)
-    _assert_matches_signature("compress5", "_select", a2)
-    _assert_matches_signature("compress5", "_fill_v", a3)
+    _assert_matches_signature("compress6", "_score_k", a1)
+    _assert_matches_signature("compress6", "_select", a2)
+    _assert_matches_signature("compress6", "_fill_v", a3)
     assert s1.endswith("_score_k") and s2.endswith("_select") and s3.endswith("_fill_v")
     # V's token weights: one per token the fill covers (100 tokens in 32-token blocks: 128), float32
     pools = (torch.zeros(B, HKV, 2, 32, D, dtype=torch.float16), torch.zeros(B, HKV, 2, 32 * D // 2),
@@ -455,7 +455,7 @@ def test_compress_op_arguments(lib, monkeypatch, kind):
     x = torch.randn(B, HKV, 100, D, dtype=torch.float16)[:, :, :, :]
     vals, meta = packing._compress_op(lib.key, x, CAP, kind)
     (args,) = calls
-    _assert_matches_signature("compress5", f"_{kind}", args[:-1])
+    _assert_matches_signature("compress6", f"_{kind}", args[:-1])
     assert args[4:8] == (B, HKV, 100, CAP)
     assert vals.shape == ((B, HKV, CAP, D // 2) if kind == "k" else (B, HKV, CAP // 2, D))
 
@@ -499,9 +499,27 @@ def test_cache_append_arguments(lib):
                                          meta, 64, 1, 4, 256, 0.5, 1.0, k_weight, v_weight, mass)
         (symbol, args), = lib.calls
         assert symbol == "hsg_compress_append"
-        _assert_matches_signature("compress5", "_append", args)
+        _assert_matches_signature("compress6", "_append", args)
         assert args[8:16] == (12, B, HKV, 4, 64, 1, 4, 256)  # ctrl width, batch, heads, table, block, sink, window, cap
         assert args[20:23] == (3, 2, 0.5) and args[27:30] == (3, 2, 1.0)  # dense/2:4 slots and ratio, K then V
         assert args[30] == (None if k_weight is None else weight.data_ptr())  # K's channel weights
         # V's token weights and the blocks' masses (re-tiering)
         assert args[31:33] == (v_weight.data_ptr(), mass.data_ptr())
+
+
+def test_token_mass_arguments(lib):
+    """The scoring kernel's call: the window's strides (a view of the prompt's queries), K's, the shape, the scale,
+    a workspace of at least the kernel's size for any range width (64-key ranges bound it), the output."""
+    q = torch.randn(B, HQ, 100, D, dtype=torch.float16)
+    k = torch.randn(B, HKV, 100, D, dtype=torch.float16)
+    mass = ops.token_mass(lib, q[:, :, -16:], k, None)
+    (symbol, args), = lib.calls
+    assert symbol == "hsg_compress_token_mass"
+    _assert_matches_signature("compress6", "_token_mass", args)
+    assert args[1:4] == q.stride()[:3] and args[5:8] == k.stride()[:3]
+    assert args[8:13] == (B, HKV, HQ // HKV, 16, 100) and args[13] == pytest.approx(D ** -0.5)
+    rows, ranges = HQ // HKV * 16, -(-100 // 64)
+    assert args[15] >= B * HKV * rows * (ranges * 8 + 4) and args[16] == mass.data_ptr()
+    assert mass.shape == (B, HKV, 100) and mass.dtype == torch.float32
+    with pytest.raises(InputError, match=r"token_mass: q_obs .* Fix: pass each sequence's last W <= L queries"):
+        ops.token_mass(lib, q[:, :, -16:].float(), k, None)

@@ -29,7 +29,7 @@ def check_e4m3_build(lib, head_dim: int, dtype: torch.dtype, k_storage: str, v_s
     compress = [v for v in lib.variants if v.kind == "compress" and v.head_dim == head_dim and v.dtype == name]
     decode = [v for v in lib.variants if v.kind == "decode" and v.head_dim == head_dim and v.dtype == name and
               v.tier == (*TABLE, k_storage, v_storage)]
-    if not compress or any(v.abi != "compress5f8" for v in compress) or not decode:
+    if not compress or any(v.abi != "compress6f8" for v in compress) or not decode:
         fail("HieraCache", f"key_storage {k_storage!r} and value_storage {v_storage!r} need the e4m3 packers and an "
              f"e4m3 block-table decode kernel for head_dim {head_dim}, {name}, and library "
              f"{lib.spec_name!r} lacks {'the decode kernel' if not decode else 'the e4m3 packers'}",
@@ -47,6 +47,27 @@ def score_blocks(lib, x: torch.Tensor, kind: str, block_size: int) -> torch.Tens
         base.launch(lib, f"{compress_variant(lib, x).symbol}_score_{kind}", x.device, x.data_ptr(), x.stride(0),
                     x.stride(1), x.stride(2), B, H, L, block_size, loss.data_ptr())
     return loss
+
+
+def token_mass(lib, q_obs: torch.Tensor, k: torch.Tensor, scale: float | None) -> torch.Tensor:
+    """The attention mass per key ``[B, Hkv, L]`` (float32) of each sequence's last W queries ``q_obs [B, Hq, W,
+    D]`` over its keys ``k [B, Hkv, L, D]``, causal (query i at position L - W + i), summed over the W queries and
+    each KV head's group: selection.token_mass of every sequence, on the tensor cores (templates/cache/mass.cuh,
+    float32 sums in a fixed order: the same bits every call)."""
+    B, Hq, W, D = q_obs.shape
+    Hkv, L = k.shape[1], k.shape[2]
+    if q_obs.dtype != k.dtype or q_obs.shape[0] != B or Hq % Hkv or not 1 <= W <= L or q_obs.shape[3] != k.shape[3]:
+        fail("token_mass", f"q_obs {tuple(q_obs.shape)} {q_obs.dtype} does not fit k {tuple(k.shape)} {k.dtype}",
+             "pass each sequence's last W <= L queries [B, Hkv * group, W, D] in K's dtype")
+    checks.check_cuda(k, "k")
+    q_obs, k = checks.rows16(q_obs), checks.rows16(k)
+    rows, ranges = Hq // Hkv * W, -(-L // 64)  # (a bound: the kernel's ranges are 128 or 256 keys)
+    workspace = torch.empty(B * Hkv * rows * (ranges * 8 + 4), dtype=torch.uint8, device=k.device)
+    mass = base.alloc((B, Hkv, L), torch.float32, k.device)
+    base.launch(lib, f"{compress_variant(lib, k).symbol}_token_mass", k.device, q_obs.data_ptr(), *q_obs.stride()[:3], k.data_ptr(),
+                *k.stride()[:3], B, Hkv, Hq // Hkv, W, L, base.softmax_scale(scale, D), workspace.data_ptr(),
+                workspace.numel(), mass.data_ptr())
+    return mass
 
 
 def select_blocks(lib, x: torch.Tensor, loss: torch.Tensor | None, first: int, n_elig: int, n_sparse: int,
@@ -87,7 +108,7 @@ def fill_blocks8(lib, x: torch.Tensor, kind: str, t, block: int, table: torch.Te
     B, H, L, D = x.shape
     x = checks.rows16(x)
     variant = compress_variant(lib, x)
-    if variant.abi != "compress5f8":
+    if variant.abi != "compress6f8":
         fail("fill_blocks8", f"the library's {variant.name} has no e4m3 packers", "build a spec with an e4m3 tier")
     pools = (t.dense[rows], t.sparse_vals[rows], t.sparse_meta[rows], t.dense8[rows], t.dense8_scales[rows],
              t.sparse_scales[rows])
