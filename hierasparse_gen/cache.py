@@ -408,7 +408,7 @@ class HieraCache(CacheInspection):
         weigh_v = resolve_tokens(self.value_tokens, select_q is not None) == "attention" and \
             ratio_count(self.v.ratio, n_elig) > 0
         if (selection in ("attention", "expected_error") and n_elig) or weigh_v:
-            tokens = [token_mass(qo, k[i], scale) for i, qo in enumerate(observed)]  # per key, [H, L] each
+            tokens = self._token_mass(select_q, k, observed, scale)  # per key, [b1 - b0, H, L]
             mass = torch.stack([attention_mass(qo, k[i], S, scale, tokens[i]) for i, qo in enumerate(observed)])
             if weigh_v:  # V's token weights (as SimulatedCache): every prompt token's; later tokens weigh 1
                 vweight = self.value_weight[b0:b1, :, :blocks * S]  # (a view: the weights stay for later flushes)
@@ -463,6 +463,12 @@ class HieraCache(CacheInspection):
         for b in range(b0, b1):
             self._lengths[b] = L
             self.n_eligible[b] = n_elig
+
+    def _token_mass(self, select_q: torch.Tensor, k: torch.Tensor, observed: list, scale) -> torch.Tensor:
+        """selection.token_mass of every sequence of a group (each ``k.shape[2]`` long), in one launch of the
+        library's kernel."""
+        W = observed[0].shape[1]
+        return _kernels.token_mass(self.lib, select_q[:, :, k.shape[2] - W:k.shape[2]], k, scale)
 
     def _score(self, x: torch.Tensor, kind: str) -> torch.Tensor:
         """Prune loss per whole block ``[1, H, L // block]`` (float32, on the GPU)."""

@@ -100,3 +100,14 @@ def cache_chunk(cache, mode, q, k, v, lengths):
     qlens = torch.tensor(lengths, dtype=torch.int32, device="cuda")
     check_prefill(out, lse, q, kref, vref, seqlens, qlens)
     return out
+
+
+def kernel_masses(monkeypatch, lib) -> None:
+    """SimulatedCache reads the attention masses of ``lib``'s scoring kernel, as HieraCache does. Two roundings of
+    one float32 sum (the kernel's and torch's) may order near-equal blocks or weights differently; the
+    cache-equals-simulation tests check selection and packing given the masses, and test_gpu_selection.py checks
+    the kernel's masses against float64."""
+    import hierasparse_gen.simulate as simulate
+    from hierasparse_gen import ops
+    monkeypatch.setattr(simulate, "token_mass",
+                        lambda q_obs, k, scale: ops.token_mass(lib, q_obs[None], k[None], scale)[0])

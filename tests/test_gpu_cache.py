@@ -7,7 +7,7 @@ import torch
 from hierasparse_gen import format as fmt
 from hierasparse_gen.cache import CacheFullError, HieraCache, ratio_count
 from hierasparse_gen.ops import capture_graph
-from helpers import check_against_reference, rand as _rand
+from helpers import check_against_reference, kernel_masses, rand as _rand
 
 pytestmark = pytest.mark.gpu
 D, HKV, HQ = 128, 8, 32
@@ -91,7 +91,8 @@ def test_prefill_selects_lowest_loss_blocks_per_head(lib, poison, dtype):
     ("attention", "query", "attention"), ("expected_error", "magnitude", "attention"),
     ("output_error", "magnitude", "attention")])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_prefill_selection_by_the_prompts_queries(lib, poison, selection, key_channels, value_tokens, dtype):
+def test_prefill_selection_by_the_prompts_queries(lib, poison, monkeypatch, selection, key_channels, value_tokens,
+                                                  dtype):
     """The GPU path of the query-aware selections (scores on the device, the select kernel; K's
     channel weights in the fill and append kernels, V's token weights in the fill kernel and, for the
     prompt's window blocks, in the append kernel) makes the simulation's choices, per head, for
@@ -99,6 +100,7 @@ def test_prefill_selection_by_the_prompts_queries(lib, poison, selection, key_ch
     (its flushed blocks through the fill kernel), after decode flushes, and after decode flushes right
     after the prompt."""
     from hierasparse_gen.simulate import SimulatedCache
+    kernel_masses(monkeypatch, lib)
     lengths = [3000, 1111]
     kw = dict(batch=2, num_kv_heads=HKV, head_dim=D, max_seq_len=3600, key_ratio=0.5, value_ratio=0.75, dtype=dtype,
               selection=selection, key_channels=key_channels, observe=48, value_tokens=value_tokens)

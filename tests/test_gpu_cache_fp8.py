@@ -9,7 +9,7 @@ from hierasparse_gen.cache import DENSE8, HieraCache
 from hierasparse_gen.errors import InputError
 from hierasparse_gen.simulate import SimulatedCache
 from hierasparse_gen.reference import decode_reference
-from helpers import lowp_reference, rand as _rand
+from helpers import kernel_masses, lowp_reference, rand as _rand
 
 pytestmark = pytest.mark.gpu
 E4M3 = "float8_e4m3"
@@ -95,11 +95,12 @@ def test_e4m3_cache_stores_what_the_simulation_stores(fp8, poison, storage, rati
 
 
 @pytest.mark.parametrize("shape", SHAPES[1:])
-def test_e4m3_cache_generality(fp8, poison, shape):
+def test_e4m3_cache_generality(fp8, poison, monkeypatch, shape):
     """Other head_dims and groups (64 / group 3, 256 / group 16, 96 / group 1), query-aware selection with K's
     channel weights and V's token weights in the e4m3 packers, decode right after the prompt (re-tiering for a
     model-dtype V, by count for e4m3), against the simulation and the reference."""
     D, HQ, HKV = shape
+    kernel_masses(monkeypatch, fp8)
     for storage in ((E4M3, E4M3), ("model", E4M3)):
         cache, sim = _caches(fp8, D, HKV, torch.float16, storage, (0.5, 0.75), selection="attention",
                              key_channels="query", value_tokens="attention", observe=48)
@@ -162,12 +163,13 @@ def test_e4m3_cache_in_a_cuda_graph(fp8):
 
 @pytest.mark.parametrize("mode,chunk", [("attend_then_compress", 256), ("compress_then_attend", 256)])
 @pytest.mark.parametrize("storage", [(E4M3, E4M3), ("model", E4M3)])
-def test_enable_with_e4m3_matches_the_simulation(llama3_fp8, mode, chunk, storage):
+def test_enable_with_e4m3_matches_the_simulation(llama3_fp8, monkeypatch, mode, chunk, storage):
     """A one-layer random-weight Llama through transformers with e4m3 storage: chunked prefill (the second chunk
     attends to e4m3 blocks through the model-dtype stand-in), then graph-replayed decode across flushes; logits and
     tiers as the simulation's of the same pruning."""
     from hf_models import run_steps, tiny_model
     from hierasparse_gen import hf
+    kernel_masses(monkeypatch, llama3_fp8)
     fp16 = dict(dtype=torch.float16, device="cuda")
     settings = dict(key_ratio=0.5, value_ratio=1.0, sink=64, window=64, prefill_mode=mode, key_storage=storage[0],
                     value_storage=storage[1])

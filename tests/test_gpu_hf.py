@@ -6,6 +6,7 @@ torch.compile."""
 import pytest
 import torch
 
+from helpers import kernel_masses
 from hf_models import run_steps, tiny_model, transformers
 from hierasparse_gen import hf
 from hierasparse_gen.ops import capture_graph
@@ -40,9 +41,10 @@ def test_ratio_zero_matches_dense_attention(llama3, family, mode, chunk):
 @pytest.mark.parametrize("mode,chunk", [("attend_then_compress", 256), ("compress_then_attend", 256),
                                         ("balanced", None)])
 @pytest.mark.parametrize("ratios", [(0.5, 1.0), (1.0, 1.0)])
-def test_kernels_match_the_simulation_of_the_same_pruning(llama3, mode, chunk, ratios):
+def test_kernels_match_the_simulation_of_the_same_pruning(llama3, monkeypatch, mode, chunk, ratios):
     # one layer: past it, fp16 rounding differences in a layer's input can flip which 2 of 4
     # near-equal values 2:4 keeps, and the comparison would measure that instead of the kernels
+    kernel_masses(monkeypatch, llama3)
     settings = dict(key_ratio=ratios[0], value_ratio=ratios[1], sink=64, window=64, prefill_mode=mode)
     model = tiny_model("llama", layers=1, **FP16)
     prompt, new = _tokens(2, 600, 3), _tokens(2, 150, 4)  # decode crosses two block boundaries

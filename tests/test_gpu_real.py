@@ -18,7 +18,7 @@ import torch
 
 from hierasparse_gen.cache import HieraCache
 from hierasparse_gen.simulate import SimulatedCache
-from helpers import cache_chunk, check_against_reference
+from helpers import cache_chunk, check_against_reference, kernel_masses
 
 pytestmark = pytest.mark.gpu
 
@@ -46,11 +46,12 @@ def _same_cache(cache, sim):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("layer", [0, 1, 2])
-def test_real_activations(smollm2, poison, acts, layer, mode, dtype):
+def test_real_activations(smollm2, poison, monkeypatch, acts, layer, mode, dtype):
     if layer >= len(acts["layers"]):
         pytest.skip(f"the capture holds {len(acts['layers'])} layers")
     q, k, v = (acts[n][layer:layer + 1].to("cuda", dtype) for n in "qkv")
     scale = acts["scale"][layer]
+    kernel_masses(monkeypatch, smollm2)
     total = q.shape[2]
     prompt = total - CHUNK - STEPS
     kw = dict(batch=1, num_kv_heads=k.shape[1], head_dim=k.shape[3], max_seq_len=total, key_ratio=0.5,

@@ -1,28 +1,29 @@
-"""What the query-aware choice adds to a cache prefill on the GPU (Llama-3 shape, fp16): HieraCache.prefill
-of a whole prompt without attention (score, select, fill) by prune loss / magnitudes, and by the default
-(attention, query-weighted K), with V's tokens weighted by attention too, and by output error, against the prompt's causal attention (cuDNN SDPA) that a prefill runs anyway.
+"""What a cache prefill costs on the GPU (Llama-3 shape, fp16): HieraCache.prefill of a whole prompt without
+attention (score, select, fill) by prune loss / magnitudes, by the default (attention, query-weighted K,
+attention-weighted V) and by output error, against the prompt's causal attention (cuDNN SDPA) that a prefill
+runs anyway. Wall time (host and device, synchronized) and, with --profile, the device's kernels.
 
-    PYTHONPATH=. python experiments/quality/fill_cost.py generated/llama3 --length 32768
+    PYTHONPATH=. python experiments/quality/fill_cost.py generated/llama3 --length 32768 [--profile]
 """
 import argparse
+import time
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import hierasparse_gen
 from hierasparse_gen.cache import HieraCache
 
 
-def ms(fn, reps=5):
+def wall_ms(fn, reps=7):
     fn()
     torch.cuda.synchronize()
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     times = []
     for _ in range(reps):
-        a.record()
+        t0 = time.perf_counter()
         fn()
-        b.record()
         torch.cuda.synchronize()
-        times.append(a.elapsed_time(b))
+        times.append((time.perf_counter() - t0) * 1e3)
     return sorted(times)[len(times) // 2]
 
 
@@ -30,17 +31,20 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("lib")
     ap.add_argument("--length", type=int, default=32768)
-    ap.add_argument("--profile", action="store_true", help="print the largest GPU kernels of each query-aware fill")
+    ap.add_argument("--profile", action="store_true", help="print each fill's GPU kernels")
     args = ap.parse_args()
     lib = hierasparse_gen.load(args.lib)
     L = args.length
     k, v = (torch.randn(1, 8, L, 128, device="cuda", dtype=torch.float16) for _ in range(2))
     q = torch.randn(1, 32, L, 128, device="cuda", dtype=torch.float16)
-    sdpa = ms(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True))
-    print(f"{torch.cuda.get_device_name()} L={L}: causal SDPA {sdpa:.2f} ms")
+
+    def attention():
+        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+            torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    sdpa = wall_ms(attention)
+    print(f"{torch.cuda.get_device_name()} L={L}: causal cuDNN attention {sdpa:.2f} ms")
     for name, kw, sel in (("prune loss, magnitudes", dict(selection="prune_loss", key_channels="magnitude"), None),
-                          ("attention, query-weighted K, V by magnitude", dict(value_tokens="magnitude"), q),
-                          ("attention, query-weighted K, attention-weighted V (the default)", {}, q),
+                          ("the default (attention, query-weighted K, attention-weighted V)", {}, q),
                           ("output error, query-weighted K", dict(selection="output_error"), q)):
         cache = HieraCache(lib, batch=1, num_kv_heads=8, head_dim=128, max_seq_len=L, key_ratio=0.5,
                            value_ratio=0.5, **kw)
@@ -48,13 +52,18 @@ def main():
         def fill():
             cache.reset()
             cache.prefill(k, v, select_q=sel)
-        t = ms(fill)
-        print(f"  fill, {name}: {t:.2f} ms = {100 * t / sdpa:.1f} % of the attention")
-        if args.profile and sel is not None:  # where the time goes: the largest GPU kernels
-            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        t = wall_ms(fill)
+        print(f"  fill, {name}: {t:.3f} ms = {100 * t / sdpa:.2f} % of the attention")
+        if args.profile:
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA,
+                                                    torch.profiler.ProfilerActivity.CPU]) as prof:
                 fill()
                 torch.cuda.synchronize()
-            print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=8))
+            events = [e for e in prof.key_averages() if e.device_time_total > 0 and "CUDA" in str(getattr(e, "device_type", ""))]
+            busy = sum(e.device_time_total for e in events) / 1e3
+            print(f"    device busy {busy:.3f} ms in {sum(e.count for e in events)} kernels; the largest:")
+            for e in sorted(events, key=lambda e: -e.device_time_total)[:8]:
+                print(f"      {e.device_time_total / 1e3:8.3f} ms x{e.count:<3d} {e.key[:90]}")
 
 
 if __name__ == "__main__":
