@@ -1,0 +1,67 @@
+"""Tiles of the observation-window mass kernel (templates/cache/mass.cuh): warps a CTA x keys a CTA, each built
+from a patched copy of the templates (Llama-3 shape, float16), timed on the GPU at a 32K prompt.
+
+    python experiments/fill_mass/sweep.py build        # generated/fill-mass/w4k256 ...
+    python experiments/fill_mass/sweep.py run [L]      # on the GPU: a table
+"""
+import os
+import re
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+CONFIGS = [(4, 256), (8, 256), (4, 128), (8, 128)]
+OUT = Path("generated") / "fill-mass"
+
+
+def tag(w, keys):
+    return f"w{w}k{keys}"
+
+
+def build():
+    from hierasparse_gen.compiler import build as build_spec
+    from hierasparse_gen.render import templates_dir
+    from hierasparse_gen.spec import parse_spec
+    src = templates_dir()
+    for w, keys in CONFIGS:
+        with tempfile.TemporaryDirectory() as tmp:
+            dst = Path(tmp) / "templates"
+            shutil.copytree(src, dst)
+            header = dst / "cache" / "mass.cuh"
+            text = header.read_text()
+            text = re.sub(r"constexpr int kMassWarps = \d+;", f"constexpr int kMassWarps = {w};", text)
+            text = re.sub(r"constexpr int kMassKeys = [^;]+;", f"constexpr int kMassKeys = {keys};", text)
+            header.write_text(text)
+            os.environ["HIERASPARSE_TEMPLATES"] = str(dst)
+            spec = {"name": f"fill-mass-{tag(w, keys)}", "archs": ["sm_90"], "dtypes": ["float16"],
+                    "phases": ["decode"], "shapes": [{"head_dim": 128, "num_qo_heads": 32, "num_kv_heads": 8}],
+                    "tiers": [{"k": "sparse24", "v": "sparse24"}]}
+            build_spec(parse_spec(spec), OUT / tag(w, keys), log=None)
+            print("built", tag(w, keys), flush=True)
+
+
+def run(L=32768):
+    import torch
+    import hierasparse_gen
+    from hierasparse_gen import ops
+    from hierasparse_gen.bench import median_us
+    print(torch.cuda.get_device_name(), f"L={L}, 32 query heads over 8 KV heads, window 64, float16\n")
+    q = torch.randn(1, 32, 64, 128, device="cuda", dtype=torch.float16) * 2
+    k = torch.randn(1, 8, L, 128, device="cuda", dtype=torch.float16)
+    base = None
+    print("| tiles | us | max rel. diff vs the first |\n|---|---|---|")
+    for w, keys in CONFIGS:
+        path = OUT / tag(w, keys)
+        if not path.exists():
+            continue
+        lib = hierasparse_gen.load(path)
+        got = ops.token_mass(lib, q, k, None)
+        base = got if base is None else base
+        us = median_us(lambda: ops.token_mass(lib, q, k, None), iters=20)
+        diff = ((got - base).abs() / base.abs().clamp(min=1e-30)).max().item()
+        print(f"| {tag(w, keys)} | {us:.1f} | {diff:.1e} |", flush=True)
+
+
+if __name__ == "__main__":
+    {"build": build, "run": lambda: run(*map(int, sys.argv[2:]))}[sys.argv[1]]()
