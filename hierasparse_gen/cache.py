@@ -50,7 +50,7 @@ from .format import block_prune_loss
 from .format_fp8 import check_storage
 from .selection import (attention_mass, block_scores, channel_weights, check_selection, needs_queries,
                         observed_queries, output_error, resolve, resolve_channels, resolve_tokens,
-                        token_mass, token_weights, visible_block_mass)
+                        token_weights, visible_block_mass)
 
 _CTRL_STACK = 6  # ctrl columns before the free-slot stacks
 _STATUS = 5      # ctrl column: 1 = a captured append found the sequence full, 2 = no free dense slot
