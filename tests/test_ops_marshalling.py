@@ -523,3 +523,5 @@ def test_token_mass_arguments(lib):
     assert mass.shape == (B, HKV, 100) and mass.dtype == torch.float32
     with pytest.raises(InputError, match=r"token_mass: q_obs .* Fix: pass each sequence's last W <= L queries"):
         ops.token_mass(lib, q[:, :, -16:].float(), k, None)
+    with pytest.raises(InputError, match=r"token_mass: q_obs .* Fix"):  # one sequence's queries, two's keys
+        ops.token_mass(lib, q[:1, :, -16:], k, None)

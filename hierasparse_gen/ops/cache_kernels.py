@@ -56,7 +56,7 @@ def token_mass(lib, q_obs: torch.Tensor, k: torch.Tensor, scale: float | None) -
     float32 sums in a fixed order: the same bits every call)."""
     B, Hq, W, D = q_obs.shape
     Hkv, L = k.shape[1], k.shape[2]
-    if q_obs.dtype != k.dtype or q_obs.shape[0] != B or Hq % Hkv or not 1 <= W <= L or q_obs.shape[3] != k.shape[3]:
+    if q_obs.dtype != k.dtype or k.shape[0] != B or Hq % Hkv or not 1 <= W <= L or q_obs.shape[3] != k.shape[3]:
         fail("token_mass", f"q_obs {tuple(q_obs.shape)} {q_obs.dtype} does not fit k {tuple(k.shape)} {k.dtype}",
              "pass each sequence's last W <= L queries [B, Hkv * group, W, D] in K's dtype")
     checks.check_cuda(k, "k")
