@@ -56,6 +56,17 @@ _CTRL_STACK = 6  # ctrl columns before the free-slot stacks
 _STATUS = 5      # ctrl column: 1 = a captured append found the sequence full, 2 = no free dense slot
 
 
+def _pinned(values: list[int]) -> torch.Tensor:
+    """int32 host tensor in page-locked memory where CUDA is present: its copy to the GPU need not wait for the
+    stream (a copy from pageable memory does), so a prefill queues behind the model's work instead of draining it."""
+    t = torch.tensor(values, dtype=torch.int32)
+    return t.pin_memory() if torch.cuda.is_available() else t
+
+
+def _upload(values: list[int], device) -> torch.Tensor:
+    return _pinned(values).to(device, non_blocking=True)
+
+
 @dataclass
 class _Tensor:
     """Pools, table and per-sequence slot bookkeeping of K or of V."""
@@ -228,10 +239,10 @@ class HieraCache(CacheInspection):
             self._extend(k, v, lengths, *sel)
             return None
         old = list(self._lengths)
-        qlens = torch.tensor(lengths, dtype=torch.int32, device=self.device)
+        qlens = _upload(lengths, self.device)
         if mode == "attend_then_compress":
-            seqlens = torch.tensor(after, dtype=torch.int32, device=self.device)
-            start = torch.tensor(old, dtype=torch.int32, device=self.device)
+            seqlens = _upload(after, self.device)
+            start = _upload(old, self.device)
             out = _kernels.prefill_cache(self.lib, q, self._prefill_source(any(old)), seqlens, qlens, k_tail=k,
                                          v_tail=v, tail_start=start, scale=scale, kernel=kernel)
             self._extend(k, v, lengths, *sel)
@@ -280,7 +291,7 @@ class HieraCache(CacheInspection):
         the token of row 0 per sequence."""
         heads = [n0 % 32 for n0 in self._lengths]
         if not any(heads):
-            return k, torch.tensor(self._lengths, dtype=torch.int32, device=self.device)
+            return k, _upload(self._lengths, self.device)
         L = k.shape[2]
         tail = torch.zeros(self.batch, self.heads, 31 + L, self.head_dim, dtype=self.dtype, device=self.device)
         for b, r in enumerate(heads):
@@ -289,7 +300,7 @@ class HieraCache(CacheInspection):
                 slot = self.k.uniform[b][n0 // self.block]  # the partial block is dense
                 tail[b, :, :r] = self.k.dense[b, :, slot, n0 % self.block - r:n0 % self.block]
             tail[b, :, r:r + lengths[b]] = k[b, :, :lengths[b]]
-        start = torch.tensor([n0 - r for n0, r in zip(self._lengths, heads)], dtype=torch.int32, device=self.device)
+        start = _upload([n0 - r for n0, r in zip(self._lengths, heads)], self.device)
         return tail, start
 
     def _extend(self, k: torch.Tensor, v: torch.Tensor, lengths: list[int], select_q=None, scale=None) -> None:
@@ -307,7 +318,7 @@ class HieraCache(CacheInspection):
         for b in range(self.batch):
             if b not in fresh and lengths[b]:
                 self._extend_sequence(b, k[b], v[b], lengths[b])
-        self.seqlens.copy_(torch.tensor(self._lengths, dtype=torch.int32))
+        self.seqlens.copy_(_pinned(self._lengths), non_blocking=True)
         self._push_ctrl()
 
     def _extend_sequence(self, b: int, k: torch.Tensor, v: torch.Tensor, n: int) -> None:
@@ -530,7 +541,7 @@ class HieraCache(CacheInspection):
     # --- host and device bookkeeping ----------------------------------------------------------
     def _push_ctrl(self) -> None:
         """Write the host bookkeeping into the device's ``ctrl`` (after host-side changes)."""
-        ctrl = torch.zeros(self.ctrl.shape, dtype=torch.int32)
+        ctrl = torch.zeros(self.ctrl.shape, dtype=torch.int32, pin_memory=torch.cuda.is_available())
         nd_k = self.k.dense.shape[2]
         for b in range(self.batch):
             ctrl[b, 0] = self.n_eligible[b]
@@ -539,7 +550,7 @@ class HieraCache(CacheInspection):
                 ctrl[b, 2 + 2 * z] = len(t.free[b])
                 at = _CTRL_STACK + (nd_k if z else 0)
                 ctrl[b, at:at + len(t.free[b])] = torch.tensor(t.free[b], dtype=torch.int32)
-        self.ctrl.copy_(ctrl)
+        self.ctrl.copy_(ctrl, non_blocking=True)
 
     def sync(self) -> None:
         """Bring the host bookkeeping up to date after decode steps it did not see (replays of

@@ -1,17 +1,26 @@
 // Attention mass per key of a prompt's observation window (its last W queries), on the tensor cores: what
 // hierasparse_gen/selection.py's token_mass computes in torch, for the cache's fill. Included inside the variant's
-// namespace after common.cuh.j2's helpers (Element, kHeadDim, mma_dense, fast_exp2).
+// namespace after common.cuh.j2's helpers (Element, kHeadDim, mma_dense, fast_exp2, swizzle_chunk).
 //
 // Rows are the G x W queries of a KV head's group (row r: query head h * G + r / W at position L - W + r % W);
 // the mass of key j is the sum over rows of softmax_r(j), causal. Two passes over the keys, each a CTA per
-// (range of kMassKeys keys, sequence x KV head) with the range's keys in shared memory and a warp per 16 rows
-// at a time, S = Q K^T by mma.sync (Q in registers): the first writes every row's softmax state (max, sum) over
-// the range, mass_lse_kernel combines them into the row's log2-sum-exp, the second sums exp2(s - lse) over the
-// rows per key. The sums run in a fixed order (no atomics), so a fill gives the same bits every time.
+// (range of kMassKeys keys, sequence x KV head) with the range's keys in shared memory. Scores are computed
+// key-major, S^T = K Q^T (keys the MMA's rows, from shared memory by ldmatrix; a warp's kMassRows queries the
+// columns, held in registers), so that the second pass sums over queries on the tensor cores: a probability tile
+// in the accumulator layout is already an A operand (keys x queries), and A x ones gives each key's sum, with no
+// shuffles. The first pass keeps every row's softmax state (max, sum) over the range, mass_lse_kernel combines the
+// ranges into the row's log2-sum-exp, the second sums exp2(s - lse) per key. K arrives in stages of 64 keys that a
+// warp's first tile reads as they land; the second pass walks the ranges backwards, to find the first pass's last
+// ones in L2. Sums in a fixed order (no atomics): a fill gives the same bits every time.
 
 constexpr int kMassWarps = 4;
 constexpr int kMassKeys = kHeadDim <= 128 ? 256 : 128;  // keys a CTA: at most 64 KB of K
+constexpr int kMassN8 = kHeadDim <= 128 ? 4 : 2;        // query columns a warp holds, in n8 tiles (Q in registers)
+constexpr int kMassRows = 8 * kMassN8;
 constexpr int kMassSmem = kMassKeys * kHeadDim * 2 + kMassWarps * kMassKeys * 4;  // K rows + each warp's sums
+// Probabilities enter the row-sum MMA as fp16 pairs hi + lo (about 22 bits), scaled by 2^15 so that small ones stay
+// normal; p <= 1, so p * 2^15 stays under fp16's largest value.
+constexpr float kMassShift = 15.f;
 
 struct MassArgs {
   const Element* q;  // q_obs [B, Hq, W, D], channel stride 1
@@ -20,119 +29,216 @@ struct MassArgs {
   long long kb, kh, kt;
   int heads, group, window, length, ranges;
   float scale_log2;
-  float2* partial;   // [B * Hkv, ranges, G * W]: (max, sum) of each row over each range, log2 domain
+  float2* partial;   // [B * Hkv, G * W, ranges]: (max, sum) of each row over each range, log2 domain
   float* lse;        // [B * Hkv, G * W]
   float* mass;       // [B, Hkv, L]
 };
+
+// D += A * ones (A: 16 x 16 fp16, row-major): every column of D gets A's row sums.
+__device__ __forceinline__ void mma_row_sums(float (&d)[4], const uint32_t (&a)[4]) {
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%8}, {%0,%1,%2,%3};"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(0x3C003C00u));
+}
+
+// (x, y) as fp16 pairs hi and lo = (x, y) - hi, rounded: hi + lo carries about 22 bits.
+__device__ __forceinline__ void split_half2(float x, float y, uint32_t& hi, uint32_t& lo) {
+  const __half2 h = __floats2half2_rn(x, y);
+  const float2 back = __half22float2(h);
+  const __half2 l = __floats2half2_rn(x - back.x, y - back.y);
+  hi = *reinterpret_cast<const uint32_t*>(&h);
+  lo = *reinterpret_cast<const uint32_t*>(&l);
+}
+
+// Per-tile state of a warp: the B fragments of its kMassRows query columns, the accumulator columns' positions and
+// (second pass) log2-sum-exp, and (first pass) their running softmax state.
+template <int kKSteps16>
+struct MassTile {
+  uint32_t qf[kKSteps16][kMassN8][2];
+  int qpos[kMassN8][2];
+  float lse2[kMassN8][2];
+  float m_run[kMassN8][2], l_run[kMassN8][2];
+};
+
+template <bool kSum, int kKSteps16>
+__device__ __forceinline__ void mass_tile_begin(const MassArgs& a, MassTile<kKSteps16>& st, int tile, long long bh,
+                                                int b, int h, int g, int t) {
+  const int rows = a.group * a.window;
+  // B operand: this lane's query column 8 j + g of the tile, channels 16 kk + 2t (+1) and + 8
+#pragma unroll
+  for (int j = 0; j < kMassN8; ++j) {
+    const int r = tile * kMassRows + 8 * j + g;
+    const bool real = r < rows;
+    const Element* qrow = a.q + b * a.qb + (h * a.group + (real ? r / a.window : 0)) * a.qh +
+                          (real ? r % a.window : 0) * a.qw + 2 * t;
+#pragma unroll
+    for (int kk = 0; kk < kKSteps16; ++kk) {
+      st.qf[kk][j][0] = real ? *reinterpret_cast<const uint32_t*>(qrow + 16 * kk) : 0u;
+      st.qf[kk][j][1] = real ? *reinterpret_cast<const uint32_t*>(qrow + 16 * kk + 8) : 0u;
+    }
+  }
+  // the accumulator's columns: rows 8 j + 2t + c of the tile; a padding row has position -1 (sees no key) and
+  // log2-sum-exp +inf (probabilities 0)
+#pragma unroll
+  for (int j = 0; j < kMassN8; ++j)
+#pragma unroll
+    for (int c = 0; c < 2; ++c) {
+      const int r = tile * kMassRows + 8 * j + 2 * t + c;
+      st.qpos[j][c] = r < rows ? a.length - a.window + r % a.window : -1;
+      st.lse2[j][c] = kSum && r < rows ? a.lse[bh * rows + r] - kMassShift : INFINITY;
+      st.m_run[j][c] = -INFINITY;
+      st.l_run[j][c] = 0.f;
+    }
+}
+
+// Keys [16 mt0, 16 mt1) of the CTA's range against one tile: S^T = K Q^T two key m-tiles at a time (s[i][j]: keys
+// 16 (mt + i) + g (+8), queries 8 j + 2t (+1)); the first pass folds them into the running (max, sum), the second
+// adds each key's probabilities summed over the tile's queries to this warp's sums: (P^T as A) x ones.
+template <bool kSum, int kRowChunks, int kKSteps16>
+__device__ __forceinline__ void mass_tile_keys(const MassArgs& a, MassTile<kKSteps16>& st, const char* smem,
+                                               float* warp_sums, int key0, int mt0, int mt1, int lane) {
+  const int g = lane >> 2, t = lane & 3;
+  const int first_masked = a.length - a.window + 1;  // keys from here on may lie after some row's position
+  for (int mt = mt0; mt < mt1; mt += 2) {
+    float s[2][kMassN8][4] = {};
+#pragma unroll
+    for (int kk = 0; kk < kKSteps16; ++kk)
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        const int row = 16 * (mt + i) + (lane & 7) + 8 * ((lane >> 3) & 1);
+        uint32_t ak[4];
+        cute::SM75_U32x4_LDSM_N::copy(
+            *reinterpret_cast<const cute::uint128_t*>(smem + 16 * swizzle_chunk<kRowChunks>(row, 2 * kk + (lane >> 4))),
+            ak[0], ak[1], ak[2], ak[3]);
+#pragma unroll
+        for (int j = 0; j < kMassN8; ++j) mma_dense(s[i][j], ak, st.qf[kk][j]);
+      }
+    const int k16 = key0 + 16 * mt + g;  // key of s[0][j][0]
+    const bool masked = key0 + 16 * mt + 31 >= first_masked;
+#pragma unroll
+    for (int i = 0; i < 2; ++i)
+#pragma unroll
+      for (int j = 0; j < kMassN8; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const float x = s[i][j][e] * a.scale_log2;
+          s[i][j][e] = masked && k16 + 16 * i + 8 * (e >> 1) > st.qpos[j][e & 1] ? -INFINITY : x;
+        }
+    if (!kSum) {  // online (max, sum) of this lane's 2 kMassN8 columns over its 4 keys of the step
+#pragma unroll
+      for (int j = 0; j < kMassN8; ++j)
+#pragma unroll
+        for (int c = 0; c < 2; ++c) {
+          const float mx = fmaxf(fmaxf(s[0][j][c], s[0][j][c + 2]), fmaxf(s[1][j][c], s[1][j][c + 2]));
+          const float m_new = fmaxf(st.m_run[j][c], mx);
+          const float base = m_new == -INFINITY ? 0.f : m_new;  // no key seen yet: every term is 0
+          st.l_run[j][c] = st.l_run[j][c] * fast_exp2(st.m_run[j][c] - base) + fast_exp2(s[0][j][c] - base) +
+                           fast_exp2(s[0][j][c + 2] - base) + fast_exp2(s[1][j][c] - base) +
+                           fast_exp2(s[1][j][c + 2] - base);
+          st.m_run[j][c] = m_new;
+        }
+    } else {
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        float acc[4] = {};
+#pragma unroll
+        for (int jp = 0; jp < kMassN8; jp += 2) {
+          uint32_t hi[4], lo[4];
+#pragma unroll
+          for (int u = 0; u < 4; ++u) {  // a0..a3: (key g, cols 0-7), (g + 8, 0-7), (g, 8-15), (g + 8, 8-15)
+            const int j = jp + u / 2, e = 2 * (u % 2);
+            split_half2(fast_exp2(s[i][j][e] - st.lse2[j][0]), fast_exp2(s[i][j][e + 1] - st.lse2[j][1]), hi[u],
+                        lo[u]);
+          }
+          mma_row_sums(acc, hi);
+          mma_row_sums(acc, lo);
+        }
+        if (t == 0) {  // column 0 of the row sums: keys g and g + 8
+          warp_sums[16 * (mt + i) + g] += acc[0];
+          warp_sums[16 * (mt + i) + g + 8] += acc[2];
+        }
+      }
+    }
+  }
+}
+
+// First pass, end of a tile: combine the 8 lanes that share a column (equal t), write each row's state.
+template <int kKSteps16>
+__device__ __forceinline__ void mass_tile_end(const MassArgs& a, MassTile<kKSteps16>& st, int tile, long long bh,
+                                              int range, int g, int t) {
+  const int rows = a.group * a.window;
+#pragma unroll
+  for (int j = 0; j < kMassN8; ++j)
+#pragma unroll
+    for (int c = 0; c < 2; ++c) {
+      float m = st.m_run[j][c];
+      m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 4));
+      m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 8));
+      m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 16));
+      const float base = m == -INFINITY ? 0.f : m;
+      const float l = warp_sum_over_rows(st.l_run[j][c] * fast_exp2(st.m_run[j][c] - base));
+      const int r = tile * kMassRows + 8 * j + 2 * t + c;
+      if (g == 0 && r < rows) a.partial[(bh * rows + r) * a.ranges + range] = make_float2(m, l);
+    }
+}
+
+// cp.async.wait_group with a count known once the loop above it is unrolled (at most 3 groups left pending)
+__device__ __forceinline__ void cp_async_wait_upto(int pending) {
+  switch (pending) {
+    case 0: cutlass::arch::cp_async_wait<0>(); break;
+    case 1: cutlass::arch::cp_async_wait<1>(); break;
+    case 2: cutlass::arch::cp_async_wait<2>(); break;
+    default: cutlass::arch::cp_async_wait<3>(); break;
+  }
+}
 
 template <bool kSum>
 __global__ void __launch_bounds__(kMassWarps * 32)
 mass_pass_kernel(const MassArgs a) {
   extern __shared__ __align__(16) char smem[];
   constexpr int kRowChunks = kHeadDim / 8, kKSteps16 = kHeadDim / 16;
-  const int range = blockIdx.x;
-  const long long bh = blockIdx.y;
+  constexpr int kStages = kMassKeys / 64, kStageTiles = 4;  // K arrives in stages of 64 keys (4 m-tiles)
+  static_assert(kStages >= 1 && kStages <= 4, "cp_async_wait_upto waits for at most 3 pending stages");
+  // the second pass walks the ranges backwards: the first pass's last ranges may still be in L2
+  const int range = kSum ? gridDim.x - 1 - blockIdx.x : blockIdx.x;
+  const long long bh = kSum ? gridDim.y - 1 - blockIdx.y : blockIdx.y;
   const int b = int(bh / a.heads), h = int(bh % a.heads);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane >> 2, t = lane & 3;
   const int key0 = range * kMassKeys, rows = a.group * a.window;
 
   const Element* kbase = a.k + b * a.kb + h * a.kh;
-  for (int i = threadIdx.x; i < kMassKeys * kRowChunks; i += blockDim.x) {
-    const int r = i / kRowChunks, c = i % kRowChunks;
-    char* dst = smem + 16 * swizzle_chunk<kRowChunks>(r, c);
-    if (key0 + r < a.length) cp_async16(dst, kbase + (key0 + r) * a.kt + c * 8);
-    else *reinterpret_cast<uint4*>(dst) = make_uint4(0u, 0u, 0u, 0u);  // past the prompt: masked below
+#pragma unroll
+  for (int stage = 0; stage < kStages; ++stage) {
+    for (int i = threadIdx.x; i < 64 * kRowChunks; i += blockDim.x) {
+      const int r = 64 * stage + i / kRowChunks, c = i % kRowChunks;
+      char* dst = smem + 16 * swizzle_chunk<kRowChunks>(r, c);
+      if (key0 + r < a.length) cp_async16(dst, kbase + (key0 + r) * a.kt + c * 8);
+      else *reinterpret_cast<uint4*>(dst) = make_uint4(0u, 0u, 0u, 0u);  // past the prompt: masked below
+    }
+    cutlass::arch::cp_async_fence();
   }
-  cutlass::arch::cp_async_fence();
   float* sums = reinterpret_cast<float*>(smem + kMassKeys * kHeadDim * 2);  // [kMassWarps][kMassKeys]
+  float* warp_sums = sums + warp * kMassKeys;
   if (kSum)
     for (int i = threadIdx.x; i < kMassWarps * kMassKeys; i += blockDim.x) sums[i] = 0.f;
-  cutlass::arch::cp_async_wait<0>();
-  __syncthreads();
 
-  for (int tile = warp; tile * 16 < rows; tile += kMassWarps) {
-    // this lane's rows g and g + 8 of the tile: their query fragments (the A operand), positions, lse
-    uint32_t qf[kKSteps16][4];
-    int qpos[2];
-    float lse2[2] = {0.f, 0.f};
+  // the warp's first tile runs stage by stage as K arrives; later tiles find every key in place
+  MassTile<kKSteps16> st;
+  const bool any = warp * kMassRows < rows;
+  if (any) mass_tile_begin<kSum>(a, st, warp, bh, b, h, g, t);
 #pragma unroll
-    for (int i = 0; i < 2; ++i) {
-      const int r = tile * 16 + g + 8 * i;
-      const bool real = r < rows;
-      const int j = real ? r / a.window : 0, w = real ? r % a.window : 0;
-      qpos[i] = real ? a.length - a.window + w : -1;  // a padding row sees no key
-      const Element* qrow = a.q + b * a.qb + (h * a.group + j) * a.qh + w * a.qw + 2 * t;
-#pragma unroll
-      for (int kk = 0; kk < kKSteps16; ++kk) {
-        qf[kk][i] = real ? *reinterpret_cast<const uint32_t*>(qrow + 16 * kk) : 0u;
-        qf[kk][i + 2] = real ? *reinterpret_cast<const uint32_t*>(qrow + 16 * kk + 8) : 0u;
-      }
-      if (kSum && real) lse2[i] = a.lse[bh * rows + r];
-    }
-    float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f};
-    for (int sub = 0; sub < kMassKeys / 64; ++sub) {
-      // S for 16 rows x 64 keys: n-tile nt holds keys sub * 64 + 8 nt + 2t + {0, 1} (rows g, g + 8)
-      float s[8][4] = {};
-#pragma unroll
-      for (int kk = 0; kk < kKSteps16; ++kk) {
-#pragma unroll
-        for (int np = 0; np < 4; ++np) {  // two n-tiles a ldmatrix.x4: keys np * 16 + (0..7, 8..15)
-          const int row = sub * 64 + np * 16 + (lane & 7) + 8 * (lane >> 4);
-          uint32_t bk[4];
-          cute::SM75_U32x4_LDSM_N::copy(
-              *reinterpret_cast<const cute::uint128_t*>(smem + 16 * swizzle_chunk<kRowChunks>(row, 2 * kk + ((lane >> 3) & 1))),
-              bk[0], bk[1], bk[2], bk[3]);
-          const uint32_t b0[2] = {bk[0], bk[1]}, b1[2] = {bk[2], bk[3]};
-          mma_dense(s[2 * np], qf[kk], b0);
-          mma_dense(s[2 * np + 1], qf[kk], b1);
-        }
-      }
-      const int kbase_tok = key0 + sub * 64 + 2 * t;
-      if (!kSum) {  // online (max, sum) of rows g and g + 8 (a quad's 4 lanes share a row)
-#pragma unroll
-        for (int i = 0; i < 2; ++i) {
-          float mx = -INFINITY;
-#pragma unroll
-          for (int nt = 0; nt < 8; ++nt)
-#pragma unroll
-            for (int e = 0; e < 2; ++e) {
-              const float x = kbase_tok + 8 * nt + e <= qpos[i] ? s[nt][2 * i + e] * a.scale_log2 : -INFINITY;
-              s[nt][2 * i + e] = x;
-              mx = fmaxf(mx, x);
-            }
-          mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-          mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-          const float m_new = fmaxf(m_run[i], mx);
-          const float base = m_new == -INFINITY ? 0.f : m_new;  // no key seen yet: every term is 0
-          float sum = 0.f;
-#pragma unroll
-          for (int nt = 0; nt < 8; ++nt) sum += fast_exp2(s[nt][2 * i] - base) + fast_exp2(s[nt][2 * i + 1] - base);
-          sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-          sum += __shfl_xor_sync(0xffffffffu, sum, 2);
-          l_run[i] = l_run[i] * fast_exp2(m_run[i] - base) + sum;
-          m_run[i] = m_new;
-        }
-      } else {  // each key's probabilities summed over the tile's 16 rows, added to this warp's sums
-#pragma unroll
-        for (int nt = 0; nt < 8; ++nt)
-#pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            const int tok = kbase_tok + 8 * nt + e;
-            float p = (tok <= qpos[0] ? fast_exp2(s[nt][e] * a.scale_log2 - lse2[0]) : 0.f) +
-                      (tok <= qpos[1] ? fast_exp2(s[nt][2 + e] * a.scale_log2 - lse2[1]) : 0.f);
-            p += __shfl_xor_sync(0xffffffffu, p, 4);
-            p += __shfl_xor_sync(0xffffffffu, p, 8);
-            p += __shfl_xor_sync(0xffffffffu, p, 16);
-            if (g == 0) sums[warp * kMassKeys + sub * 64 + 8 * nt + 2 * t + e] += p;
-          }
-      }
-    }
-    if (!kSum && t == 0)
-#pragma unroll
-      for (int i = 0; i < 2; ++i) {
-        const int r = tile * 16 + g + 8 * i;
-        if (r < rows) a.partial[(bh * a.ranges + range) * rows + r] = make_float2(m_run[i], l_run[i]);
-      }
+  for (int stage = 0; stage < kStages; ++stage) {
+    cp_async_wait_upto(kStages - 1 - stage);
+    __syncthreads();
+    if (any)
+      mass_tile_keys<kSum, kRowChunks>(a, st, smem, warp_sums, key0, stage * kStageTiles, (stage + 1) * kStageTiles,
+                                       lane);
+  }
+  if (any && !kSum) mass_tile_end(a, st, warp, bh, range, g, t);
+  for (int tile = warp + kMassWarps; tile * kMassRows < rows; tile += kMassWarps) {
+    mass_tile_begin<kSum>(a, st, tile, bh, b, h, g, t);
+    mass_tile_keys<kSum, kRowChunks>(a, st, smem, warp_sums, key0, 0, kMassKeys / 16, lane);
+    if (!kSum) mass_tile_end(a, st, tile, bh, range, g, t);
   }
   if (kSum) {
     __syncthreads();
@@ -140,24 +246,28 @@ mass_pass_kernel(const MassArgs a) {
       float total = 0.f;
 #pragma unroll
       for (int w = 0; w < kMassWarps; ++w) total += sums[w * kMassKeys + i];
-      if (key0 + i < a.length) a.mass[bh * a.length + key0 + i] = total;
+      if (key0 + i < a.length) a.mass[bh * a.length + key0 + i] = total * (1.f / (1 << int(kMassShift)));
     }
   }
 }
 
-// Each row's log2-sum-exp over every range. Grid (ceil(rows / 128), B * Hkv).
+// Each row's log2-sum-exp over every range: a warp a row, lanes over the ranges. Grid (ceil(rows / 4), B * Hkv).
 __global__ void __launch_bounds__(128) mass_lse_kernel(const MassArgs a) {
   const long long bh = blockIdx.y;
-  const int rows = a.group * a.window, r = blockIdx.x * blockDim.x + threadIdx.x;
+  const int rows = a.group * a.window, r = blockIdx.x * 4 + threadIdx.x / 32, lane = threadIdx.x % 32;
   if (r >= rows) return;
-  const float2* p = a.partial + bh * a.ranges * rows + r;
+  const float2* p = a.partial + (bh * rows + r) * a.ranges;
   float m = -INFINITY, l = 0.f;
-  for (int i = 0; i < a.ranges; ++i) m = fmaxf(m, p[(long long)i * rows].x);
-  for (int i = 0; i < a.ranges; ++i) {
-    const float2 x = p[(long long)i * rows];
+  for (int i = lane; i < a.ranges; i += 32) m = fmaxf(m, p[i].x);
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, off));
+  for (int i = lane; i < a.ranges; i += 32) {
+    const float2 x = p[i];
     if (x.y > 0.f) l += x.y * fast_exp2(x.x - m);
   }
-  a.lse[bh * rows + r] = m + log2f(l);  // every row sees key 0, so l > 0
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) l += __shfl_xor_sync(0xffffffffu, l, off);
+  if (lane == 0) a.lse[bh * rows + r] = m + log2f(l);  // every row sees key 0, so l > 0
 }
 
 // Host launcher: mass [B, Hkv, L] float32 of q_obs [B, Hkv * group, window, D] over k [B, Hkv, L, D] (strides in
@@ -184,7 +294,7 @@ inline int launch_token_mass(const void* q, long long qb, long long qh, long lon
   const cudaStream_t s = static_cast<cudaStream_t>(stream);
   const dim3 grid(ranges, batch * heads);
   mass_pass_kernel<false><<<grid, kMassWarps * 32, kMassSmem, s>>>(a);
-  mass_lse_kernel<<<dim3((group * window + 127) / 128, batch * heads), 128, 0, s>>>(a);
+  mass_lse_kernel<<<dim3((group * window + 3) / 4, batch * heads), 128, 0, s>>>(a);
   mass_pass_kernel<true><<<grid, kMassWarps * 32, kMassSmem, s>>>(a);
   return cudaGetLastError();
 }
