@@ -157,13 +157,16 @@ __device__ __forceinline__ void compress_v_unit(const Element* __restrict__ base
     return;
   }
   // 2:4 along tokens: the warp's 32 x 16 tile goes through shared memory to the lanes whose
-  // groups need it (each lane then reads 4 tokens of 2 channels)
-  __shared__ uint4 tile_smem[kWarpsPerBlock][32][2];
-  uint4 (&tile)[32][2] = tile_smem[threadIdx.x / 32];
-  tile[lane][0] = row[0];
-  tile[lane][1] = row[1];
+  // groups need it (each lane then reads 4 tokens of 2 channels). Token T's two 16-byte halves sit at
+  // 2T + T/4: the lanes of one read take tokens 4q + i (q = 0..3), 32 bytes apart with no padding, so all
+  // four quads hit the same 4 banks; 16 bytes more every 4 tokens puts them in 16 different banks.
+  __shared__ uint4 tile_smem[kWarpsPerBlock][72];
+  uint4* tile = tile_smem[threadIdx.x / 32];
+  const int at = 9 * (lane >> 2) + 2 * (lane & 3);  // 2T + T/4 for T = lane
+  tile[at] = row[0];
+  tile[at + 1] = row[1];
   __syncwarp();
-  const Element* t_el = reinterpret_cast<const Element*>(&tile[0][0]);  // [32 tokens][16 channels]
+  const Element* t_el = reinterpret_cast<const Element*>(tile);  // 8 elements a 16-byte half
   Fragment f;
   uint32_t nib[2][2];  // [group slot: q, 4+q][channel: g, g+8]
 #pragma unroll
@@ -172,7 +175,8 @@ __device__ __forceinline__ void compress_v_unit(const Element* __restrict__ base
     for (int r = 0; r < 2; ++r) {
       Element x[4];
 #pragma unroll
-      for (int i = 0; i < 4; ++i) x[i] = t_el[(slot * 16 + 4 * q + i) * 16 + g + 8 * r];
+      for (int i = 0; i < 4; ++i)  // token T = 16 slot + 4q + i (2T + T/4 = 36 slot + 9q + 2i), channel g + 8r
+        x[i] = t_el[(36 * slot + 9 * q + 2 * i + r) * 8 + g];
       nib[slot][r] = select_2of4<true>(x, f.v[4 * slot + 2 * r], f.v[4 * slot + 2 * r + 1],
                                        w ? w + slot * 16 + 4 * q : nullptr);
     }
