@@ -36,7 +36,8 @@ struct MassArgs {
 
 // D += A * ones (A: 16 x 16 fp16, row-major): every column of D gets A's row sums.
 __device__ __forceinline__ void mma_row_sums(float (&d)[4], const uint32_t (&a)[4]) {
-  asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%8}, {%0,%1,%2,%3};"
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 { %0, %1, %2, %3 }, { %4, %5, %6, %7 }, { %8, %8 }, "
+      "{ %0, %1, %2, %3 };"
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(0x3C003C00u));
 }
