@@ -1,7 +1,8 @@
-"""Tiles of the observation-window mass kernel (templates/cache/mass.cuh): warps a CTA x keys a CTA, each built
-from a patched copy of the templates (Llama-3 shape, float16), timed on the GPU at a 32K prompt.
+"""Tiles of the observation-window mass kernel (templates/cache/mass.cuh): warps a CTA x keys a CTA x query
+columns a warp (n8 tiles), each built from a patched copy of the templates (Llama-3 shape, float16), timed on the
+GPU at a 32K prompt against float64.
 
-    python experiments/fill_mass/sweep.py build        # generated/fill-mass/w4k256 ...
+    python experiments/fill_mass/sweep.py build        # generated/fill-mass/w4k256n4 ...
     python experiments/fill_mass/sweep.py run [L]      # on the GPU: a table
 """
 import os
@@ -11,12 +12,12 @@ import sys
 import tempfile
 from pathlib import Path
 
-CONFIGS = [(4, 256), (8, 256), (4, 128)]
+CONFIGS = [(4, 256, 4), (4, 256, 2), (4, 128, 2), (8, 128, 2), (8, 256, 2)]  # warps, keys, query n8 tiles
 OUT = Path("generated") / "fill-mass"
 
 
-def tag(w, keys):
-    return f"w{w}k{keys}"
+def tag(w, keys, n8):
+    return f"w{w}k{keys}n{n8}"
 
 
 def build():
@@ -24,7 +25,7 @@ def build():
     from hierasparse_gen.render import templates_dir
     from hierasparse_gen.spec import parse_spec
     src = templates_dir()
-    for w, keys in CONFIGS:
+    for w, keys, n8 in CONFIGS:
         with tempfile.TemporaryDirectory() as tmp:
             dst = Path(tmp) / "templates"
             shutil.copytree(src, dst)
@@ -32,13 +33,14 @@ def build():
             text = header.read_text()
             text = re.sub(r"constexpr int kMassWarps = \d+;", f"constexpr int kMassWarps = {w};", text)
             text = re.sub(r"constexpr int kMassKeys = [^;]+;", f"constexpr int kMassKeys = {keys};", text)
+            text = re.sub(r"constexpr int kMassN8 = [^;]+;", f"constexpr int kMassN8 = {n8};", text)
             header.write_text(text)
             os.environ["HIERASPARSE_TEMPLATES"] = str(dst)
-            spec = {"name": f"fill-mass-{tag(w, keys)}", "archs": ["sm_90"], "dtypes": ["float16"],
+            spec = {"name": f"fill-mass-{tag(w, keys, n8)}", "archs": ["sm_90"], "dtypes": ["float16"],
                     "phases": ["decode"], "shapes": [{"head_dim": 128, "num_qo_heads": 32, "num_kv_heads": 8}],
                     "tiers": [{"k": "sparse24", "v": "sparse24"}]}
-            build_spec(parse_spec(spec), OUT / tag(w, keys), log=None)
-            print("built", tag(w, keys), flush=True)
+            build_spec(parse_spec(spec), OUT / tag(w, keys, n8), log=None)
+            print("built", tag(w, keys, n8), flush=True)
 
 
 def run(L=32768):

@@ -64,6 +64,7 @@ def main():
     print(f"{torch.cuda.get_device_name()} L={L}: causal cuDNN attention {sdpa:.2f} ms")
     for name, kw, sel in (("prune loss, magnitudes", dict(selection="prune_loss", key_channels="magnitude"), None),
                           ("the default (attention, query-weighted K, attention-weighted V)", {}, q),
+                          ("the default observing the last 32 queries", dict(observe=32), q),
                           ("output error, query-weighted K", dict(selection="output_error"), q)):
         cache = HieraCache(lib, batch=1, num_kv_heads=8, head_dim=128, max_seq_len=L, key_ratio=0.5,
                            value_ratio=0.5, **kw)

@@ -60,6 +60,9 @@ POLICIES = {
                                  "observe": 256},
     # = enable's default (selection, key_channels and value_tokens "auto", with the prompt's queries)
     "attention+query_k+weighted_v": {"selection": "attention", "key_channels": "query", "value_tokens": "attention"},
+    # the default observing the prompt's last 32 queries instead of 64 (half the fill's scoring work)
+    "attention+query_k+weighted_v@32": {"selection": "attention", "key_channels": "query", "value_tokens": "attention",
+                                        "observe": 32},
 }
 # a policy that names no V choice keeps V's largest magnitudes
 POLICIES = {name: {"value_tokens": "magnitude", **kw} for name, kw in POLICIES.items()}
