@@ -1,6 +1,7 @@
 // Attention mass per key of a prompt's observation window (its last W queries), on the tensor cores: what
 // hierasparse_gen/selection.py's token_mass computes in torch, for the cache's fill. Included inside the variant's
-// namespace after common.cuh.j2's helpers (Element, kHeadDim, mma_dense, fast_exp2, swizzle_chunk).
+// namespace after common.cuh.j2's helpers (Element, kHeadDim, mma_dense, fast_exp2, swizzle_chunk, cp_async16,
+// wait_pending).
 //
 // Rows are the G x W queries of a KV head's group (row r: query head h * G + r / W at position L - W + r % W);
 // the mass of key j is the sum over rows of softmax_r(j), causal. Two passes over the keys, each a CTA per
@@ -183,23 +184,13 @@ __device__ __forceinline__ void mass_tile_end(const MassArgs& a, MassTile<kKStep
     }
 }
 
-// cp.async.wait_group with a count known once the loop above it is unrolled (at most 3 groups left pending)
-__device__ __forceinline__ void cp_async_wait_upto(int pending) {
-  switch (pending) {
-    case 0: cutlass::arch::cp_async_wait<0>(); break;
-    case 1: cutlass::arch::cp_async_wait<1>(); break;
-    case 2: cutlass::arch::cp_async_wait<2>(); break;
-    default: cutlass::arch::cp_async_wait<3>(); break;
-  }
-}
-
 template <bool kSum>
 __global__ void __launch_bounds__(kMassWarps * 32)
 mass_pass_kernel(const MassArgs a) {
   extern __shared__ __align__(16) char smem[];
   constexpr int kRowChunks = kHeadDim / 8, kKSteps16 = kHeadDim / 16;
   constexpr int kStages = kMassKeys / 64, kStageTiles = 4;  // K arrives in stages of 64 keys (4 m-tiles)
-  static_assert(kStages >= 1 && kStages <= 4, "cp_async_wait_upto waits for at most 3 pending stages");
+  static_assert(kStages >= 1 && kStages <= 8, "wait_pending waits for at most 7 pending stages");
   // the second pass walks the ranges backwards: the first pass's last ranges may still be in L2
   const int range = kSum ? gridDim.x - 1 - blockIdx.x : blockIdx.x;
   const long long bh = kSum ? gridDim.y - 1 - blockIdx.y : blockIdx.y;
@@ -229,7 +220,7 @@ mass_pass_kernel(const MassArgs a) {
   if (any) mass_tile_begin<kSum>(a, st, warp, bh, b, h, g, t);
 #pragma unroll
   for (int stage = 0; stage < kStages; ++stage) {
-    cp_async_wait_upto(kStages - 1 - stage);
+    wait_pending(kStages - 1 - stage);
     __syncthreads();
     if (any)
       mass_tile_keys<kSum, kRowChunks>(a, st, smem, warp_sums, key0, stage * kStageTiles, (stage + 1) * kStageTiles,
