@@ -23,26 +23,35 @@ SIGNATURES = {
                       _p, _p, _p, _i64, _i64, _p, _p],
     ("decode8", "_smem_bytes"): [],
     ("decode8", "_threads"): [],
-    # (compress6: the fill entry points take the 2:4 choice's weights, K per channel, V per token, the append
+    # (compress7: the fill entry points take the 2:4 choice's weights, K per channel, V per token, the append
     # entry point K's channel weights, V's token weights and the blocks' masses for re-tiering; null:
-    # magnitudes, by count; _token_mass scores the prompt's keys by its last queries. compress5 had no
-    # _token_mass, compress4's append took V's window weights, compress3's K's only)
-    ("compress6", "_k"): [_p, _i64, _i64, _i64, _i32, _i32, _i32, _i32, _p, _p, _p],
-    ("compress6", "_v"): [_p, _i64, _i64, _i64, _i32, _i32, _i32, _i32, _p, _p, _p],
-    ("compress6", "_fill_k"): [_p, _i64, _i64, _i64, _i32, _i32, _i32, _p, _i32, _i32, _p, _i32, _p, _p, _i32, _p,
+    # magnitudes, by count; _token_mass scores the prompt's keys by its last queries, given their log-sum-exp
+    # or not, _mass_stats sums the scores per block and weighs V's tokens, _channel_weights weighs K's channels,
+    # _select fills a second table by the same scores. compress6 had neither _mass_stats nor _channel_weights, its
+    # _token_mass took no log-sum-exp and its _select one table, compress5 had no _token_mass, compress4's append
+    # took V's window weights, compress3's K's only)
+    ("compress7", "_k"): [_p, _i64, _i64, _i64, _i32, _i32, _i32, _i32, _p, _p, _p],
+    ("compress7", "_v"): [_p, _i64, _i64, _i64, _i32, _i32, _i32, _i32, _p, _p, _p],
+    ("compress7", "_fill_k"): [_p, _i64, _i64, _i64, _i32, _i32, _i32, _p, _i32, _i32, _p, _i32, _p, _p, _i32, _p,
                                _p],
-    ("compress6", "_fill_v"): [_p, _i64, _i64, _i64, _i32, _i32, _i32, _p, _i32, _i32, _p, _i32, _p, _p, _i32, _p,
+    ("compress7", "_fill_v"): [_p, _i64, _i64, _i64, _i32, _i32, _i32, _p, _i32, _i32, _p, _i32, _p, _p, _i32, _p,
                                _p],
-    ("compress6", "_select"): [_p, _i32, _i32, _i32, _i32, _i32, _i32, _p, _i32, _p],
-    ("compress6", "_score_k"): [_p, _i64, _i64, _i64, _i32, _i32, _i32, _i32, _p, _p],
-    ("compress6", "_score_v"): [_p, _i64, _i64, _i64, _i32, _i32, _i32, _i32, _p, _p],
-    # q_obs, its strides, k, its strides, batch, heads, group, window, length, scale, workspace, its bytes, mass
-    ("compress6", "_token_mass"): [_p, _i64, _i64, _i64, _p, _i64, _i64, _i64, *[_i32] * 5, _f32, _p, _i64, _p, _p],
+    ("compress7", "_select"): [_p, _i32, _i32, _i32, _i32, _i32, _i32, _p, _i32, _i32, _p, _p],
+    ("compress7", "_score_k"): [_p, _i64, _i64, _i64, _i32, _i32, _i32, _i32, _p, _p],
+    ("compress7", "_score_v"): [_p, _i64, _i64, _i64, _i32, _i32, _i32, _i32, _p, _p],
+    # q_obs, its strides, k, its strides, batch, heads, group, window, length, scale, the queries' log-sum-exp
+    # (or null), its strides, workspace, its bytes, mass
+    ("compress7", "_token_mass"): [_p, _i64, _i64, _i64, _p, _i64, _i64, _i64, *[_i32] * 5, _f32, _p, _i64, _i64,
+                                   _i64, _p, _i64, _p, _p],
+    # masses, rows, length, window, block, block sums, seen masses, their row stride, V's weights, their row stride
+    ("compress7", "_mass_stats"): [_p, *[_i32] * 4, _p, _p, _i64, _p, _i64, _p],
+    # q_obs, its strides, batch, heads, group, window, out
+    ("compress7", "_channel_weights"): [_p, _i64, _i64, _i64, *[_i32] * 4, _p, _p],
     # k, its strides, v, its strides, seqlens, ctrl, ctrl_width, batch, heads, max_blocks, block,
     # sink/window blocks, max_len; K then V pools (table, dense, vals, meta, n_dense, n_sparse, ratio); K's
     # channel weights, V's token weights [B, H, max_blocks * block], the blocks' masses [B, H, max_blocks] (each
     # or null)
-    ("compress6", "_append"): [_p, _i64, _i64, _p, _i64, _i64, _p, _p, *[_i32] * 8,
+    ("compress7", "_append"): [_p, _i64, _i64, _p, _i64, _i64, _p, _p, *[_i32] * 8,
                                *[_p, _p, _p, _p, _i32, _i32, _f64] * 2, _p, _p, _p, _p],
     # decode over the cache's block tables
     ("decode_table", ""): [_p, _i64, _i64, _p, _p, _i32, _p, _p, _i32, _i32, _p, _p, _p, _p, _i32, _i32,
@@ -77,21 +86,21 @@ SIGNATURES = {
                                   _p, _i64, _i64, _i64, _p, _p, _i32, _i32, _i32, _i32, _f32, _p, _p, _p],
     ("prefill_wgmma_table", "_smem_bytes"): [],
 }
-# compress6f8: compress6 and the e4m3 packers (x, its strides, batch, heads, length, capacity, values, metadata
+# compress7f8: compress7 and the e4m3 packers (x, its strides, batch, heads, length, capacity, values, metadata
 # (null: dense), scales)
-SIGNATURES.update({("compress6f8", suffix): args for (abi, suffix), args in list(SIGNATURES.items())
-                   if abi == "compress6"})
-SIGNATURES.update({("compress6f8", suffix): [_p, _i64, _i64, _i64, _i32, _i32, _i32, _i32, _p, _p, _p, _p]
+SIGNATURES.update({("compress7f8", suffix): args for (abi, suffix), args in list(SIGNATURES.items())
+                   if abi == "compress7"})
+SIGNATURES.update({("compress7f8", suffix): [_p, _i64, _i64, _i64, _i32, _i32, _i32, _i32, _p, _p, _p, _p]
                    for suffix in ("_k8", "_v8", "_kd8", "_vd8")})
 # ... and the widening of 2:4 e4m3 into 16-bit 2:4 for prefill (values, metadata, scales, planes, capacity, out,
 # stream)
-SIGNATURES.update({("compress6f8", suffix): [_p, _p, _p, _i32, _i32, _p, _p] for suffix in ("_widen_k8", "_widen_v8")})
-# ... the cache with e4m3 tensors: fill (compress6's fill arguments, then the e4m3 pools: dense values, dense
-# scales, 2:4 scales, dense slots; then the weights) and the decode step (compress6's append arguments up to V's
+SIGNATURES.update({("compress7f8", suffix): [_p, _p, _p, _i32, _i32, _p, _p] for suffix in ("_widen_k8", "_widen_v8")})
+# ... the cache with e4m3 tensors: fill (compress7's fill arguments, then the e4m3 pools: dense values, dense
+# scales, 2:4 scales, dense slots; then the weights) and the decode step (compress7's append arguments up to V's
 # ratio, then per tensor its e4m3 pools, or nulls and 0 for a model-dtype tensor; then the weights and masses)
-SIGNATURES.update({("compress6f8", f"_fill_{t}8"): [_p, _i64, _i64, _i64, _i32, _i32, _i32, _p, _i32, _i32, _p, _i32,
+SIGNATURES.update({("compress7f8", f"_fill_{t}8"): [_p, _i64, _i64, _i64, _i32, _i32, _i32, _p, _i32, _i32, _p, _i32,
                                                      _p, _p, _i32, _p, _p, _p, _i32, _p, _p] for t in "kv"})
-SIGNATURES[("compress6f8", "_append8")] = [*SIGNATURES[("compress6", "_append")][:-4], *[_p, _p, _p, _i32] * 2,
+SIGNATURES[("compress7f8", "_append8")] = [*SIGNATURES[("compress7", "_append")][:-4], *[_p, _p, _p, _i32] * 2,
                                            _p, _p, _p, _p]
 
 #: ABIs with host-side size queries answered at load time (no GPU needed)

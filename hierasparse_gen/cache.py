@@ -48,9 +48,8 @@ from .policy import (PREFILL_MODES, cache_settings, check_not_full, check_prefil
                      eligible_blocks, pool_sizes, ratio_count)
 from .format import block_prune_loss
 from .format_fp8 import check_storage
-from .selection import (attention_mass, block_scores, channel_weights, check_selection, needs_queries,
-                        observed_queries, output_error, resolve, resolve_channels, resolve_tokens,
-                        token_weights, visible_block_mass)
+from .selection import (block_scores, check_selection, needs_queries, observed_queries, output_error, resolve,
+                        resolve_channels, resolve_tokens)
 
 _CTRL_STACK = 6  # ctrl columns before the free-slot stacks
 _STATUS = 5      # ctrl column: 1 = a captured append found the sequence full, 2 = no free dense slot
@@ -181,7 +180,7 @@ class HieraCache(CacheInspection):
     # --- prefill ------------------------------------------------------------------------------
     def prefill(self, k: torch.Tensor, v: torch.Tensor, lengths=None, *, q: torch.Tensor | None = None,
                 mode: str = "compress_then_attend", scale: float | None = None, kernel: str = "auto",
-                select_q: torch.Tensor | None = None):
+                select_q: torch.Tensor | None = None, select_lse: torch.Tensor | None = None):
         """Add a prompt chunk's dense K/V ``[B, Hkv, L, D]`` after what each sequence holds
         (sequence b takes the first ``lengths[b] <= L`` rows; default all L).
 
@@ -204,7 +203,10 @@ class HieraCache(CacheInspection):
         ``select_q``: the prompt's queries ``[B, Hq, L, D]`` for the choices that read them (the
         selections attention, expected_error, output_error and auto; query-weighted K channels),
         when ``q`` is not given (default: ``q``); only the last ``observe`` rows of each sequence
-        are read.
+        are read. ``select_lse``: their rows' natural log-sum-exp ``[B, Hq, L]`` (float32) under ``scale``, as a
+        causal attention over the prompt returns it (cuDNN's, this method's own in attend_then_compress): the
+        attention-mass kernel then skips the pass that computes it. Read only for sequences that were empty, whose
+        keys are the chunk's; an attend_then_compress prefill passes its own.
         """
         self.sync()
         self._check_dense(k, "k", 4)
@@ -228,7 +230,9 @@ class HieraCache(CacheInspection):
                              f"{self.value_tokens!r} chooses blocks by the prompt's queries, and this prefill has none; "
                              f"nothing was written. Fix: pass q= (or select_q=) with the prompt, or build the cache "
                              f"with selection='auto', key_channels='auto' and value_tokens='magnitude'")
-        sel = (select_q, scale)
+        if select_lse is not None:
+            self._check_lse(select_lse, select_q, L)
+        sel = (select_q, scale, select_lse)
         if q is not None:
             self._check_queries(q, L)
             # the kernel is chosen (a forced one that cannot run refused) before anything is written
@@ -245,7 +249,9 @@ class HieraCache(CacheInspection):
             start = _upload(old, self.device)
             out = _kernels.prefill_cache(self.lib, q, self._prefill_source(any(old)), seqlens, qlens, k_tail=k,
                                          v_tail=v, tail_start=start, scale=scale, kernel=kernel)
-            self._extend(k, v, lengths, *sel)
+            # an empty sequence's rows attended to the chunk's keys alone: their lse is the scoring's
+            own = select_q is q and select_lse is None
+            self._extend(k, v, lengths, select_q, scale, out[1] if own else select_lse)
             return out
         whole = all(n0 == 0 for n0 in old) and all(n == L for n in lengths)  # a prompt into an empty cache
         if mode == "balanced":
@@ -303,18 +309,22 @@ class HieraCache(CacheInspection):
         start = _upload([n0 - r for n0, r in zip(self._lengths, heads)], self.device)
         return tail, start
 
-    def _extend(self, k: torch.Tensor, v: torch.Tensor, lengths: list[int], select_q=None, scale=None) -> None:
+    def _extend(self, k: torch.Tensor, v: torch.Tensor, lengths: list[int], select_q=None, scale=None,
+                select_lse=None) -> None:
         fresh = [b for b in range(self.batch) if self._lengths[b] == 0 and lengths[b] > 0]
+
+        def rows(x, b0, b1, n):
+            return None if x is None else x[b0:b1, :, :n]
         # one batched pass when every sequence is empty with one length; else sequence by sequence
         if len(fresh) == self.batch and len(set(lengths)) == 1:
             n = lengths[0]
-            self._prefill_group(0, self.batch, k[:, :, :n], v[:, :, :n],
-                                None if select_q is None else select_q[:, :, :n], scale)
+            self._prefill_group(0, self.batch, k[:, :, :n], v[:, :, :n], rows(select_q, 0, self.batch, n), scale,
+                                rows(select_lse, 0, self.batch, n))
         else:
             for b in fresh:
                 n = lengths[b]
-                self._prefill_group(b, b + 1, k[b:b + 1, :, :n], v[b:b + 1, :, :n],
-                                    None if select_q is None else select_q[b:b + 1, :, :n], scale)
+                self._prefill_group(b, b + 1, k[b:b + 1, :, :n], v[b:b + 1, :, :n], rows(select_q, b, b + 1, n),
+                                    scale, rows(select_lse, b, b + 1, n))
         for b in range(self.batch):
             if b not in fresh and lengths[b]:
                 self._extend_sequence(b, k[b], v[b], lengths[b])
@@ -403,7 +413,8 @@ class HieraCache(CacheInspection):
             _kernels.fill_blocks(self.lib, x, t.name, table, S, t.dense[b:b + 1], t.sparse_vals[b:b + 1],
                                  t.sparse_meta[b:b + 1], weight)
 
-    def _prefill_group(self, b0: int, b1: int, k: torch.Tensor, v: torch.Tensor, select_q=None, scale=None) -> None:
+    def _prefill_group(self, b0: int, b1: int, k: torch.Tensor, v: torch.Tensor, select_q=None, scale=None,
+                       select_lse=None) -> None:
         """Sequences b0..b1-1, all with the prompt length L: select, fill the table, then one
         fill kernel per tensor writes every block to its dense or 2:4 slot."""
         L, S = k.shape[2], self.block
@@ -419,30 +430,33 @@ class HieraCache(CacheInspection):
         weigh_v = resolve_tokens(self.value_tokens, select_q is not None) == "attention" and \
             ratio_count(self.v.ratio, n_elig) > 0
         if (selection in ("attention", "expected_error") and n_elig) or weigh_v:
-            tokens = self._token_mass(select_q, k, observed, scale)  # per key, [b1 - b0, H, L]
-            mass = torch.stack([attention_mass(qo, k[i], S, scale, tokens[i]) for i, qo in enumerate(observed)])
-            if weigh_v:  # V's token weights (as SimulatedCache): every prompt token's; later tokens weigh 1
+            tokens = self._token_mass(select_q, k, observed, scale, select_lse)  # per key, [b1 - b0, H, L]
+            # block sums (the selection's scores); into the cache, as SimulatedCache: the scores of decode-time
+            # re-tiering, V's token weights of every prompt token (later tokens weigh 1)
+            mass, _, _ = _kernels.mass_stats(self.lib, k, tokens, observed[0].shape[1], S,
+                                             seen=self.block_mass[b0:b1] if selection == "attention" else None,
+                                             weights=self.value_weight[b0:b1] if weigh_v else None)
+            if weigh_v:
                 vweight = self.value_weight[b0:b1, :, :blocks * S]  # (a view: the weights stay for later flushes)
-                for i, tm in enumerate(tokens):
-                    vweight[i, :, :L] = token_weights(tm)
                 vweight = vweight.contiguous()  # the fill kernel's [B, H, blocks * S]
                 self._weighs_v[b0:b1] = [True] * (b1 - b0)
-            if selection == "attention" and n_elig:  # the scores of decode-time re-tiering
-                for i, tm in enumerate(tokens):
-                    m = visible_block_mass(tm, observed[i].shape[1], S)
-                    self.block_mass[b0 + i, :, :m.shape[1]] = m
         weight = None  # K's channel weights, [b1 - b0, H, D]
         if self.key_weight is not None and resolve_channels(self.key_channels, select_q is not None) == "query":
             weight = self.key_weight[b0:b1]
-            weight.copy_(torch.stack([channel_weights(qo, self.heads) for qo in observed]))
+            _kernels.channel_weights(self.lib, select_q[:, :, L - observed[0].shape[1]:L], self.heads, out=weight)
             self.weighted[b0:b1] = [True] * (b1 - b0)
+        # K's and V's scores are one attention mass: one select launch writes both tables
+        shared = selection == "attention" and mass is not None
+        if shared:
+            _kernels.select_blocks(self.lib, k, mass, first, n_elig, ratio_count(self.k.ratio, n_elig), blocks,
+                                   self.k.table[b0:b1], ratio_count(self.v.ratio, n_elig), self.v.table[b0:b1])
         for t, x in ((self.k, k), (self.v, v)):
             n_s = ratio_count(t.ratio, n_elig)
             n_de = n_elig - n_s
             # per head: the n_s eligible blocks of least score become 2:4 (slots in block
             # order), then one fill kernel copies or compresses every block to its slot
             loss = None
-            if n_s:
+            if n_s and not shared:
                 gpu_loss = error = None
                 kw = weight if t.name == "k" else None
                 vw = vweight[:, :, :L].unsqueeze(-1) if t.name == "v" and vweight is not None else None
@@ -455,7 +469,8 @@ class HieraCache(CacheInspection):
                     gpu_loss = self._score(x, t.name) if kw is None and vw is None else \
                         block_prune_loss(x, t.name, S, None if kw is None else kw.unsqueeze(2), vw)
                 loss = block_scores(selection, x, t.name, S, mass, gpu_loss, error).contiguous()
-            _kernels.select_blocks(self.lib, x, loss, first, n_elig, n_s, blocks, t.table[b0:b1])
+            if not shared:
+                _kernels.select_blocks(self.lib, x, loss, first, n_elig, n_s, blocks, t.table[b0:b1])
             w = weight if t.name == "k" else vweight
             if t.e4m3:
                 # select numbers the dense eligible blocks 0..n_de-1 and the others after them: the former go to
@@ -475,11 +490,11 @@ class HieraCache(CacheInspection):
             self._lengths[b] = L
             self.n_eligible[b] = n_elig
 
-    def _token_mass(self, select_q: torch.Tensor, k: torch.Tensor, observed: list, scale) -> torch.Tensor:
+    def _token_mass(self, select_q: torch.Tensor, k: torch.Tensor, observed: list, scale, lse=None) -> torch.Tensor:
         """selection.token_mass of every sequence of a group (each ``k.shape[2]`` long), in one launch of the
-        library's kernel."""
-        W = observed[0].shape[1]
-        return _kernels.token_mass(self.lib, select_q[:, :, k.shape[2] - W:k.shape[2]], k, scale)
+        library's kernel (given the window rows' log-sum-exp, its second pass alone)."""
+        L, W = k.shape[2], observed[0].shape[1]
+        return _kernels.token_mass(self.lib, select_q[:, :, L - W:L], k, scale, None if lse is None else lse[:, :, L - W:L])
 
     def _score(self, x: torch.Tensor, kind: str) -> torch.Tensor:
         """Prune loss per whole block ``[1, H, L // block]`` (float32, on the GPU)."""
@@ -615,6 +630,16 @@ class HieraCache(CacheInspection):
             raise InputError(f"q: shape {tuple(q.shape)} does not match the chunk. Fix: pass "
                              f"[{self.batch}, a multiple of {self.heads} heads, {L}, {self.head_dim}]")
         check_queries(q, self.batch, self.heads, self.head_dim, self.dtype)
+
+    def _check_lse(self, lse, select_q, L: int) -> None:
+        if select_q is None:
+            raise InputError("select_lse: given without the queries it belongs to. Fix: pass select_q= (or q=) too")
+        want = (select_q.shape[0], select_q.shape[1], L)
+        if not isinstance(lse, torch.Tensor) or lse.device != self.device or lse.dtype != torch.float32 or \
+                tuple(lse.shape) != want:
+            got = f"{tuple(lse.shape)} {lse.dtype} on {lse.device}" if isinstance(lse, torch.Tensor) else type(lse)
+            raise InputError(f"select_lse: {got}, not the queries' log-sum-exp. Fix: pass float32 {list(want)} on "
+                             f"{self.device} (the lse a causal attention over the prompt returns)")
 
     def _check_dense(self, x, what: str, dims: int) -> None:
         shape = (self.batch, self.heads, self.head_dim) if dims == 3 else None

@@ -165,6 +165,26 @@ def _dense_causal(query, key, value, scaling, padding=None):
     return F.scaled_dot_product_attention(query, key, value, attn_mask=allowed, scale=scaling, enable_gqa=gqa)
 
 
+_CUDNN_LSE = [True]  # cleared when this torch's cuDNN attention refuses a call (then SDPA, without the lse)
+
+
+def _dense_causal_lse(query, key, value, scaling):
+    """Causal attention of a whole unpadded batch and its rows' natural log-sum-exp ``[B, Hq, L]`` (float32), which
+    a cache fill reads instead of computing it again: cuDNN's attention returns it at no extra cost. Where that
+    kernel does not take the call, SDPA's output and None."""
+    if _CUDNN_LSE[0] and query.is_cuda and query.shape[2] > 1:
+        try:
+            out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(query, key, value, None, True, 0.0, True,
+                                                                          False, scale=scaling)[:2]
+            B, Hq, L = query.shape[:3]
+            if lse.numel() == B * Hq * L:
+                return out, lse.reshape(B, Hq, L).float()
+        except (RuntimeError, NotImplementedError):
+            pass
+        _CUDNN_LSE[0] = False
+    return _dense_causal(query, key, value, scaling), None
+
+
 def hierasparse_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                           attention_mask, scaling: float | None = None, dropout: float = 0.0, **kwargs):
     """The ``"hierasparse"`` attention function: q ``[B, Hq, L, D]``, k/v ``[B, Hkv, L, D]`` (this
@@ -199,8 +219,8 @@ def hierasparse_attention(module, query: torch.Tensor, key: torch.Tensor, value:
     fresh = max(store.lengths) == 0
     if settings.prefill_mode == "attend_then_compress" and fresh:
         # exact dense attention over the prompt: the best dense kernel, then compression
-        out = _dense_causal(query, key, value, scaling)
-        store.prefill(key, value, lengths, select_q=query, scale=scaling)
+        out, lse = _dense_causal_lse(query, key, value, scaling)
+        store.prefill(key, value, lengths, select_q=query, scale=scaling, select_lse=lse)
     else:
         out, _ = store.prefill(key, value, lengths, q=query, mode=settings.prefill_mode, scale=scaling)
     if valid is not None:

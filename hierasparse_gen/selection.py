@@ -184,10 +184,18 @@ def token_weights(tokens: torch.Tensor) -> torch.Tensor:
     return (tokens / tokens.mean(-1, keepdim=True).clamp(min=1e-30)).sqrt()
 
 
+def mass_stats(tokens: torch.Tensor, W: int, block: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What a fill reads from the per-key masses ``tokens [..., n]`` of the last W queries: per whole block the
+    mass (:func:`block_sums`, the selection's score) and the mass per query that sees it
+    (:func:`visible_block_mass`, re-tiering's score), and V's per-token weights (:func:`token_weights`). The
+    library's kernel computes the same in one launch (ops.mass_stats)."""
+    return block_sums(tokens, block), visible_block_mass(tokens, W, block), token_weights(tokens)
+
+
 def channel_weights(q_obs: torch.Tensor, heads: int) -> torch.Tensor:
     """E|q_c| per KV head ``[..., Hkv, D]`` (float32) over the window's queries ``[..., Hq, W, D]`` of its group."""
     *lead, Hq, W, D = q_obs.shape
-    return q_obs.float().abs().reshape(*lead, heads, Hq // heads * W, D).mean(-2)
+    return q_obs.abs().reshape(*lead, heads, Hq // heads * W, D).mean(-2, dtype=torch.float32)
 
 
 def block_scores(selection: str, x: torch.Tensor, name: str, block: int, mass: torch.Tensor | None,
@@ -205,5 +213,5 @@ def block_scores(selection: str, x: torch.Tensor, name: str, block: int, mass: t
 
 
 __all__ = ["SELECTIONS", "AUTO_WITH_QUERIES", "KEY_CHANNELS", "VALUE_TOKENS", "check_selection", "resolve", "resolve_channels", "resolve_tokens",
-           "needs_queries", "observed_queries", "token_mass", "block_sums", "attention_mass", "output_error", "token_weights", "channel_weights",
-           "block_scores"]
+           "needs_queries", "observed_queries", "token_mass", "block_sums", "attention_mass", "output_error", "token_weights", "mass_stats",
+           "channel_weights", "block_scores"]

@@ -27,9 +27,8 @@ from .format_fp8 import check_storage, fake_quantize
 from .policy import (cache_nbytes, cache_settings, check_kernel, check_not_full, check_prefill_mode, check_ratios, check_room,
                      eligible_blocks, ratio_count)
 from .reference import decode_reference, prefill_reference
-from .selection import (attention_mass, block_scores, channel_weights, check_selection, needs_queries,
-                        observed_queries, output_error, resolve, resolve_channels, resolve_tokens, retier_pick,
-                        token_mass, token_weights, visible_block_mass)
+from .selection import (block_scores, channel_weights, check_selection, mass_stats, needs_queries, observed_queries,
+                        output_error, resolve, resolve_channels, resolve_tokens, retier_pick, token_mass)
 
 
 class SimulatedCache:
@@ -147,13 +146,13 @@ class SimulatedCache:
         weigh_v = resolve_tokens(self.value_tokens, q_obs is not None) == "attention" and n_elig > 0
         if weigh_v or (selection in ("attention", "expected_error") and n_elig):
             tokens = token_mass(q_obs, k, scale)
-            mass = attention_mass(q_obs, k, S, scale, tokens).unsqueeze(0)
+            mass, mass_seen, weights = mass_stats(tokens, q_obs.shape[1], S)
+            mass = mass.unsqueeze(0)
         if weigh_v:
             # every prompt token: the blocks eligible now at the fill, the others when they become 2:4 later
             # (the cache keeps the weights for its append kernel); later tokens weigh 1 (magnitudes)
-            self.value_weight[b, :, :L, 0] = token_weights(tokens)
+            self.value_weight[b, :, :L, 0] = weights
         if selection == "attention" and tokens is not None:
-            mass_seen = visible_block_mass(tokens, q_obs.shape[1], S)
             self.block_mass[b, :, :mass_seen.shape[1]] = mass_seen
         for name, x in (("k", k), ("v", v)):
             self.x[name][b, :, :L] = x
@@ -227,8 +226,9 @@ class SimulatedCache:
 
     # --- the HieraCache API -------------------------------------------------------------------
     def prefill(self, k, v, lengths=None, *, q=None, mode: str = "compress_then_attend", scale=None,
-                kernel: str = "auto", select_q=None):
-        """As HieraCache.prefill (``kernel`` is accepted for the same signature: the model has one)."""
+                kernel: str = "auto", select_q=None, select_lse=None):
+        """As HieraCache.prefill (``kernel`` and ``select_lse`` are accepted for the same signature: the model has
+        one kernel, and computes each window row's softmax itself)."""
         check_prefill_mode(mode)
         check_kernel(kernel)
         L = k.shape[2]

@@ -42,7 +42,7 @@ def c_abi(kind: str, family: str, tier: Tier | None, block_size: int = 0, fp8: b
     if kind == "decode" and tier.e4m3:  # + the per-token scales of e4m3 tensors
         return "decode8"
     if kind == "compress":  # its fill entry points take the 2:4 choice's weights, the append K's
-        return "compress6f8" if fp8 else "compress6"
+        return "compress7f8" if fp8 else "compress7"
     return kind
 
 

@@ -103,11 +103,26 @@ def cache_chunk(cache, mode, q, k, v, lengths):
 
 
 def kernel_masses(monkeypatch, lib) -> None:
-    """SimulatedCache reads the attention masses of ``lib``'s scoring kernel, as HieraCache does. Two roundings of
-    one float32 sum (the kernel's and torch's) may order near-equal blocks or weights differently; the
-    cache-equals-simulation tests check selection and packing given the masses, and test_gpu_selection.py checks
-    the kernel's masses against float64."""
+    """SimulatedCache reads the attention masses of ``lib``'s scoring kernel, their block sums and weights from its
+    stats kernel and K's channel weights from its kernel, as HieraCache does. Two roundings of one float32 sum (the kernel's and torch's) may order
+    near-equal blocks or weights differently; the cache-equals-simulation tests check selection and packing given
+    the masses, and test_gpu_selection.py checks the kernels against float64 and torch. (An attend_then_compress
+    prefill hands the scoring kernel its attention's log-sum-exp, which the simulation's call computes: the same
+    masses to float32 rounding.)"""
     import hierasparse_gen.simulate as simulate
     from hierasparse_gen import ops
-    monkeypatch.setattr(simulate, "token_mass",
-                        lambda q_obs, k, scale: ops.token_mass(lib, q_obs[None], k[None], scale)[0])
+    keys = {}  # the keys of the last scoring: they name the stats kernel's variant (head_dim, dtype)
+
+    def mass(q_obs, k, scale):
+        keys["k"] = k[None, :, :1]
+        return ops.token_mass(lib, q_obs[None], k[None], scale)[0]
+
+    def stats(tokens, W, block):
+        H, n = tokens.shape
+        seen = torch.empty(1, H, n // block, device=tokens.device)
+        weights = torch.empty(1, H, n, device=tokens.device)
+        sums, _, _ = ops.mass_stats(lib, keys["k"], tokens[None].contiguous(), W, block, seen=seen, weights=weights)
+        return sums[0], seen[0], weights[0]
+    monkeypatch.setattr(simulate, "token_mass", mass)
+    monkeypatch.setattr(simulate, "mass_stats", stats)
+    monkeypatch.setattr(simulate, "channel_weights", lambda q_obs, heads: ops.channel_weights(lib, q_obs[None], heads)[0])

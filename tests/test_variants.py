@@ -229,7 +229,7 @@ def test_cache_headers_are_inlined_into_the_compress_kernels(llama3):
     fp8 = load_spec(REPO / "specs" / "llama3_fp8.yaml")
     v8 = next(v for v in expand(fp8) if v.kind == "compress")
     src8 = render(v8, fp8)
-    assert v8.abi == "compress6f8" and v.abi == "compress6"
+    assert v8.abi == "compress7f8" and v.abi == "compress7"
     assert all(src8.count(f"// ---- cache/{h} ----") == 1 for h in e4m3_only)
     assert all(f"HSG_COMPRESS8_ENTRY({v8.symbol}_{s}," in src8 for s in ("k8", "v8", "kd8", "vd8"))
     assert all(f"HSG_FILL8_ENTRY({v8.symbol}_fill_{t}8," in src8 for t in "kv") and f"{v8.symbol}_append8(" in src8
@@ -265,7 +265,7 @@ def test_manifest_records_each_variants_family_and_c_abi(llama3):
     family = {name: d["family"] for name, d in described.items()}
     assert set(abi.values()) <= ABIS
     assert (family["runtime"], abi["runtime"]) == ("host", "runtime")
-    assert (family["compress_d128_f16_sm90"], abi["compress_d128_f16_sm90"]) == ("mma_sp", "compress6")
+    assert (family["compress_d128_f16_sm90"], abi["compress_d128_f16_sm90"]) == ("mma_sp", "compress7")
     assert (family["decode_d128_g4_f16_k24_v24_sm90"], abi["decode_d128_g4_f16_k24_v24_sm90"]) == ("mma_sp", "decode")
     assert abi["decode_d128_g4_f16_km_vm_b64_sm90"] == "decode_table"
     for tier in ("k24_v24", "kd_v24", "km_vm_b64"):  # the warp-level prefill: one ABI for every tier mix

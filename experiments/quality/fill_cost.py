@@ -1,6 +1,7 @@
 """What a cache prefill costs on the GPU (Llama-3 shape, fp16): HieraCache.prefill of a whole prompt without
 attention (score, select, fill) by prune loss / magnitudes, by the default (attention, query-weighted K,
-attention-weighted V) and by output error, against the prompt's causal attention (cuDNN SDPA) that a prefill
+attention-weighted V; also given the log-sum-exp that cuDNN's attention returns, as enable()'s prefill passes it)
+and by output error, against the prompt's causal attention (cuDNN SDPA) that a prefill
 runs anyway. Three figures a fill: its wall time alone (host and device, synchronized); what it adds to a prefill
 (the GPU time it spans when queued behind the attention without waiting, as in a model's layer loop: the host's
 work hides behind the GPU's unless the fill waits for the stream); with --profile, the
@@ -60,22 +61,29 @@ def main():
     def attention():
         with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
             torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    def attention_lse():  # as enable()'s attend_then_compress prefill runs it: the rows' log-sum-exp too
+        return torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, True, False)[1]
     sdpa = wall_ms(attention)
-    print(f"{torch.cuda.get_device_name()} L={L}: causal cuDNN attention {sdpa:.2f} ms")
-    for name, kw, sel in (("prune loss, magnitudes", dict(selection="prune_loss", key_channels="magnitude"), None),
-                          ("the default (attention, query-weighted K, attention-weighted V)", {}, q),
-                          ("the default observing the last 32 queries", dict(observe=32), q),
-                          ("output error, query-weighted K", dict(selection="output_error"), q)):
+    with_lse = wall_ms(attention_lse)
+    lse = attention_lse().reshape(1, 32, L)
+    print(f"{torch.cuda.get_device_name()} L={L}: causal cuDNN attention {sdpa:.2f} ms; with the rows' "
+          f"log-sum-exp {with_lse:.2f} ms")
+    for name, kw, sel, sel_lse in (
+            ("prune loss, magnitudes", dict(selection="prune_loss", key_channels="magnitude"), None, None),
+            ("the default (attention, query-weighted K, attention-weighted V)", {}, q, None),
+            ("the default given the attention's log-sum-exp", {}, q, lse),
+            ("the default observing the last 32 queries", dict(observe=32), q, None),
+            ("output error, query-weighted K", dict(selection="output_error"), q, None)):
         cache = HieraCache(lib, batch=1, num_kv_heads=8, head_dim=128, max_seq_len=L, key_ratio=0.5,
                            value_ratio=0.5, **kw)
 
         def fill():
             cache.reset()
-            cache.prefill(k, v, select_q=sel)
+            cache.prefill(k, v, select_q=sel, select_lse=sel_lse)
         t = wall_ms(fill)
         print(f"  fill, {name}: {t:.3f} ms = {100 * t / sdpa:.2f} % of the attention alone")
         if "output error" not in name:  # (tens of ms: nothing to hide)
-            span = span_ms(attention, fill)
+            span = span_ms(attention if sel_lse is None else attention_lse, fill)
             print(f"    in a prefill (GPU span behind the attention): {span:.3f} ms = {100 * span / sdpa:.2f} %")
         if args.profile:
             with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA,

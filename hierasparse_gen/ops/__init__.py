@@ -12,8 +12,8 @@ kernels over a HieraCache's block tables), ``graphs`` (CUDA-graph capture).
 
 from ..tiles import choose_splits
 from .base import PackedKV
-from .cache_kernels import (append_cache, decode_cache, fill_blocks, prefill_cache, score_blocks, select_blocks,
-                            token_mass)
+from .cache_kernels import (append_cache, channel_weights, decode_cache, fill_blocks, mass_stats, prefill_cache,
+                            score_blocks, select_blocks, token_mass)
 from .decoding import decode
 from .graphs import capture_graph
 from .packing import compress, widen8
@@ -21,4 +21,4 @@ from .prefilling import KERNELS, as_model_dtype, choose_kernel, prefill
 
 __all__ = ["KERNELS", "PackedKV", "append_cache", "as_model_dtype", "capture_graph", "choose_kernel", "choose_splits",
            "compress", "decode", "decode_cache", "fill_blocks", "prefill", "prefill_cache", "score_blocks",
-           "select_blocks", "token_mass", "widen8"]
+           "select_blocks", "token_mass", "mass_stats", "channel_weights", "widen8"]

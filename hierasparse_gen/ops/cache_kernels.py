@@ -29,7 +29,7 @@ def check_e4m3_build(lib, head_dim: int, dtype: torch.dtype, k_storage: str, v_s
     compress = [v for v in lib.variants if v.kind == "compress" and v.head_dim == head_dim and v.dtype == name]
     decode = [v for v in lib.variants if v.kind == "decode" and v.head_dim == head_dim and v.dtype == name and
               v.tier == (*TABLE, k_storage, v_storage)]
-    if not compress or any(v.abi != "compress6f8" for v in compress) or not decode:
+    if not compress or any(v.abi != "compress7f8" for v in compress) or not decode:
         fail("HieraCache", f"key_storage {k_storage!r} and value_storage {v_storage!r} need the e4m3 packers and an "
              f"e4m3 block-table decode kernel for head_dim {head_dim}, {name}, and library "
              f"{lib.spec_name!r} lacks {'the decode kernel' if not decode else 'the e4m3 packers'}",
@@ -49,35 +49,91 @@ def score_blocks(lib, x: torch.Tensor, kind: str, block_size: int) -> torch.Tens
     return loss
 
 
-def token_mass(lib, q_obs: torch.Tensor, k: torch.Tensor, scale: float | None) -> torch.Tensor:
+def token_mass(lib, q_obs: torch.Tensor, k: torch.Tensor, scale: float | None,
+               lse: torch.Tensor | None = None) -> torch.Tensor:
     """The attention mass per key ``[B, Hkv, L]`` (float32) of each sequence's last W queries ``q_obs [B, Hq, W,
     D]`` over its keys ``k [B, Hkv, L, D]``, causal (query i at position L - W + i), summed over the W queries and
     each KV head's group: selection.token_mass of every sequence, on the tensor cores (templates/cache/mass.cuh,
-    float32 sums in a fixed order: the same bits every call)."""
+    float32 sums in a fixed order: the same bits every call). ``lse [B, Hq, W]`` (float32): those queries' natural
+    log-sum-exp over the same keys and scale, as a causal attention over the prompt returns it; given, the kernel
+    skips the pass that computes it."""
     B, Hq, W, D = q_obs.shape
     Hkv, L = k.shape[1], k.shape[2]
     if q_obs.dtype != k.dtype or k.shape[0] != B or Hq % Hkv or not 1 <= W <= L or q_obs.shape[3] != k.shape[3]:
         fail("token_mass", f"q_obs {tuple(q_obs.shape)} {q_obs.dtype} does not fit k {tuple(k.shape)} {k.dtype}",
              "pass each sequence's last W <= L queries [B, Hkv * group, W, D] in K's dtype")
     checks.check_cuda(k, "k")
+    if lse is not None:
+        if lse.dtype != torch.float32 or tuple(lse.shape) != (B, Hq, W) or lse.device != k.device:
+            fail("token_mass", f"lse {tuple(lse.shape)} {lse.dtype} on {lse.device} does not fit q_obs "
+                 f"{tuple(q_obs.shape)}", f"pass the queries' log-sum-exp as float32 [{B}, {Hq}, {W}] on {k.device}")
     q_obs, k = checks.rows16(q_obs), checks.rows16(k)
     rows, ranges = Hq // Hkv * W, -(-L // 64)  # (a bound: the kernel's ranges are 128 or 256 keys)
-    workspace = torch.empty(B * Hkv * rows * (ranges * 8 + 4), dtype=torch.uint8, device=k.device)
+    workspace = torch.empty(0 if lse is not None else B * Hkv * rows * (ranges * 8 + 4), dtype=torch.uint8,
+                            device=k.device)
     mass = base.alloc((B, Hkv, L), torch.float32, k.device)
+    lse_args = (None, 0, 0, 0) if lse is None else (lse.data_ptr(), *lse.stride())
     base.launch(lib, f"{compress_variant(lib, k).symbol}_token_mass", k.device, q_obs.data_ptr(), *q_obs.stride()[:3], k.data_ptr(),
-                *k.stride()[:3], B, Hkv, Hq // Hkv, W, L, base.softmax_scale(scale, D), workspace.data_ptr(),
-                workspace.numel(), mass.data_ptr())
+                *k.stride()[:3], B, Hkv, Hq // Hkv, W, L, base.softmax_scale(scale, D), *lse_args,
+                workspace.data_ptr() if workspace.numel() else None, workspace.numel(), mass.data_ptr())
     return mass
 
 
+def mass_stats(lib, x: torch.Tensor, tokens: torch.Tensor, W: int, block: int, *, seen: torch.Tensor | None = None,
+               weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """selection.mass_stats of the masses ``tokens [B, H, n]`` (float32, contiguous, as token_mass returns them) in
+    one launch: block sums ``[B, H, n // block]``, and where given, written into ``seen [B, H, >= n // block]`` (the
+    mass per query that sees each block) and ``weights [B, H, >= n]`` (V's token weights), each with unit strides
+    but along its last dimension. ``x``: the keys (they name the variant). Returns the three (None for one not
+    given)."""
+    B, H, n = tokens.shape
+    if tokens.dtype != torch.float32 or not tokens.is_contiguous() or not 1 <= W or not 32 <= block <= 2048 or \
+            block % 32:
+        fail("mass_stats", f"tokens {tuple(tokens.shape)} {tokens.dtype}, window {W}, block {block}",
+             "pass token_mass's output (contiguous float32), a window of at least 1 and a block a multiple of 32 "
+             "up to 2048")
+    for name, t, size in (("seen", seen, n // block), ("weights", weights, n)):
+        if t is not None and (t.dtype != torch.float32 or t.dim() != 3 or tuple(t.shape[:2]) != (B, H) or
+                              t.shape[2] < size or t.stride(2) != 1 or t.stride(0) != H * t.stride(1) or
+                              t.device != tokens.device):
+            fail("mass_stats", f"{name} {tuple(t.shape)} {t.dtype} with strides {t.stride()}",
+                 f"pass float32 [{B}, {H}, >= {size}] rows of one stride on {tokens.device}")
+    sums = base.alloc((B, H, n // block), torch.float32, tokens.device)
+    base.launch(lib, f"{compress_variant(lib, x).symbol}_mass_stats", tokens.device, tokens.data_ptr(), B * H, n, W,
+                block, sums.data_ptr(), *((None, 0) if seen is None else (seen.data_ptr(), seen.stride(1))),
+                *((None, 0) if weights is None else (weights.data_ptr(), weights.stride(1))))
+    return sums, seen, weights
+
+
+def channel_weights(lib, q_obs: torch.Tensor, heads: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """selection.channel_weights on the GPU: K's channel weights E|q_c| ``[B, Hkv, D]`` (float32) over each sequence's
+    window queries ``q_obs [B, Hq, W, D]`` (a view of the prompt's rows; channel stride 1) of each KV head's group,
+    into ``out`` when given (contiguous)."""
+    B, Hq, W, D = q_obs.shape
+    if Hq % heads or q_obs.stride(3) != 1 or q_obs.dtype not in (torch.float16, torch.bfloat16):
+        fail("channel_weights", f"q_obs {tuple(q_obs.shape)} {q_obs.dtype} with strides {q_obs.stride()}",
+             f"pass the window's queries [B, a multiple of {heads} heads, W, D] in fp16 or bf16, channel stride 1")
+    if out is None:
+        out = base.alloc((B, heads, D), torch.float32, q_obs.device)
+    elif tuple(out.shape) != (B, heads, D) or out.dtype != torch.float32 or not out.is_contiguous():
+        fail("channel_weights", f"out {tuple(out.shape)} {out.dtype}", f"pass a contiguous float32 [{B}, {heads}, {D}]")
+    base.launch(lib, f"{compress_variant(lib, q_obs).symbol}_channel_weights", q_obs.device, q_obs.data_ptr(),
+                *q_obs.stride()[:3], B, heads, Hq // heads, W, out.data_ptr())
+    return out
+
+
 def select_blocks(lib, x: torch.Tensor, loss: torch.Tensor | None, first: int, n_elig: int, n_sparse: int,
-                  blocks: int, table: torch.Tensor) -> None:
+                  blocks: int, table: torch.Tensor, n_sparse2: int = 0, table2: torch.Tensor | None = None) -> None:
     """Per (batch, head) of ``table [B, H, max_blocks]``: the ``n_sparse`` eligible blocks of least
-    loss become 2:4, the rest dense, sink and window after them (see select_kernel)."""
+    loss become 2:4, the rest dense, sink and window after them (see select_kernel); and of ``table2`` (same shape)
+    by the same losses with ``n_sparse2`` (one launch for K and V when one score chooses both)."""
     rows = table.shape[0] * table.shape[1]
+    if table2 is not None and (table2.shape != table.shape or not table2.is_contiguous()):
+        fail("select_blocks", f"table2 {tuple(table2.shape)}", f"pass a contiguous table of {tuple(table.shape)}")
     base.launch(lib, f"{compress_variant(lib, x).symbol}_select", table.device,
                 None if loss is None else loss.data_ptr(), rows, first + n_elig if loss is None else loss.shape[2],
-                first, n_elig, n_sparse, blocks, table.data_ptr(), table.shape[2])
+                first, n_elig, n_sparse, blocks, table.data_ptr(), table.shape[2], n_sparse2,
+                None if table2 is None else table2.data_ptr())
 
 
 def fill_blocks(lib, x: torch.Tensor, kind: str, table: torch.Tensor, block: int, dense: torch.Tensor,
@@ -108,7 +164,7 @@ def fill_blocks8(lib, x: torch.Tensor, kind: str, t, block: int, table: torch.Te
     B, H, L, D = x.shape
     x = checks.rows16(x)
     variant = compress_variant(lib, x)
-    if variant.abi != "compress6f8":
+    if variant.abi != "compress7f8":
         fail("fill_blocks8", f"the library's {variant.name} has no e4m3 packers", "build a spec with an e4m3 tier")
     pools = (t.dense[rows], t.sparse_vals[rows], t.sparse_meta[rows], t.dense8[rows], t.dense8_scales[rows],
              t.sparse_scales[rows])

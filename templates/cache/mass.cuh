@@ -12,7 +12,8 @@
 // shuffles. The first pass keeps every row's softmax state (max, sum) over the range, mass_lse_kernel combines the
 // ranges into the row's log2-sum-exp, the second sums exp2(s - lse) per key. K arrives in stages of 64 keys that a
 // warp's first tile reads as they land; the second pass walks the ranges backwards, to find the first pass's last
-// ones in L2. Sums in a fixed order (no atomics): a fill gives the same bits every time.
+// ones in L2. Sums in a fixed order (no atomics): a fill gives the same bits every time. Given the rows'
+// log-sum-exp (an attention over the prompt computes it anyway: lse_in), only the second pass runs.
 
 constexpr int kMassWarps = 4;
 constexpr int kMassKeys = kHeadDim <= 128 ? 256 : 128;  // keys a CTA: at most 64 KB of K
@@ -32,6 +33,8 @@ struct MassArgs {
   float scale_log2;
   float2* partial;   // [B * Hkv, G * W, ranges]: (max, sum) of each row over each range, log2 domain
   float* lse;        // [B * Hkv, G * W]
+  const float* lse_in;  // or the rows' natural log-sum-exp given, lse_in [B, Hq, W] (null: the first pass's)
+  long long lb, lh, lw;
   float* mass;       // [B, Hkv, L]
 };
 
@@ -62,6 +65,12 @@ struct MassTile {
   float m_run[kMassN8][2], l_run[kMassN8][2];
 };
 
+// Row r's log2-sum-exp: the first pass's, or the given natural one times log2(e).
+__device__ __forceinline__ float row_lse2(const MassArgs& a, long long bh, int b, int h, int r) {
+  if (a.lse_in == nullptr) return a.lse[bh * a.group * a.window + r];
+  return a.lse_in[b * a.lb + (h * a.group + r / a.window) * a.lh + (r % a.window) * a.lw] * 1.4426950408889634f;
+}
+
 template <bool kSum, int kKSteps16>
 __device__ __forceinline__ void mass_tile_begin(const MassArgs& a, MassTile<kKSteps16>& st, int tile, long long bh,
                                                 int b, int h, int g, int t) {
@@ -87,7 +96,7 @@ __device__ __forceinline__ void mass_tile_begin(const MassArgs& a, MassTile<kKSt
     for (int c = 0; c < 2; ++c) {
       const int r = tile * kMassRows + 8 * j + 2 * t + c;
       st.qpos[j][c] = r < rows ? a.length - a.window + r % a.window : -1;
-      st.lse2[j][c] = kSum && r < rows ? a.lse[bh * rows + r] - kMassShift : INFINITY;
+      st.lse2[j][c] = kSum && r < rows ? row_lse2(a, bh, b, h, r) - kMassShift : INFINITY;
       st.m_run[j][c] = -INFINITY;
       st.l_run[j][c] = 0.f;
     }
@@ -262,8 +271,118 @@ __global__ void __launch_bounds__(128) mass_lse_kernel(const MassArgs a) {
   if (lane == 0) a.lse[bh * rows + r] = m + log2f(l);  // every row sees key 0, so l > 0
 }
 
+// What the fill reads from the masses [rows, L] (selection.mass_stats in torch): per whole block of `block` keys
+// their sum (the selection's score) and the sum of mass / seen, seen = min(W, L - t) the window's queries that see
+// key t (re-tiering's score; null: not wanted), and V's weights sqrt(mass / mean mass) of every key (null: not
+// wanted). One kernel where torch took about twenty. A CTA a chunk of a row, a warp 32 keys at a time (lane = key);
+// every CTA of a row sums the whole row in the same order, so they agree on its mean. Approximate division and
+// root (no slow-path calls; a few ulp).
+constexpr int kStatsThreads = 256;
+constexpr int kStatsTokens = 2048;  // keys a CTA, rounded down to whole blocks
+
+__device__ __forceinline__ float warp_sum(float x) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) x += __shfl_xor_sync(0xffffffffu, x, off);
+  return x;
+}
+
+__global__ void __launch_bounds__(kStatsThreads)
+mass_stats_kernel(const float* __restrict__ mass, int length, int window, int block, int chunk,
+                  float* __restrict__ block_mass, float* __restrict__ seen_mass, long long seen_stride,
+                  float* __restrict__ weights, long long weight_stride) {
+  __shared__ float warp_totals[kStatsThreads / 32];
+  __shared__ float2 group_sums[kStatsTokens / 32];  // (mass, mass / seen) of each 32 keys of the chunk
+  const long long r = blockIdx.y;
+  const float* row = mass + r * length;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  float mean = 1.f;
+  if (weights) {
+    float total = 0.f;
+    for (int t = threadIdx.x; t < length; t += kStatsThreads) total += row[t];
+    total = warp_sum(total);
+    if (lane == 0) warp_totals[warp] = total;
+    __syncthreads();
+    total = 0.f;
+#pragma unroll
+    for (int w = 0; w < kStatsThreads / 32; ++w) total += warp_totals[w];
+    mean = fmaxf(__fdividef(total, float(length)), 1e-30f);
+  }
+  const int t0 = blockIdx.x * chunk, t1 = min(length, t0 + chunk);
+  for (int g = warp; 32 * g < t1 - t0; g += kStatsThreads / 32) {
+    const int t = t0 + 32 * g + lane;
+    const float x = t < t1 ? row[t] : 0.f;
+    if (weights && t < t1) {
+      const float q = __fdividef(x, mean);
+      weights[r * weight_stride + t] = q > 0.f ? q * rsqrtf(q) : 0.f;
+    }
+    const float sum = warp_sum(x);
+    // keys every window query sees (t < L - W + 1): the group's sum / W
+    const float seen = t0 + 32 * g + 31 < length - window + 1
+                           ? __fdividef(sum, float(window))
+                           : warp_sum(t < t1 ? __fdividef(x, float(min(window, length - t))) : 0.f);
+    if (lane == 0) group_sums[g] = make_float2(sum, seen);
+  }
+  __syncthreads();
+  const int groups = block / 32, blk0 = t0 / block;
+  for (int i = threadIdx.x; i < chunk / block && (blk0 + i + 1) * block <= length; i += kStatsThreads) {
+    float sum = 0.f, seen = 0.f;
+    for (int j = 0; j < groups; ++j) {
+      sum += group_sums[i * groups + j].x;
+      seen += group_sums[i * groups + j].y;
+    }
+    block_mass[r * (length / block) + blk0 + i] = sum;
+    if (seen_mass) seen_mass[r * seen_stride + blk0 + i] = seen;
+  }
+}
+
+inline int launch_mass_stats(const float* mass, int rows, int length, int window, int block, float* block_mass,
+                             float* seen_mass, long long seen_stride, float* weights, long long weight_stride,
+                             void* stream) {
+  if (rows < 1 || rows > 65535 || length < 1 || window < 1 || block < 32 || block % 32 || block > kStatsTokens ||
+      block_mass == nullptr)
+    return cudaErrorInvalidValue;
+  const int chunk = kStatsTokens / block * block;
+  mass_stats_kernel<<<dim3((length + chunk - 1) / chunk, rows), kStatsThreads, 0, static_cast<cudaStream_t>(stream)>>>(
+      mass, length, window, block, chunk, block_mass, seen_mass, seen_stride, weights, weight_stride);
+  return cudaGetLastError();
+}
+
+// K's channel weights E|q_c| (selection.channel_weights): per (sequence, KV head) the mean |q| of each channel over
+// the window's G x W queries of its group, [B * Hkv, D] float32. A CTA a row; max(1, 256 / D) thread groups take
+// every so many queries, then add up in order (the same bits every call).
+__global__ void __launch_bounds__(256)
+channel_weights_kernel(const Element* __restrict__ q, long long qb, long long qh, long long qw, int heads, int group,
+                       int window, float* __restrict__ out) {
+  __shared__ float partial[256];
+  const long long bh = blockIdx.x;
+  const int b = int(bh / heads), h = int(bh % heads);
+  const int groups = max(1, 256 / kHeadDim), c = threadIdx.x % kHeadDim, grp = threadIdx.x / kHeadDim;
+  const int rows = group * window;
+  float sum = 0.f;
+  if (grp < groups)
+    for (int r = grp; r < rows; r += groups)
+      sum += fabsf(float(q[b * qb + (h * group + r / window) * qh + (r % window) * qw + c]));
+  partial[threadIdx.x] = sum;
+  __syncthreads();
+  if (threadIdx.x < kHeadDim) {
+    float total = 0.f;
+    for (int g = 0; g < groups; ++g) total += partial[g * kHeadDim + threadIdx.x];
+    out[bh * kHeadDim + threadIdx.x] = __fdividef(total, float(rows));
+  }
+}
+
+inline int launch_channel_weights(const void* q, long long qb, long long qh, long long qw, int batch, int heads,
+                                  int group, int window, float* out, void* stream) {
+  if (batch < 1 || heads < 1 || group < 1 || window < 1 || (long long)batch * heads > 0x7fffffffLL)
+    return cudaErrorInvalidValue;
+  channel_weights_kernel<<<batch * heads, 256, 0, static_cast<cudaStream_t>(stream)>>>(
+      static_cast<const Element*>(q), qb, qh, qw, heads, group, window, out);
+  return cudaGetLastError();
+}
+
 // Host launcher: mass [B, Hkv, L] float32 of q_obs [B, Hkv * group, window, D] over k [B, Hkv, L, D] (strides in
-// elements); `workspace` holds the passes' states (mass_workspace_bytes).
+// elements); `workspace` holds the passes' states (mass_workspace_bytes). With lse_in (the queries' natural
+// log-sum-exp [B, Hkv * group, window], strides in elements) the first pass is skipped and no workspace is needed.
 inline long long mass_workspace_bytes(int batch, int heads, int group, int window, int length) {
   const long long rows = (long long)group * window, ranges = (length + kMassKeys - 1) / kMassKeys;
   return (long long)batch * heads * rows * (ranges * 8 + 4);
@@ -271,22 +390,27 @@ inline long long mass_workspace_bytes(int batch, int heads, int group, int windo
 
 inline int launch_token_mass(const void* q, long long qb, long long qh, long long qw, const void* k, long long kb,
                              long long kh, long long kt, int batch, int heads, int group, int window, int length,
-                             float scale, void* workspace, long long workspace_bytes, float* mass, void* stream) {
+                             float scale, const float* lse_in, long long lb, long long lh, long long lw,
+                             void* workspace, long long workspace_bytes, float* mass, void* stream) {
   if (batch < 1 || heads < 1 || group < 1 || window < 1 || window > length || batch * heads > 65535 ||
-      mass_workspace_bytes(batch, heads, group, window, length) > workspace_bytes)
+      (lse_in == nullptr && mass_workspace_bytes(batch, heads, group, window, length) > workspace_bytes))
     return cudaErrorInvalidValue;
   const int ranges = (length + kMassKeys - 1) / kMassKeys;
   MassArgs a{static_cast<const Element*>(q), qb, qh, qw, static_cast<const Element*>(k), kb, kh, kt, heads, group,
-             window, length, ranges, scale * 1.4426950408889634f, nullptr, nullptr, mass};
-  a.partial = static_cast<float2*>(workspace);
-  a.lse = reinterpret_cast<float*>(a.partial + (long long)batch * heads * ranges * group * window);
+             window, length, ranges, scale * 1.4426950408889634f, nullptr, nullptr, lse_in, lb, lh, lw, mass};
+  if (lse_in == nullptr) {
+    a.partial = static_cast<float2*>(workspace);
+    a.lse = reinterpret_cast<float*>(a.partial + (long long)batch * heads * ranges * group * window);
+  }
   cudaError_t err = opt_in_smem<mass_pass_kernel<false>>(kMassSmem);
   if (err == cudaSuccess) err = opt_in_smem<mass_pass_kernel<true>>(kMassSmem);
   if (err != cudaSuccess) return err;
   const cudaStream_t s = static_cast<cudaStream_t>(stream);
   const dim3 grid(ranges, batch * heads);
-  mass_pass_kernel<false><<<grid, kMassWarps * 32, kMassSmem, s>>>(a);
-  mass_lse_kernel<<<dim3((group * window + 3) / 4, batch * heads), 128, 0, s>>>(a);
+  if (lse_in == nullptr) {
+    mass_pass_kernel<false><<<grid, kMassWarps * 32, kMassSmem, s>>>(a);
+    mass_lse_kernel<<<dim3((group * window + 3) / 4, batch * heads), 128, 0, s>>>(a);
+  }
   mass_pass_kernel<true><<<grid, kMassWarps * 32, kMassSmem, s>>>(a);
   return cudaGetLastError();
 }

@@ -1,44 +1,90 @@
 // The block table of a cache prefill from score.cuh's losses. Included inside the variant's namespace.
 
-// Block selection for one cache prefill, per (batch, head) CTA: of the n_elig eligible blocks
-// (first, first + n_elig), the n_sparse of least prune loss (ties: lower block) become 2:4,
-// slots -1, -2, ... in block order; the other eligible blocks take dense slots 0, 1, ...; the
-// sink blocks [0, min(first, blocks)) and the window [first + n_elig, blocks) follow, at dense
-// slots n_elig - n_sparse + 0, 1, ... Writes table[bh][0, blocks).
-__global__ void __launch_bounds__(1024)
-select_kernel(const float* __restrict__ loss, int loss_blocks, int first, int n_elig, int n_sparse, int blocks,
-              int* __restrict__ table, int max_blocks) {
-  extern __shared__ float s_loss[];              // [n_elig] losses (+ slack, see the launcher)
-  __shared__ int warp_sums[32];
-  const long long bh = blockIdx.x;
-  const float* l = loss + bh * loss_blocks + first;
-  int* row = table + bh * max_blocks;
-  for (int i = threadIdx.x; i < n_elig; i += blockDim.x) s_loss[i] = n_sparse ? l[i] : 0.f;  // no loss needed
+// A score as an unsigned key in the scores' order: -0 ties +0, NaN after every number and NaNs tie (the order
+// of torch.argsort, which the simulation uses).
+__device__ __forceinline__ unsigned score_key(float x) {
+  unsigned u = __float_as_uint(x);
+  if (x != x) return 0xffffffffu;
+  if ((u << 1) == 0u) u = 0u;
+  return (u & 0x80000000u) ? ~u : u | 0x80000000u;
+}
+
+// Exclusive count of `flag` over the CTA's threads before this one; `total`: the CTA's. Every thread calls it.
+__device__ __forceinline__ int cta_prefix_count(bool flag, int* warp_counts, int& total) {
+  const unsigned ballot = __ballot_sync(0xffffffffu, flag);
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  if (lane == 0) warp_counts[warp] = __popc(ballot);
   __syncthreads();
-  int carry = 0;  // 2:4 blocks before this 1024-block tile
+  int before = __popc(ballot & ((1u << lane) - 1));
+  total = 0;
+  for (int w = 0; w < int(blockDim.x / 32); ++w) {
+    before += w < warp ? warp_counts[w] : 0;
+    total += warp_counts[w];
+  }
+  __syncthreads();
+  return before;
+}
+
+// The n-th least key (n >= 1) of s_key[0, count) and how many keys equal to it are among the n least (`take`): the
+// cut is found bit by bit from the top, a CTA-wide count a bit (32 barriers, where ranking each block costs count
+// loads a thread).
+__device__ __forceinline__ unsigned nth_key(const unsigned* s_key, int count, int n, int& take) {
+  unsigned cut = 0u;
+  take = n;
+  for (int bit = 31; bit >= 0; --bit) {
+    const unsigned above = bit == 31 ? 0u : ~0u << (bit + 1);
+    int zeros = 0;  // keys that agree with `cut` above this bit and have it clear
+    for (int base = 0; base < count; base += blockDim.x) {
+      const int i = base + threadIdx.x;
+      zeros += __syncthreads_count(i < count && (s_key[i] & above) == cut && !((s_key[i] >> bit) & 1u));
+    }
+    if (take > zeros) {
+      take -= zeros;
+      cut |= 1u << bit;
+    }
+  }
+  return cut;
+}
+
+// One table row: of the n_elig eligible blocks (first, first + n_elig), the n_sparse of least key (ties: lower
+// block) become 2:4, slots -1, -2, ... in block order; the other eligible blocks take dense slots 0, 1, ...; the sink
+// blocks [0, min(first, blocks)) and the window [first + n_elig, blocks) follow, at dense slots n_elig - n_sparse + 0,
+// 1, ... Writes row[0, blocks).
+__device__ __forceinline__ void write_row(const unsigned* s_key, int first, int n_elig, int n_sparse, int blocks,
+                                          int* row, int* warp_counts) {
+  int take = 0;
+  const unsigned cut = n_sparse ? nth_key(s_key, n_elig, n_sparse, take) : 0u;
+  int carry = 0, equal_carry = 0;  // 2:4 blocks and keys equal to the cut before this tile of blockDim.x blocks
   for (int base = 0; base < n_elig; base += blockDim.x) {
     const int i = base + threadIdx.x;
-    int sparse = 0;
-    if (i < n_elig && n_sparse) {
-      const float li = s_loss[i];
-      int rank = 0;  // blocks of smaller loss (ties: lower index)
-      for (int j = 0; j < n_elig; ++j) rank += s_loss[j] < li || (s_loss[j] == li && j < i);
-      sparse = rank < n_sparse;
-    }
-    // exclusive prefix count of 2:4 flags across the CTA: warp ballots, then warp totals
-    const unsigned ballot = __ballot_sync(0xffffffffu, sparse);
-    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-    if (lane == 0) warp_sums[warp] = __popc(ballot);
-    __syncthreads();
-    int before = carry + __popc(ballot & ((1u << lane) - 1));
-    for (int w = 0; w < warp; ++w) before += warp_sums[w];
+    const unsigned key = i < n_elig && n_sparse ? s_key[i] : 0xffffffffu;
+    const bool equal = i < n_elig && n_sparse && key == cut;
+    int total;
+    const int equal_before = equal_carry + cta_prefix_count(equal, warp_counts, total);
+    equal_carry += total;
+    const bool sparse = i < n_elig && n_sparse && (key < cut || (equal && equal_before < take));
+    const int before = carry + cta_prefix_count(sparse, warp_counts, total);
+    carry += total;
     if (i < n_elig) row[first + i] = sparse ? -(before + 1) : i - before;
-    int tile_total = 0;
-    for (int w = 0; w < blockDim.x / 32; ++w) tile_total += warp_sums[w];
-    __syncthreads();
-    carry += tile_total;
   }
   const int sink = min(first, blocks), n_dense_elig = n_elig - n_sparse;
   for (int u = threadIdx.x; u < blocks - n_elig; u += blockDim.x)
     row[u < sink ? u : first + n_elig + (u - sink)] = n_dense_elig + u;
+}
+
+// Block selection for one cache prefill, per (batch, head) CTA (write_row), into `table` and, when given, into
+// `table2` with n_sparse2 2:4 blocks by the same scores (K and V chosen by one attention mass).
+__global__ void __launch_bounds__(1024)
+select_kernel(const float* __restrict__ loss, int loss_blocks, int first, int n_elig, int n_sparse, int blocks,
+              int* __restrict__ table, int max_blocks, int n_sparse2, int* __restrict__ table2) {
+  extern __shared__ unsigned s_key[];            // [n_elig] keys of the losses
+  __shared__ int warp_counts[32];
+  const long long bh = blockIdx.x;
+  const float* l = loss + bh * loss_blocks + first;
+  if (n_sparse || (table2 && n_sparse2)) {  // (no loss is read when no block becomes 2:4)
+    for (int i = threadIdx.x; i < n_elig; i += blockDim.x) s_key[i] = score_key(l[i]);
+    __syncthreads();
+  }
+  write_row(s_key, first, n_elig, n_sparse, blocks, table + bh * max_blocks, warp_counts);
+  if (table2) write_row(s_key, first, n_elig, n_sparse2, blocks, table2 + bh * max_blocks, warp_counts);
 }
