@@ -205,8 +205,8 @@ class HieraCache(CacheInspection):
         when ``q`` is not given (default: ``q``); only the last ``observe`` rows of each sequence
         are read. ``select_lse``: their rows' natural log-sum-exp ``[B, Hq, L]`` (float32) under ``scale``, as a
         causal attention over the prompt returns it (cuDNN's, this method's own in attend_then_compress): the
-        attention-mass kernel then skips the pass that computes it. Read only for sequences that were empty, whose
-        keys are the chunk's; an attend_then_compress prefill passes its own.
+        attention-mass kernel then skips the pass that computes it (masses equal to float32 rounding). Read only
+        for sequences that were empty, whose keys are the chunk's.
         """
         self.sync()
         self._check_dense(k, "k", 4)
@@ -249,9 +249,7 @@ class HieraCache(CacheInspection):
             start = _upload(old, self.device)
             out = _kernels.prefill_cache(self.lib, q, self._prefill_source(any(old)), seqlens, qlens, k_tail=k,
                                          v_tail=v, tail_start=start, scale=scale, kernel=kernel)
-            # an empty sequence's rows attended to the chunk's keys alone: their lse is the scoring's
-            own = select_q is q and select_lse is None
-            self._extend(k, v, lengths, select_q, scale, out[1] if own else select_lse)
+            self._extend(k, v, lengths, *sel)
             return out
         whole = all(n0 == 0 for n0 in old) and all(n == L for n in lengths)  # a prompt into an empty cache
         if mode == "balanced":

@@ -106,9 +106,9 @@ def kernel_masses(monkeypatch, lib) -> None:
     """SimulatedCache reads the attention masses of ``lib``'s scoring kernel, their block sums and weights from its
     stats kernel and K's channel weights from its kernel, as HieraCache does. Two roundings of one float32 sum (the kernel's and torch's) may order
     near-equal blocks or weights differently; the cache-equals-simulation tests check selection and packing given
-    the masses, and test_gpu_selection.py checks the kernels against float64 and torch. (An attend_then_compress
-    prefill hands the scoring kernel its attention's log-sum-exp, which the simulation's call computes: the same
-    masses to float32 rounding.)"""
+    the masses, and test_gpu_selection.py checks the kernels against float64 and torch. (enable()'s fresh prompts hand
+    the scoring kernel cuDNN's log-sum-exp, which the simulation's call computes: the same masses to float32
+    rounding.)"""
     import hierasparse_gen.simulate as simulate
     from hierasparse_gen import ops
     keys = {}  # the keys of the last scoring: they name the stats kernel's variant (head_dim, dtype)

@@ -211,3 +211,22 @@ def test_graph_replays_after_a_sync_keep_the_host_copy_current(llama3):
         dec.step(new[:, i:i + 1], torch.full((1, 1), 300 + i, device="cuda"))
         if i in (4, 11):
             assert all(layer.store.lengths == [301 + i] for layer in cache.layers)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_fresh_prompt_attention_returns_the_rows_log_sum_exp(dtype):
+    """enable()'s attend_then_compress prefill of a fresh prompt: cuDNN's attention on the layout a transformers
+    layer passes ([B, L, H, D] transposed, GQA) returns each row's log-sum-exp, which the cache's scoring reads:
+    out and lse against float64."""
+    B, L, HQ, HKV, D = 2, 600, 8, 2, 128
+    g = torch.Generator(device="cuda").manual_seed(3)
+    q, k, v = (torch.randn(B, L, h, D, generator=g, device="cuda").to(dtype).transpose(1, 2) * s
+               for h, s in ((HQ, 2.0), (HKV, 1.0), (HKV, 1.0)))
+    out, lse = hf._dense_causal_lse(q, k, v, 0.1)
+    assert lse is not None and lse.shape == (B, HQ, L) and lse.dtype == torch.float32
+    kk, vv = (x.double().repeat_interleave(HQ // HKV, 1) for x in (k, v))
+    s = (q.double() @ kk.transpose(-1, -2)) * 0.1
+    s = s.masked_fill(torch.ones(L, L, dtype=torch.bool, device="cuda").triu(1), float("-inf"))
+    torch.testing.assert_close(lse.double(), torch.logsumexp(s, -1), rtol=0, atol=1e-4)
+    torch.testing.assert_close(out.double(), torch.softmax(s, -1) @ vv, rtol=0, atol=2e-2 if dtype == torch.bfloat16
+                               else 3e-3)
