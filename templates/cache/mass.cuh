@@ -349,31 +349,25 @@ inline int launch_mass_stats(const float* mass, int rows, int length, int window
 }
 
 // K's channel weights E|q_c| (selection.channel_weights): per (sequence, KV head) the mean |q| of each channel over
-// the window's G x W queries of its group, [B * Hkv, D] float32. A CTA a row; 1024 / D thread groups take every so
-// many queries (loads unrolled: a few rows a thread in flight), then add up in order (the same bits every call).
-constexpr int kChannelThreads = 1024;
-
-__global__ void __launch_bounds__(kChannelThreads)
+// the window's G x W queries of its group, [B * Hkv, D] float32. A CTA a row; max(1, 256 / D) thread groups take
+// every so many queries, then add up in order (the same bits every call).
+__global__ void __launch_bounds__(256)
 channel_weights_kernel(const Element* __restrict__ q, long long qb, long long qh, long long qw, int heads, int group,
                        int window, float* __restrict__ out) {
-  __shared__ float partial[kChannelThreads];
-  constexpr int kGroups = kChannelThreads / kHeadDim;
+  __shared__ float partial[256];
   const long long bh = blockIdx.x;
   const int b = int(bh / heads), h = int(bh % heads);
-  const int c = threadIdx.x % kHeadDim, grp = threadIdx.x / kHeadDim, rows = group * window;
+  const int groups = max(1, 256 / kHeadDim), c = threadIdx.x % kHeadDim, grp = threadIdx.x / kHeadDim;
+  const int rows = group * window;
   float sum = 0.f;
-  if (grp < kGroups)  // (1024 threads need not be a multiple of D)
-    for (int g = 0; g < group; ++g) {
-      const Element* head = q + b * qb + (h * group + g) * qh + c;
-#pragma unroll 4
-      for (int w = grp; w < window; w += kGroups) sum += fabsf(float(head[w * qw]));
-    }
+  if (grp < groups)
+    for (int r = grp; r < rows; r += groups)
+      sum += fabsf(float(q[b * qb + (h * group + r / window) * qh + (r % window) * qw + c]));
   partial[threadIdx.x] = sum;
   __syncthreads();
   if (threadIdx.x < kHeadDim) {
     float total = 0.f;
-#pragma unroll
-    for (int g = 0; g < kGroups; ++g) total += partial[g * kHeadDim + threadIdx.x];
+    for (int g = 0; g < groups; ++g) total += partial[g * kHeadDim + threadIdx.x];
     out[bh * kHeadDim + threadIdx.x] = __fdividef(total, float(rows));
   }
 }
@@ -382,7 +376,7 @@ inline int launch_channel_weights(const void* q, long long qb, long long qh, lon
                                   int group, int window, float* out, void* stream) {
   if (batch < 1 || heads < 1 || group < 1 || window < 1 || (long long)batch * heads > 0x7fffffffLL)
     return cudaErrorInvalidValue;
-  channel_weights_kernel<<<batch * heads, kChannelThreads, 0, static_cast<cudaStream_t>(stream)>>>(
+  channel_weights_kernel<<<batch * heads, 256, 0, static_cast<cudaStream_t>(stream)>>>(
       static_cast<const Element*>(q), qb, qh, qw, heads, group, window, out);
   return cudaGetLastError();
 }
