@@ -165,23 +165,24 @@ def _dense_causal(query, key, value, scaling, padding=None):
     return F.scaled_dot_product_attention(query, key, value, attn_mask=allowed, scale=scaling, enable_gqa=gqa)
 
 
-_CUDNN_LSE = [True]  # cleared when this torch's cuDNN attention refuses a call (then SDPA, without the lse)
+_NO_CUDNN_LSE: set = set()  # (dtype, head_dim, device) this torch's cuDNN attention refused: SDPA, without the lse
 
 
 def _dense_causal_lse(query, key, value, scaling):
     """Causal attention of a whole unpadded batch and its rows' natural log-sum-exp ``[B, Hq, L]`` (float32), which
     a cache fill reads instead of computing it again: cuDNN's attention returns it at no extra cost. Where that
     kernel does not take the call, SDPA's output and None."""
-    if _CUDNN_LSE[0] and query.is_cuda and query.shape[2] > 1:
+    shape = (query.dtype, query.shape[-1], query.device)
+    if query.is_cuda and query.shape[2] > 1 and shape not in _NO_CUDNN_LSE:
         try:
             out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(query, key, value, None, True, 0.0, True,
                                                                           False, scale=scaling)[:2]
             B, Hq, L = query.shape[:3]
             if lse.numel() == B * Hq * L:
                 return out, lse.reshape(B, Hq, L).float()
-        except (RuntimeError, NotImplementedError):
+        except (RuntimeError, NotImplementedError, TypeError):  # (no cuDNN attention, or another op signature)
             pass
-        _CUDNN_LSE[0] = False
+        _NO_CUDNN_LSE.add(shape)
     return _dense_causal(query, key, value, scaling), None
 
 

@@ -185,3 +185,12 @@ def test_example_script_runs_on_a_saved_model(tmp_path):
         assert r["prompt_tokens"] == 150 and r["new_tokens"] == 4 and r["ttft_s"] > 0
     with pytest.raises(SystemExit):
         example.main(common + ["--prefill-mode", "fastest"])
+
+
+def test_fresh_prompt_attention_without_cuda_has_no_lse():
+    """Off the GPU (and wherever cuDNN's attention refuses) the fresh-prompt attention is SDPA's, with no log-sum-exp
+    for the fill: it then scores in two passes."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, h, 40, 64, generator=g) for h in (4, 2, 2))
+    out, lse = hf._dense_causal_lse(q, k, v, 0.125)
+    assert lse is None and torch.equal(out, hf._dense_causal(q, k, v, 0.125))
