@@ -6,6 +6,7 @@ import torch
 
 from hierasparse_gen import format as fmt
 from hierasparse_gen.cache import CacheFullError, HieraCache, ratio_count
+from hierasparse_gen.errors import InputError
 from hierasparse_gen.ops import capture_graph
 from helpers import check_against_reference, kernel_masses, rand as _rand
 
@@ -156,6 +157,38 @@ def test_prefill_selection_by_the_prompts_queries(lib, poison, monkeypatch, sele
         if selection == "attention":  # (the error scores weigh V's tokens too)
             assert torch.equal(same_tiers.tiers("v"), sim_tiers_v)
         assert not torch.equal(same_tiers.to_dense()[1], after_prompt_v), "token weights should change V"
+
+
+def test_prefill_given_the_prompts_log_sum_exp(lib, poison):
+    """select_lse (the window rows' natural log-sum-exp, as cuDNN's attention returns it) reaches the scoring kernel
+    for every sequence, one length each or not: the re-tiering scores it writes equal those of scoring in two passes
+    to float32 rounding, and one shifted by 1 scales them by 1/e; bad lse is refused with its fix."""
+    lengths = [3000, 1111]
+    kw = dict(batch=2, num_kv_heads=HKV, head_dim=D, max_seq_len=3600, key_ratio=0.5, value_ratio=0.5)
+    k, v = (_rand(2, HKV, 3000, D, seed=s) for s in (41, 42))
+    q = _rand(2, HQ, 3000, D, seed=43) * 2
+    lse = torch.full((2, HQ, 3000), float("nan"), device="cuda")  # rows the scoring must not read: NaN
+    for b, n in enumerate(lengths):
+        kk = k[b, :, :n].double().repeat_interleave(HQ // HKV, 0)
+        s = (q[b, :, n - 64:n].double() @ kk.transpose(-1, -2)) * D ** -0.5
+        late = torch.arange(n, device="cuda").view(1, n) > torch.arange(n - 64, n, device="cuda").view(64, 1)
+        lse[b, :, n - 64:n] = torch.logsumexp(s.masked_fill(late, float("-inf")), -1).float()
+    scores = []
+    for given in (None, lse, lse + 1):
+        cache = HieraCache(lib, **kw)
+        cache.prefill(k, v, lengths, select_q=q, select_lse=given)
+        scores.append(cache.block_mass.clone())
+    finite = torch.isfinite(scores[0])
+    assert finite.any() and torch.equal(finite, torch.isfinite(scores[1]))
+    torch.testing.assert_close(scores[1][finite], scores[0][finite], rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(scores[2][finite], scores[0][finite] * torch.e ** -1, rtol=1e-4, atol=1e-7)
+    cache = HieraCache(lib, **kw)
+    for bad, why in ((lse.double(), "float64"), (lse[:, :, :2999], "a row short"), (lse[:1], "one sequence")):
+        with pytest.raises(InputError, match="select_lse: .* Fix: pass float32"):
+            cache.prefill(k, v, lengths, select_q=q, select_lse=bad)
+    with pytest.raises(InputError, match="select_lse: given without the queries"):
+        cache.prefill(k, v, lengths, select_lse=lse)
+    assert cache.lengths == [0, 0]  # nothing written
 
 
 @pytest.mark.parametrize("ratios", [(0.5, 0.25), (0.0, 1.0), (1.0, 0.0)])
