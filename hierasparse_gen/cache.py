@@ -204,7 +204,7 @@ class HieraCache(CacheInspection):
         selections attention, expected_error, output_error and auto; query-weighted K channels),
         when ``q`` is not given (default: ``q``); only the last ``observe`` rows of each sequence
         are read. ``select_lse``: their rows' natural log-sum-exp ``[B, Hq, L]`` (float32) under ``scale``, as a
-        causal attention over the prompt returns it (cuDNN's, this method's own in attend_then_compress): the
+        causal attention over the prompt run before this call returns it (cuDNN's, as ``enable`` passes it): the
         attention-mass kernel then skips the pass that computes it (masses equal to float32 rounding). Read only
         for sequences that were empty, whose keys are the chunk's.
         """
