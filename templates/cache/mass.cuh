@@ -1,7 +1,7 @@
 // Attention mass per key of a prompt's observation window (its last W queries), on the tensor cores: what
 // hierasparse_gen/selection.py's token_mass computes in torch, for the cache's fill. Included inside the variant's
 // namespace after common.cuh.j2's helpers (Element, kHeadDim, mma_dense, fast_exp2, swizzle_chunk, cp_async16,
-// wait_pending).
+// wait_pending, warp sums and maxima).
 //
 // Rows are the G x W queries of a KV head's group (row r: query head h * G + r / W at position L - W + r % W);
 // the mass of key j is the sum over rows of softmax_r(j), causal. Two passes over the keys, each a CTA per
@@ -182,10 +182,7 @@ __device__ __forceinline__ void mass_tile_end(const MassArgs& a, MassTile<kKStep
   for (int j = 0; j < kMassN8; ++j)
 #pragma unroll
     for (int c = 0; c < 2; ++c) {
-      float m = st.m_run[j][c];
-      m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 4));
-      m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 8));
-      m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 16));
+      const float m = warp_max_over_rows(st.m_run[j][c]);
       const float base = m == -INFINITY ? 0.f : m;
       const float l = warp_sum_over_rows(st.l_run[j][c] * fast_exp2(st.m_run[j][c] - base));
       const int r = tile * kMassRows + 8 * j + 2 * t + c;
@@ -260,14 +257,12 @@ __global__ void __launch_bounds__(128) mass_lse_kernel(const MassArgs a) {
   const float2* p = a.partial + (bh * rows + r) * a.ranges;
   float m = -INFINITY, l = 0.f;
   for (int i = lane; i < a.ranges; i += 32) m = fmaxf(m, p[i].x);
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, off));
+  m = warp_max(m);
   for (int i = lane; i < a.ranges; i += 32) {
     const float2 x = p[i];
     if (x.y > 0.f) l += x.y * fast_exp2(x.x - m);
   }
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) l += __shfl_xor_sync(0xffffffffu, l, off);
+  l = warp_sum(l);
   if (lane == 0) a.lse[bh * rows + r] = m + log2f(l);  // every row sees key 0, so l > 0
 }
 
@@ -279,12 +274,6 @@ __global__ void __launch_bounds__(128) mass_lse_kernel(const MassArgs a) {
 // root (no slow-path calls; a few ulp).
 constexpr int kStatsThreads = 256;
 constexpr int kStatsTokens = 2048;  // keys a CTA, rounded down to whole blocks
-
-__device__ __forceinline__ float warp_sum(float x) {
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) x += __shfl_xor_sync(0xffffffffu, x, off);
-  return x;
-}
 
 __global__ void __launch_bounds__(kStatsThreads)
 mass_stats_kernel(const float* __restrict__ mass, int length, int window, int block, int chunk,

@@ -37,8 +37,7 @@ score_kernel(const Element* __restrict__ x, long long sb, long long sh, long lon
     }
   }
   __shared__ float partial[8];
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+  acc = warp_sum(acc);
   if (threadIdx.x % 32 == 0) partial[threadIdx.x / 32] = acc;
   __syncthreads();
   if (threadIdx.x == 0) {
