@@ -522,6 +522,15 @@ def test_cache_append_arguments(lib):
         assert args[31:33] == (v_weight.data_ptr(), mass.data_ptr())
 
 
+def test_fill_ops_refuse_host_tensors():
+    """The fill's ops are public: a CPU tensor is refused by name before anything reaches a kernel."""
+    k = torch.randn(1, 2, 64, D, dtype=torch.float16)
+    with pytest.raises(InputError, match=r"tokens: tensor is on cpu.*Fix"):
+        ops.mass_stats(None, k, torch.rand(1, 2, 64), 16, 32)
+    with pytest.raises(InputError, match=r"q_obs: tensor is on cpu.*Fix"):
+        ops.channel_weights(None, torch.randn(1, 4, 16, D, dtype=torch.float16), 2)
+
+
 def test_mass_stats_arguments(lib):
     """The stats kernel's call: the masses, rows, length, window, block, the block sums it returns, and the rows of
     the cache's tensors it writes (pointer and row stride), or nulls."""

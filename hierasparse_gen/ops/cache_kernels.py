@@ -86,6 +86,7 @@ def mass_stats(lib, x: torch.Tensor, tokens: torch.Tensor, W: int, block: int, *
     mass per query that sees each block) and ``weights [B, H, >= n]`` (V's token weights), each with unit strides
     but along its last dimension. ``x``: the keys (they name the variant). Returns the three (None for one not
     given)."""
+    checks.check_cuda(tokens, "tokens")
     B, H, n = tokens.shape
     if tokens.dtype != torch.float32 or not tokens.is_contiguous() or not 1 <= W or not 32 <= block <= 2048 or \
             block % 32:
@@ -109,13 +110,15 @@ def channel_weights(lib, q_obs: torch.Tensor, heads: int, out: torch.Tensor | No
     """selection.channel_weights on the GPU: K's channel weights E|q_c| ``[B, Hkv, D]`` (float32) over each sequence's
     window queries ``q_obs [B, Hq, W, D]`` (a view of the prompt's rows; channel stride 1) of each KV head's group,
     into ``out`` when given (contiguous)."""
+    checks.check_cuda(q_obs, "q_obs")
     B, Hq, W, D = q_obs.shape
     if Hq % heads or q_obs.stride(3) != 1 or q_obs.dtype not in (torch.float16, torch.bfloat16):
         fail("channel_weights", f"q_obs {tuple(q_obs.shape)} {q_obs.dtype} with strides {q_obs.stride()}",
              f"pass the window's queries [B, a multiple of {heads} heads, W, D] in fp16 or bf16, channel stride 1")
     if out is None:
         out = base.alloc((B, heads, D), torch.float32, q_obs.device)
-    elif tuple(out.shape) != (B, heads, D) or out.dtype != torch.float32 or not out.is_contiguous():
+    elif tuple(out.shape) != (B, heads, D) or out.dtype != torch.float32 or not out.is_contiguous() or \
+            out.device != q_obs.device:
         fail("channel_weights", f"out {tuple(out.shape)} {out.dtype}", f"pass a contiguous float32 [{B}, {heads}, {D}]")
     base.launch(lib, f"{compress_variant(lib, q_obs).symbol}_channel_weights", q_obs.device, q_obs.data_ptr(),
                 *q_obs.stride()[:3], B, heads, Hq // heads, W, out.data_ptr())
@@ -128,8 +131,10 @@ def select_blocks(lib, x: torch.Tensor, loss: torch.Tensor | None, first: int, n
     loss become 2:4, the rest dense, sink and window after them (see select_kernel); and of ``table2`` (same shape)
     by the same losses with ``n_sparse2`` (one launch for K and V when one score chooses both)."""
     rows = table.shape[0] * table.shape[1]
-    if table2 is not None and (table2.shape != table.shape or not table2.is_contiguous()):
-        fail("select_blocks", f"table2 {tuple(table2.shape)}", f"pass a contiguous table of {tuple(table.shape)}")
+    if table2 is not None and (table2.shape != table.shape or not table2.is_contiguous() or
+                               table2.device != table.device):
+        fail("select_blocks", f"table2 {tuple(table2.shape)} on {table2.device}",
+             f"pass a contiguous table of {tuple(table.shape)} on {table.device}")
     base.launch(lib, f"{compress_variant(lib, x).symbol}_select", table.device,
                 None if loss is None else loss.data_ptr(), rows, first + n_elig if loss is None else loss.shape[2],
                 first, n_elig, n_sparse, blocks, table.data_ptr(), table.shape[2], n_sparse2,
