@@ -220,6 +220,7 @@ class HieraCache(CacheInspection):
             raise InputError(f"lengths {lengths} must give one value in [0, {L}] per sequence. Fix: pass "
                              f"{self.batch} lengths, none above the chunk's {L} rows")
         check_room(self._lengths, lengths, self.max_seq_len)
+        self._check_selectable(lengths)
         after = [n0 + n for n0, n in zip(self._lengths, lengths)]
         select_q = q if select_q is None else select_q
         if select_q is not None and select_q is not q:
@@ -628,6 +629,18 @@ class HieraCache(CacheInspection):
             raise InputError(f"q: shape {tuple(q.shape)} does not match the chunk. Fix: pass "
                              f"[{self.batch}, a multiple of {self.heads} heads, {L}, {self.head_dim}]")
         check_queries(q, self.batch, self.heads, self.head_dim, self.dtype)
+
+    def _check_selectable(self, lengths: list[int]) -> None:
+        """A prompt into an empty sequence is selected in one pass, over at most SELECT_MAX_ELIGIBLE blocks."""
+        most = _kernels.SELECT_MAX_ELIGIBLE
+        n = max((n for n0, n in zip(self._lengths, lengths) if n0 == 0), default=0)
+        if self._eligible(n // self.block) > most:
+            first = (most + self.sink_blocks + self.window_blocks) * self.block  # the longest first chunk
+            raise InputError(f"a prompt of {n} tokens into an empty sequence has {self._eligible(n // self.block)} "
+                             f"eligible {self.block}-token blocks; one prefill chooses among at most {most}, and "
+                             f"nothing was written. Fix: prefill its first {first} tokens, then the rest in later "
+                             f"prefill calls (they enter block by block, re-tiered as decode), or build a spec with "
+                             f"larger blocks")
 
     def _check_lse(self, lse, select_q, L: int) -> None:
         if select_q is None:

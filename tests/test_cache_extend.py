@@ -53,3 +53,24 @@ def test_chunks_enter_like_single_tokens(ratios, chunks):
                 held = [int(e) for e in t.table[b, 0, :-(-at // 64)] if e >= 0]
                 assert sorted(held + t.free[b]) == list(range(t.dense.shape[2]))
         assert cache.n_eligible == sim.n_eligible
+
+
+def test_prefill_refuses_more_blocks_than_one_selection_takes():
+    """The select kernel holds a row's eligible blocks in shared memory: a first prompt with more is refused before
+    anything is written, naming the longest first chunk that fits (the rest enters through later prefills)."""
+    from hierasparse_gen.errors import InputError
+    from hierasparse_gen.ops.cache_kernels import SELECT_MAX_ELIGIBLE, select_blocks
+    S, sink, window = 32, 2, 4  # blocks
+    fits = (SELECT_MAX_ELIGIBLE + sink + window) * S
+    cache = HieraCache(TorchPackerLib(), batch=1, num_kv_heads=1, head_dim=D, max_seq_len=fits + 2 * S,
+                       key_ratio=0.5, value_ratio=0.5, dtype=torch.float16, device="cpu", block_size=S,
+                       sink=sink * S, local_window=window * S)
+    cache._check_selectable([fits + S - 1])  # (a partial block is not eligible)
+    with pytest.raises(InputError, match=rf"{SELECT_MAX_ELIGIBLE + 1} eligible 32-token blocks.*nothing was written"
+                                         rf".*Fix: prefill its first {fits} tokens"):
+        cache._check_selectable([fits + S])  # (prefill's check, before it writes anything)
+    assert cache.lengths == [0]
+    k = torch.empty(1, 1, 64, D, dtype=torch.float16)
+    table = torch.zeros(1, 1, SELECT_MAX_ELIGIBLE + 8, dtype=torch.int32)
+    with pytest.raises(InputError, match=rf"select_blocks: {SELECT_MAX_ELIGIBLE + 1} eligible blocks.*Fix:"):
+        select_blocks(None, k, None, 0, SELECT_MAX_ELIGIBLE + 1, 0, SELECT_MAX_ELIGIBLE + 1, table)

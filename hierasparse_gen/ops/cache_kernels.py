@@ -125,12 +125,20 @@ def channel_weights(lib, q_obs: torch.Tensor, heads: int, out: torch.Tensor | No
     return out
 
 
+# The select kernel keeps a row's eligible blocks' keys in shared memory (templates/cache/select.cuh): 4 bytes a
+# block beside 256 bytes of counts, within the 48 KB a launch gets without opting in.
+SELECT_MAX_ELIGIBLE = (48 * 1024 - 256) // 4
+
+
 def select_blocks(lib, x: torch.Tensor, loss: torch.Tensor | None, first: int, n_elig: int, n_sparse: int,
                   blocks: int, table: torch.Tensor, n_sparse2: int = 0, table2: torch.Tensor | None = None) -> None:
     """Per (batch, head) of ``table [B, H, max_blocks]``: the ``n_sparse`` eligible blocks of least
     loss become 2:4, the rest dense, sink and window after them (see select_kernel); and of ``table2`` (same shape)
     by the same losses with ``n_sparse2`` (one launch for K and V when one score chooses both)."""
     rows = table.shape[0] * table.shape[1]
+    if n_elig > SELECT_MAX_ELIGIBLE:
+        fail("select_blocks", f"{n_elig} eligible blocks, more than the {SELECT_MAX_ELIGIBLE} one selection takes",
+             "select over fewer blocks (a shorter prompt or larger blocks)")
     if table2 is not None and (table2.shape != table.shape or not table2.is_contiguous() or
                                table2.device != table.device):
         fail("select_blocks", f"table2 {tuple(table2.shape)} on {table2.device}",
