@@ -126,7 +126,7 @@ def channel_weights(lib, q_obs: torch.Tensor, heads: int, out: torch.Tensor | No
 
 
 # The select kernel keeps a row's eligible blocks' keys in shared memory (templates/cache/select.cuh): 4 bytes a
-# block beside 256 bytes of counts, within the 48 KB a launch gets without opting in.
+# block beside its counts (at most 256 bytes), within the 48 KB a launch gets without opting in.
 SELECT_MAX_ELIGIBLE = (48 * 1024 - 256) // 4
 
 
