@@ -634,9 +634,10 @@ class HieraCache(CacheInspection):
         """A prompt into an empty sequence is selected in one pass, over at most SELECT_MAX_ELIGIBLE blocks."""
         most = _kernels.SELECT_MAX_ELIGIBLE
         n = max((n for n0, n in zip(self._lengths, lengths) if n0 == 0), default=0)
-        if self._eligible(n // self.block) > most:
+        eligible = self._eligible(n // self.block)
+        if eligible > most:
             first = (most + self.sink_blocks + self.window_blocks) * self.block  # the longest first chunk
-            raise InputError(f"a prompt of {n} tokens into an empty sequence has {self._eligible(n // self.block)} "
+            raise InputError(f"a prompt of {n} tokens into an empty sequence has {eligible} "
                              f"eligible {self.block}-token blocks; one prefill chooses among at most {most}, and "
                              f"nothing was written. Fix: prefill its first {first} tokens, then the rest in later "
                              f"prefill calls (they enter block by block, re-tiered as decode), or build a spec with "
