@@ -30,7 +30,7 @@ def main():
     qs = [torch.randn(B, hq, d, device="cuda", dtype=torch.float16) for _ in range(2)]
     print(f"{torch.cuda.get_device_name()}: B={B} L={L} storage {args.storage}, {args.rounds} rounds alternating "
           f"A={args.a} and B={args.b}, median over rounds (min-max)\n")
-    print("| key / value ratio | A us | B us | B / A time |\n|---|---|---|---|")
+    print("| key / value ratio | A us | B us | B / A time | outputs |\n|---|---|---|---|---|")
     for cell in args.cells.split(","):
         kr, vr = map(float, cell.split("/"))
         caches = [[HieraCache(lib, batch=B, num_kv_heads=hkv, head_dim=d, max_seq_len=L, key_ratio=kr,
@@ -38,13 +38,17 @@ def main():
         for pair in caches:
             for c in pair:
                 c.prefill(k, v)
+        # a change that should keep every bit (same tables, same outputs) says so here
+        outs = [pair[0].attend(qs[0]) for pair in caches]
+        same = "same bits" if torch.equal(outs[0], outs[1]) else \
+            f"outputs differ (max {(outs[0].float() - outs[1].float()).abs().max().item():.2e})"
         times = [[], []]
         for _ in range(args.rounds):
             for i, pair in enumerate(caches):
                 times[i].append(median_us(lambda q, c: c.attend(q), list(zip(qs, pair)), args.iters))
         a, b = (statistics.median(t) for t in times)
         spread = " / ".join(f"{min(t):.1f}-{max(t):.1f}" for t in times)
-        print(f"| {kr:g} / {vr:g} | {a:.1f} | {b:.1f} | {b / a:.3f} ({spread}) |", flush=True)
+        print(f"| {kr:g} / {vr:g} | {a:.1f} | {b:.1f} | {b / a:.3f} ({spread}) | {same} |", flush=True)
         del caches
         torch.cuda.empty_cache()
 
