@@ -126,8 +126,8 @@ def channel_weights(lib, q_obs: torch.Tensor, heads: int, out: torch.Tensor | No
 
 
 # The select kernel keeps a row's eligible blocks' keys in shared memory (templates/cache/select.cuh): 4 bytes a
-# block beside its counts (at most 256 bytes), within the 48 KB a launch gets without opting in.
-SELECT_MAX_ELIGIBLE = (48 * 1024 - 256) // 4
+# block beside at most 2 KB of its own, within the 48 KB a launch gets without opting in.
+SELECT_MAX_ELIGIBLE = (48 * 1024 - 2048) // 4
 
 
 def select_blocks(lib, x: torch.Tensor, loss: torch.Tensor | None, first: int, n_elig: int, n_sparse: int,
