@@ -286,8 +286,27 @@ mass_stats_kernel(const float* __restrict__ mass, int length, int window, int bl
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   float mean = 1.f;
   if (weights) {
+    // the whole row, 16 keys a thread in flight (a key at a time left each CTA waiting ~128 round trips)
     float total = 0.f;
-    for (int t = threadIdx.x; t < length; t += kStatsThreads) total += row[t];
+    if (length % 4 == 0) {  // (rows 16-byte aligned)
+      const float4* row4 = reinterpret_cast<const float4*>(row);
+      float part[4] = {0.f, 0.f, 0.f, 0.f};
+      int i = threadIdx.x;
+      for (; i + 3 * kStatsThreads < length / 4; i += 4 * kStatsThreads) {
+#pragma unroll
+        for (int u = 0; u < 4; ++u) {
+          const float4 v = row4[i + u * kStatsThreads];
+          part[u] += (v.x + v.y) + (v.z + v.w);
+        }
+      }
+      for (; i < length / 4; i += kStatsThreads) {
+        const float4 v = row4[i];
+        part[0] += (v.x + v.y) + (v.z + v.w);
+      }
+      total = (part[0] + part[1]) + (part[2] + part[3]);
+    } else {
+      for (int t = threadIdx.x; t < length; t += kStatsThreads) total += row[t];
+    }
     total = warp_sum(total);
     if (lane == 0) warp_totals[warp] = total;
     __syncthreads();
@@ -338,25 +357,31 @@ inline int launch_mass_stats(const float* mass, int rows, int length, int window
 }
 
 // K's channel weights E|q_c| (selection.channel_weights): per (sequence, KV head) the mean |q| of each channel over
-// the window's G x W queries of its group, [B * Hkv, D] float32. A CTA a row; max(1, 256 / D) thread groups take
-// every so many queries, then add up in order (the same bits every call).
-__global__ void __launch_bounds__(256)
+// the window's G x W queries of its group, [B * Hkv, D] float32. A CTA a row; 1024 / D thread groups take every so
+// many queries (loads unrolled: a few rows a thread in flight), then add up in order (the same bits every call).
+constexpr int kChannelThreads = 1024;
+
+__global__ void __launch_bounds__(kChannelThreads)
 channel_weights_kernel(const Element* __restrict__ q, long long qb, long long qh, long long qw, int heads, int group,
                        int window, float* __restrict__ out) {
-  __shared__ float partial[256];
+  __shared__ float partial[kChannelThreads];
+  constexpr int kGroups = kChannelThreads / kHeadDim;
   const long long bh = blockIdx.x;
   const int b = int(bh / heads), h = int(bh % heads);
-  const int groups = max(1, 256 / kHeadDim), c = threadIdx.x % kHeadDim, grp = threadIdx.x / kHeadDim;
-  const int rows = group * window;
+  const int c = threadIdx.x % kHeadDim, grp = threadIdx.x / kHeadDim, rows = group * window;
   float sum = 0.f;
-  if (grp < groups)
-    for (int r = grp; r < rows; r += groups)
-      sum += fabsf(float(q[b * qb + (h * group + r / window) * qh + (r % window) * qw + c]));
+  if (grp < kGroups)  // (1024 threads need not be a multiple of D)
+    for (int g = 0; g < group; ++g) {
+      const Element* head = q + b * qb + (h * group + g) * qh + c;
+#pragma unroll 4
+      for (int w = grp; w < window; w += kGroups) sum += fabsf(float(head[w * qw]));
+    }
   partial[threadIdx.x] = sum;
   __syncthreads();
   if (threadIdx.x < kHeadDim) {
     float total = 0.f;
-    for (int g = 0; g < groups; ++g) total += partial[g * kHeadDim + threadIdx.x];
+#pragma unroll
+    for (int g = 0; g < kGroups; ++g) total += partial[g * kHeadDim + threadIdx.x];
     out[bh * kHeadDim + threadIdx.x] = __fdividef(total, float(rows));
   }
 }
@@ -365,7 +390,7 @@ inline int launch_channel_weights(const void* q, long long qb, long long qh, lon
                                   int group, int window, float* out, void* stream) {
   if (batch < 1 || heads < 1 || group < 1 || window < 1 || (long long)batch * heads > 0x7fffffffLL)
     return cudaErrorInvalidValue;
-  channel_weights_kernel<<<batch * heads, 256, 0, static_cast<cudaStream_t>(stream)>>>(
+  channel_weights_kernel<<<batch * heads, kChannelThreads, 0, static_cast<cudaStream_t>(stream)>>>(
       static_cast<const Element*>(q), qb, qh, qw, heads, group, window, out);
   return cudaGetLastError();
 }

@@ -26,18 +26,22 @@ __device__ __forceinline__ int cta_prefix_count(bool flag, int* warp_counts, int
 }
 
 // The n-th least key (n >= 1) of s_key[0, count) and how many keys equal to it are among the n least (`take`): the
-// cut is found bit by bit from the top, a CTA-wide count a bit (32 barriers, where ranking each block costs count
-// loads a thread).
-__device__ __forceinline__ unsigned nth_key(const unsigned* s_key, int count, int n, int& take) {
+// cut is found bit by bit from the top, one count over the keys a bit (each warp's by a reduction, the warps' through
+// shared memory: one barrier a bit, two buffers), where ranking each block costs count loads a thread.
+__device__ __forceinline__ unsigned nth_key(const unsigned* s_key, int count, int n, int& take, int (*counts)[32]) {
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
   unsigned cut = 0u;
   take = n;
   for (int bit = 31; bit >= 0; --bit) {
     const unsigned above = bit == 31 ? 0u : ~0u << (bit + 1);
-    int zeros = 0;  // keys that agree with `cut` above this bit and have it clear
-    for (int base = 0; base < count; base += blockDim.x) {
-      const int i = base + threadIdx.x;
-      zeros += __syncthreads_count(i < count && (s_key[i] & above) == cut && !((s_key[i] >> bit) & 1u));
-    }
+    unsigned mine = 0u;  // keys that agree with `cut` above this bit and have it clear
+    for (int i = threadIdx.x; i < count; i += blockDim.x)
+      mine += (s_key[i] & above) == cut && !((s_key[i] >> bit) & 1u);
+    mine = __reduce_add_sync(0xffffffffu, mine);
+    if (lane == 0) counts[bit & 1][warp] = int(mine);
+    __syncthreads();
+    int zeros = 0;
+    for (int w = 0; w < warps; ++w) zeros += counts[bit & 1][w];
     if (take > zeros) {
       take -= zeros;
       cut |= 1u << bit;
@@ -51,9 +55,11 @@ __device__ __forceinline__ unsigned nth_key(const unsigned* s_key, int count, in
 // blocks [0, min(first, blocks)) and the window [first + n_elig, blocks) follow, at dense slots n_elig - n_sparse + 0,
 // 1, ... Writes row[0, blocks).
 __device__ __forceinline__ void write_row(const unsigned* s_key, int first, int n_elig, int n_sparse, int blocks,
-                                          int* row, int* warp_counts) {
+                                          int* row, int (*counts)[32]) {
   int take = 0;
-  const unsigned cut = n_sparse ? nth_key(s_key, n_elig, n_sparse, take) : 0u;
+  const unsigned cut = n_sparse ? nth_key(s_key, n_elig, n_sparse, take, counts) : 0u;
+  int* warp_counts = counts[0];
+  __syncthreads();  // (the last bit's counts are read before cta_prefix_count writes them again)
   int carry = 0, equal_carry = 0;  // 2:4 blocks and keys equal to the cut before this tile of blockDim.x blocks
   for (int base = 0; base < n_elig; base += blockDim.x) {
     const int i = base + threadIdx.x;
@@ -74,17 +80,19 @@ __device__ __forceinline__ void write_row(const unsigned* s_key, int first, int 
 
 // Block selection for one cache prefill, per (batch, head) CTA (write_row), into `table` and, when given, into
 // `table2` with n_sparse2 2:4 blocks by the same scores (K and V chosen by one attention mass).
-__global__ void __launch_bounds__(1024)
+constexpr int kSelectThreads = 256;  // (with 1024, 8 rows of 1014 blocks took 18 us on an H100: barriers of 32 warps)
+
+__global__ void __launch_bounds__(kSelectThreads)
 select_kernel(const float* __restrict__ loss, int loss_blocks, int first, int n_elig, int n_sparse, int blocks,
               int* __restrict__ table, int max_blocks, int n_sparse2, int* __restrict__ table2) {
   extern __shared__ unsigned s_key[];            // [n_elig] keys of the losses
-  __shared__ int warp_counts[32];
+  __shared__ int counts[2][32];
   const long long bh = blockIdx.x;
   const float* l = loss + bh * loss_blocks + first;
   if (n_sparse || (table2 && n_sparse2)) {  // (no loss is read when no block becomes 2:4)
     for (int i = threadIdx.x; i < n_elig; i += blockDim.x) s_key[i] = score_key(l[i]);
     __syncthreads();
   }
-  write_row(s_key, first, n_elig, n_sparse, blocks, table + bh * max_blocks, warp_counts);
-  if (table2) write_row(s_key, first, n_elig, n_sparse2, blocks, table2 + bh * max_blocks, warp_counts);
+  write_row(s_key, first, n_elig, n_sparse, blocks, table + bh * max_blocks, counts);
+  if (table2) write_row(s_key, first, n_elig, n_sparse2, blocks, table2 + bh * max_blocks, counts);
 }
