@@ -7,23 +7,19 @@
 // the mass of key j is the sum over rows of softmax_r(j), causal. Two passes over the keys, each a CTA per
 // (range of kMassKeys keys, sequence x KV head) with the range's keys in shared memory. Scores are computed
 // key-major, S^T = K Q^T (keys the MMA's rows, from shared memory by ldmatrix; a warp's kMassRows queries the
-// columns, held in registers), so that the second pass sums over queries on the tensor cores: a probability tile
-// in the accumulator layout is already an A operand (keys x queries), and A x ones gives each key's sum, with no
-// shuffles. The first pass keeps every row's softmax state (max, sum) over the range, mass_lse_kernel combines the
-// ranges into the row's log2-sum-exp, the second sums exp2(s - lse) per key. K arrives in stages of 64 keys that a
-// warp's first tile reads as they land; the second pass walks the ranges backwards, to find the first pass's last
-// ones in L2. Sums in a fixed order (no atomics): a fill gives the same bits every time. Given the rows'
-// log-sum-exp (an attention over the prompt computes it anyway: lse_in), only the second pass runs.
+// columns, held in registers), so that a lane holds 2 kMassN8 queries of each of its keys: the second pass adds
+// them in registers and the quad's four lanes by three shuffles. The first pass keeps every row's softmax state
+// (max, sum) over the range, mass_lse_kernel combines the ranges into the row's log2-sum-exp, the second sums
+// exp2(s - lse) per key. K arrives in stages of 64 keys that a warp's first tile reads as they land; the second
+// pass walks the ranges backwards, to find the first pass's last ones in L2. Sums in a fixed order (no atomics): a
+// fill gives the same bits every time. Given the rows' log-sum-exp (an attention over the prompt computes it
+// anyway: lse_in), only the second pass runs.
 
 constexpr int kMassWarps = 4;
 constexpr int kMassKeys = kHeadDim <= 128 ? 256 : 128;  // keys a CTA: at most 64 KB of K
 constexpr int kMassN8 = kHeadDim <= 128 ? 4 : 2;        // query columns a warp holds, in n8 tiles (Q in registers)
 constexpr int kMassRows = 8 * kMassN8;
 constexpr int kMassSmem = kMassKeys * kHeadDim * 2 + kMassWarps * kMassKeys * 4;  // K rows + each warp's sums
-// Probabilities enter the row-sum MMA as fp16 pairs hi + lo (about 22 bits), scaled by 2^15 so that small ones stay
-// normal; p <= 1, so p * 2^15 stays under fp16's largest value.
-constexpr float kMassShift = 15.f;
-
 struct MassArgs {
   const Element* q;  // q_obs [B, Hq, W, D], channel stride 1
   long long qb, qh, qw;
@@ -37,23 +33,6 @@ struct MassArgs {
   long long lb, lh, lw;
   float* mass;       // [B, Hkv, L]
 };
-
-// D += A * ones (A: 16 x 16 fp16, row-major): every column of D gets A's row sums.
-__device__ __forceinline__ void mma_row_sums(float (&d)[4], const uint32_t (&a)[4]) {
-  asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 { %0, %1, %2, %3 }, { %4, %5, %6, %7 }, { %8, %8 }, "
-      "{ %0, %1, %2, %3 };"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(0x3C003C00u));
-}
-
-// (x, y) as fp16 pairs hi and lo = (x, y) - hi, rounded: hi + lo carries about 22 bits.
-__device__ __forceinline__ void split_half2(float x, float y, uint32_t& hi, uint32_t& lo) {
-  const __half2 h = __floats2half2_rn(x, y);
-  const float2 back = __half22float2(h);
-  const __half2 l = __floats2half2_rn(x - back.x, y - back.y);
-  hi = *reinterpret_cast<const uint32_t*>(&h);
-  lo = *reinterpret_cast<const uint32_t*>(&l);
-}
 
 // Per-tile state of a warp: the B fragments of its kMassRows query columns, the accumulator columns' positions and
 // (second pass) log2-sum-exp, and (first pass) their running softmax state.
@@ -96,7 +75,7 @@ __device__ __forceinline__ void mass_tile_begin(const MassArgs& a, MassTile<kKSt
     for (int c = 0; c < 2; ++c) {
       const int r = tile * kMassRows + 8 * j + 2 * t + c;
       st.qpos[j][c] = r < rows ? a.length - a.window + r % a.window : -1;
-      st.lse2[j][c] = kSum && r < rows ? row_lse2(a, bh, b, h, r) - kMassShift : INFINITY;
+      st.lse2[j][c] = kSum && r < rows ? row_lse2(a, bh, b, h, r) : INFINITY;
       st.m_run[j][c] = -INFINITY;
       st.l_run[j][c] = 0.f;
     }
@@ -104,7 +83,7 @@ __device__ __forceinline__ void mass_tile_begin(const MassArgs& a, MassTile<kKSt
 
 // Keys [16 mt0, 16 mt1) of the CTA's range against one tile: S^T = K Q^T two key m-tiles at a time (s[i][j]: keys
 // 16 (mt + i) + g (+8), queries 8 j + 2t (+1)); the first pass folds them into the running (max, sum), the second
-// adds each key's probabilities summed over the tile's queries to this warp's sums: (P^T as A) x ones.
+// adds each key's probabilities summed over the tile's queries to this warp's sums.
 template <bool kSum, int kRowChunks, int kKSteps16>
 __device__ __forceinline__ void mass_tile_keys(const MassArgs& a, MassTile<kKSteps16>& st, const char* smem,
                                                float* warp_sums, int key0, int mt0, int mt1, int lane) {
@@ -126,13 +105,14 @@ __device__ __forceinline__ void mass_tile_keys(const MassArgs& a, MassTile<kKSte
       }
     const int k16 = key0 + 16 * mt + g;  // key of s[0][j][0]
     const bool masked = key0 + 16 * mt + 31 >= first_masked;
+    // log2-domain scores; the second pass's already less its row's log2-sum-exp (one FFMA)
 #pragma unroll
     for (int i = 0; i < 2; ++i)
 #pragma unroll
       for (int j = 0; j < kMassN8; ++j)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-          const float x = s[i][j][e] * a.scale_log2;
+          const float x = kSum ? fmaf(s[i][j][e], a.scale_log2, -st.lse2[j][e & 1]) : s[i][j][e] * a.scale_log2;
           s[i][j][e] = masked && k16 + 16 * i + 8 * (e >> 1) > st.qpos[j][e & 1] ? -INFINITY : x;
         }
     if (!kSum) {  // online (max, sum) of this lane's 2 kMassN8 columns over its 4 keys of the step
@@ -149,26 +129,24 @@ __device__ __forceinline__ void mass_tile_keys(const MassArgs& a, MassTile<kKSte
           st.m_run[j][c] = m_new;
         }
     } else {
+      // v[2 i + hi]: this lane's queries of key 16 (mt + i) + g + 8 hi
+      float v[4];
 #pragma unroll
-      for (int i = 0; i < 2; ++i) {
-        float acc[4] = {};
+      for (int i = 0; i < 2; ++i)
 #pragma unroll
-        for (int jp = 0; jp < kMassN8; jp += 2) {
-          uint32_t hi[4], lo[4];
+        for (int hi = 0; hi < 2; ++hi) {
+          float acc = 0.f;
 #pragma unroll
-          for (int u = 0; u < 4; ++u) {  // a0..a3: (key g, cols 0-7), (g + 8, 0-7), (g, 8-15), (g + 8, 8-15)
-            const int j = jp + u / 2, e = 2 * (u % 2);
-            split_half2(fast_exp2(s[i][j][e] - st.lse2[j][0]), fast_exp2(s[i][j][e + 1] - st.lse2[j][1]), hi[u],
-                        lo[u]);
-          }
-          mma_row_sums(acc, hi);
-          mma_row_sums(acc, lo);
+          for (int j = 0; j < kMassN8; ++j)
+            acc += fast_exp2(s[i][j][2 * hi]) + fast_exp2(s[i][j][2 * hi + 1]);
+          v[2 * i + hi] = acc;
         }
-        if (t == 0) {  // column 0 of the row sums: keys g and g + 8
-          warp_sums[16 * (mt + i) + g] += acc[0];
-          warp_sums[16 * (mt + i) + g + 8] += acc[2];
-        }
-      }
+      // the quad's sums, scattered: lane t keeps v[t]'s (pairs over t's bit 1, then over bit 0)
+      const bool up = t & 2, odd = t & 1;
+      const float keep0 = (up ? v[2] : v[0]) + __shfl_xor_sync(0xffffffffu, up ? v[0] : v[2], 2);
+      const float keep1 = (up ? v[3] : v[1]) + __shfl_xor_sync(0xffffffffu, up ? v[1] : v[3], 2);
+      const float total = (odd ? keep1 : keep0) + __shfl_xor_sync(0xffffffffu, odd ? keep0 : keep1, 1);
+      warp_sums[16 * (mt + (t >> 1)) + g + 8 * (t & 1)] += total;  // 32 lanes, 32 keys: no bank conflicts
     }
   }
 }
@@ -244,7 +222,7 @@ mass_pass_kernel(const MassArgs a) {
       float total = 0.f;
 #pragma unroll
       for (int w = 0; w < kMassWarps; ++w) total += sums[w * kMassKeys + i];
-      if (key0 + i < a.length) a.mass[bh * a.length + key0 + i] = total * (1.f / (1 << int(kMassShift)));
+      if (key0 + i < a.length) a.mass[bh * a.length + key0 + i] = total;
     }
   }
 }
