@@ -76,8 +76,8 @@ def test_token_mass_given_the_log_sum_exp(matrix, poison, case):
 
 
 def test_select_blocks_ties_and_special_scores(matrix, poison):
-    """The select kernel picks per row the n_sparse eligible blocks that torch.argsort (stable) puts first, over
-    more than one 1024-block tile: ties by block, -0 tying +0, infinities, NaN after every number."""
+    """The select kernel picks per row the n_sparse eligible blocks that torch.argsort (stable) puts first, over many
+    tiles of the CTA's 256 threads, the last partial: ties by block, -0 tying +0, infinities, NaN after every number."""
     rows, first, n_elig, blocks, max_blocks = 6, 2, 2500, 2508, 2600
     g = torch.Generator(device="cuda").manual_seed(7)
     loss = torch.randint(0, 40, (1, rows, blocks), generator=g, device="cuda").float() * 0.25  # many ties
@@ -111,7 +111,7 @@ def test_select_blocks_ties_and_special_scores(matrix, poison):
 
 
 @pytest.mark.parametrize("n,W,block", [(4097, 64, 64), (3000, 48, 32), (700, 700, 32), (31, 7, 32), (96, 33, 32),
-                                        (6151, 64, 96)])
+                                        (6151, 64, 96), (8192, 64, 64)])
 def test_mass_stats_as_torch(matrix, poison, n, W, block):
     """The stats kernel's block sums, per-query visible block masses and V's token weights, against
     selection.mass_stats in torch, on masses of a real scoring (a partial last block, a window over a block, a prompt
@@ -132,6 +132,11 @@ def test_mass_stats_as_torch(matrix, poison, n, W, block):
             torch.testing.assert_close(got, w, rtol=1e-5, atol=1e-9)  # (approximate division and root)
     only, none_seen, none_weights = ops.mass_stats(matrix, k, tokens, W, block)
     assert torch.equal(only, sums) and none_seen is None and none_weights is None
+    # rows 4 bytes off 16-byte alignment (a contiguous view into a larger buffer): read a float at a time
+    shifted = torch.empty(tokens.numel() + 1, device="cuda")[1:].view(tokens.shape).copy_(tokens)
+    _, _, off_weights = ops.mass_stats(matrix, k, shifted, W, block, weights=torch.empty(2, 8, n, device="cuda"))
+    for b in range(2):
+        torch.testing.assert_close(off_weights[b], mass_stats(tokens[b], W, block)[2], rtol=1e-5, atol=1e-9)
     with pytest.raises(ValueError, match="mass_stats: seen .* Fix"):
         ops.mass_stats(matrix, k, tokens, W, block, seen=torch.empty(2, 7, n, device="cuda"))  # 7 heads, not 8
     with pytest.raises(ValueError, match="mass_stats: weights .* Fix"):

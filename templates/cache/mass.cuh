@@ -266,7 +266,8 @@ mass_stats_kernel(const float* __restrict__ mass, int length, int window, int bl
   if (weights) {
     // the whole row, 16 keys a thread in flight (a key at a time left each CTA waiting ~128 round trips)
     float total = 0.f;
-    if (length % 4 == 0) {  // (rows 16-byte aligned)
+    // float4 rows where every row starts 16-byte aligned (a uniform test: every CTA of a row sums it alike)
+    if (length % 4 == 0 && (reinterpret_cast<uintptr_t>(mass) & 15) == 0) {
       const float4* row4 = reinterpret_cast<const float4*>(row);
       float part[4] = {0.f, 0.f, 0.f, 0.f};
       int i = threadIdx.x;

@@ -81,12 +81,14 @@ __device__ __forceinline__ void write_row(const unsigned* s_key, int first, int 
 // Block selection for one cache prefill, per (batch, head) CTA (write_row), into `table` and, when given, into
 // `table2` with n_sparse2 2:4 blocks by the same scores (K and V chosen by one attention mass).
 constexpr int kSelectThreads = 256;  // (with 1024, 8 rows of 1014 blocks took 18 us on an H100: barriers of 32 warps)
+constexpr int kSelectStaticSmem = 2 * 32 * sizeof(int);  // counts[2][32]: beside the keys, under the 48 KB a launch gets
 
 __global__ void __launch_bounds__(kSelectThreads)
 select_kernel(const float* __restrict__ loss, int loss_blocks, int first, int n_elig, int n_sparse, int blocks,
               int* __restrict__ table, int max_blocks, int n_sparse2, int* __restrict__ table2) {
   extern __shared__ unsigned s_key[];            // [n_elig] keys of the losses
   __shared__ int counts[2][32];
+  static_assert(sizeof(counts) == kSelectStaticSmem, "the launcher's shared-memory check counts it");
   const long long bh = blockIdx.x;
   const float* l = loss + bh * loss_blocks + first;
   if (n_sparse || (table2 && n_sparse2)) {  // (no loss is read when no block becomes 2:4)
