@@ -27,6 +27,11 @@ FAMILIES = ("mma_sp", "wgmma", "host")
 SM90_PREFILL_HEAD_DIMS = (128,)
 
 
+# The compression kernels' ABI (bumped with their entry points: abi.SIGNATURES), and with the e4m3 packers.
+COMPRESS_ABI = "compress7"
+COMPRESS_E4M3_ABI = COMPRESS_ABI + "f8"
+
+
 def c_abi(kind: str, family: str, tier: Tier | None, block_size: int = 0, fp8: bool = False) -> str:
     """The C signature set of a variant's entry points (the keys of abi.SIGNATURES).
 
@@ -42,7 +47,7 @@ def c_abi(kind: str, family: str, tier: Tier | None, block_size: int = 0, fp8: b
     if kind == "decode" and tier.e4m3:  # + the per-token scales of e4m3 tensors
         return "decode8"
     if kind == "compress":  # its fill entry points take the 2:4 choice's weights, the append K's
-        return "compress7f8" if fp8 else "compress7"
+        return COMPRESS_E4M3_ABI if fp8 else COMPRESS_ABI
     return kind
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from ..variants import COMPRESS_E4M3_ABI
 from . import base, checks
 from .base import DTYPES
 from .checks import fail
@@ -29,7 +30,7 @@ def check_e4m3_build(lib, head_dim: int, dtype: torch.dtype, k_storage: str, v_s
     compress = [v for v in lib.variants if v.kind == "compress" and v.head_dim == head_dim and v.dtype == name]
     decode = [v for v in lib.variants if v.kind == "decode" and v.head_dim == head_dim and v.dtype == name and
               v.tier == (*TABLE, k_storage, v_storage)]
-    if not compress or any(v.abi != "compress7f8" for v in compress) or not decode:
+    if not compress or any(v.abi != COMPRESS_E4M3_ABI for v in compress) or not decode:
         fail("HieraCache", f"key_storage {k_storage!r} and value_storage {v_storage!r} need the e4m3 packers and an "
              f"e4m3 block-table decode kernel for head_dim {head_dim}, {name}, and library "
              f"{lib.spec_name!r} lacks {'the decode kernel' if not decode else 'the e4m3 packers'}",
@@ -177,7 +178,7 @@ def fill_blocks8(lib, x: torch.Tensor, kind: str, t, block: int, table: torch.Te
     B, H, L, D = x.shape
     x = checks.rows16(x)
     variant = compress_variant(lib, x)
-    if variant.abi != "compress7f8":
+    if variant.abi != COMPRESS_E4M3_ABI:
         fail("fill_blocks8", f"the library's {variant.name} has no e4m3 packers", "build a spec with an e4m3 tier")
     pools = (t.dense[rows], t.sparse_vals[rows], t.sparse_meta[rows], t.dense8[rows], t.dense8_scales[rows],
              t.sparse_scales[rows])

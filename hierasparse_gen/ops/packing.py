@@ -7,6 +7,7 @@ import torch
 from .. import format_fp8
 from ..format import CHUNK, round_capacity
 from ..policy import check_storage
+from ..variants import COMPRESS_E4M3_ABI
 from . import base, checks
 from .base import DTYPES, PackedKV
 
@@ -50,7 +51,7 @@ def _compress8(lib, x: torch.Tensor, kind: str, cap: int, sparse: bool) -> Packe
     device; the same bytes either way."""
     B, H, L, D = x.shape
     variant = compress_variant(lib, x)
-    if variant.abi != "compress7f8":
+    if variant.abi != COMPRESS_E4M3_ABI:
         if sparse:
             vals, meta, scales = (format_fp8.pack_k if kind == "k" else format_fp8.pack_v)(x, cap)
             return PackedKV(vals, meta, kind, L, scales)
@@ -79,7 +80,7 @@ def widen8(lib, vals: torch.Tensor, meta: torch.Tensor, scales: torch.Tensor, ki
     else from those torch functions."""
     D = vals.shape[-1] * (2 if kind == "k" else 1)
     variant = lib.find("compress", head_dim=D, dtype=DTYPES[dtype], cc=base.device_cc(vals.device))
-    if variant is None or variant.abi != "compress7f8":
+    if variant is None or variant.abi != COMPRESS_E4M3_ABI:
         return format_fp8.model_dtype_2to4(vals, meta, scales, kind, dtype)
     return torch.ops.hierasparse.widen8(lib.key, vals, meta, scales, kind, dtype)
 
