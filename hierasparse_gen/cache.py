@@ -493,7 +493,8 @@ class HieraCache(CacheInspection):
         """selection.token_mass of every sequence of a group (each ``k.shape[2]`` long), in one launch of the
         library's kernel (given the window rows' log-sum-exp, its second pass alone)."""
         L, W = k.shape[2], observed[0].shape[1]
-        return _kernels.token_mass(self.lib, select_q[:, :, L - W:L], k, scale, None if lse is None else lse[:, :, L - W:L])
+        return _kernels.token_mass(self.lib, select_q[:, :, L - W:L], k, scale,
+                                   None if lse is None else lse[:, :, L - W:L])
 
     def _score(self, x: torch.Tensor, kind: str) -> torch.Tensor:
         """Prune loss per whole block ``[1, H, L // block]`` (float32, on the GPU)."""
