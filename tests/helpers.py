@@ -104,9 +104,10 @@ def cache_chunk(cache, mode, q, k, v, lengths):
 
 def kernel_masses(monkeypatch, lib) -> None:
     """SimulatedCache reads the attention masses of ``lib``'s scoring kernel, their block sums and weights from its
-    stats kernel and K's channel weights from its kernel, as HieraCache does. Two roundings of one float32 sum (the kernel's and torch's) may order
-    near-equal blocks or weights differently; the cache-equals-simulation tests check selection and packing given
-    the masses, and test_gpu_selection.py checks the kernels against float64 and torch. enable()'s fresh prompts hand
+    stats kernel and K's channel weights from its kernel, as HieraCache does. Two roundings of one float32 sum (the
+    kernel's and torch's) may order near-equal blocks or weights differently; the cache-equals-simulation tests
+    check selection and packing given the masses, and test_gpu_selection.py checks the kernels against float64 and
+    torch. enable()'s fresh prompts hand
     the scoring kernel cuDNN's log-sum-exp, which gives the same masses to float32 rounding only: here its attention
     returns none, so both score by the kernel's two passes (test_gpu_hf.py checks that lse, test_gpu_selection.py
     the masses from a given one)."""

@@ -13,6 +13,7 @@ from hierasparse_gen import ops, registry
 from hierasparse_gen.abi import SIGNATURES
 from hierasparse_gen.errors import BuildNotFoundError, DispatchError, InputError
 from hierasparse_gen.ops import base, checks
+from hierasparse_gen.variants import COMPRESS_ABI
 
 B, HQ, HKV, D, CAP = 2, 8, 2, 128, 128
 
@@ -40,7 +41,7 @@ def _variant(name, kind, arch, family, abi, tier=None, block_size=None, group=4,
 
 VARIANTS = [
     _variant("runtime", "runtime", "sm_90", "host", "runtime", group=None, head_dim=0),
-    _variant("compress_d128_f16_sm90", "compress", "sm_90", "mma_sp", "compress7", group=None),
+    _variant("compress_d128_f16_sm90", "compress", "sm_90", "mma_sp", COMPRESS_ABI, group=None),
     _variant("decode_d128_g4_f16_km_vm_b64_sm90", "decode", "sm_90", "mma_sp", "decode_table", ("mixed", "mixed"), 64),
     _variant("prefill_d128_g4_f16_k24_v24_sm80", "prefill", "sm_80", "mma_sp", "prefill", ("sparse24", "sparse24")),
     _variant("prefill_d128_g4_f16_k24_v24_sm90", "prefill", "sm_90", "mma_sp", "prefill", ("sparse24", "sparse24")),
@@ -76,7 +77,7 @@ def lib(tmp_path, monkeypatch):
 def test_the_registry_declares_signatures_by_the_manifests_abi(lib):
     fn = lib.function("hsg_prefill_d128_g4_f16_kd_v24_wg_sm90a")
     assert fn.argtypes == SIGNATURES[("prefill_wgmma_balanced", "")] and fn.restype is ctypes.c_int
-    assert lib.function("hsg_compress_d128_f16_sm90_append").argtypes == SIGNATURES[("compress7", "_append")]
+    assert lib.function("hsg_compress_d128_f16_sm90_append").argtypes == SIGNATURES[(COMPRESS_ABI, "_append")]
     table = lib.function("hsg_decode_d128_g4_f16_km_vm_b64_sm90")
     assert table.argtypes == SIGNATURES[("decode_table", "")]
     decode = next(v for v in lib.variants if v.kind == "decode")

@@ -11,6 +11,7 @@ from hierasparse_gen import ops, registry
 from hierasparse_gen.abi import SIGNATURES
 from hierasparse_gen.errors import DispatchError, InputError
 from hierasparse_gen.ops import base, cache_kernels, checks, decoding, packing
+from hierasparse_gen.variants import COMPRESS_ABI, COMPRESS_E4M3_ABI
 
 B, HQ, HKV, D, CAP = 2, 8, 2, 64, 128
 
@@ -32,7 +33,7 @@ class FakeLib:
         mixed = want.get("tier") == ("mixed", "mixed") and kind == "decode"
         return SimpleNamespace(symbol=f"hsg_{kind}{'_mixed' if mixed else ''}", arch="sm_90", tiles=tiles,
                                smem_bytes=100_000, threads=128, kind="decode_table" if mixed else kind,
-                               abi="compress7f8" if kind == "compress" else kind)
+                               abi=COMPRESS_E4M3_ABI if kind == "compress" else kind)
 
     def find(self, kind, **want):
         try:
@@ -118,13 +119,13 @@ def test_decode8_dense_op_arguments(lib):
 
 @pytest.mark.parametrize("kind,sparse", [("k", True), ("v", True), ("k", False), ("v", False)])
 def test_compress8_arguments(lib, kind, sparse):
-    """A library with the e4m3 packers (compress7f8): the entry point by tensor and tier, its arguments, the
+    """A library with the e4m3 packers (its e4m3 compression ABI): the entry point by tensor and tier, its arguments, the
     shapes of what comes back."""
     x = torch.randn(B, HKV, 100, D, dtype=torch.bfloat16)
     packed = packing.compress(lib, x, kind, None, "float8_e4m3", sparse)
     (symbol, args), = lib.calls
     assert symbol == f"hsg_compress_{kind}{'' if sparse else 'd'}8"
-    _assert_matches_signature("compress7f8", f"_{kind}{'' if sparse else 'd'}8", args)
+    _assert_matches_signature(COMPRESS_E4M3_ABI, f"_{kind}{'' if sparse else 'd'}8", args)
     assert args[4:8] == (B, HKV, 100, CAP) and (args[9] is None) == (not sparse)
     assert packed.values.dtype == torch.uint8 and packed.scales.shape == (B, HKV, CAP)
     assert packed.capacity == CAP and packed.head_dim == D and packed.sparse == sparse
@@ -186,7 +187,7 @@ def test_cache_fill8_and_append8_arguments(lib):
     cache_kernels.fill_blocks8(lib, x, "v", t, 64, table, slice(0, B), w)
     (symbol, args), = lib.calls
     assert symbol == "hsg_compress_fill_v8"
-    _assert_matches_signature("compress7f8", "_fill_v8", args)
+    _assert_matches_signature(COMPRESS_E4M3_ABI, "_fill_v8", args)
     assert args[4:7] == (B, HKV, 200) and args[8:10] == (4, 64) and args[18] == 2 and args[19] == w.data_ptr()
     lib.calls.clear()
     k = torch.randn(B, HKV, D, dtype=torch.float16)
@@ -197,7 +198,7 @@ def test_cache_fill8_and_append8_arguments(lib):
                                       4, 256, 0.5, 1.0, None, torch.ones(B, HKV, 256), torch.ones(B, HKV, 4))
     (symbol, args), = lib.calls
     assert symbol == "hsg_compress_append8"
-    _assert_matches_signature("compress7f8", "_append8", args)
+    _assert_matches_signature(COMPRESS_E4M3_ABI, "_append8", args)
     assert args[30:34][3] == 2 and args[34:38] == (None, None, None, 0)  # K's e4m3 pools, V's none
 
 
@@ -328,10 +329,10 @@ def test_prefill_reads_e4m3_in_the_queries_dtype(lib, dtype):
     assert k16.capacity == CAP and k16.length == L
     for (symbol, args), t, t16 in zip(lib.calls, (k8, v8), (k16, v16)):
         assert symbol == f"hsg_compress_widen_{t.kind}8"
-        _assert_matches_signature("compress7f8", f"_widen_{t.kind}8", args)
+        _assert_matches_signature(COMPRESS_E4M3_ABI, f"_widen_{t.kind}8", args)
         assert args == (t.values.data_ptr(), t.meta.data_ptr(), t.scales.data_ptr(), B * HKV, CAP, t16.values.data_ptr())
     lib.calls.clear()
-    lib.select = lambda kind, **want: SimpleNamespace(symbol="hsg_compress", abi="compress7") \
+    lib.select = lambda kind, **want: SimpleNamespace(symbol="hsg_compress", abi=COMPRESS_ABI) \
         if kind == "compress" else FakeLib.select(lib, kind, **want)  # no e4m3 tiers: the torch functions
     k16, v16 = ops.as_model_dtype(lib, k8, dtype), ops.as_model_dtype(lib, v8, dtype)
     assert lib.calls == []
@@ -424,7 +425,7 @@ def test_select_arguments(lib):
     ops.select_blocks(lib, x, loss, 1, 2, 1, 4, t1, 2, t2)
     (_, one), (_, two) = lib.calls
     for args in (one, two):
-        _assert_matches_signature("compress7", "_select", args)
+        _assert_matches_signature(COMPRESS_ABI, "_select", args)
         assert args[:9] == (loss.data_ptr(), B * HKV, 3, 1, 2, 1, 4, t1.data_ptr(), 4)
     assert one[9:11] == (0, None) and two[9:11] == (2, t2.data_ptr())
     with pytest.raises(InputError, match=r"select_blocks: table2 .* Fix"):
@@ -439,9 +440,9 @@ def test_compress_and_cache_maintenance_arguments(lib):
                     torch.zeros(B, HKV, 2, 32, D, dtype=torch.float16), torch.zeros(B, HKV, 2, 32 * D // 2),
                     torch.zeros(B, HKV, 2, 32 * D // 16, dtype=torch.int16))
     (s1, a1), (s2, a2), (s3, a3) = lib.calls
-    _assert_matches_signature("compress7", "_score_k", a1)
-    _assert_matches_signature("compress7", "_select", a2)
-    _assert_matches_signature("compress7", "_fill_v", a3)
+    _assert_matches_signature(COMPRESS_ABI, "_score_k", a1)
+    _assert_matches_signature(COMPRESS_ABI, "_select", a2)
+    _assert_matches_signature(COMPRESS_ABI, "_fill_v", a3)
     assert s1.endswith("_score_k") and s2.endswith("_select") and s3.endswith("_fill_v")
     # V's token weights: one per token the fill covers (100 tokens in 32-token blocks: 128), float32
     pools = (torch.zeros(B, HKV, 2, 32, D, dtype=torch.float16), torch.zeros(B, HKV, 2, 32 * D // 2),
@@ -470,7 +471,7 @@ def test_compress_op_arguments(lib, monkeypatch, kind):
     x = torch.randn(B, HKV, 100, D, dtype=torch.float16)[:, :, :, :]
     vals, meta = packing._compress_op(lib.key, x, CAP, kind)
     (args,) = calls
-    _assert_matches_signature("compress7", f"_{kind}", args[:-1])
+    _assert_matches_signature(COMPRESS_ABI, f"_{kind}", args[:-1])
     assert args[4:8] == (B, HKV, 100, CAP)
     assert vals.shape == ((B, HKV, CAP, D // 2) if kind == "k" else (B, HKV, CAP // 2, D))
 
@@ -514,7 +515,7 @@ def test_cache_append_arguments(lib):
                                          meta, 64, 1, 4, 256, 0.5, 1.0, k_weight, v_weight, mass)
         (symbol, args), = lib.calls
         assert symbol == "hsg_compress_append"
-        _assert_matches_signature("compress7", "_append", args)
+        _assert_matches_signature(COMPRESS_ABI, "_append", args)
         assert args[8:16] == (12, B, HKV, 4, 64, 1, 4, 256)  # ctrl width, batch, heads, table, block, sink, window, cap
         assert args[20:23] == (3, 2, 0.5) and args[27:30] == (3, 2, 1.0)  # dense/2:4 slots and ratio, K then V
         assert args[30] == (None if k_weight is None else weight.data_ptr())  # K's channel weights
@@ -540,7 +541,7 @@ def test_mass_stats_arguments(lib):
     sums, s, w = ops.mass_stats(lib, k, tokens, 16, 32, seen=seen[:, :, :5], weights=weights)
     (symbol, args), = lib.calls
     assert symbol == "hsg_compress_mass_stats" and s is not None and w is weights
-    _assert_matches_signature("compress7", "_mass_stats", args)
+    _assert_matches_signature(COMPRESS_ABI, "_mass_stats", args)
     assert args[:5] == (tokens.data_ptr(), B * HKV, 100, 16, 32) and args[5] == sums.data_ptr()
     assert args[6:10] == (seen.data_ptr(), 9, weights.data_ptr(), 128) and sums.shape == (B, HKV, 3)
     lib.calls.clear()
@@ -560,7 +561,7 @@ def test_channel_weights_arguments(lib):
     w = ops.channel_weights(lib, q[:, :, -16:], HKV)
     (symbol, args), = lib.calls
     assert symbol == "hsg_compress_channel_weights"
-    _assert_matches_signature("compress7", "_channel_weights", args)
+    _assert_matches_signature(COMPRESS_ABI, "_channel_weights", args)
     assert args[1:4] == q.stride()[:3] and args[4:8] == (B, HKV, HQ // HKV, 16) and args[8] == w.data_ptr()
     assert w.shape == (B, HKV, D) and w.dtype == torch.float32
     with pytest.raises(InputError, match=r"channel_weights: q_obs .* Fix: pass the window's queries"):
@@ -577,7 +578,7 @@ def test_token_mass_arguments(lib):
     mass = ops.token_mass(lib, q[:, :, -16:], k, None)
     (symbol, args), = lib.calls
     assert symbol == "hsg_compress_token_mass"
-    _assert_matches_signature("compress7", "_token_mass", args)
+    _assert_matches_signature(COMPRESS_ABI, "_token_mass", args)
     assert args[1:4] == q.stride()[:3] and args[5:8] == k.stride()[:3]
     assert args[8:13] == (B, HKV, HQ // HKV, 16, 100) and args[13] == pytest.approx(D ** -0.5)
     rows, ranges = HQ // HKV * 16, -(-100 // 64)
@@ -589,7 +590,7 @@ def test_token_mass_arguments(lib):
     lib.calls.clear()
     mass = ops.token_mass(lib, q[:, :, -16:], k, None, lse[:, :, -16:])
     (symbol, args), = lib.calls
-    _assert_matches_signature("compress7", "_token_mass", args)
+    _assert_matches_signature(COMPRESS_ABI, "_token_mass", args)
     assert args[14] == lse[:, :, -16:].data_ptr() and args[15:18] == lse.stride()
     assert args[18] is None and args[19] == 0 and args[20] == mass.data_ptr()
     for bad in (lse[:, :, -16:].half(), lse[:, :, -8:], lse[:, :1, -16:]):
