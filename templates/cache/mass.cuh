@@ -47,7 +47,7 @@ struct MassTile {
 // Row r's log2-sum-exp: the first pass's, or the given natural one times log2(e).
 __device__ __forceinline__ float row_lse2(const MassArgs& a, long long bh, int b, int h, int r) {
   if (a.lse_in == nullptr) return a.lse[bh * a.group * a.window + r];
-  return a.lse_in[b * a.lb + (h * a.group + r / a.window) * a.lh + (r % a.window) * a.lw] * 1.4426950408889634f;
+  return a.lse_in[b * a.lb + (h * a.group + r / a.window) * a.lh + (r % a.window) * a.lw] * kLog2e;
 }
 
 template <bool kSum, int kKSteps16>
@@ -391,7 +391,7 @@ inline int launch_token_mass(const void* q, long long qb, long long qh, long lon
     return cudaErrorInvalidValue;
   const int ranges = (length + kMassKeys - 1) / kMassKeys;
   MassArgs a{static_cast<const Element*>(q), qb, qh, qw, static_cast<const Element*>(k), kb, kh, kt, heads, group,
-             window, length, ranges, scale * 1.4426950408889634f, nullptr, nullptr, lse_in, lb, lh, lw, mass};
+             window, length, ranges, scale * kLog2e, nullptr, nullptr, lse_in, lb, lh, lw, mass};
   if (lse_in == nullptr) {
     a.partial = static_cast<float2*>(workspace);
     a.lse = reinterpret_cast<float*>(a.partial + (long long)batch * heads * ranges * group * window);

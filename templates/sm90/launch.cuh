@@ -90,7 +90,7 @@ inline PrefillParams params(const void* q, long long q_sb, long long q_sh, long 
                        static_cast<const unsigned char*>(k_meta), static_cast<const unsigned char*>(v_vals),
                        static_cast<const unsigned char*>(v_meta), (long long)capacity * kD,
                        (long long)capacity * kD / 8, num_kv_heads, num_queries, capacity,
-                       scale * 1.4426950408889634f, static_cast<Element*>(out), lse, 0};
+                       scale * kLog2e, static_cast<Element*>(out), lse, 0};
 }
 
 // All-2:4: q [B, Hq, L, D] (rows of D contiguous), the compress_k / compress_v tensors of length >= L
