@@ -28,8 +28,26 @@ compress_v_kernel(const Element* __restrict__ v, long long sb, long long sh, lon
   const int C = int(bc % (tokens / 32));
   const long long bh = bc / (tokens / 32);
   const Element* base = v + (bh / heads) * sb + (bh % heads) * sh;
-  compress_v_unit(base, st, length, C, mt, place<32>(d, bh, C, tokens / 32), d,
-                  d.weight ? d.weight + bh * tokens + C * 32 : nullptr);
+  const long long chunk = place<32>(d, bh, C, tokens / 32);
+  const float* weight = d.weight ? d.weight + bh * tokens + C * 32 : nullptr;
+  if constexpr (kMTiles % kWarpsPerBlock == 0) {
+    // The CTA holds kWarpsPerBlock channel tiles of one chunk (so every warp is in range and takes the same
+    // branch): its metadata rows go out whole through shared memory, where word by word eight warps wrote
+    // each 32-byte sector of them.
+    __shared__ __align__(16) uint32_t s_meta[16][kWarpsPerBlock];
+    const bool staged = (reinterpret_cast<uintptr_t>(d.meta) & 15) == 0;
+    compress_v_unit(base, st, length, C, mt, chunk, d, weight, staged ? &s_meta[0][mt % kWarpsPerBlock] : nullptr);
+    if (chunk < 0 || !staged) return;
+    __syncthreads();
+    constexpr int kPerRow = kWarpsPerBlock / 4;  // 16-byte pieces a row
+    if (threadIdx.x < 16 * kPerRow) {
+      const int r = threadIdx.x / kPerRow, piece = threadIdx.x % kPerRow;
+      reinterpret_cast<uint4*>(d.meta + (chunk * 16 + r) * kMTiles + mt - mt % kWarpsPerBlock)[piece] =
+          reinterpret_cast<const uint4*>(s_meta[r])[piece];
+    }
+  } else {
+    compress_v_unit(base, st, length, C, mt, chunk, d, weight);
+  }
 }
 
 // Host launcher of compress_k_kernel / compress_v_kernel (strides in elements, channel stride 1).

@@ -105,16 +105,16 @@ __device__ __forceinline__ void compress_k_unit(const Element* __restrict__ base
                                                 int T, int ks, long long tile, const Dest& d,
                                                 const float* __restrict__ w = nullptr) {
   const int lane = threadIdx.x % 32, g = lane >> 2, q = lane & 3;
-  if (tile < 0) {  // dense block: lane copies half a row (16 channels) of this 16 x 32 piece
-    const int row = T * 16 + lane / 2, c0 = ks * 32 + (lane % 2) * 16;
+  if (tile < 0) {  // dense block: a lane pair copies a row's 64 bytes of this 16 x 32 piece, 32 contiguous an access
+    const int row = T * 16 + lane / 2, c0 = ks * 32 + (lane % 2) * 8;  // (so each access fills whole sectors)
     uint4 v[2] = {};
     if (row < length) {
       v[0] = *reinterpret_cast<const uint4*>(base + row * st + c0);
-      v[1] = *reinterpret_cast<const uint4*>(base + row * st + c0 + 8);
+      v[1] = *reinterpret_cast<const uint4*>(base + row * st + c0 + 16);
     }
     Element* dst = d.dense + (-1 - tile) + (long long)(lane / 2) * kHeadDim + c0;
     reinterpret_cast<uint4*>(dst)[0] = v[0];
-    reinterpret_cast<uint4*>(dst)[1] = v[1];
+    reinterpret_cast<uint4*>(dst + 16)[0] = v[1];
     return;
   }
   Fragment f;
@@ -139,21 +139,28 @@ __device__ __forceinline__ void compress_k_unit(const Element* __restrict__ base
 // One warp: 32-token chunk C, 16-channel tile mt of one V sequence, 2:4 along tokens per
 // channel, to 2:4 chunk `chunk` of d (chunk >= 0) or to the dense rows at -1 - chunk. `w`: the
 // chunk's 32 token weights of the choice and of the kept pairs' compensation (or null: magnitudes).
+// `stage`: null, or where the chunk's metadata word of row r goes instead of d.meta (stage[r * kWarpsPerBlock]),
+// for the caller to write a CTA's rows whole.
 __device__ __forceinline__ void compress_v_unit(const Element* __restrict__ base, long long st, int length,
                                                 int C, int mt, long long chunk, const Dest& d,
-                                                const float* __restrict__ w = nullptr) {
+                                                const float* __restrict__ w = nullptr,
+                                                uint32_t* stage = nullptr) {
   const int lane = threadIdx.x % 32, g = lane >> 2, q = lane & 3;
-  // lane reads token C*32 + lane, the tile's 16 channels (two 16-byte loads)
-  const int tok = C * 32 + lane;
+  // a lane pair reads a token's 16 channels (32 bytes, one sector an access): lane reads half `lane & 1` of
+  // tokens C*32 + lane/2 and C*32 + 16 + lane/2
+  const int half = lane & 1;
   uint4 row[2] = {};
-  if (tok < length) {
-    row[0] = *reinterpret_cast<const uint4*>(base + tok * st + mt * 16);
-    row[1] = *reinterpret_cast<const uint4*>(base + tok * st + mt * 16 + 8);
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const int tok = C * 32 + 16 * i + lane / 2;
+    if (tok < length) row[i] = *reinterpret_cast<const uint4*>(base + tok * st + mt * 16 + 8 * half);
   }
   if (chunk < 0) {  // dense block: the rows go to the pool as they are
-    Element* dst = d.dense + (-1 - chunk) + (long long)lane * kHeadDim + mt * 16;
-    reinterpret_cast<uint4*>(dst)[0] = row[0];
-    reinterpret_cast<uint4*>(dst)[1] = row[1];
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      Element* dst = d.dense + (-1 - chunk) + (long long)(16 * i + lane / 2) * kHeadDim + mt * 16 + 8 * half;
+      *reinterpret_cast<uint4*>(dst) = row[i];
+    }
     return;
   }
   // 2:4 along tokens: the warp's 32 x 16 tile goes through shared memory to the lanes whose
@@ -162,9 +169,11 @@ __device__ __forceinline__ void compress_v_unit(const Element* __restrict__ base
   // four quads hit the same 4 banks; 16 bytes more every 4 tokens puts them in 16 different banks.
   __shared__ uint4 tile_smem[kWarpsPerBlock][72];
   uint4* tile = tile_smem[threadIdx.x / 32];
-  const int at = 9 * (lane >> 2) + 2 * (lane & 3);  // 2T + T/4 for T = lane
-  tile[at] = row[0];
-  tile[at + 1] = row[1];
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const int T = 16 * i + lane / 2;
+    tile[2 * T + T / 4 + half] = row[i];
+  }
   __syncwarp();
   const Element* t_el = reinterpret_cast<const Element*>(tile);  // 8 elements a 16-byte half
   Fragment f;
@@ -183,5 +192,9 @@ __device__ __forceinline__ void compress_v_unit(const Element* __restrict__ base
   d.vals[(chunk * kMTiles + mt) * 32 + lane] = *reinterpret_cast<uint4*>(&f);
   const uint32_t w_lo = quad_words(nib[0][0], nib[0][1], q);  // tokens [0, 16) of the chunk
   const uint32_t w_hi = quad_words(nib[1][0], nib[1][1], q);  // tokens [16, 32)
-  if (q < 2) d.meta[(chunk * 16 + g * 2 + q) * kMTiles + mt] = q == 0 ? w_lo : w_hi;
+  if (q < 2) {
+    const uint32_t word = q == 0 ? w_lo : w_hi;
+    if (stage) stage[(g * 2 + q) * kWarpsPerBlock] = word;
+    else d.meta[(chunk * 16 + g * 2 + q) * kMTiles + mt] = word;
+  }
 }
