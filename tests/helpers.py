@@ -107,10 +107,9 @@ def kernel_masses(monkeypatch, lib) -> None:
     stats kernel and K's channel weights from its kernel, as HieraCache does. Two roundings of one float32 sum (the
     kernel's and torch's) may order near-equal blocks or weights differently; the cache-equals-simulation tests
     check selection and packing given the masses, and test_gpu_selection.py checks the kernels against float64 and
-    torch. enable()'s fresh prompts hand
-    the scoring kernel cuDNN's log-sum-exp, which gives the same masses to float32 rounding only: here its attention
-    returns none, so both score by the kernel's two passes (test_gpu_hf.py checks that lse, test_gpu_selection.py
-    the masses from a given one)."""
+    torch. enable()'s fresh prompts hand the scoring kernel cuDNN's log-sum-exp, which gives the same masses to
+    float32 rounding only: here its attention returns none, so both score by the kernel's two passes
+    (test_gpu_hf.py checks that lse, test_gpu_selection.py the masses from a given one)."""
     import hierasparse_gen.simulate as simulate
     from hierasparse_gen import hf, ops
     monkeypatch.setattr(hf, "_dense_causal_lse", lambda q, k, v, scale: (hf._dense_causal(q, k, v, scale), None))

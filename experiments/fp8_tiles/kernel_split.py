@@ -48,5 +48,6 @@ def main():
         del caches
         torch.cuda.empty_cache()
 
+
 if __name__ == "__main__":
     main()
