@@ -48,7 +48,7 @@ from .policy import (PREFILL_MODES, cache_settings, check_not_full, check_prefil
                      eligible_blocks, pool_sizes, ratio_count)
 from .format import block_prune_loss
 from .format_fp8 import check_storage
-from .selection import (block_scores, check_selection, needs_queries, observed_queries, output_error, resolve,
+from .selection import (block_scores, check_selection, needs_queries, observed_queries, resolve,
                         resolve_channels, resolve_tokens)
 
 _CTRL_STACK = 6  # ctrl columns before the free-slot stacks
@@ -201,7 +201,7 @@ class HieraCache(CacheInspection):
         chunks, and balanced prompts into an empty cache).
 
         ``select_q``: the prompt's queries ``[B, Hq, L, D]`` for the choices that read them (the
-        selections attention, expected_error, output_error and auto; query-weighted K channels),
+        selections attention, expected_error and auto; query-weighted K channels),
         when ``q`` is not given (default: ``q``); only the last ``observe`` rows of each sequence
         are read. ``select_lse``: their rows' natural log-sum-exp ``[B, Hq, L]`` (float32) under ``scale``, as a
         causal attention over the prompt run before this call returns it (cuDNN's, as ``enable`` passes it): the
@@ -456,18 +456,13 @@ class HieraCache(CacheInspection):
             # order), then one fill kernel copies or compresses every block to its slot
             loss = None
             if n_s and not shared:
-                gpu_loss = error = None
+                gpu_loss = None
                 kw = weight if t.name == "k" else None
                 vw = vweight[:, :, :L].unsqueeze(-1) if t.name == "v" and vweight is not None else None
-                if selection == "output_error":
-                    error = torch.stack([output_error(qo, k[i], v[i], S, scale, t.name,
-                                                      None if kw is None else kw[i].unsqueeze(1),
-                                                      None if vw is None else vw[i])
-                                         for i, qo in enumerate(observed)])
-                elif selection != "attention":  # weighted: the same float32 sums as the simulation's
+                if selection != "attention":  # weighted: the same float32 sums as the simulation's
                     gpu_loss = self._score(x, t.name) if kw is None and vw is None else \
                         block_prune_loss(x, t.name, S, None if kw is None else kw.unsqueeze(2), vw)
-                loss = block_scores(selection, x, t.name, S, mass, gpu_loss, error).contiguous()
+                loss = block_scores(selection, x, t.name, S, mass, gpu_loss).contiguous()
             if not shared:
                 _kernels.select_blocks(self.lib, x, loss, first, n_elig, n_s, blocks, t.table[b0:b1])
             w = weight if t.name == "k" else vweight

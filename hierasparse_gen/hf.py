@@ -296,8 +296,8 @@ def enable(model, lib=None, *, key_ratio: float, value_ratio: float, sink: int |
     replay a CUDA graph captured at the first one, instead of running 32 layers of Python.
     ``selection``: which eligible blocks become 2:4 at prefill (:mod:`hierasparse_gen.selection`):
     "auto" (= "attention" here: the blocks the prompt's last ``observe`` queries attend to least),
-    "output_error" (the blocks whose pruning would move those queries' outputs least),
-    "expected_error", or "prune_loss" (the paper's). ``key_channels``: "auto" (= "query" here) keeps in K's 2:4 blocks
+    "expected_error" (attention mass x prune loss), "prune_loss" (the paper's), or, with backend="simulate"
+    only, the study policy "output_error" (the blocks whose pruning would move those queries' outputs least). ``key_channels``: "auto" (= "query" here) keeps in K's 2:4 blocks
     the channels of largest |k| * E|q| (the window's mean |q|), "magnitude" the largest |k|.
     ``value_tokens``: "auto" (= "attention" here) keeps in V's 2:4 blocks, per channel, the tokens of
     largest |v| * sqrt(the window's attention mass on them), "magnitude" the largest |v|.
@@ -316,7 +316,7 @@ def enable(model, lib=None, *, key_ratio: float, value_ratio: float, sink: int |
                          "or backend='simulate'")
     check_prefill_mode(prefill_mode, "prefill_mode")
     check_ratios(key_ratio, value_ratio)
-    check_selection(selection, key_channels, observe, value_tokens)
+    check_selection(selection, key_channels, observe, value_tokens, simulation=backend == "simulate")
     check_storage(key_storage, "key_storage")
     check_storage(value_storage, "value_storage")
     if backend == "kernels" and "float8_e4m3" in (key_storage, value_storage):

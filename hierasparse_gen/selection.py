@@ -8,10 +8,12 @@ the same count per head as the ratio gives (so pools stay sized up front).
 * ``attention``: the attention mass that the prompt's last ``observe`` queries put on the block,
   per KV head (summed over its group's query heads): blocks that attention reads stay dense.
 * ``expected_error``: attention mass times prune loss, a first-order proxy of the output change.
-* ``output_error``: the output change itself, to first order, that pruning the block would cause
-  for the observation window's queries (summed squared norm): for V, sum_t p_t (v_t - v^_t); for
-  K, sum_t p_t ds_t (v_t - o), ds_t the score change of the pruned key. It sees which entries 2:4
-  drops and how they cancel, where mass x loss sees only sizes.
+* ``output_error`` (the simulation's only, a study policy): the output change itself, to first order, that
+  pruning the block would cause for the observation window's queries (summed squared norm): for V,
+  sum_t p_t (v_t - v^_t); for K, sum_t p_t ds_t (v_t - o), ds_t the score change of the pruned key. It sees
+  which entries 2:4 drops and how they cancel, where mass x loss sees only sizes. Scored in torch: no
+  better than ``attention`` on SmolLM2 and 1.4-1.9x the prompt's attention to fill at 32K, so the GPU cache
+  refuses it.
 * ``auto`` (the default): ``attention`` when the prefill brings the prompt's queries (``q`` or
   ``select_q``; the transformers integration always does), else ``prune_loss``; likewise
   ``key_channels="auto"`` weighs K's channels and ``value_tokens="auto"`` V's tokens (below) when the
@@ -42,6 +44,8 @@ from .errors import InputError
 from .format import block_prune_loss, prune_k, prune_v
 
 SELECTIONS = ("auto", "prune_loss", "attention", "expected_error", "output_error")
+#: selections of the simulation alone (SimulatedCache, the eval's simulate backend), for studies
+STUDY_SELECTIONS = ("output_error",)
 #: "auto": the measured best (benchmarks/RESULTS.md: as good as output_error, at a seventh of its fill time) when
 #: the prefill brings its queries, else prune loss
 AUTO_WITH_QUERIES = "attention"
@@ -49,9 +53,17 @@ KEY_CHANNELS = ("auto", "magnitude", "query")
 VALUE_TOKENS = ("auto", "magnitude", "attention")
 
 
-def check_selection(selection: str, key_channels: str, observe: int, value_tokens: str = "auto") -> None:
+def check_selection(selection: str, key_channels: str, observe: int, value_tokens: str = "auto",
+                    simulation: bool = False) -> None:
+    """Refuse an unknown choice, and a study selection outside the simulation (``simulation``: SimulatedCache)."""
     if selection not in SELECTIONS:
         raise InputError(f"selection {selection!r} is not a block selection. Fix: use one of {', '.join(SELECTIONS)}")
+    if selection in STUDY_SELECTIONS and not simulation:
+        raise InputError(f"selection {selection!r} is a study policy of the simulation only (SimulatedCache, "
+                         f"backend='simulate'): scored in torch, filling a 32K prompt with it costs 1.4-1.9x the "
+                         f"prompt's attention on an H100, and it chooses no better than 'attention' "
+                         f"(benchmarks/RESULTS.md). Fix: use selection='attention' (or 'auto'), 'expected_error' or "
+                         f"'prune_loss', or backend='simulate' for a study")
     if key_channels not in KEY_CHANNELS:
         raise InputError(f"key_channels {key_channels!r} is not known. Fix: use one of {', '.join(KEY_CHANNELS)}")
     if value_tokens not in VALUE_TOKENS:
@@ -212,6 +224,6 @@ def block_scores(selection: str, x: torch.Tensor, name: str, block: int, mass: t
     return loss if selection == "prune_loss" else loss * mass
 
 
-__all__ = ["SELECTIONS", "AUTO_WITH_QUERIES", "KEY_CHANNELS", "VALUE_TOKENS", "check_selection", "resolve", "resolve_channels", "resolve_tokens",
+__all__ = ["SELECTIONS", "STUDY_SELECTIONS", "AUTO_WITH_QUERIES", "KEY_CHANNELS", "VALUE_TOKENS", "check_selection", "resolve", "resolve_channels", "resolve_tokens",
            "needs_queries", "observed_queries", "token_mass", "block_sums", "attention_mass", "output_error", "token_weights", "mass_stats",
            "channel_weights", "block_scores"]

@@ -41,7 +41,7 @@ class SimulatedCache:
                  value_tokens: str = "auto", key_storage: str = "model", value_storage: str = "model"):
         block_size, sink, local_window = cache_settings(None, block_size, sink, local_window)
         check_ratios(key_ratio, value_ratio)
-        check_selection(selection, key_channels, observe, value_tokens)
+        check_selection(selection, key_channels, observe, value_tokens, simulation=True)
         self.selection, self.key_channels, self.observe = selection, key_channels, int(observe)
         self.value_tokens = value_tokens
         self.storage = {"k": check_storage(key_storage, "key_storage"),

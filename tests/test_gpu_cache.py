@@ -88,9 +88,9 @@ def test_prefill_selects_lowest_loss_blocks_per_head(lib, poison, dtype):
 
 @pytest.mark.parametrize("selection,key_channels,value_tokens", [
     ("attention", "magnitude", "magnitude"), ("expected_error", "magnitude", "magnitude"),
-    ("output_error", "query", "magnitude"), ("prune_loss", "query", "magnitude"),
+    ("expected_error", "query", "magnitude"), ("prune_loss", "query", "magnitude"),
     ("attention", "query", "attention"), ("expected_error", "magnitude", "attention"),
-    ("output_error", "magnitude", "attention")])
+    ("expected_error", "query", "attention")])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_prefill_selection_by_the_prompts_queries(lib, poison, monkeypatch, selection, key_channels, value_tokens,
                                                   dtype):

@@ -222,6 +222,18 @@ def test_output_error_selection_in_the_cache():
         assert (torch.where(chosen, err, -1.0).amax(-1) <= torch.where(chosen, float("inf"), err).amin(-1)).all()
 
 
+def test_output_error_is_the_simulations_only():
+    """The study policy runs in the simulation; the GPU cache and enable's kernels backend refuse it, naming the
+    policies they have."""
+    from hierasparse_gen.selection import check_selection
+    check_selection("output_error", "auto", 64, simulation=True)
+    with pytest.raises(InputError, match=r"'output_error' is a study policy of the simulation only .*"
+                                         r"Fix: use selection='attention' \(or 'auto'\), 'expected_error'"):
+        check_selection("output_error", "auto", 64)
+    for selection in ("auto", "attention", "expected_error", "prune_loss"):
+        check_selection(selection, "auto", 64)
+
+
 @pytest.mark.parametrize("L", [5, S, 3 * S])
 def test_prompts_without_eligible_blocks(L):
     """A prompt shorter than sink + window + a block has nothing to choose or weigh: the defaults (all "auto", with

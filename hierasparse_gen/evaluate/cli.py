@@ -77,7 +77,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--prefill-modes", type=_names, default=["attend_then_compress"])
     ap.add_argument("--policies", type=_names, default=["attention+query_k+weighted_v", "prune_loss"],
                     help="what 2:4 drops (docs/eval.md): e.g. attention+query_k+weighted_v (enable's default), prune_loss "
-                         "(the paper's), output_error+query_k, expected_error")
+                         "(the paper's), expected_error, output_error+query_k (the simulate backend only)")
     ap.add_argument("--prefill", type=int, default=2048, help="prompt tokens before the decode")
     ap.add_argument("--decode", type=int, default=128, help="teacher-forced decode tokens measured")
     ap.add_argument("--passkey-lengths", type=_numbers("--passkey-lengths", int, "2048,4096"), default=[],
