@@ -297,8 +297,9 @@ def enable(model, lib=None, *, key_ratio: float, value_ratio: float, sink: int |
     ``selection``: which eligible blocks become 2:4 at prefill (:mod:`hierasparse_gen.selection`):
     "auto" (= "attention" here: the blocks the prompt's last ``observe`` queries attend to least),
     "expected_error" (attention mass x prune loss), "prune_loss" (the paper's), or, with backend="simulate"
-    only, the study policy "output_error" (the blocks whose pruning would move those queries' outputs least). ``key_channels``: "auto" (= "query" here) keeps in K's 2:4 blocks
-    the channels of largest |k| * E|q| (the window's mean |q|), "magnitude" the largest |k|.
+    only, the study policy "output_error" (the blocks whose pruning would move those queries' outputs least).
+    ``key_channels``: "auto" (= "query" here) keeps in K's 2:4 blocks the channels of largest |k| * E|q| (the
+    window's mean |q|), "magnitude" the largest |k|.
     ``value_tokens``: "auto" (= "attention" here) keeps in V's 2:4 blocks, per channel, the tokens of
     largest |v| * sqrt(the window's attention mass on them), "magnitude" the largest |v|.
     ``key_storage``/``value_storage``: "model" (the model's dtype) or "float8_e4m3" (the eligible blocks in
